@@ -1,0 +1,1 @@
+"""SimPy serving simulator (later issue)."""

@@ -1,0 +1,1 @@
+"""Trace format v1: schema, reader, writer, capture backends and workload importers."""

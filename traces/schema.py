@@ -1,0 +1,230 @@
+"""Trace format v1: the manifest and request records, and their JSON (de)serialisation.
+
+A trace is a directory (SPEC §3):
+
+- ``manifest.json``: this module's :class:`Manifest`. It is the commit point: only what it
+  counts is part of the trace. It is rewritten atomically (temp file, fsync, rename).
+- ``requests.jsonl``: one :class:`RequestRecord` per line; only the first
+  ``manifest.requests_bytes`` bytes are committed (a line past that is a crash leftover).
+- ``kv-NNNNN.bin``: KV shards, raw little-endian records of :func:`kv_row_dtype`, one record
+  per block of a request (all layers). Append-only; the manifest lists each shard with its
+  committed row count, byte length and sha256 of those bytes.
+
+Invariants: a request line is committed only after all its KV rows are on disk (fsynced) and
+listed in the manifest; a manifest never counts bytes that are not on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from memshare import __version__
+from memshare.errors import InputError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REQUESTS = "requests.jsonl"
+TraceKind = Literal["workload", "kv"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model whose KV a trace holds (kv traces) or that a workload is meant for."""
+
+    name: str  # e.g. "SmolLM2-135M-Instruct"
+    architecture: str  # HF architecture, e.g. "LlamaForCausalLM"
+    num_layers: int  # L: decoder layers
+    num_kv_heads: int  # KV heads per layer
+    head_dim: int  # dimension of one head
+    dtype: str  # KV dtype in the engine, e.g. "float16"
+
+
+@dataclass(frozen=True)
+class SketchSpec:
+    """How per-block KV sketches were made (seeded Johnson-Lindenstrauss projection)."""
+
+    method: str = "jl"  # projection method
+    dim: int = 64  # d: sketch dimension
+    seed: int = 0  # seed of the projection matrix
+    keys: Literal["pre_rope", "post_rope"] = "pre_rope"  # where keys were taken
+    dtype: str = "float16"  # storage dtype of the sketch
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One KV shard as committed: the reader trusts nothing past ``bytes``."""
+
+    file: str  # file name inside the trace directory
+    rows: int  # committed records
+    bytes: int  # committed length in bytes (rows * record size)
+    sha256: str  # hex sha256 of the committed bytes
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Totals over committed requests."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    kv_rows: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The committed state of a trace. Field order is the JSON order."""
+
+    kind: TraceKind  # "workload": lengths/hash ids only; "kv": token ids + KV sketches
+    block_size: int  # tokens per KV block for this trace's KV rows / simulation default
+    hash_block_size: int | None = None  # tokens per entry of RequestRecord.hash_ids, if any
+    model: ModelInfo | None = None
+    sketch: SketchSpec | None = None
+    source: dict[str, Any] = field(default_factory=dict)  # where the data came from
+    capture: dict[str, Any] = field(default_factory=dict)  # capture settings (kv traces)
+    counts: Counts = field(default_factory=Counts)
+    requests_bytes: int = 0  # committed length of requests.jsonl
+    shards: tuple[ShardInfo, ...] = ()
+    complete: bool = False  # True once the writer closed normally
+    tool_version: str = __version__
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        """Deterministic JSON text (sorted keys inside free-form dicts, fixed field order)."""
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @staticmethod
+    def from_json(text: str, where: str) -> Manifest:
+        """Parse and validate; every problem is an :class:`InputError` naming ``where``."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(
+                where, f"not valid JSON ({e.msg} at line {e.lineno})", _REWRITE_HINT
+            ) from None
+        if not isinstance(raw, dict):
+            raise InputError(where, "is not a JSON object", _REWRITE_HINT)
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise InputError(
+                where,
+                f"field 'schema_version' is {version!r}, this memshare reads version "
+                f"{SCHEMA_VERSION}",
+                "re-create the trace with this memshare (capture or import), or install the "
+                "memshare version that wrote it",
+            )
+        try:
+            model = raw.get("model")
+            sketch = raw.get("sketch")
+            return Manifest(
+                kind=_field(raw, "kind", str, where),  # type: ignore[arg-type]
+                block_size=_field(raw, "block_size", int, where),
+                hash_block_size=raw.get("hash_block_size"),
+                model=ModelInfo(**model) if model is not None else None,
+                sketch=SketchSpec(**sketch) if sketch is not None else None,
+                source=dict(raw.get("source") or {}),
+                capture=dict(raw.get("capture") or {}),
+                counts=Counts(**_field(raw, "counts", dict, where)),
+                requests_bytes=_field(raw, "requests_bytes", int, where),
+                shards=tuple(ShardInfo(**s) for s in _field(raw, "shards", list, where)),
+                complete=bool(raw.get("complete", False)),
+                tool_version=str(raw.get("tool_version", "?")),
+                schema_version=version,
+            )
+        except TypeError as e:
+            raise InputError(where, f"malformed field ({e})", _REWRITE_HINT) from None
+
+
+_REWRITE_HINT = "the manifest is damaged: re-create the trace (capture or import)"
+
+
+def _field(raw: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    if name not in raw:
+        raise InputError(where, f"missing field '{name}'", _REWRITE_HINT)
+    value = raw[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InputError(where, f"field '{name}' must be an integer, got {value!r}", _REWRITE_HINT)
+    if not isinstance(value, kind):
+        raise InputError(
+            where, f"field '{name}' must be a {kind.__name__}, got {value!r}", _REWRITE_HINT
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class KVRef:
+    """Where a request's KV rows lie: ``rows`` consecutive records of shard ``shard``."""
+
+    shard: int  # index into Manifest.shards
+    row: int  # first record
+    rows: int  # number of records = number of blocks of the request
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished request. Token offsets count from the first prompt token."""
+
+    id: str  # unique within the trace
+    arrival_s: float  # arrival time in seconds from the trace's first arrival
+    prompt_len: int  # prompt tokens
+    output_len: int  # generated (or teacher-forced output) tokens
+    prompt_ids: list[int] | None = None  # token ids (kv traces)
+    output_ids: list[int] | None = None
+    hash_ids: list[int] | None = None  # chained prefix block hashes (workload traces)
+    text: str | None = None
+    steps: list[int] | None = None  # token offsets where reasoning steps start
+    finish_reason: str | None = None
+    timings: dict[str, float] | None = None
+    kv: KVRef | None = None
+    meta: dict[str, Any] | None = None  # source-specific extras (e.g. BurstGPT model name)
+
+    def to_json(self) -> str:
+        """One JSON line without the trailing newline; ``None`` fields are left out."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+    @staticmethod
+    def from_json(line: str, where: str) -> RequestRecord:
+        """Parse one line; problems are :class:`InputError` naming ``where`` (file:line)."""
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(where, f"not valid JSON ({e.msg})", _REWRITE_HINT) from None
+        if not isinstance(raw, dict):
+            raise InputError(where, "is not a JSON object", _REWRITE_HINT)
+        for name in ("id", "arrival_s", "prompt_len", "output_len"):
+            if name not in raw:
+                raise InputError(where, f"missing field '{name}'", _REWRITE_HINT)
+        kv = raw.pop("kv", None)
+        try:
+            return RequestRecord(**raw, kv=KVRef(**kv) if kv is not None else None)
+        except TypeError as e:
+            raise InputError(where, f"malformed record ({e})", _REWRITE_HINT) from None
+
+    @property
+    def total_len(self) -> int:
+        """Prompt plus output tokens."""
+        return self.prompt_len + self.output_len
+
+
+def kv_row_dtype(num_layers: int, sketch_dim: int) -> np.dtype[Any]:
+    """Record of one block in a KV shard: per layer, sketches of K and V and their norms.
+
+    ``sketch[l, 0]`` is K, ``sketch[l, 1]`` is V; ``norm[l, j]`` is the Frobenius norm of the
+    unprojected block (so relative distances can be formed from sketches).
+    """
+    return np.dtype(
+        [
+            ("sketch", "<f2", (num_layers, 2, sketch_dim)),
+            ("norm", "<f4", (num_layers, 2)),
+        ]
+    )
+
+
+def manifest_path(trace_dir: Path) -> Path:
+    """Path of the manifest inside a trace directory."""
+    return trace_dir / MANIFEST

@@ -1,0 +1,1 @@
+"""Validation on a real model with a paged KV engine on torch (later issue)."""
