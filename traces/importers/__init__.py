@@ -1,1 +1,159 @@
-"""Workload importers (Mooncake, Azure LLM 2023, BurstGPT) into workload-only traces."""
+"""Workload importers (Mooncake, Azure LLM 2023, BurstGPT) into workload-only traces.
+
+:func:`import_workload` turns a public serving-workload file into a trace directory whose
+manifest has ``kind="workload"`` and whose requests carry lengths, arrival times and, for
+Mooncake, prefix-block hash ids (SPEC §3).
+
+Invariants of an imported trace:
+
+- The whole requested part of the source is parsed and validated before the trace is
+  opened, so bad data raises :class:`~memshare.errors.InputError` (naming file, line, row and
+  column or field) and leaves no trace behind.
+- Requests are in arrival order (stable sort if the source is not; then
+  ``source['in_arrival_order']`` is False and ``source['out_of_order_rows']`` counts the rows
+  that arrived before their predecessor). ``arrival_s`` is the exact offset from the earliest
+  imported row, rounded once to float, so the first request arrives at 0.0.
+- Request ids are ``"<format>-<row>"`` with the 0-based data row index of the source file,
+  zero-padded to six digits, so an id leads back to its source row.
+- ``manifest.source`` records ``format``, ``file`` (name), ``sha256`` (of the whole source
+  file), ``rows`` (requests imported), ``limit`` and format-specific notes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from memshare.errors import InputError
+
+from ..reader import load_manifest
+from ..schema import Manifest, RequestRecord
+from ..writer import TraceWriter
+from . import azure, burstgpt, mooncake
+from ._source import SourceData, SourceRow, check_source, file_sha256
+
+DEFAULT_BLOCK_SIZE = 16  # KV block size written to the manifest; a simulator may override it
+COMMIT_EVERY = 1000  # requests per writer commit (and per progress call)
+
+
+@dataclass(frozen=True)
+class WorkloadFormat:
+    """One importable source format."""
+
+    name: str  # registry key, also the request id prefix
+    description: str
+    hash_block_size: int | None  # tokens per hash id, None if the source has no hash ids
+    read: Callable[[Path, int | None], SourceData]  # parse + validate the first `limit` rows
+
+
+IMPORTERS: dict[str, WorkloadFormat] = {
+    "mooncake": WorkloadFormat(
+        "mooncake",
+        "Mooncake JSONL: timestamp (ms), input_length, output_length, hash_ids (512 tokens)",
+        mooncake.HASH_BLOCK_SIZE,
+        mooncake.read,
+    ),
+    "azure": WorkloadFormat(
+        "azure",
+        "Azure LLM inference trace 2023 CSV: TIMESTAMP, ContextTokens, GeneratedTokens",
+        azure.HASH_BLOCK_SIZE,
+        azure.read,
+    ),
+    "burstgpt": WorkloadFormat(
+        "burstgpt",
+        "BurstGPT CSV: Timestamp (s), Model, Request tokens, Response tokens, Total tokens, "
+        "Log Type",
+        burstgpt.HASH_BLOCK_SIZE,
+        burstgpt.read,
+    ),
+}
+
+
+def import_workload(
+    fmt: str,
+    src: Path,
+    out: Path,
+    *,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Import the first ``limit`` rows (all if None) of ``src`` in format ``fmt`` into ``out``.
+
+    ``progress`` is called with the number of requests written so far after every commit
+    and once at the end. Returns the final (complete) manifest of the written trace.
+    """
+    spec = _format(fmt)
+    if limit is not None and limit < 1:
+        raise InputError("limit", f"{limit} is not a positive number of requests", "give 1 or more")
+    check_source(src, fmt)
+    data = spec.read(src, limit)
+    rows, backwards = arrival_order(data.rows)
+    template = Manifest(
+        kind="workload",
+        block_size=DEFAULT_BLOCK_SIZE,
+        hash_block_size=spec.hash_block_size,
+        source=_source_info(spec, src, data, limit, backwards),
+    )
+    with TraceWriter(out, template, commit_every=COMMIT_EVERY) as writer:
+        for n, record in enumerate(to_records(spec.name, rows), start=1):
+            writer.add(record)
+            if progress is not None and n % COMMIT_EVERY == 0:
+                progress(n)
+    if progress is not None:
+        progress(len(rows))
+    return load_manifest(out)
+
+
+def _format(fmt: str) -> WorkloadFormat:
+    """The registered format called ``fmt``, or an InputError listing the known ones."""
+    spec = IMPORTERS.get(fmt)
+    if spec is None:
+        raise InputError(
+            f"format {fmt!r}",
+            "is not a known workload format",
+            f"use one of {', '.join(IMPORTERS)}",
+        )
+    return spec
+
+
+def arrival_order(rows: Sequence[SourceRow]) -> tuple[list[SourceRow], int]:
+    """``rows`` stably sorted by time, and how many arrived before their predecessor (0: sorted)."""
+    backwards = sum(1 for a, b in pairwise(rows) if b.time < a.time)
+    ordered = sorted(rows, key=lambda r: r.time) if backwards else list(rows)
+    return ordered, backwards
+
+
+def to_records(fmt: str, rows: Sequence[SourceRow]) -> Iterator[RequestRecord]:
+    """RequestRecords for rows already in arrival order; arrival 0.0 is ``rows[0]``."""
+    origin = rows[0].time
+    for row in rows:
+        yield RequestRecord(
+            id=f"{fmt}-{row.index:06d}",
+            arrival_s=float(row.time - origin),
+            prompt_len=row.prompt_len,
+            output_len=row.output_len,
+            hash_ids=row.hash_ids,
+            meta=row.meta,
+        )
+
+
+def _source_info(
+    spec: WorkloadFormat, src: Path, data: SourceData, limit: int | None, backwards: int
+) -> dict[str, Any]:
+    """What ``manifest.source`` records about the import."""
+    return {
+        "format": spec.name,
+        "file": src.name,
+        "sha256": file_sha256(src),
+        "rows": len(data.rows),
+        "limit": limit,
+        "in_arrival_order": backwards == 0,
+        "out_of_order_rows": backwards,
+        **data.notes,
+    }
+
+
+__all__ = ["COMMIT_EVERY", "DEFAULT_BLOCK_SIZE", "IMPORTERS", "WorkloadFormat", "import_workload"]

@@ -1,0 +1,317 @@
+"""A paged KV block pool with vLLM v1 prefix-caching semantics, accounted in pages.
+
+Memory model (SPEC §4): one *page* is one layer's K (or V) for one block of tokens. A
+:class:`KVBlock` is what a block-table entry points at; its ``pages`` array (L x 2: layer,
+K/V) names the pages that hold its KV. In the common case a block's 2L pages are its own;
+sharing points some of them at another block's pages (per-layer or keys-only sharing), and a
+layer map (cross-layer sharing) lets several layers of one block use the same pages.
+
+Block lifecycle (vLLM v1 ``BlockPool``): ``allocate`` gives blocks with ``ref_cnt == 1``;
+``touch`` adds a reference (a prefix-cache hit) and takes the block out of the free queue;
+``free`` drops references, and a block whose count reaches 0 goes to the tail of the LRU free
+queue if it is published under a hash (so a later request may still hit it), or is destroyed at
+once if it is not (nothing could ever find it again). Allocation takes never-held pages first,
+then evicts free-queue blocks from the head (least recently freed first). Callers free a
+request's blocks tail-first, so chain ends are evicted before their prefixes.
+
+Invariants (checked by :meth:`BlockPool.check`, driven by the property tests):
+
+- ``ref_cnt >= 0``; a block with ``ref_cnt == 0`` exists only while it is in the free queue,
+  and every block in the free queue has ``ref_cnt == 0`` and a hash.
+- ``holders[p]`` = number of existing blocks whose page map contains page ``p`` (counted once
+  per block); ``pins[p]`` = the same over blocks with ``ref_cnt > 0``.
+- A page is on the free stack iff ``holders[p] == 0``; free pages + held pages = total pages.
+- The hash map maps ``h`` to the one existing block whose ``block_hash == h``, and every block
+  with a hash is that block.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PageMap = np.ndarray  # (num_layers, 2) int64 page ids: [layer, 0] = K page, [layer, 1] = V page
+
+
+@dataclass(eq=False, slots=True)
+class KVBlock:
+    """A physical KV block: the target of block-table entries."""
+
+    block_id: int  # unique for the pool's lifetime, never reused (deterministic handle)
+    pages: PageMap  # page ids holding this block's KV, per layer and K/V
+    distinct: np.ndarray  # sorted unique page ids of ``pages`` (what this block holds)
+    ref_cnt: int = 0  # number of block-table entries (requests) pointing at this block
+    block_hash: int | None = None  # published prefix-cache key, or None
+
+    def __repr__(self) -> str:
+        return f"KVBlock(id={self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+
+
+@dataclass
+class PoolStats:
+    """Counters a driver reports (all monotone except the gauges)."""
+
+    allocated_blocks: int = 0  # blocks created by allocate()
+    evicted_blocks: int = 0  # cached blocks evicted to make room
+    hits: int = 0  # touch() calls (prefix-cache hits, shares)
+    peak_used_pages: int = 0  # gauge: max pages held at once
+
+
+@dataclass
+class BlockPool:
+    """Pages, blocks, ref counts, the prefix-cache hash map and the LRU free queue.
+
+    ``num_blocks`` is the KV budget in blocks of ``2 * num_layers`` pages each (the unit the
+    user sets); memory is nevertheless tracked page by page.
+    """
+
+    num_blocks: int
+    num_layers: int = 1
+    layer_map: np.ndarray | None = None  # (L,) layer whose pages each layer uses; None = own
+    stats: PoolStats = field(default_factory=PoolStats)
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 0 or self.num_layers <= 0:
+            raise ValueError("num_blocks must be >= 0 and num_layers > 0")
+        lm = np.arange(self.num_layers) if self.layer_map is None else np.asarray(self.layer_map)
+        if lm.shape != (self.num_layers,) or np.any(lm[lm] != lm) or np.any(lm > np.arange(len(lm))):
+            raise ValueError("layer_map must map each layer to itself or an earlier owner layer")
+        self.layer_map = lm
+        self._owner_layers = np.unique(lm)  # layers that own pages
+        self.num_pages = self.num_blocks * 2 * self.num_layers
+        self.holders = np.zeros(self.num_pages, dtype=np.int32)
+        self.pins = np.zeros(self.num_pages, dtype=np.int32)
+        self._free = np.arange(self.num_pages - 1, -1, -1, dtype=np.int64)  # stack, top at end
+        self._n_free = self.num_pages
+        self._n_pinned = 0
+        self._next_id = 0
+        self._blocks: dict[int, KVBlock] = {}
+        self._free_queue: OrderedDict[int, KVBlock] = OrderedDict()  # LRU head first
+        self._by_hash: dict[int, KVBlock] = {}
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def pages_per_block(self) -> int:
+        """Pages a freshly allocated block holds (2L, fewer under a cross-layer map)."""
+        return 2 * len(self._owner_layers)
+
+    @property
+    def used_pages(self) -> int:
+        """Pages holding KV (live or cached)."""
+        return self.num_pages - self._n_free
+
+    @property
+    def pinned_pages(self) -> int:
+        """Pages held by at least one live block (not reclaimable)."""
+        return self._n_pinned
+
+    @property
+    def available_pages(self) -> int:
+        """Pages an allocation may obtain: free ones plus those only cached blocks hold."""
+        return self.num_pages - self._n_pinned
+
+    @property
+    def num_cached_free(self) -> int:
+        """Blocks waiting in the LRU free queue."""
+        return len(self._free_queue)
+
+    def cached_block(self, block_hash: int) -> KVBlock | None:
+        """The block published under ``block_hash``, if it still exists."""
+        return self._by_hash.get(block_hash)
+
+    def block(self, block_id: int) -> KVBlock:
+        """An existing block by id (KeyError if it was destroyed)."""
+        return self._blocks[block_id]
+
+    def pages_pinned_by_touch(self, blocks: list[KVBlock]) -> int:
+        """Reclaimable pages that ``touch(blocks)`` would pin (so no allocation may take)."""
+        idle = [b.distinct for b in blocks if b.ref_cnt == 0]
+        if not idle:
+            return 0
+        pages = np.unique(np.concatenate(idle))
+        return int(np.count_nonzero(self.pins[pages] == 0))
+
+    def can_allocate(self, n: int) -> bool:
+        """Whether ``allocate(n)`` would succeed now."""
+        return n * self.pages_per_block <= self.available_pages
+
+    # ----------------------------------------------------------------- mutation
+    def allocate(self, n: int) -> list[KVBlock] | None:
+        """``n`` new blocks with ``ref_cnt == 1``, or ``None`` (no change) if they don't fit."""
+        if n == 0:
+            return []
+        per = self.pages_per_block
+        need = n * per
+        if need > self.available_pages:
+            return None
+        while self._n_free < need:
+            self._evict_one()
+        top = self._n_free
+        taken = self._free[top - need : top][::-1].reshape(n, per)
+        self._n_free = top - need
+        self.holders[taken] += 1
+        self._pin(taken.ravel())
+        distinct = np.sort(taken, axis=1)
+        assert self.layer_map is not None
+        owners, lm = self._owner_layers, self.layer_map
+        identity = len(owners) == self.num_layers
+        blocks: list[KVBlock] = []
+        for i in range(n):
+            own = taken[i].reshape(-1, 2)
+            if identity:
+                pages = own.copy()
+            else:
+                pages = np.empty((self.num_layers, 2), dtype=np.int64)
+                pages[owners] = own
+                pages = pages[lm]
+            blk = KVBlock(self._next_id, pages, distinct[i], ref_cnt=1)
+            self._next_id += 1
+            self._blocks[blk.block_id] = blk
+            blocks.append(blk)
+        self.stats.allocated_blocks += n
+        self.stats.peak_used_pages = max(self.stats.peak_used_pages, self.used_pages)
+        return blocks
+
+    def touch(self, blocks: list[KVBlock]) -> None:
+        """Add one reference to each block (a hit or a share), reviving cached-free ones."""
+        revived: list[np.ndarray] = []
+        for blk in blocks:
+            if blk.ref_cnt == 0:
+                del self._free_queue[blk.block_id]
+                revived.append(blk.distinct)
+            blk.ref_cnt += 1
+        self.stats.hits += len(blocks)
+        if revived:
+            self._pin(np.concatenate(revived))
+
+    def free(self, blocks: list[KVBlock]) -> None:
+        """Drop one reference from each block, in the order given (pass a table reversed).
+
+        A block reaching 0 is queued for LRU eviction if it has a hash, else destroyed.
+        """
+        released: list[KVBlock] = []
+        for blk in blocks:
+            if blk.ref_cnt <= 0:
+                raise ValueError(f"double free of {blk!r}")
+            blk.ref_cnt -= 1
+            if blk.ref_cnt == 0:
+                released.append(blk)
+        if not released:
+            return
+        self._unpin(np.concatenate([blk.distinct for blk in released]))
+        for blk in released:
+            if blk.block_hash is not None:
+                self._free_queue[blk.block_id] = blk
+            else:
+                self._destroy(blk)
+
+    def publish(self, blk: KVBlock, block_hash: int) -> bool:
+        """Make a live, full block findable under ``block_hash``; False if the hash is taken."""
+        if blk.block_hash is not None or block_hash in self._by_hash:
+            return False
+        blk.block_hash = block_hash
+        self._by_hash[block_hash] = blk
+        return True
+
+    def share_pages(self, blk: KVBlock, mask: np.ndarray, source: PageMap) -> int:
+        """Point ``blk``'s pages where ``mask`` (L x 2) is set at ``source`` pages (zero copy).
+
+        ``blk`` must be live; source pages must hold KV (held by some block). Pages ``blk`` no
+        longer uses are released. Returns the number of pages freed by the share.
+        """
+        if blk.ref_cnt <= 0:
+            raise ValueError(f"share_pages on a block that is not live: {blk!r}")
+        src = np.asarray(source)[mask]
+        if src.size and np.any(self.holders[src] <= 0):
+            raise ValueError("share_pages: a source page holds no KV")
+        new_pages = blk.pages.copy()
+        new_pages[mask] = src
+        new_distinct = np.unique(new_pages)
+        gained = np.setdiff1d(new_distinct, blk.distinct, assume_unique=True)
+        lost = np.setdiff1d(blk.distinct, new_distinct, assume_unique=True)
+        self.holders[gained] += 1
+        self._pin(gained)
+        self._unpin(lost)
+        self.holders[lost] -= 1
+        self._release(lost)
+        blk.pages, blk.distinct = new_pages, new_distinct
+        return int(np.count_nonzero(self.holders[lost] == 0))
+
+    def evict_all_cached(self) -> None:
+        """Drop every cached-free block (e.g. a cache reset)."""
+        while self._free_queue:
+            self._evict_one()
+
+    # ----------------------------------------------------------------- internals
+    def _pin(self, pages: np.ndarray) -> None:
+        """One more live holder for each entry of ``pages`` (repeats allowed)."""
+        np.add.at(self.pins, pages, 1)
+        touched = np.unique(pages)
+        counts = self.pins[touched]
+        # a page is newly pinned iff its count now equals its multiplicity in ``pages``
+        mult = np.bincount(np.searchsorted(touched, pages), minlength=len(touched))
+        self._n_pinned += int(np.count_nonzero(counts == mult))
+
+    def _unpin(self, pages: np.ndarray) -> None:
+        """One live holder fewer for each entry of ``pages`` (repeats allowed)."""
+        np.subtract.at(self.pins, pages, 1)
+        self._n_pinned -= int(np.count_nonzero(self.pins[np.unique(pages)] == 0))
+
+    def _release(self, pages: np.ndarray) -> None:
+        """Push pages whose holder count reached 0 onto the free stack."""
+        gone = pages[self.holders[pages] == 0]
+        k = len(gone)
+        self._free[self._n_free : self._n_free + k] = gone[::-1]
+        self._n_free += k
+
+    def _destroy(self, blk: KVBlock) -> None:
+        del self._blocks[blk.block_id]
+        if blk.block_hash is not None:
+            del self._by_hash[blk.block_hash]
+        self.holders[blk.distinct] -= 1
+        self._release(blk.distinct)
+
+    def _evict_one(self) -> None:
+        _, blk = self._free_queue.popitem(last=False)
+        self.stats.evicted_blocks += 1
+        self._destroy(blk)
+
+    # ----------------------------------------------------------------- checking
+    def check(self, live_refs: dict[int, int] | None = None) -> None:
+        """Recompute every invariant from scratch; AssertionError names the first broken one.
+
+        ``live_refs``: block id -> number of block-table entries pointing at it, if known.
+        """
+        holders = np.zeros(self.num_pages, dtype=np.int64)
+        pins = np.zeros(self.num_pages, dtype=np.int64)
+        for blk in self._blocks.values():
+            assert blk.ref_cnt >= 0, f"negative ref count: {blk!r}"
+            assert np.array_equal(blk.distinct, np.unique(blk.pages)), f"stale distinct {blk!r}"
+            holders[blk.distinct] += 1
+            if blk.ref_cnt > 0:
+                pins[blk.distinct] += 1
+                assert blk.block_id not in self._free_queue, f"live block queued: {blk!r}"
+            else:
+                assert blk.block_id in self._free_queue, f"unreferenced block leaked: {blk!r}"
+                assert blk.block_hash is not None, f"unhashed block queued: {blk!r}"
+            if blk.block_hash is not None:
+                assert self._by_hash.get(blk.block_hash) is blk, f"hash map misses {blk!r}"
+        for h, blk in self._by_hash.items():
+            assert blk.block_hash == h and self._blocks.get(blk.block_id) is blk, "stale hash"
+        for bid in self._free_queue:
+            assert bid in self._blocks, f"free queue holds destroyed block {bid}"
+        assert np.array_equal(holders, self.holders), "holder counts drifted"
+        assert np.array_equal(pins, self.pins), "pin counts drifted"
+        assert self._n_pinned == int(np.count_nonzero(pins)), "pinned page count drifted"
+        free = self._free[: self._n_free]
+        assert len(np.unique(free)) == len(free), "a page is on the free stack twice"
+        assert np.all(self.holders[free] == 0), "a page is both free and referenced"
+        assert self._n_free + int(np.count_nonzero(holders)) == self.num_pages, (
+            "free + used != total pages"
+        )
+        if live_refs is not None:
+            for bid, blk in self._blocks.items():
+                assert blk.ref_cnt == live_refs.get(bid, 0), f"ref count != table refs: {blk!r}"
+            assert all(bid in self._blocks for bid in live_refs), "table points at a dead block"

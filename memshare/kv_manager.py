@@ -1,0 +1,195 @@
+"""Per-request block tables over a :class:`BlockPool`, driven by one :class:`Policy`.
+
+This is the one place where a policy's answers are carried out, so the simulator and the
+validator, which both call it, execute exactly the same decisions.
+
+Invariants:
+- ``len(table) == ceil(num_tokens / block_size)`` after every successful call (a prefix hit may
+  leave one extra, partially recomputed block: see :meth:`KVCacheManager.admit`).
+- Every entry of every table holds one reference on its block; freeing a request drops them
+  tail-first.
+- Logical blocks below ``num_full`` have been reported to the policy exactly once.
+- A call that returns ``None``/``False`` changed nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from memshare.block_pool import BlockPool, KVBlock
+from memshare.policy import BlockDecision, FullBlock, Policy, PrefixHit, RequestInfo
+
+BlockInfoFn = Callable[[int], FullBlock]  # logical index -> what the policy sees of it
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division."""
+    return -(-a // b)
+
+
+@dataclass
+class RequestState:
+    """A running request's cache state."""
+
+    info: RequestInfo
+    table: list[KVBlock]  # block table: logical index -> physical block
+    num_tokens: int  # tokens whose KV is (being) computed into the table
+    num_full: int  # logical blocks already reported full to the policy
+    block_info: BlockInfoFn | None  # source of FullBlock data (trace or live KV)
+    cow_tail: bool = False  # last entry is a shared partial block: copy before writing past it
+
+
+@dataclass
+class ManagerStats:
+    """Counters over all admissions (including re-admissions after preemption)."""
+
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    hit_tokens: int = 0  # of which served from the prefix cache
+    prompt_blocks: int = 0  # hashed prompt blocks of admitted requests
+    hit_blocks: int = 0  # of which hit in the prefix cache
+    full_blocks: int = 0  # blocks reported full to the policy
+    shared_blocks: int = 0  # full blocks replaced by an existing physical block
+    pages_written: int = 0  # pages of blocks reported full
+    pages_shared: int = 0  # of which pointed at other pages instead (whole or partial share)
+    cow_copies: int = 0  # shared partial blocks copied before a write
+    shared_distance_sum: float = 0.0  # sum of confirmed share distances (where reported)
+    shared_distance_n: int = 0
+
+
+@dataclass
+class KVCacheManager:
+    """Block tables for running requests; every reuse decision comes from ``policy``."""
+
+    pool: BlockPool
+    policy: Policy
+    block_size: int
+    requests: dict[str, RequestState] = field(default_factory=dict)
+    stats: ManagerStats = field(default_factory=ManagerStats)
+
+    def admit(
+        self, info: RequestInfo, num_new_tokens: int, block_info: BlockInfoFn | None = None
+    ) -> PrefixHit | None:
+        """Start (or restart) a request: look up its cached prefix and allocate the blocks for
+        ``num_new_tokens`` uncached tokens after it. ``None`` (no change) if that doesn't fit.
+
+        The caller computes ``hit.num_tokens`` onwards; ``num_new_tokens`` is clamped to the
+        prompt's uncached rest.
+        """
+        if info.req_id in self.requests:
+            raise ValueError(f"request {info.req_id!r} is already admitted")
+        hit = self.policy.lookup_prefix(info, self.pool)
+        n_new = min(num_new_tokens, info.prompt_len - hit.num_tokens)
+        hit_blocks = list(hit.blocks)
+        covered = len(hit_blocks) * self.block_size
+        cow_tail = covered > info.prompt_len  # a hashed partial tail block was hit
+        need = max(0, cdiv(hit.num_tokens + n_new, self.block_size) - len(hit_blocks))
+        # Hit blocks with ref 0 sit in the free queue: touching them pins their pages, which
+        # our own allocation then may not evict, so the fit check discounts them.
+        revive = self.pool.pages_pinned_by_touch(hit_blocks)
+        if need * self.pool.pages_per_block > self.pool.available_pages - revive:
+            return None
+        self.pool.touch(hit_blocks)
+        new = self.pool.allocate(need)
+        assert new is not None  # checked above
+        state = RequestState(
+            info, hit_blocks + new, hit.num_tokens + n_new, len(hit_blocks), block_info
+        )
+        state.cow_tail = cow_tail
+        self.requests[info.req_id] = state
+        st = self.stats
+        st.prompt_tokens += info.prompt_len
+        st.hit_tokens += hit.num_tokens
+        st.prompt_blocks += info.prompt_blocks
+        st.hit_blocks += len(hit_blocks)
+        self._report_full(state)
+        return hit
+
+    def allocate_slots(self, req_id: str, num_new_tokens: int) -> bool:
+        """Grow a request's table for ``num_new_tokens`` more tokens; False (no change) if the
+        pool cannot supply the blocks. Reports blocks that become full to the policy."""
+        state = self.requests[req_id]
+        total = state.num_tokens + num_new_tokens
+        cow = state.cow_tail and total > state.info.prompt_len
+        need = max(0, cdiv(total, self.block_size) - len(state.table)) + int(cow)
+        new = self.pool.allocate(need)
+        if new is None:
+            return False
+        if cow:
+            copy = new.pop(0)
+            old = state.table[-1]
+            state.table[-1] = copy
+            self.pool.free([old])
+            state.cow_tail = False
+            self.stats.cow_copies += 1
+        state.table.extend(new)
+        state.num_tokens = total
+        self._report_full(state)
+        return True
+
+    def free(self, req_id: str) -> None:
+        """Release a finished or preempted request's blocks, tail first."""
+        state = self.requests.pop(req_id)
+        self.pool.free(state.table[::-1])
+        self.policy.on_request_end(req_id)
+
+    def num_blocks_needed(self, req_id: str, num_new_tokens: int) -> int:
+        """Blocks ``allocate_slots(req_id, num_new_tokens)`` would take from the pool."""
+        state = self.requests[req_id]
+        total = state.num_tokens + num_new_tokens
+        cow = state.cow_tail and total > state.info.prompt_len
+        return max(0, cdiv(total, self.block_size) - len(state.table)) + int(cow)
+
+    def table_refs(self) -> dict[int, int]:
+        """Block id -> number of table entries pointing at it (for invariant checks)."""
+        refs: dict[int, int] = {}
+        for state in self.requests.values():
+            for blk in state.table:
+                refs[blk.block_id] = refs.get(blk.block_id, 0) + 1
+        return refs
+
+    # ----------------------------------------------------------------- internals
+    def _report_full(self, state: RequestState) -> None:
+        """Tell the policy about blocks that became full (or a prompt's hashed tail)."""
+        info = state.info
+        n_full = state.num_tokens // self.block_size
+        if (
+            info.hashes_cover_tail
+            and state.num_tokens >= info.prompt_len
+            and info.prompt_len % self.block_size
+        ):
+            n_full = max(n_full, min(cdiv(info.prompt_len, self.block_size), len(info.block_hashes)))
+        for i in range(state.num_full, n_full):
+            fb = self._full_block(state, i)
+            self._apply(state, i, self.policy.on_block_full(fb, state.table[i], self.pool))
+        state.num_full = max(state.num_full, n_full)
+
+    def _full_block(self, state: RequestState, i: int) -> FullBlock:
+        if state.block_info is not None:
+            return state.block_info(i)
+        hashes = state.info.block_hashes
+        return FullBlock(state.info.req_id, i, hashes[i] if i < len(hashes) else None)
+
+    def _apply(self, state: RequestState, i: int, d: BlockDecision) -> None:
+        st = self.stats
+        own = state.table[i]
+        pages = own.pages.size
+        st.full_blocks += 1
+        st.pages_written += pages
+        if d.share_block is not None:
+            target = self.pool.block(d.share_block)
+            self.pool.touch([target])
+            self.pool.free([own])
+            state.table[i] = target
+            st.shared_blocks += 1
+            st.pages_shared += pages
+        elif d.share_mask is not None:
+            assert d.share_source is not None
+            self.pool.share_pages(own, d.share_mask, d.share_source)
+            st.pages_shared += int(d.share_mask.sum())
+        if d.shares and d.distance is not None:
+            st.shared_distance_sum += d.distance
+            st.shared_distance_n += 1
+        if d.publish_hash is not None and state.table[i].block_hash is None:
+            self.pool.publish(state.table[i], d.publish_hash)
+

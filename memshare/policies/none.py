@@ -1,0 +1,26 @@
+"""``none``: paged allocation with no reuse at all (the memory baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memshare.block_pool import BlockPool, KVBlock
+from memshare.policy import KEEP, BlockDecision, FullBlock, PrefixHit, RequestInfo
+
+
+@dataclass
+class NoSharing:
+    """Never hits, never shares, never publishes. Stateless."""
+
+    name: str = "none"
+
+    def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
+        """Nothing is ever cached."""
+        return PrefixHit()
+
+    def on_block_full(self, blk: FullBlock, block: KVBlock, pool: BlockPool) -> BlockDecision:
+        """Keep every block private."""
+        return KEEP
+
+    def on_request_end(self, req_id: str) -> None:
+        """No per-request state."""

@@ -1,0 +1,42 @@
+"""``prefix``: vLLM v1 automatic prefix caching.
+
+Full blocks are published under their chained hash; an arriving request hits the longest run
+of leading prompt blocks whose hashes are cached (ref count + 1, zero copy). The last prompt
+token is always recomputed (the model needs its logits), so at most ``prompt_len - 1`` tokens
+count as hit. Where a workload's hash ids also cover a partial last block (Mooncake), that
+block may hit too; the manager copies it on the first write past the prompt (copy-on-write).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memshare.block_pool import BlockPool, KVBlock
+from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
+
+
+@dataclass
+class PrefixCaching:
+    """Longest cached block prefix; publish every full block. Stateless."""
+
+    name: str = "prefix"
+
+    def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
+        """Walk the prompt's block hashes until the first miss."""
+        hit: list[KVBlock] = []
+        for h in req.block_hashes[: req.prompt_blocks]:
+            blk = pool.cached_block(h)
+            if blk is None:
+                break
+            hit.append(blk)
+        tokens = min(len(hit) * req.block_size, req.prompt_len - 1)
+        if tokens <= 0:
+            return PrefixHit()
+        return PrefixHit(tuple(hit), tokens)
+
+    def on_block_full(self, blk: FullBlock, block: KVBlock, pool: BlockPool) -> BlockDecision:
+        """Publish the block under its chained hash (no-op if it has none)."""
+        return BlockDecision(publish_hash=blk.block_hash)
+
+    def on_request_end(self, req_id: str) -> None:
+        """No per-request state."""

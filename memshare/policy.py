@@ -1,0 +1,103 @@
+"""The seam between drivers (simulator, validator) and sharing policies.
+
+The driver owns time, batching and the :class:`~memshare.block_pool.BlockPool` (through
+:class:`~memshare.kv_manager.KVCacheManager`); the policy owns every reuse decision and sees
+only plain data: block ids, hashes, token ids, step ids and KV sketches. It is told
+
+1. when a request arrives (:meth:`Policy.lookup_prefix`): it answers which cached blocks hold
+   the request's leading prompt tokens;
+2. when one of the request's logical blocks becomes full (:meth:`Policy.on_block_full`): it
+   answers a :class:`BlockDecision` (keep, publish for prefix reuse, share a whole physical
+   block, or share some pages);
+3. when a request ends (:meth:`Policy.on_request_end`); its blocks are freed through the pool.
+
+A policy never imports SimPy or torch, never reads a clock, and given the same calls in the
+same order makes the same decisions: that is what makes the simulator's block counts and the
+validator's identical by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from memshare.block_pool import BlockPool, KVBlock
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a policy may know about a request when it arrives."""
+
+    req_id: str
+    prompt_len: int  # prompt tokens
+    block_size: int  # tokens per block
+    block_hashes: Sequence[int]  # chained hashes of the request's known blocks, in order
+    hashes_cover_tail: bool = False  # True when the last hash covers a partial block (Mooncake)
+
+    @property
+    def prompt_blocks(self) -> int:
+        """Logical prompt blocks that carry a hash: the full ones, plus a hashed partial tail."""
+        full = self.prompt_len // self.block_size
+        tail = self.hashes_cover_tail and self.prompt_len % self.block_size != 0
+        return min(len(self.block_hashes), full + int(tail))
+
+
+@dataclass(frozen=True)
+class FullBlock:
+    """A logical block that has just become full (its KV is final and read-only)."""
+
+    req_id: str
+    index: int  # logical block index within the request
+    block_hash: int | None  # chained hash, if known
+    token_ids: np.ndarray | None = None  # (block_size,) token ids, if known
+    step: int | None = None  # reasoning step the block belongs to (its first token's)
+    sketch: np.ndarray | None = None  # (L, 2, d) float32 K/V sketches
+    norm: np.ndarray | None = None  # (L, 2) norms of the unprojected K/V
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """Answer to an arrival: cached blocks covering the request's first tokens."""
+
+    blocks: tuple[KVBlock, ...] = ()  # cached blocks, in logical order
+    num_tokens: int = 0  # prompt tokens whose KV need not be computed (< prompt_len)
+
+
+@dataclass(frozen=True)
+class BlockDecision:
+    """Answer to a full block. At most one of ``share_block`` / ``share_mask`` is set."""
+
+    publish_hash: int | None = None  # publish the block under this hash (prefix caching)
+    share_block: int | None = None  # replace the entry by this existing physical block id
+    share_mask: np.ndarray | None = None  # (L, 2) bool: pages to point at ``share_source``
+    share_source: np.ndarray | None = None  # (L, 2) page ids to share where the mask is set
+    distance: float | None = None  # relative distance that confirmed the share (metrics)
+
+    @property
+    def shares(self) -> bool:
+        """Whether this decision shares anything."""
+        return self.share_block is not None or self.share_mask is not None
+
+
+KEEP = BlockDecision()
+
+
+class Policy(Protocol):
+    """A reuse policy; see the module docstring for the contract."""
+
+    name: str
+
+    def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
+        """Cached blocks for the request's leading prompt tokens (read-only on the pool)."""
+        ...
+
+    def on_block_full(self, blk: FullBlock, block: KVBlock, pool: BlockPool) -> BlockDecision:
+        """Decide what happens to a block that just became full (read-only on the pool)."""
+        ...
+
+    def on_request_end(self, req_id: str) -> None:
+        """Forget per-request state."""
+        ...

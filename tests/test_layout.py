@@ -1,0 +1,75 @@
+"""SPEC §2 import rules and the installed layout (everything under ``memshare``)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = {"torch", "transformers", "vllm", "accelerate", "gguf"}
+CORE_ALLOWED = {"numpy", "memshare"} | set(sys.stdlib_module_names)
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    """Top-level module names imported by a file (module-level statements only if asked)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _py_files(folder: str) -> list[Path]:
+    return [p for p in (ROOT / folder).rglob("*.py") if not p.is_symlink()]
+
+
+@pytest.mark.parametrize("path", _py_files("memshare"), ids=lambda p: p.name)
+def test_core_imports_only_numpy_and_stdlib(path: Path) -> None:
+    bad = _imports(path, top_level_only=False) - CORE_ALLOWED
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", _py_files("sim"), ids=lambda p: p.name)
+def test_sim_imports_no_torch(path: Path) -> None:
+    bad = _imports(path, top_level_only=False) & HEAVY
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", _py_files("traces"), ids=lambda p: p.name)
+def test_traces_import_heavy_stacks_lazily(path: Path) -> None:
+    bad = _imports(path, top_level_only=True) & (HEAVY | {"simpy"})
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)} at module level"
+
+
+def test_core_and_cli_load_without_torch_or_simpy() -> None:
+    code = (
+        "import sys, memshare, memshare.block_pool, memshare.kv_manager, memshare.registry, "
+        "memshare.traces.reader, memshare.traces.writer, memshare.traces.importers, memshare.cli;"
+        "bad = {'torch', 'simpy', 'transformers'} & set(sys.modules);"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_wheel_installs_nothing_top_level_but_memshare(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("memshare-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"memshare"}, tops
+    for module in ("memshare/cli.py", "memshare/sim/__init__.py", "memshare/traces/reader.py",
+                   "memshare/validate/__init__.py", "memshare/data/mooncake_demo.jsonl"):
+        assert module in names, module
