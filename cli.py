@@ -26,6 +26,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+bench_app = typer.Typer(
+    help="Benchmarks that print figures (never timed tests).", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
 out = Console()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
@@ -96,7 +100,9 @@ def policies_cmd(as_json: JsonOpt = False) -> None:
         out.print("\n".join(names))
 
 
-def _inspect(trace: Path, *, as_json: bool, reuse: bool, block_size: int | None, title: str) -> None:
+def _inspect(
+    trace: Path, *, as_json: bool, reuse: bool, block_size: int | None, title: str
+) -> None:
     from memshare.traces.reader import TraceReader
     from memshare.traces.summary import prefix_reuse, summarize
 
@@ -133,8 +139,12 @@ def _render_inspect(report: dict[str, Any], title: str) -> None:
                 f"p50 {d['p50']:.0f}  p90 {d['p90']:.0f}  p99 {d['p99']:.0f}  max {d['max']:.0f}",
             )
     v = report["verify"]
-    state = "complete" if v["complete"] else "incomplete (writer did not close; committed part shown)"
-    t.add_row("verified", f"schema v{v['schema_version']}, {len(v['checks'])} checks passed, {state}")
+    state = (
+        "complete" if v["complete"] else "incomplete (writer did not close; committed part shown)"
+    )
+    t.add_row(
+        "verified", f"schema v{v['schema_version']}, {len(v['checks'])} checks passed, {state}"
+    )
     reuse = report.get("prefix_reuse", "skipped")
     if reuse is None:
         t.add_row("prefix reuse", "n/a: the trace has no block identity (token or hash ids)")
@@ -153,8 +163,12 @@ class _progress:
     def __init__(self, label: str, quiet: bool) -> None:
         self.label, self.quiet = label, quiet
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
         )
         self.task = self.bar.add_task(label, total=None)
 
@@ -168,6 +182,7 @@ class _progress:
             self.bar.stop()
 
 
+# ----------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn bad input into one line and exit status 2."""
     args = sys.argv[1:] if argv is None else argv
@@ -195,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         message = str(e.format_message()).rstrip(".")  # type: ignore[attr-defined]
         print(f"memshare: error: {message}; see `{where} --help`", file=sys.stderr)
         sys.exit(2)
+
 
 if __name__ == "__main__":
     main()

@@ -76,7 +76,11 @@ class BlockPool:
         if self.num_blocks < 0 or self.num_layers <= 0:
             raise ValueError("num_blocks must be >= 0 and num_layers > 0")
         lm = np.arange(self.num_layers) if self.layer_map is None else np.asarray(self.layer_map)
-        if lm.shape != (self.num_layers,) or np.any(lm[lm] != lm) or np.any(lm > np.arange(len(lm))):
+        if (
+            lm.shape != (self.num_layers,)
+            or np.any(lm[lm] != lm)
+            or np.any(lm > np.arange(len(lm)))
+        ):
             raise ValueError("layer_map must map each layer to itself or an earlier owner layer")
         self.layer_map = lm
         self._owner_layers = np.unique(lm)  # layers that own pages

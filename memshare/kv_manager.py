@@ -158,7 +158,9 @@ class KVCacheManager:
             and state.num_tokens >= info.prompt_len
             and info.prompt_len % self.block_size
         ):
-            n_full = max(n_full, min(cdiv(info.prompt_len, self.block_size), len(info.block_hashes)))
+            n_full = max(
+                n_full, min(cdiv(info.prompt_len, self.block_size), len(info.block_hashes))
+            )
         for i in range(state.num_full, n_full):
             fb = self._full_block(state, i)
             self._apply(state, i, self.policy.on_block_full(fb, state.table[i], self.pool))
@@ -192,4 +194,3 @@ class KVCacheManager:
             st.shared_distance_n += 1
         if d.publish_hash is not None and state.table[i].block_hash is None:
             self.pool.publish(state.table[i], d.publish_hash)
-

@@ -44,4 +44,6 @@ def make_policy(name: str, **params: Any) -> Policy:
     try:
         return factory(**params)
     except TypeError as e:
-        raise InputError("--set", f"bad parameter for policy {name!r} ({e})", "check the names") from None
+        raise InputError(
+            "--set", f"bad parameter for policy {name!r} ({e})", "check the names"
+        ) from None

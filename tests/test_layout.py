@@ -62,14 +62,29 @@ def test_core_and_cli_load_without_torch_or_simpy() -> None:
 
 def test_wheel_installs_nothing_top_level_but_memshare(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("memshare-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"memshare"}, tops
-    for module in ("memshare/cli.py", "memshare/sim/__init__.py", "memshare/traces/reader.py",
-                   "memshare/validate/__init__.py", "memshare/data/mooncake_demo.jsonl"):
+    for module in (
+        "memshare/cli.py",
+        "memshare/sim/__init__.py",
+        "memshare/traces/reader.py",
+        "memshare/validate/__init__.py",
+        "memshare/data/mooncake_demo.jsonl",
+    ):
         assert module in names, module

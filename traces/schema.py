@@ -28,7 +28,9 @@ from memshare.errors import InputError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_TMP = "manifest.json.tmp"  # the writer's temp file; renamed over MANIFEST to commit
 REQUESTS = "requests.jsonl"
+SHARD_GLOB = "kv-*.bin"  # every KV shard file name matches this
 TraceKind = Literal["workload", "kv"]
 
 
@@ -121,7 +123,7 @@ class Manifest:
             model = raw.get("model")
             sketch = raw.get("sketch")
             return Manifest(
-                kind=_field(raw, "kind", str, where),  # type: ignore[arg-type]
+                kind=_field(raw, "kind", str, where),
                 block_size=_field(raw, "block_size", int, where),
                 hash_block_size=raw.get("hash_block_size"),
                 model=ModelInfo(**model) if model is not None else None,
@@ -228,3 +230,8 @@ def kv_row_dtype(num_layers: int, sketch_dim: int) -> np.dtype[Any]:
 def manifest_path(trace_dir: Path) -> Path:
     """Path of the manifest inside a trace directory."""
     return trace_dir / MANIFEST
+
+
+def shard_name(index: int) -> str:
+    """File name of KV shard ``index`` (``kv-00000.bin``, ``kv-00001.bin``, ...)."""
+    return f"kv-{index:05d}.bin"
