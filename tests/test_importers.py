@@ -10,12 +10,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+
+from memshare.errors import InputError
 from memshare.traces.importers import IMPORTERS, import_workload
 from memshare.traces.importers.azure import parse_timestamp_ns
 from memshare.traces.reader import TraceReader
 from memshare.traces.schema import Manifest, RequestRecord
-
-from memshare.errors import InputError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORKLOADS = DATA / "workloads"

@@ -1,0 +1,129 @@
+"""Crash safety for real: SIGKILL a writer process at a seeded random moment, then read.
+
+Invariant under test: after a kill at any moment, the trace directory either raises
+``TraceEmptyError`` (killed before the first commit), holds nothing at all (killed before
+the writer created a file), or opens and yields a prefix ``0..n-1`` of the requests, each
+whole (its KV rows exactly as written), with matching counts. ``TraceWriter.resume`` then
+finishes it into a trace byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from helpers_trace_writer import (
+    expected_record,
+    expected_rows,
+    kv_template,
+    write_requests,
+)
+
+from memshare.errors import InputError, TraceEmptyError
+from memshare.traces.reader import TraceReader
+from memshare.traces.writer import TraceWriter
+
+HELPER = Path(__file__).resolve().parent / "helpers_trace_writer.py"
+N = 200
+SHARD_MAX = 40_000  # about 50 requests per shard: kills also land around rotations
+SEEDS = range(24)
+
+
+def _start(out: Path) -> subprocess.Popen[bytes]:
+    """Start the helper and return once it printed ``ready`` (imports done)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(HELPER), str(out), str(N), str(SHARD_MAX)],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n", "helper failed to start"
+    return proc
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An uninterrupted run of the helper: its trace and its timings after ``ready``."""
+
+    path: Path
+    open_s: float  # until the writer was open (initial manifest committed)
+    total_s: float  # until the trace was closed
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    out = tmp_path_factory.mktemp("reference") / "trace"
+    proc = _start(out)
+    assert proc.stdout is not None
+    t0 = time.perf_counter()
+    assert proc.stdout.readline() == b"opened\n"
+    open_s = time.perf_counter() - t0
+    assert proc.stdout.readline() == b"done\n"
+    total_s = time.perf_counter() - t0
+    assert proc.wait(timeout=60) == 0
+    return Reference(out, open_s, total_s)
+
+
+def _kill_delay(seed: int, ref: Reference) -> float:
+    """Every 4th seed dies while the writer opens (before or just after its first commit);
+    the rest anywhere up to the end of an uninterrupted run."""
+    rng = random.Random(seed)
+    if seed % 4 == 0:
+        return rng.uniform(0.0, 1.5) * ref.open_s
+    return rng.uniform(0.0, 1.0) * ref.total_s
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def _check_committed_prefix(path: Path) -> tuple[int, str]:
+    """Assert what a killed writer left is empty or a whole prefix; return its length."""
+    if not path.exists() or not any(path.iterdir()):
+        with pytest.raises(InputError):
+            TraceReader(path)
+        return 0, "no files"
+    try:
+        reader = TraceReader(path)  # verifies checksums, counts, ids, kv refs
+    except TraceEmptyError:
+        return 0, "TraceEmptyError"
+    n = len(reader)
+    rows = 0
+    for i, rec in enumerate(reader):
+        assert rec.kv is not None
+        assert rec == replace(expected_record(i), kv=rec.kv)  # ids are the prefix 0..n-1
+        got, want = reader.kv(rec), expected_rows(i)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+        rows += len(want)
+    counts = reader.manifest.counts
+    assert (counts.requests, counts.kv_rows) == (n, rows)
+    assert n == N or not reader.manifest.complete
+    reader.close()
+    return n, "complete" if reader.manifest.complete else "prefix"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigkill_leaves_whole_requests_and_resume_finishes(
+    seed: int, reference: Reference, tmp_path: Path
+) -> None:
+    delay = _kill_delay(seed, reference)
+    out = tmp_path / "trace"
+    proc = _start(out)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (-signal.SIGKILL, 0)
+
+    n, outcome = _check_committed_prefix(out)
+    print(f"seed {seed}: kill after {delay:.4f}s of {reference.total_s:.3f}s: {outcome}, {n}")
+
+    with TraceWriter.resume(out, template=kv_template(), shard_max_bytes=SHARD_MAX) as w:
+        assert w.committed_ids == {expected_record(i).id for i in range(n)}
+        write_requests(w, range(n, N))
+    assert _files(out) == _files(reference.path)
+    assert len(TraceReader(out)) == N
