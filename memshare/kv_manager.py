@@ -162,9 +162,12 @@ class KVCacheManager:
                 n_full, min(cdiv(info.prompt_len, self.block_size), len(info.block_hashes))
             )
         for i in range(state.num_full, n_full):
+            self.stats.full_blocks += 1
+            self.stats.pages_written += state.table[i].pages.size
+            state.num_full = i + 1
             fb = self._full_block(state, i)
-            self._apply(state, i, self.policy.on_block_full(fb, state.table[i], self.pool))
-        state.num_full = max(state.num_full, n_full)
+            for decision in self.policy.on_block_full(fb, state.table, self.pool):
+                self._apply(state, decision)
 
     def _full_block(self, state: RequestState, i: int) -> FullBlock:
         if state.block_info is not None:
@@ -172,19 +175,21 @@ class KVCacheManager:
         hashes = state.info.block_hashes
         return FullBlock(state.info.req_id, i, hashes[i] if i < len(hashes) else None)
 
-    def _apply(self, state: RequestState, i: int, d: BlockDecision) -> None:
+    def _apply(self, state: RequestState, d: BlockDecision) -> None:
+        """Carry out one decision on a full block of ``state`` (stale ones are skipped)."""
+        if not 0 <= d.index < state.num_full:
+            raise ValueError(f"decision for block {d.index} of {state.info.req_id!r}: not full")
+        own = state.table[d.index]
+        if d.expect is not None and own.block_id != d.expect:
+            return
         st = self.stats
-        own = state.table[i]
-        pages = own.pages.size
-        st.full_blocks += 1
-        st.pages_written += pages
-        if d.share_block is not None:
+        if d.share_block is not None and d.share_block != own.block_id:
             target = self.pool.block(d.share_block)
             self.pool.touch([target])
             self.pool.free([own])
-            state.table[i] = target
+            state.table[d.index] = target
             st.shared_blocks += 1
-            st.pages_shared += pages
+            st.pages_shared += own.pages.size
         elif d.share_mask is not None:
             assert d.share_source is not None
             self.pool.share_pages(own, d.share_mask, d.share_source)
@@ -192,5 +197,5 @@ class KVCacheManager:
         if d.shares and d.distance is not None:
             st.shared_distance_sum += d.distance
             st.shared_distance_n += 1
-        if d.publish_hash is not None and state.table[i].block_hash is None:
-            self.pool.publish(state.table[i], d.publish_hash)
+        if d.publish_hash is not None and state.table[d.index].block_hash is None:
+            self.pool.publish(state.table[d.index], d.publish_hash)

@@ -7,8 +7,10 @@ only plain data: block ids, hashes, token ids, step ids and KV sketches. It is t
 1. when a request arrives (:meth:`Policy.lookup_prefix`): it answers which cached blocks hold
    the request's leading prompt tokens;
 2. when one of the request's logical blocks becomes full (:meth:`Policy.on_block_full`): it
-   answers a :class:`BlockDecision` (keep, publish for prefix reuse, share a whole physical
-   block, or share some pages);
+   answers zero or more :class:`BlockDecision` (publish for prefix reuse, share a whole
+   physical block, or share some pages), each for that block or an earlier block of the same
+   request (a policy that keeps a window of recent blocks exact decides on a block once it
+   leaves the window);
 3. when a request ends (:meth:`Policy.on_request_end`); its blocks are freed through the pool.
 
 A policy never imports SimPy or torch, never reads a clock, and given the same calls in the
@@ -68,8 +70,11 @@ class PrefixHit:
 
 @dataclass(frozen=True)
 class BlockDecision:
-    """Answer to a full block. At most one of ``share_block`` / ``share_mask`` is set."""
+    """What to do with one full logical block. At most one of ``share_block`` /
+    ``share_mask`` is set; a decision is skipped if the entry no longer holds ``expect``."""
 
+    index: int  # logical block of the request the decision is about
+    expect: int | None = None  # physical block id the policy saw at ``index`` (None: any)
     publish_hash: int | None = None  # publish the block under this hash (prefix caching)
     share_block: int | None = None  # replace the entry by this existing physical block id
     share_mask: np.ndarray | None = None  # (L, 2) bool: pages to point at ``share_source``
@@ -82,8 +87,6 @@ class BlockDecision:
         return self.share_block is not None or self.share_mask is not None
 
 
-KEEP = BlockDecision()
-
 
 class Policy(Protocol):
     """A reuse policy; see the module docstring for the contract."""
@@ -94,8 +97,11 @@ class Policy(Protocol):
         """Cached blocks for the request's leading prompt tokens (read-only on the pool)."""
         ...
 
-    def on_block_full(self, blk: FullBlock, block: KVBlock, pool: BlockPool) -> BlockDecision:
-        """Decide what happens to a block that just became full (read-only on the pool)."""
+    def on_block_full(
+        self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
+    ) -> Sequence[BlockDecision]:
+        """Decisions for the block that just became full (``table[blk.index]``) or earlier
+        blocks of the same request; read-only on the pool and the table."""
         ...
 
     def on_request_end(self, req_id: str) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memshare.block_pool import BlockPool, KVBlock
-from memshare.policy import KEEP, BlockDecision, FullBlock, PrefixHit, RequestInfo
+from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 
 @dataclass
@@ -18,9 +19,11 @@ class NoSharing:
         """Nothing is ever cached."""
         return PrefixHit()
 
-    def on_block_full(self, blk: FullBlock, block: KVBlock, pool: BlockPool) -> BlockDecision:
+    def on_block_full(
+        self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
+    ) -> Sequence[BlockDecision]:
         """Keep every block private."""
-        return KEEP
+        return ()
 
     def on_request_end(self, req_id: str) -> None:
         """No per-request state."""

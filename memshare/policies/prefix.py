@@ -9,6 +9,7 @@ block may hit too; the manager copies it on the first write past the prompt (cop
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memshare.block_pool import BlockPool, KVBlock
@@ -34,9 +35,13 @@ class PrefixCaching:
             return PrefixHit()
         return PrefixHit(tuple(hit), tokens)
 
-    def on_block_full(self, blk: FullBlock, block: KVBlock, pool: BlockPool) -> BlockDecision:
-        """Publish the block under its chained hash (no-op if it has none)."""
-        return BlockDecision(publish_hash=blk.block_hash)
+    def on_block_full(
+        self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
+    ) -> Sequence[BlockDecision]:
+        """Publish the block under its chained hash (nothing if it has none)."""
+        if blk.block_hash is None:
+            return ()
+        return (BlockDecision(blk.index, publish_hash=blk.block_hash),)
 
     def on_request_end(self, req_id: str) -> None:
         """No per-request state."""
