@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.policy import BlockDecision, FullBlock, Policy, PrefixHit, RequestInfo
 
@@ -55,6 +57,7 @@ class ManagerStats:
     cow_copies: int = 0  # shared partial blocks copied before a write
     shared_distance_sum: float = 0.0  # sum of confirmed share distances (where reported)
     shared_distance_n: int = 0
+    layer_pages_shared: np.ndarray | None = None  # (L, 2) shared pages per layer, K/V (or None)
 
 
 @dataclass
@@ -67,18 +70,29 @@ class KVCacheManager:
     requests: dict[str, RequestState] = field(default_factory=dict)
     stats: ManagerStats = field(default_factory=ManagerStats)
 
+    def lookup(self, info: RequestInfo) -> PrefixHit:
+        """The policy's cached prefix for ``info`` now (changes nothing). A scheduler that sizes
+        a chunk by the hit first (as vLLM's does) passes the answer on to :meth:`admit`."""
+        return self.policy.lookup_prefix(info, self.pool)
+
     def admit(
-        self, info: RequestInfo, num_new_tokens: int, block_info: BlockInfoFn | None = None
+        self,
+        info: RequestInfo,
+        num_new_tokens: int,
+        block_info: BlockInfoFn | None = None,
+        hit: PrefixHit | None = None,
     ) -> PrefixHit | None:
         """Start (or restart) a request: look up its cached prefix and allocate the blocks for
         ``num_new_tokens`` uncached tokens after it. ``None`` (no change) if that doesn't fit.
 
         The caller computes ``hit.num_tokens`` onwards; ``num_new_tokens`` is clamped to the
-        prompt's uncached rest.
+        prompt's uncached rest. ``hit``: the answer of :meth:`lookup` for ``info``, taken with
+        no pool change since (the policy is then not asked twice).
         """
         if info.req_id in self.requests:
             raise ValueError(f"request {info.req_id!r} is already admitted")
-        hit = self.policy.lookup_prefix(info, self.pool)
+        if hit is None:
+            hit = self.policy.lookup_prefix(info, self.pool)
         n_new = min(num_new_tokens, info.prompt_len - hit.num_tokens)
         hit_blocks = list(hit.blocks)
         covered = len(hit_blocks) * self.block_size
@@ -190,12 +204,21 @@ class KVCacheManager:
             state.table[d.index] = target
             st.shared_blocks += 1
             st.pages_shared += own.pages.size
+            self._count_layers(np.ones(own.pages.shape, dtype=bool))
         elif d.share_mask is not None:
             assert d.share_source is not None
             self.pool.share_pages(own, d.share_mask, d.share_source)
             st.pages_shared += int(d.share_mask.sum())
+            self._count_layers(np.asarray(d.share_mask, dtype=bool))
         if d.shares and d.distance is not None:
             st.shared_distance_sum += d.distance
             st.shared_distance_n += 1
         if d.publish_hash is not None and state.table[d.index].block_hash is None:
             self.pool.publish(state.table[d.index], d.publish_hash)
+
+    def _count_layers(self, mask: np.ndarray) -> None:
+        """Add a share's (L, 2) page mask to the per-layer counters."""
+        st = self.stats
+        if st.layer_pages_shared is None:
+            st.layer_pages_shared = np.zeros(mask.shape, dtype=np.int64)
+        st.layer_pages_shared += mask
