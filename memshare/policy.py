@@ -87,7 +87,6 @@ class BlockDecision:
         return self.share_block is not None or self.share_mask is not None
 
 
-
 class Policy(Protocol):
     """A reuse policy; see the module docstring for the contract."""
 

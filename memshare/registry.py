@@ -6,10 +6,13 @@ fresh policy object; one object serves one run (simulation or validation).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.policies.cf_topk import CfTopK
+from memshare.policies.dedup import ExactDedup, TokenDedup
 from memshare.policies.none import NoSharing
 from memshare.policies.prefix import PrefixCaching
 from memshare.policy import Policy
@@ -19,6 +22,9 @@ PolicyFactory = Callable[..., Policy]
 _REGISTRY: dict[str, PolicyFactory] = {
     "none": NoSharing,
     "prefix": PrefixCaching,
+    "exact-dedup": ExactDedup,
+    "token-dedup": TokenDedup,
+    "cf-topk": CfTopK,
 }
 
 
@@ -34,16 +40,62 @@ def register(name: str, factory: PolicyFactory) -> None:
     _REGISTRY[name] = factory
 
 
-def make_policy(name: str, **params: Any) -> Policy:
-    """A fresh policy object; unknown names and parameters are one-line InputErrors."""
+def _factory(name: str) -> PolicyFactory:
     factory = _REGISTRY.get(name)
     if factory is None:
         raise InputError(
             "--policy", f"unknown policy {name!r}", f"choose one of: {', '.join(_REGISTRY)}"
         )
+    return factory
+
+
+def make_policy(name: str, **params: Any) -> Policy:
+    """A fresh policy object; unknown names and parameters are one-line InputErrors."""
+    factory = _factory(name)
     try:
         return factory(**params)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise InputError(
             "--set", f"bad parameter for policy {name!r} ({e})", "check the names"
         ) from None
+
+
+def parse_settings(pairs: list[str], where: str = "--set") -> dict[str, str]:
+    """``["k=0.2", "tau=0.3"]`` -> ``{"k": "0.2", "tau": "0.3"}`` (values still strings)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(where, f"{pair!r} is not key=value", "write e.g. --set tau=0.2")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def coerce_params(name: str, raw: dict[str, Any], where: str = "--set") -> dict[str, Any]:
+    """Convert string values to the types of the policy's parameters (its dataclass fields)."""
+    factory = _REGISTRY.get(name)
+    fields = (
+        {f.name: f for f in dataclasses.fields(factory)}
+        if dataclasses.is_dataclass(factory)
+        else {}
+    )
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = fields.get(key)
+        if f is None or not f.init or key.startswith("_") or key == "name":
+            known = ", ".join(k for k, v in fields.items() if v.init and k != "name") or "none"
+            raise InputError(where, f"policy {name!r} has no parameter {key!r}", f"known: {known}")
+        default = f.default
+        if not isinstance(value, str) or isinstance(default, str) or default is None:
+            out[key] = value
+            continue
+        try:
+            out[key] = _BOOL[value.lower()] if isinstance(default, bool) else type(default)(value)
+        except (KeyError, ValueError):
+            raise InputError(
+                where, f"{key}={value!r} is not a {type(default).__name__}", f"e.g. {key}={default}"
+            ) from None
+    return out
+
+
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

@@ -1,0 +1,63 @@
+"""MinHash signatures of token n-gram sets, for cheap step-to-step similarity.
+
+Invariant: ``mean(sig_a == sig_b)`` is an unbiased estimate of the Jaccard similarity of the
+two n-gram sets; signatures are deterministic given ``(num_perm, ngram, seed)``. An empty set
+has the all-``EMPTY`` signature and is similar to nothing (:func:`similarity` returns 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EMPTY = np.iinfo(np.uint64).max
+_MIX = np.array(
+    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
+    dtype=np.uint64,
+)
+
+
+@dataclass
+class MinHasher:
+    """Hash functions ``h_p(x) = a_p * x + b_p (mod 2^64)`` over n-gram codes."""
+
+    num_perm: int = 32  # signature length
+    ngram: int = 3  # tokens per shingle
+    seed: int = 0
+    a: np.ndarray = field(init=False, repr=False)
+    b: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_perm <= 0 or not 1 <= self.ngram <= len(_MIX):
+            raise ValueError(f"num_perm must be > 0 and 1 <= ngram <= {len(_MIX)}")
+        rng = np.random.default_rng(self.seed)
+        self.a = rng.integers(1, 2**63, size=self.num_perm, dtype=np.uint64) | np.uint64(1)
+        self.b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
+
+    def empty(self) -> np.ndarray:
+        """The signature of the empty set."""
+        return np.full(self.num_perm, EMPTY, dtype=np.uint64)
+
+    def update(self, sig: np.ndarray, tokens: np.ndarray) -> None:
+        """Add the n-grams of ``tokens`` (a contiguous run) to ``sig`` in place."""
+        t = np.asarray(tokens, dtype=np.uint64)
+        n = len(t) - self.ngram + 1
+        if n <= 0:
+            return
+        codes = np.zeros(n, dtype=np.uint64)
+        for i in range(self.ngram):
+            codes ^= (t[i : i + n] + np.uint64(i + 1)) * _MIX[i]
+        hashed = np.outer(codes, self.a) + self.b  # (n, P), wraps mod 2^64
+        np.minimum(sig, hashed.min(axis=0), out=sig)
+
+
+def similarity(sig: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Estimated Jaccard of ``sig`` (P,) with each row of ``others`` (S, P); 0 for empties."""
+    if others.size == 0:
+        return np.zeros(0)
+    est = (others == sig).mean(axis=1)
+    est[others[:, 0] == EMPTY] = 0.0
+    if sig[0] == EMPTY:
+        est[:] = 0.0
+    return est
