@@ -73,7 +73,7 @@ def parse_settings(pairs: list[str], where: str = "--set") -> dict[str, str]:
 
 def coerce_params(name: str, raw: dict[str, Any], where: str = "--set") -> dict[str, Any]:
     """Convert string values to the types of the policy's parameters (its dataclass fields)."""
-    factory = _REGISTRY.get(name)
+    factory = _factory(name)
     fields = (
         {f.name: f for f in dataclasses.fields(factory)}
         if dataclasses.is_dataclass(factory)
