@@ -182,6 +182,33 @@ class _progress:
             self.bar.stop()
 
 
+@bench_app.command("policy")
+def bench_policy_cmd(
+    policy: Annotated[str, typer.Option(help="A registered policy name.")] = "cf-topk",
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", help="Policy parameter key=value (repeat).")
+    ] = None,
+    resident_blocks: Annotated[int, typer.Option(help="Blocks resident at the end.")] = 100_000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decision time per filled block with many resident blocks (target: <= 20 us)."""
+    from memshare.policy_bench import bench_policy
+    from memshare.registry import coerce_params, parse_settings
+
+    if resident_blocks < 1_000:
+        raise InputError("--resident-blocks", f"{resident_blocks} is too small", "use >= 1000")
+    params = coerce_params(policy, parse_settings(settings or []))
+    with _progress(f"bench {policy}", as_json) as tick:
+        res = bench_policy(policy, params, resident_blocks, progress=lambda n, _: tick(n))
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    t = Table(title=f"bench policy {policy}", show_header=False)
+    for key, value in res.items():
+        t.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    out.print(t)
+
+
 # ----------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn bad input into one line and exit status 2."""

@@ -23,6 +23,7 @@ Deterministic: ties break towards the earlier step and the lower block id.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,25 +35,43 @@ from memshare.minhash import MinHasher, similarity
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 
-@dataclass
-class _Seen:
-    """A full block of the chain as the policy recorded it."""
+class _Rows:
+    """A growable array of rows (amortised O(1) append; ``view()`` is the filled part)."""
 
-    phys: int  # physical block id at the time it filled
-    step: int | None
-    sketch: np.ndarray | None  # (L, 2, d) float32
-    norm: np.ndarray | None  # (L, 2) float32
+    def __init__(self, shape: tuple[int, ...], dtype: type[np.generic], fill: object = 0) -> None:
+        self._a = np.full((16, *shape), fill, dtype=dtype)
+        self._fill = fill
+        self.n = 0
+
+    def put(self, i: int, row: np.ndarray) -> None:
+        """Set row ``i`` (growing to hold it)."""
+        if i >= len(self._a):
+            grown = np.full(
+                (max(2 * len(self._a), i + 1), *self._a.shape[1:]), self._fill, dtype=self._a.dtype
+            )
+            grown[: len(self._a)] = self._a
+            self._a = grown
+        self._a[i] = row
+        self.n = max(self.n, i + 1)
+
+    def view(self) -> np.ndarray:
+        """Rows ``0 .. n-1``."""
+        return self._a[: self.n]
 
 
 @dataclass
 class _Chain:
-    """Per-request state."""
+    """Per-request state. Logical block indices key everything."""
 
-    seen: dict[int, _Seen] = field(default_factory=dict)  # logical index -> record
+    phys: dict[int, int] = field(default_factory=dict)  # logical -> physical id seen at fill
+    step_of: dict[int, int] = field(default_factory=dict)  # logical -> step (if known)
+    sketch: _Rows | None = None  # (n, L, 2, d) float32 sketches by logical index
+    norm: _Rows | None = None  # (n, L, 2) float32 norms by logical index
+    has_sketch: set[int] = field(default_factory=set)  # logical indices with a sketch
     step_blocks: dict[int, list[int]] = field(default_factory=dict)  # step -> logical indices
     step_ids: list[int] = field(default_factory=list)  # steps in order of first appearance
     step_pos: dict[int, int] = field(default_factory=dict)  # step -> position in step_ids
-    sigs: list[np.ndarray] = field(default_factory=list)  # MinHash per step (same order)
+    sigs: _Rows | None = None  # (steps, P) MinHash per step, in step_ids order
     tail: dict[int, np.ndarray] = field(default_factory=dict)  # step -> last ngram-1 tokens
     links: dict[int, set[int]] = field(default_factory=dict)  # logical -> logical shared with
 
@@ -95,7 +114,7 @@ class CfTopK:
         chain = self._chains.setdefault(blk.req_id, _Chain())
         self._record(chain, blk, table[blk.index])
         j = blk.index - self.window
-        if j < 1 or j not in chain.seen:
+        if j < 1 or j not in chain.phys:
             return ()
         decision = self._decide(chain, j, table, pool)
         return () if decision is None else (decision,)
@@ -106,61 +125,92 @@ class CfTopK:
 
     # ------------------------------------------------------------------ internals
     def _record(self, chain: _Chain, blk: FullBlock, block: KVBlock) -> None:
-        chain.seen[blk.index] = _Seen(block.block_id, blk.step, blk.sketch, blk.norm)
+        i = blk.index
+        chain.phys[i] = block.block_id
+        if blk.sketch is not None and blk.norm is not None:
+            if chain.sketch is None or chain.norm is None:
+                chain.sketch = _Rows(blk.sketch.shape, np.float32)
+                chain.norm = _Rows(blk.norm.shape, np.float32)
+            chain.sketch.put(i, blk.sketch)
+            chain.norm.put(i, blk.norm)
+            chain.has_sketch.add(i)
         if blk.step is None:
             return
+        chain.step_of[i] = blk.step
         if blk.step not in chain.step_blocks:
+            if chain.sigs is None:
+                chain.sigs = _Rows((self.num_perm,), np.uint64, fill=np.iinfo(np.uint64).max)
             chain.step_blocks[blk.step] = []
             chain.step_pos[blk.step] = len(chain.step_ids)
             chain.step_ids.append(blk.step)
-            chain.sigs.append(self._hasher.empty())
+            chain.sigs.put(chain.step_pos[blk.step], self._hasher.empty())
             chain.tail[blk.step] = np.zeros(0, dtype=np.int64)
-        chain.step_blocks[blk.step].append(blk.index)
+        chain.step_blocks[blk.step].append(i)
         if blk.token_ids is not None:
+            assert chain.sigs is not None
             run = np.concatenate([chain.tail[blk.step], np.asarray(blk.token_ids, np.int64)])
-            self._hasher.update(chain.sigs[chain.step_pos[blk.step]], run)
-            chain.tail[blk.step] = run[len(run) - (self.ngram - 1) :] if self.ngram > 1 else run[:0]
+            self._hasher.update(chain.sigs.view()[chain.step_pos[blk.step]], run)
+            keep = self.ngram - 1
+            chain.tail[blk.step] = run[len(run) - keep :] if keep else run[:0]
 
-    def _candidates(self, chain: _Chain, j: int) -> list[int]:
-        """Logical indices of candidate blocks for block ``j`` (all older than ``j``)."""
-        step = chain.seen[j].step
-        if step is None:
-            return []
+    def _candidates(self, chain: _Chain, j: int) -> np.ndarray:
+        """Logical indices of candidate blocks for block ``j`` (all older than ``j``, sorted)."""
+        step = chain.step_of.get(j)
+        if step is None or chain.sigs is None:
+            return np.zeros(0, dtype=np.int64)
         pos = chain.step_pos[step]
         if pos == 0:
-            return []
-        sims = similarity(chain.sigs[pos], np.stack(chain.sigs[:pos]))
-        order = np.lexsort((np.arange(pos), -sims))  # best first, earlier step on ties
-        neighbours = [chain.step_ids[i] for i in order[: self.k] if sims[i] > 0]
+            return np.zeros(0, dtype=np.int64)
+        sigs = chain.sigs.view()
+        sims = similarity(sigs[pos], sigs[:pos])
+        order = np.lexsort((np.arange(pos), -sims))[: self.k]  # best first, earlier on ties
         cands: set[int] = set()
-        for s in neighbours:
-            for i in chain.step_blocks[s]:
+        for p in order:
+            if sims[p] <= 0:
+                break
+            for i in chain.step_blocks[chain.step_ids[p]]:
                 if 1 <= i < j:
                     cands.add(i)
-                    cands |= {x for x in chain.links.get(i, ()) if 1 <= x < j}
-        return sorted(cands)
+                    cands.update(x for x in chain.links.get(i, ()) if 1 <= x < j)
+        cands &= chain.has_sketch
+        return np.fromiter(sorted(cands), dtype=np.int64, count=len(cands))
 
     def _decide(
         self, chain: _Chain, j: int, table: Sequence[KVBlock], pool: BlockPool
     ) -> BlockDecision | None:
-        me = chain.seen[j]
         own = table[j]
-        if me.sketch is None or me.norm is None or own.block_id != me.phys:
+        if j not in chain.has_sketch or own.block_id != chain.phys[j]:
             return None
         if own.ref_cnt != 1 or own.block_hash is not None:
             return None  # not exclusively ours: a prefix hit or a published block
-        cands = [c for c in self._candidates(chain, j) if chain.seen[c].sketch is not None]
-        if not cands:
+        cands = self._candidates(chain, j)
+        if cands.size == 0:
             return None
-        sk = np.stack([chain.seen[c].sketch for c in cands]).astype(np.float32)  # type: ignore[misc]
-        x = me.sketch.astype(np.float32)
-        rel = np.linalg.norm(sk - x, axis=-1) / np.maximum(me.norm, 1e-12)  # (m, L, 2)
-        dist = rel[..., 0] if self.share == "k" else rel.max(axis=-1)  # (m, L)
+        assert chain.sketch is not None and chain.norm is not None
+        x, norm = chain.sketch.view()[j], np.maximum(chain.norm.view()[j], 1e-12)
+        sk = chain.sketch.view()
+        layers = x.shape[0]
+        if self.granularity == "block":
+            # cascade: a few probe layers first; candidates failing too many are dropped
+            allowed = layers - int(np.ceil(self.min_layers * layers - 1e-9))
+            probe = _probe_layers(layers)
+            pd = self._dist(sk[cands][:, probe], x[probe], norm[probe])
+            cands = cands[(pd > self.tau).sum(axis=1) <= allowed]
+            if cands.size == 0:
+                return None
+        dist = self._dist(sk[cands], x, norm)  # (m, L)
         ok = dist <= self.tau
         cols = [0] if self.share == "k" else [0, 1]
+        cl = [int(c) for c in cands]
         if self.granularity == "block":
-            return self._block_share(chain, j, cands, dist, ok, cols, table)
-        return self._layer_share(chain, j, cands, dist, ok, cols, table)
+            return self._block_share(chain, j, cl, dist, ok, cols, table)
+        return self._layer_share(chain, j, cl, dist, ok, cols, table)
+
+    def _dist(self, cand: np.ndarray, x: np.ndarray, norm: np.ndarray) -> np.ndarray:
+        """Relative distance per candidate and layer (m, L): K only, or max of K and V."""
+        diff = cand - x
+        rel = np.sqrt(np.einsum("mlkd,mlkd->mlk", diff, diff)) / norm
+        return rel[..., 0] if self.share == "k" else rel.max(axis=-1)
 
     def _block_share(
         self,
@@ -181,9 +231,9 @@ class CfTopK:
         target = table[c]
         d = float(dist[best].mean())
         self._link(chain, j, c)
-        me = chain.seen[j].phys
+        me = chain.phys[j]
         if cols == [0, 1]:
-            chain.seen[j].phys = target.block_id
+            chain.phys[j] = target.block_id
             return BlockDecision(j, expect=me, share_block=target.block_id, distance=d)
         mask = np.zeros(target.pages.shape, dtype=bool)
         mask[:, cols] = True
@@ -213,10 +263,16 @@ class CfTopK:
             self._link(chain, j, c)
         d = float(dist[best[layers], layers].mean())
         return BlockDecision(
-            j, expect=chain.seen[j].phys, share_mask=mask, share_source=source, distance=d
+            j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
         )
 
     @staticmethod
     def _link(chain: _Chain, a: int, b: int) -> None:
         chain.links.setdefault(a, set()).add(b)
         chain.links.setdefault(b, set()).add(a)
+
+
+@functools.cache
+def _probe_layers(layers: int) -> np.ndarray:
+    """Up to four layers spread over the depth, checked first to drop hopeless candidates."""
+    return np.unique(np.linspace(0, layers - 1, min(4, layers)).round().astype(np.int64))
