@@ -41,23 +41,22 @@ class MinHasher:
 
     def update(self, sig: np.ndarray, tokens: np.ndarray) -> None:
         """Add the n-grams of ``tokens`` (a contiguous run) to ``sig`` in place."""
-        t = np.asarray(tokens, dtype=np.uint64)
+        t = np.asarray(tokens).astype(np.uint64)
         n = len(t) - self.ngram + 1
         if n <= 0:
             return
-        codes = np.zeros(n, dtype=np.uint64)
-        for i in range(self.ngram):
+        codes = (t[:n] + np.uint64(1)) * _MIX[0]
+        for i in range(1, self.ngram):
             codes ^= (t[i : i + n] + np.uint64(i + 1)) * _MIX[i]
-        hashed = np.outer(codes, self.a) + self.b  # (n, P), wraps mod 2^64
+        hashed = np.multiply.outer(codes, self.a)
+        hashed += self.b  # (n, P), wraps mod 2^64
         np.minimum(sig, hashed.min(axis=0), out=sig)
 
 
 def similarity(sig: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Estimated Jaccard of ``sig`` (P,) with each row of ``others`` (S, P); 0 for empties."""
-    if others.size == 0:
-        return np.zeros(0)
-    est = (others == sig).mean(axis=1)
+    if others.size == 0 or sig[0] == EMPTY:
+        return np.zeros(len(others))
+    est = np.count_nonzero(others == sig, axis=1) / len(sig)
     est[others[:, 0] == EMPTY] = 0.0
-    if sig[0] == EMPTY:
-        est[:] = 0.0
     return est
