@@ -50,6 +50,8 @@ class ManagerStats:
     hit_tokens: int = 0  # of which served from the prefix cache
     prompt_blocks: int = 0  # hashed prompt blocks of admitted requests
     hit_blocks: int = 0  # of which hit in the prefix cache
+    matched_tokens: int = 0  # prompt tokens matched anywhere in the cache (KVShare's hit)
+    reused_tokens: int = 0  # prompt tokens past the prefix whose KV is copied, not computed
     full_blocks: int = 0  # blocks reported full to the policy
     shared_blocks: int = 0  # full blocks replaced by an existing physical block
     pages_written: int = 0  # pages of blocks reported full
@@ -116,6 +118,8 @@ class KVCacheManager:
         st.hit_tokens += hit.num_tokens
         st.prompt_blocks += info.prompt_blocks
         st.hit_blocks += len(hit_blocks)
+        st.matched_tokens += max(hit.matched_tokens, hit.num_tokens)
+        st.reused_tokens += hit.reused_tokens
         self._report_full(state)
         return hit
 

@@ -38,6 +38,7 @@ class RequestInfo:
     block_size: int  # tokens per block
     block_hashes: Sequence[int]  # chained hashes of the request's known blocks, in order
     hashes_cover_tail: bool = False  # True when the last hash covers a partial block (Mooncake)
+    prompt_ids: np.ndarray | None = None  # prompt token ids, where the trace has them
 
     @property
     def prompt_blocks(self) -> int:
@@ -66,6 +67,8 @@ class PrefixHit:
 
     blocks: tuple[KVBlock, ...] = ()  # cached blocks, in logical order
     num_tokens: int = 0  # prompt tokens whose KV need not be computed (< prompt_len)
+    reused_tokens: int = 0  # further prompt tokens whose KV is copied from elsewhere (KVShare)
+    matched_tokens: int = 0  # prompt tokens matched in other requests (KVShare's KV hit)
 
 
 @dataclass(frozen=True)

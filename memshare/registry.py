@@ -13,6 +13,7 @@ from typing import Any
 from memshare.errors import InputError
 from memshare.policies.cf_topk import CfTopK
 from memshare.policies.dedup import ExactDedup, TokenDedup
+from memshare.policies.kvshare import KVShare
 from memshare.policies.none import NoSharing
 from memshare.policies.prefix import PrefixCaching
 from memshare.policy import Policy
@@ -25,6 +26,7 @@ _REGISTRY: dict[str, PolicyFactory] = {
     "exact-dedup": ExactDedup,
     "token-dedup": TokenDedup,
     "cf-topk": CfTopK,
+    "kvshare": KVShare,
 }
 
 

@@ -176,3 +176,33 @@ def test_settings_are_typed_by_the_policy_fields() -> None:
         parse_settings(["tau"])
     with pytest.raises(InputError, match="unknown policy"):
         coerce_params("nope", {})
+
+
+def test_kvshare_matches_spans_at_other_positions_and_recomputes_a_share() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.integers(100, 10_000, size=4 * BS)
+    b = np.concatenate([rng.integers(100, 10_000, size=BS), a[BS : 3 * BS], [7, 7, 7, 7]])
+    pool = BlockPool(num_blocks=32, num_layers=L)
+    policy = make_policy("kvshare", window=4, recompute=0.25)
+    mgr = KVCacheManager(pool, policy, BS)
+
+    def info(rid: str, toks: np.ndarray) -> RequestInfo:
+        return RequestInfo(rid, len(toks), BS, chain_hashes(toks, BS), prompt_ids=toks)
+
+    mgr.admit(
+        info("a", a),
+        len(a),
+        lambda i: FullBlock("a", i, chain_hashes(a, BS)[i], a[i * 4 : i * 4 + 4]),
+    )
+    mgr.free("a")  # a's blocks stay cached (published), so their spans stay reusable
+    hit = mgr.admit(info("b", b), len(b))
+    assert hit is not None
+    assert hit.num_tokens == 0 and not hit.blocks  # b's first block is new: no prefix
+    assert hit.matched_tokens == 2 * BS  # a's blocks 1 and 2, now at positions 4..11
+    assert hit.reused_tokens == 2 * BS - 2  # 25% of 8 matched tokens recomputed
+    assert mgr.stats.reused_tokens == 6
+    pool.evict_all_cached()
+    mgr.free("b")
+    pool.evict_all_cached()
+    again = make_policy("kvshare", window=4).lookup_prefix(info("c", b), pool)
+    assert again.matched_tokens == 0  # evicted blocks' spans are gone

@@ -9,6 +9,8 @@ keeps the prefix-chain property.
 
 from __future__ import annotations
 
+import numpy as np
+
 from memshare.errors import InputError
 from memshare.hashing import block_hash, chain_hashes
 from memshare.kv_manager import cdiv
@@ -25,9 +27,9 @@ def request_info(record: RequestRecord, manifest: Manifest, block_size: int) -> 
     """The policy-facing view of one request at ``block_size`` tokens per block."""
     if record.prompt_ids is not None:
         tokens = record.prompt_ids + (record.output_ids or [])
-        return RequestInfo(
-            record.id, record.prompt_len, block_size, chain_hashes(tokens, block_size)
-        )
+        hashes = chain_hashes(tokens, block_size)
+        prompt = np.asarray(record.prompt_ids, dtype=np.int64)
+        return RequestInfo(record.id, record.prompt_len, block_size, hashes, prompt_ids=prompt)
     if record.hash_ids is None:
         return RequestInfo(record.id, record.prompt_len, block_size, ())
     hbs = manifest.hash_block_size
