@@ -109,3 +109,10 @@ class Policy(Protocol):
     def on_request_end(self, req_id: str) -> None:
         """Forget per-request state."""
         ...
+
+
+def policy_layer_map(policy: Policy, num_layers: int) -> np.ndarray | None:
+    """The policy's cross-layer map for the pool (the optional ``layer_map(num_layers)`` hook
+    that ``kvsharer`` has), or None. Drivers build their :class:`BlockPool` with it."""
+    hook = getattr(policy, "layer_map", None)
+    return None if hook is None else np.asarray(hook(num_layers), dtype=np.int64)

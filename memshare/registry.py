@@ -12,8 +12,10 @@ from typing import Any
 
 from memshare.errors import InputError
 from memshare.policies.cf_topk import CfTopK
+from memshare.policies.composite import Composite
 from memshare.policies.dedup import ExactDedup, TokenDedup
 from memshare.policies.kvshare import KVShare
+from memshare.policies.kvsharer import KVSharer
 from memshare.policies.none import NoSharing
 from memshare.policies.prefix import PrefixCaching
 from memshare.policy import Policy
@@ -27,7 +29,35 @@ _REGISTRY: dict[str, PolicyFactory] = {
     "token-dedup": TokenDedup,
     "cf-topk": CfTopK,
     "kvshare": KVShare,
+    "kvsharer": KVSharer,
 }
+LOSSY = {"cf-topk", "token-dedup", "exact-dedup"}  # sharers that repoint generated blocks
+COMPOSITIONS = ("prefix+cf-topk", "prefix+cf-topk+kvsharer", "prefix+kvsharer")
+
+
+def _compose(name: str) -> PolicyFactory:
+    parts = name.split("+")
+
+    def factory(**params: Any) -> Policy:
+        members: list[Policy] = []
+        used: set[str] = set()
+        for part in parts:
+            accepted = param_defaults(part)
+            mine = {k: v for k, v in params.items() if k in accepted}
+            if part == "prefix" and LOSSY & set(parts):
+                mine.setdefault("publish", "prompt")
+            used |= mine.keys()
+            members.append(_REGISTRY[part](**mine))
+        unknown = set(params) - used
+        if unknown:
+            raise TypeError(f"unexpected parameter(s) {sorted(unknown)}")
+        return Composite(tuple(members), name)
+
+    return factory
+
+
+for _name in COMPOSITIONS:
+    _REGISTRY[_name] = _compose(_name)
 
 
 def policy_names() -> list[str]:
@@ -73,21 +103,28 @@ def parse_settings(pairs: list[str], where: str = "--set") -> dict[str, str]:
     return out
 
 
+def param_defaults(name: str) -> dict[str, Any]:
+    """A policy's parameters and their defaults (all members' for a composition)."""
+    _factory(name)
+    out: dict[str, Any] = {}
+    for part in name.split("+"):
+        factory = _REGISTRY[part]
+        if dataclasses.is_dataclass(factory):
+            for f in dataclasses.fields(factory):
+                if f.init and f.name != "name":
+                    out.setdefault(f.name, f.default)
+    return out
+
+
 def coerce_params(name: str, raw: dict[str, Any], where: str = "--set") -> dict[str, Any]:
-    """Convert string values to the types of the policy's parameters (its dataclass fields)."""
-    factory = _factory(name)
-    fields = (
-        {f.name: f for f in dataclasses.fields(factory)}
-        if dataclasses.is_dataclass(factory)
-        else {}
-    )
+    """Convert string values to the types of the policy's parameters (their defaults' types)."""
+    defaults = param_defaults(name)
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        f = fields.get(key)
-        if f is None or not f.init or key.startswith("_") or key == "name":
-            known = ", ".join(k for k, v in fields.items() if v.init and k != "name") or "none"
+        if key not in defaults:
+            known = ", ".join(defaults) or "none"
             raise InputError(where, f"policy {name!r} has no parameter {key!r}", f"known: {known}")
-        default = f.default
+        default = defaults[key]
         if not isinstance(value, str) or isinstance(default, str) or default is None:
             out[key] = value
             continue

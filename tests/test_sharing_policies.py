@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,9 +32,8 @@ class Chain:
         return RequestInfo(req_id, prompt_len, BS, chain_hashes(flat, BS))
 
     def block(self, req_id: str, i: int) -> FullBlock:
-        return FullBlock(
-            req_id, i, None, self.tokens[i], self.steps[i], self.sketch[i], self.norm[i]
-        )
+        h = chain_hashes(self.tokens.ravel(), BS)[i]
+        return FullBlock(req_id, i, h, self.tokens[i], self.steps[i], self.sketch[i], self.norm[i])
 
 
 def make_chain(noise: float, seed: int = 0) -> Chain:
@@ -206,3 +207,39 @@ def test_kvshare_matches_spans_at_other_positions_and_recomputes_a_share() -> No
     pool.evict_all_cached()
     again = make_policy("kvshare", window=4).lookup_prefix(info("c", b), pool)
     assert again.matched_tokens == 0  # evicted blocks' spans are gone
+
+
+def test_prefix_plus_cf_topk_hits_prompts_and_shares_reasoning() -> None:
+    chain = make_chain(noise=0.05)
+    pool = BlockPool(num_blocks=64, num_layers=L)
+    mgr = KVCacheManager(pool, make_policy("prefix+cf-topk", tau=0.1, window=1), BS)
+    prompt = 2 * BS  # blocks 0-1 are the prompt, 2-7 are "generated"
+    mgr.admit(chain.info("a", prompt), prompt, lambda i: chain.block("a", i))
+    for _ in range(6):
+        assert mgr.allocate_slots("a", BS)
+    table = mgr.requests["a"].table
+    assert table[4] is table[2] and table[5] is table[3]  # the sharer acted on output blocks
+    assert table[0].block_hash is not None and table[2].block_hash is None
+    hit = mgr.admit(chain.info("b", prompt), prompt, lambda i: chain.block("b", i))
+    assert hit is not None and hit.num_tokens == prompt - 1 and len(hit.blocks) == 2
+    pool.check(mgr.table_refs())
+
+
+def test_kvsharer_layer_map_charges_l_minus_s_over_l(tmp_path: Path) -> None:
+    from memshare.errors import InputError
+    from memshare.policy import policy_layer_map
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"layer_map": [0, 1, 1, 3]}))  # layer 2 reuses layer 1
+    policy = make_policy("prefix+kvsharer", layer_map_file=str(path))
+    lm = policy_layer_map(policy, 4)
+    assert lm is not None and lm.tolist() == [0, 1, 1, 3]
+    pool = BlockPool(num_blocks=8, num_layers=4, layer_map=lm)
+    mgr = KVCacheManager(pool, policy, BS)
+    mgr.admit(RequestInfo("a", 3 * BS, BS, ()), 3 * BS)
+    assert pool.used_pages == 3 * 2 * (4 - 1)  # each block costs (L - S) / L of 2L pages
+    with pytest.raises(ValueError, match="has 4 layers"):
+        policy_layer_map(policy, 30)
+    path.write_text(json.dumps({"layer_map": [0, 2, 1]}))
+    with pytest.raises(InputError, match=r"map\.json"):
+        make_policy("kvsharer", layer_map_file=str(path))

@@ -1,5 +1,8 @@
 """``prefix``: vLLM v1 automatic prefix caching.
 
+With ``publish="prompt"`` (what compositions with a lossy sharer use) only prompt blocks are
+published; generated blocks stay private so a sharer may repoint them.
+
 Full blocks are published under their chained hash; an arriving request hits the longest run
 of leading prompt blocks whose hashes are cached (ref count + 1, zero copy). The last prompt
 token is always recomputed (the model needs its logits), so at most ``prompt_len - 1`` tokens
@@ -10,7 +13,8 @@ block may hit too; the manager copies it on the first write past the prompt (cop
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
@@ -18,12 +22,16 @@ from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 @dataclass
 class PrefixCaching:
-    """Longest cached block prefix; publish every full block. Stateless."""
+    """Longest cached block prefix; publish every full block (or prompt blocks only)."""
 
+    publish: Literal["all", "prompt"] = "all"  # which full blocks become findable
     name: str = "prefix"
+    _prompt_blocks: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """Walk the prompt's block hashes until the first miss."""
+        if self.publish == "prompt":
+            self._prompt_blocks[req.req_id] = req.prompt_len // req.block_size
         hit: list[KVBlock] = []
         for h in req.block_hashes[: req.prompt_blocks]:
             blk = pool.cached_block(h)
@@ -41,7 +49,10 @@ class PrefixCaching:
         """Publish the block under its chained hash (nothing if it has none)."""
         if blk.block_hash is None:
             return ()
+        if self.publish == "prompt" and blk.index >= self._prompt_blocks.get(blk.req_id, 0):
+            return ()
         return (BlockDecision(blk.index, publish_hash=blk.block_hash),)
 
     def on_request_end(self, req_id: str) -> None:
-        """No per-request state."""
+        """Forget the request's prompt length."""
+        self._prompt_blocks.pop(req_id, None)

@@ -1,0 +1,85 @@
+"""``kvsharer``: KVSharer-style cross-layer sharing from a calibrated layer map.
+
+``memshare calibrate`` writes a JSON file whose ``layer_map[l]`` is the layer whose KV layer
+``l`` uses (itself, or an earlier layer that keeps its own). The policy hands that map to the
+pool (:meth:`KVSharer.layer_map`), so every block is allocated with pages for the owner
+layers only and costs ``(L - S) / L`` of a full block, where ``S`` layers are shared. It makes
+no per-block decisions and composes with the others (``prefix+cf-topk+kvsharer``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memshare.block_pool import BlockPool, KVBlock
+from memshare.errors import InputError
+from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
+
+
+def load_layer_map(path: Path) -> np.ndarray:
+    """The ``layer_map`` array of a calibration file, checked; InputError names the file."""
+    try:
+        raw = json.loads(path.read_text())
+        lm = np.asarray(raw["layer_map"], dtype=np.int64)
+    except FileNotFoundError:
+        raise InputError(str(path), "does not exist", "run `memshare calibrate` first") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            str(path), f"not a calibration file ({e})", "re-run `memshare calibrate`"
+        ) from None
+    ok = lm.ndim == 1 and np.all(lm >= 0) and np.all(lm <= np.arange(len(lm)))
+    if not ok or np.any(lm[lm] != lm):
+        raise InputError(
+            str(path),
+            "field 'layer_map' must map each layer to itself or an earlier owner",
+            "re-run `memshare calibrate`",
+        )
+    return lm
+
+
+@dataclass
+class KVSharer:
+    """Cross-layer sharing with a fixed, calibrated layer map."""
+
+    layer_map_file: str = ""  # JSON written by `memshare calibrate`
+    name: str = "kvsharer"
+    _map: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.layer_map_file:
+            raise ValueError("kvsharer needs layer_map_file=PATH (from `memshare calibrate`)")
+        self._map = load_layer_map(Path(self.layer_map_file))
+
+    def layer_map(self, num_layers: int) -> np.ndarray:
+        """The map for a pool of ``num_layers`` layers (ValueError if the model differs)."""
+        assert self._map is not None
+        if len(self._map) != num_layers:
+            raise ValueError(
+                f"layer map of {self.layer_map_file} has {len(self._map)} layers, "
+                f"the model has {num_layers}"
+            )
+        return self._map
+
+    @property
+    def shared_layers(self) -> int:
+        """S: layers that use another layer's KV."""
+        assert self._map is not None
+        return int(np.count_nonzero(self._map != np.arange(len(self._map))))
+
+    def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
+        """No prefix reuse."""
+        return PrefixHit()
+
+    def on_block_full(
+        self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
+    ) -> Sequence[BlockDecision]:
+        """Nothing per block: the layer map does the sharing."""
+        return ()
+
+    def on_request_end(self, req_id: str) -> None:
+        """No per-request state."""
