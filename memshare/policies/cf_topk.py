@@ -4,8 +4,9 @@ Our precise version of MemShare (SPEC §4), per request:
 
 1. Blocks carry the reasoning step of their first token (segmentation comes from the trace).
 2. Each step has a MinHash signature of its token n-grams; the current step's neighbours are
-   its ``k`` most similar earlier steps (collaborative filtering). Candidate blocks are the
-   neighbours' blocks plus the blocks those were themselves shared with.
+   its ``k`` most similar earlier steps (collaborative filtering), fixed when the step's first
+   block is decided. Candidate blocks are the neighbours' blocks plus the blocks those were
+   themselves shared with.
 3. A block is decided once it leaves the window of the ``window`` most recent blocks: its K/V
    sketch is compared with every candidate's per layer; the relative distance
    ``||x - c|| / ||x||`` (sketch difference over the block's true norm) ``<= tau`` confirms.
@@ -34,6 +35,8 @@ from memshare.block_pool import BlockPool, KVBlock
 from memshare.minhash import MinHasher, similarity
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
+NO_CANDIDATES = np.zeros(0, dtype=np.int64)
+
 
 class _Rows:
     """A growable array of rows (amortised O(1) append; ``view()`` is the filled part)."""
@@ -46,9 +49,8 @@ class _Rows:
     def put(self, i: int, row: np.ndarray) -> None:
         """Set row ``i`` (growing to hold it)."""
         if i >= len(self._a):
-            grown = np.full(
-                (max(2 * len(self._a), i + 1), *self._a.shape[1:]), self._fill, dtype=self._a.dtype
-            )
+            shape = (max(2 * len(self._a), i + 1), *self._a.shape[1:])
+            grown = np.full(shape, self._fill, dtype=self._a.dtype)
             grown[: len(self._a)] = self._a
             self._a = grown
         self._a[i] = row
@@ -61,18 +63,24 @@ class _Rows:
 
 @dataclass
 class _Chain:
-    """Per-request state. Logical block indices key everything."""
+    """Per-request state; logical block indices key everything. Sketches are kept by
+    reference (a trace's memory map, or live KV sketches), never copied, except the few
+    probe layers used to drop hopeless candidates early."""
 
     phys: dict[int, int] = field(default_factory=dict)  # logical -> physical id seen at fill
-    step_of: dict[int, int] = field(default_factory=dict)  # logical -> step (if known)
-    sketch: _Rows | None = None  # (n, L, 2, d) float32 sketches by logical index
-    norm: _Rows | None = None  # (n, L, 2) float32 norms by logical index
-    has_sketch: set[int] = field(default_factory=set)  # logical indices with a sketch
-    step_blocks: dict[int, list[int]] = field(default_factory=dict)  # step -> logical indices
+    step_of: dict[int, int] = field(default_factory=dict)  # logical -> step, where known
+    sketch: dict[int, np.ndarray] = field(default_factory=dict)  # logical -> (L, 2, d)
+    norm: dict[int, np.ndarray] = field(default_factory=dict)  # logical -> (L, 2)
+    probe: _Rows | None = None  # (n, probe layers, 2, d) float16 copy of probe layers
     step_ids: list[int] = field(default_factory=list)  # steps in order of first appearance
     step_pos: dict[int, int] = field(default_factory=dict)  # step -> position in step_ids
-    sigs: _Rows | None = None  # (steps, P) MinHash per step, in step_ids order
-    tail: dict[int, np.ndarray] = field(default_factory=dict)  # step -> last ngram-1 tokens
+    step_blocks: list[list[int]] = field(default_factory=list)  # by position: blocks
+    step_tokens: list[list[np.ndarray]] = field(default_factory=list)  # by position: tokens
+    sigs: _Rows | None = None  # (steps, P) MinHash by position
+    sig_final: list[bool] = field(default_factory=list)  # signature of a closed step is done
+    sig_done: int = 0  # every position below this has its final signature
+    sig_parts: list[int] = field(default_factory=list)  # token arrays in each signature
+    neighbours: dict[int, np.ndarray] = field(default_factory=dict)  # position -> candidates
     links: dict[int, set[int]] = field(default_factory=dict)  # logical -> logical shared with
 
 
@@ -111,128 +119,156 @@ class CfTopK:
         self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
     ) -> Sequence[BlockDecision]:
         """Record the block; decide on the block that just left the recent window."""
-        chain = self._chains.setdefault(blk.req_id, _Chain())
+        chain = self._chains.get(blk.req_id)
+        if chain is None:
+            chain = self._chains[blk.req_id] = _Chain()
         self._record(chain, blk, table[blk.index])
         j = blk.index - self.window
         if j < 1 or j not in chain.phys:
             return ()
-        decision = self._decide(chain, j, table, pool)
+        decision = self._decide(chain, j, table)
         return () if decision is None else (decision,)
 
     def on_request_end(self, req_id: str) -> None:
         """Drop the chain's state."""
         self._chains.pop(req_id, None)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ recording
     def _record(self, chain: _Chain, blk: FullBlock, block: KVBlock) -> None:
         i = blk.index
         chain.phys[i] = block.block_id
         if blk.sketch is not None and blk.norm is not None:
-            if chain.sketch is None or chain.norm is None:
-                chain.sketch = _Rows(blk.sketch.shape, np.float32)
-                chain.norm = _Rows(blk.norm.shape, np.float32)
-            chain.sketch.put(i, blk.sketch)
-            chain.norm.put(i, blk.norm)
-            chain.has_sketch.add(i)
+            chain.sketch[i], chain.norm[i] = blk.sketch, blk.norm
+            if self.granularity == "block":
+                probe = _probe_layers(blk.sketch.shape[0])
+                if chain.probe is None:
+                    chain.probe = _Rows((len(probe), *blk.sketch.shape[1:]), np.float16)
+                chain.probe.put(i, blk.sketch[probe])
         if blk.step is None:
             return
         chain.step_of[i] = blk.step
-        if blk.step not in chain.step_blocks:
-            if chain.sigs is None:
-                chain.sigs = _Rows((self.num_perm,), np.uint64, fill=np.iinfo(np.uint64).max)
-            chain.step_blocks[blk.step] = []
-            chain.step_pos[blk.step] = len(chain.step_ids)
+        pos = chain.step_pos.get(blk.step)
+        if pos is None:
+            pos = chain.step_pos[blk.step] = len(chain.step_ids)
             chain.step_ids.append(blk.step)
-            chain.sigs.put(chain.step_pos[blk.step], self._hasher.empty())
-            chain.tail[blk.step] = np.zeros(0, dtype=np.int64)
-        chain.step_blocks[blk.step].append(i)
+            chain.step_blocks.append([])
+            chain.step_tokens.append([])
+            chain.sig_final.append(False)
+            chain.sig_parts.append(-1)
+        chain.step_blocks[pos].append(i)
         if blk.token_ids is not None:
-            assert chain.sigs is not None
-            run = np.concatenate([chain.tail[blk.step], np.asarray(blk.token_ids, np.int64)])
-            self._hasher.update(chain.sigs.view()[chain.step_pos[blk.step]], run)
-            keep = self.ngram - 1
-            chain.tail[blk.step] = run[len(run) - keep :] if keep else run[:0]
+            chain.step_tokens[pos].append(np.asarray(blk.token_ids))
 
+    def _signatures(self, chain: _Chain, upto: int) -> np.ndarray:
+        """MinHash rows of step positions ``0..upto`` (closed steps computed once)."""
+        if chain.sigs is None:
+            chain.sigs = _Rows((self.num_perm,), np.uint64)
+        last = len(chain.step_ids) - 1
+        for pos in range(chain.sig_done, upto + 1):
+            if chain.sig_final[pos]:
+                continue
+            parts = chain.step_tokens[pos]
+            if chain.sig_parts[pos] != len(parts):  # new tokens since the last signature
+                sig = self._hasher.empty()
+                if parts:
+                    self._hasher.update(sig, np.concatenate(parts))
+                chain.sigs.put(pos, sig)
+                chain.sig_parts[pos] = len(parts)
+            chain.sig_final[pos] = pos < last  # a later step exists: this one is closed
+        while chain.sig_done <= upto and chain.sig_final[chain.sig_done]:
+            chain.sig_done += 1
+        return chain.sigs.view()[: upto + 1]
+
+    # ------------------------------------------------------------------ deciding
     def _candidates(self, chain: _Chain, j: int) -> np.ndarray:
-        """Logical indices of candidate blocks for block ``j`` (all older than ``j``, sorted)."""
+        """Logical indices of candidate blocks for block ``j``, sorted. The step's neighbours
+        are fixed at its first decision (its signature then covers ``window + 1`` blocks)."""
         step = chain.step_of.get(j)
-        if step is None or chain.sigs is None:
-            return np.zeros(0, dtype=np.int64)
+        if step is None:
+            return NO_CANDIDATES
         pos = chain.step_pos[step]
-        if pos == 0:
-            return np.zeros(0, dtype=np.int64)
-        sigs = chain.sigs.view()
-        sims = similarity(sigs[pos], sigs[:pos])
-        order = np.lexsort((np.arange(pos), -sims))[: self.k]  # best first, earlier on ties
-        cands: set[int] = set()
-        for p in order:
-            if sims[p] <= 0:
-                break
-            for i in chain.step_blocks[chain.step_ids[p]]:
-                if 1 <= i < j:
-                    cands.add(i)
-                    cands.update(x for x in chain.links.get(i, ()) if 1 <= x < j)
-        cands &= chain.has_sketch
-        return np.fromiter(sorted(cands), dtype=np.int64, count=len(cands))
+        base = chain.neighbours.get(pos)
+        if base is None:
+            base = chain.neighbours[pos] = self._neighbour_blocks(chain, pos)
+        if not chain.links or base.size == 0:
+            return base
+        linked = {x for b in base.tolist() for x in chain.links.get(b, ()) if 1 <= x < j}
+        if not linked:
+            return base
+        return np.union1d(base, np.fromiter(linked, dtype=np.int64, count=len(linked)))
 
-    def _decide(
-        self, chain: _Chain, j: int, table: Sequence[KVBlock], pool: BlockPool
-    ) -> BlockDecision | None:
+    def _neighbour_blocks(self, chain: _Chain, pos: int) -> np.ndarray:
+        if pos == 0:
+            return NO_CANDIDATES
+        sigs = self._signatures(chain, pos)
+        sims = similarity(sigs[pos], sigs[:pos])
+        order = np.argsort(-sims, kind="stable")[: self.k]  # best first, earlier on ties
+        blocks = [b for p in order.tolist() if sims[p] > 0 for b in chain.step_blocks[p]]
+        cands = sorted({b for b in blocks if b >= 1 and b in chain.sketch})
+        return np.asarray(cands, dtype=np.int64)
+
+    def _decide(self, chain: _Chain, j: int, table: Sequence[KVBlock]) -> BlockDecision | None:
         own = table[j]
-        if j not in chain.has_sketch or own.block_id != chain.phys[j]:
+        if j not in chain.sketch or own.block_id != chain.phys[j]:
             return None
         if own.ref_cnt != 1 or own.block_hash is not None:
             return None  # not exclusively ours: a prefix hit or a published block
         cands = self._candidates(chain, j)
         if cands.size == 0:
             return None
-        assert chain.sketch is not None and chain.norm is not None
-        x, norm = chain.sketch.view()[j], np.maximum(chain.norm.view()[j], 1e-12)
-        sk = chain.sketch.view()
+        x = np.asarray(chain.sketch[j], dtype=np.float32)
+        norm = np.maximum(np.asarray(chain.norm[j], dtype=np.float32), 1e-12)
         layers = x.shape[0]
         if self.granularity == "block":
-            # cascade: a few probe layers first; candidates failing too many are dropped
+            # cascade: probe layers first; candidates failing more than allowed are dropped
             allowed = layers - int(np.ceil(self.min_layers * layers - 1e-9))
             probe = _probe_layers(layers)
-            pd = self._dist(sk[cands][:, probe], x[probe], norm[probe])
-            cands = cands[(pd > self.tau).sum(axis=1) <= allowed]
+            assert chain.probe is not None
+            pd = self._dist(chain.probe.view()[cands], x[probe], norm[probe])
+            cands = cands[np.count_nonzero(pd > self.tau, axis=1) <= allowed]
             if cands.size == 0:
                 return None
-        dist = self._dist(sk[cands], x, norm)  # (m, L)
+        cand = np.stack([chain.sketch[c] for c in cands.tolist()])
+        dist = self._dist(cand, x, norm)  # (m, L)
         ok = dist <= self.tau
         cols = [0] if self.share == "k" else [0, 1]
-        cl = [int(c) for c in cands]
         if self.granularity == "block":
-            return self._block_share(chain, j, cl, dist, ok, cols, table)
-        return self._layer_share(chain, j, cl, dist, ok, cols, table)
+            return self._block_share(chain, j, cands, dist, ok, cols, table)
+        return self._layer_share(chain, j, cands, dist, ok, cols, table)
 
     def _dist(self, cand: np.ndarray, x: np.ndarray, norm: np.ndarray) -> np.ndarray:
         """Relative distance per candidate and layer (m, L): K only, or max of K and V."""
-        diff = cand - x
-        rel = np.sqrt(np.einsum("mlkd,mlkd->mlk", diff, diff)) / norm
-        return rel[..., 0] if self.share == "k" else rel.max(axis=-1)
+        if self.share == "k":
+            diff = cand[:, :, 0].astype(np.float32) - x[:, 0]
+            np.square(diff, out=diff)
+            return np.sqrt(diff.sum(axis=-1)) / norm[:, 0]  # type: ignore[no-any-return]
+        diff = cand.astype(np.float32) - x
+        np.square(diff, out=diff)
+        rel = np.sqrt(diff.sum(axis=-1)) / norm
+        return rel.max(axis=-1)  # type: ignore[no-any-return]
 
     def _block_share(
         self,
         chain: _Chain,
         j: int,
-        cands: list[int],
+        cands: np.ndarray,
         dist: np.ndarray,
         ok: np.ndarray,
         cols: list[int],
         table: Sequence[KVBlock],
     ) -> BlockDecision | None:
-        frac = ok.mean(axis=1)
-        eligible = np.flatnonzero(frac >= self.min_layers - 1e-9)
+        need = int(np.ceil(self.min_layers * dist.shape[1] - 1e-9))
+        eligible = np.flatnonzero(np.count_nonzero(ok, axis=1) >= need)
         if eligible.size == 0:
             return None
-        best = int(eligible[np.argmin(dist[eligible].mean(axis=1))])
-        c = cands[best]
+        totals = dist[eligible].sum(axis=1)
+        best = int(eligible[int(np.argmin(totals))])
+        c = int(cands[best])
         target = table[c]
-        d = float(dist[best].mean())
+        d = float(totals.min()) / dist.shape[1]
         self._link(chain, j, c)
         me = chain.phys[j]
-        if cols == [0, 1]:
+        if len(cols) == 2:
             chain.phys[j] = target.block_id
             return BlockDecision(j, expect=me, share_block=target.block_id, distance=d)
         mask = np.zeros(target.pages.shape, dtype=bool)
@@ -243,7 +279,7 @@ class CfTopK:
         self,
         chain: _Chain,
         j: int,
-        cands: list[int],
+        cands: np.ndarray,
         dist: np.ndarray,
         ok: np.ndarray,
         cols: list[int],
@@ -256,8 +292,8 @@ class CfTopK:
             return None
         mask = np.zeros(table[j].pages.shape, dtype=bool)
         source = table[j].pages.copy()
-        for layer in layers:
-            c = cands[int(best[layer])]
+        for layer in layers.tolist():
+            c = int(cands[int(best[layer])])
             mask[layer, cols] = True
             source[layer, cols] = table[c].pages[layer, cols]
             self._link(chain, j, c)
