@@ -209,6 +209,287 @@ def bench_policy_cmd(
     out.print(t)
 
 
+# ----------------------------------------------------------------------------- simulate (sim/)
+TraceArg = Annotated[Path, typer.Argument(metavar="TRACE", help="A trace directory.")]
+PolicyOpt = Annotated[
+    list[str] | None,
+    typer.Option("--policy", help="Policy to run (repeat to compare; see `memshare policies`)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Policy parameter key=value, or POLICY.key=value (repeat)."),
+]
+KvBlocksOpt = Annotated[
+    str | None, typer.Option("--kv-blocks", help="KV budget in blocks, or 'unlimited'.")
+]
+KvBytesOpt = Annotated[
+    str | None, typer.Option("--kv-bytes", help="KV budget in bytes, e.g. 40GiB (model's blocks).")
+]
+GpuUtilOpt = Annotated[
+    float,
+    typer.Option(help="Without --kv-blocks/--kv-bytes: GPU memory share for weights + KV."),
+]
+BlockSizeOpt = Annotated[
+    int | None, typer.Option("--block-size", help="Tokens per block (default: the trace's).")
+]
+GpuOpt = Annotated[str, typer.Option(help="GPU preset (h100, h200, a100-80g, l4, cpu) or TOML.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(help="Model preset or TOML (default: the trace's model, else llama-3.1-8b)."),
+]
+CostOpt = Annotated[
+    str | None, typer.Option("--cost-model", help="TOML of cost coefficients (from validate).")
+]
+ArrivalOpt = Annotated[
+    str, typer.Option(help="trace (timestamps) | poisson:RATE | closed:CLIENTS.")
+]
+LimitOpt = Annotated[int | None, typer.Option(help="Simulate only the first N requests.")]
+TimeScaleOpt = Annotated[
+    float, typer.Option(help="Multiply trace inter-arrival times by this (trace arrivals).")
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the arrival generator.")]
+MaxTokensOpt = Annotated[int, typer.Option(help="Token budget per step.")]
+MaxSeqsOpt = Annotated[int, typer.Option(help="Running requests at most.")]
+ChunkedOpt = Annotated[bool, typer.Option(help="Split long prompts over steps.")]
+LongPrefillOpt = Annotated[int, typer.Option(help="Cap one request's prefill chunk (0: no cap).")]
+PlotOpt = Annotated[bool, typer.Option("--plot", help="Write PNG figures beside the runs.")]
+OutputOpt = Annotated[
+    Path | None, typer.Option("-o", "--output", help="Output directory (default: runs/TRACE).")
+]
+
+
+@app.command("simulate")
+def simulate_cmd(
+    trace: TraceArg,
+    policy: PolicyOpt = None,
+    settings: SetOpt = None,
+    kv_blocks: KvBlocksOpt = None,
+    kv_bytes: KvBytesOpt = None,
+    gpu_memory_utilization: GpuUtilOpt = 0.9,
+    block_size: BlockSizeOpt = None,
+    gpu: GpuOpt = "h100",
+    model_config: ModelOpt = None,
+    cost_model: CostOpt = None,
+    arrival: ArrivalOpt = "trace",
+    limit: LimitOpt = None,
+    time_scale: TimeScaleOpt = 1.0,
+    seed: SeedOpt = 0,
+    max_num_batched_tokens: MaxTokensOpt = 8192,
+    max_num_seqs: MaxSeqsOpt = 256,
+    chunked_prefill: ChunkedOpt = True,
+    long_prefill_threshold: LongPrefillOpt = 0,
+    sweep: Annotated[
+        str | None, typer.Option(help="Sweep one option: key=a,b,c (e.g. kv_blocks=500,1000).")
+    ] = None,
+    plot: PlotOpt = False,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate serving a trace: vLLM-v1 scheduler, block identity, roofline step times."""
+    from memshare.sim.options import SimOptions, parse_sweep
+
+    opts = SimOptions(
+        trace=trace,
+        policies=tuple(policy or ["prefix"]),
+        sets=tuple(settings or []),
+        kv_blocks=kv_blocks,
+        kv_bytes=kv_bytes,
+        gpu_memory_utilization=gpu_memory_utilization,
+        block_size=block_size,
+        gpu=gpu,
+        model_config=model_config,
+        cost_model=cost_model,
+        arrival=arrival,
+        limit=limit,
+        time_scale=time_scale,
+        seed=seed,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        chunked_prefill=chunked_prefill,
+        long_prefill_threshold=long_prefill_threshold,
+    )
+    if sweep is not None:
+        _sweep(opts, parse_sweep(sweep), output, plot, as_json)
+        return
+    from memshare.sim.report import render_study
+    from memshare.sim.study import simulate, study_json
+
+    with _runs_progress(as_json) as progress:
+        result = simulate(opts, output, plot=plot, progress=progress)
+    if as_json:
+        print(json.dumps(study_json(result), indent=2))
+    else:
+        render_study(result, out)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    trace: TraceArg,
+    param: Annotated[str, typer.Argument(metavar="KEY=A,B,C", help="Option and its values.")],
+    policy: PolicyOpt = None,
+    settings: SetOpt = None,
+    kv_blocks: KvBlocksOpt = None,
+    kv_bytes: KvBytesOpt = None,
+    gpu_memory_utilization: GpuUtilOpt = 0.9,
+    block_size: BlockSizeOpt = None,
+    gpu: GpuOpt = "h100",
+    model_config: ModelOpt = None,
+    cost_model: CostOpt = None,
+    arrival: ArrivalOpt = "trace",
+    limit: LimitOpt = None,
+    time_scale: TimeScaleOpt = 1.0,
+    seed: SeedOpt = 0,
+    max_num_batched_tokens: MaxTokensOpt = 8192,
+    max_num_seqs: MaxSeqsOpt = 256,
+    chunked_prefill: ChunkedOpt = True,
+    long_prefill_threshold: LongPrefillOpt = 0,
+    plot: PlotOpt = False,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate over one option's values: one table and one line plot (e.g. hit rate vs KV)."""
+    simulate_cmd(
+        trace,
+        policy,
+        settings,
+        kv_blocks,
+        kv_bytes,
+        gpu_memory_utilization,
+        block_size,
+        gpu,
+        model_config,
+        cost_model,
+        arrival,
+        limit,
+        time_scale,
+        seed,
+        max_num_batched_tokens,
+        max_num_seqs,
+        chunked_prefill,
+        long_prefill_threshold,
+        param,
+        plot,
+        output,
+        as_json,
+    )
+
+
+def _sweep(opts: Any, spec: Any, output: Path | None, plot: bool, as_json: bool) -> None:
+    from memshare.sim.report import render_sweep
+    from memshare.sim.study import sweep, sweep_json
+
+    with _runs_progress(as_json) as progress:
+        result = sweep(opts, spec, output, plot=plot, progress=progress)
+    if as_json:
+        print(json.dumps(sweep_json(result), indent=2))
+    else:
+        render_sweep(result, out)
+
+
+@bench_app.command("sim")
+def bench_sim_cmd(
+    trace: Annotated[
+        Path | None,
+        typer.Argument(metavar="[TRACE]", help="Trace to run (default: the bundled demo)."),
+    ] = None,
+    policy: Annotated[str, typer.Option(help="Policy for the trace run.")] = "prefix",
+    kv_blocks: KvBlocksOpt = None,
+    kv_bytes: KvBytesOpt = None,
+    gpu: GpuOpt = "h100",
+    model_config: ModelOpt = None,
+    arrival: ArrivalOpt = "trace",
+    sizes: Annotated[str, typer.Option(help="Running-request counts for per-step cost.")] = (
+        "10,100,1000"
+    ),
+    steps: Annotated[int, typer.Option(help="Decode steps per per-step-cost run.")] = 400,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulator speed: simulated/wall time on a trace, per-step cost vs running requests."""
+    import tempfile
+
+    from memshare.sim.bench import step_costs, trace_bench
+    from memshare.sim.options import SimOptions
+
+    try:
+        counts = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) <= 0:
+        raise InputError("--sizes", f"{sizes!r} is not a list of positive integers", "e.g. 10,100")
+    with tempfile.TemporaryDirectory() as tmp:
+        if trace is None:
+            from memshare.demo import demo_workload
+            from memshare.traces.importers import import_workload
+
+            fmt, src = demo_workload()
+            trace = Path(tmp) / "demo"
+            import_workload(fmt, src, trace)
+        opts = SimOptions(
+            trace=trace,
+            policies=(policy,),
+            kv_blocks=kv_blocks,
+            kv_bytes=kv_bytes,
+            gpu=gpu,
+            model_config=model_config,
+            arrival=arrival,
+        )
+        with _progress("bench sim: trace run", as_json):
+            run = trace_bench(opts)
+    with _progress("bench sim: per-step cost", as_json):
+        costs = step_costs(counts, steps=steps)
+    per_step = [c.__dict__ for c in costs]
+    if as_json:
+        print(json.dumps({"trace_run": run, "per_step": per_step}, indent=2))
+        return
+    t = Table(title="bench sim: trace run", show_header=False)
+    for key, value in run.items():
+        t.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+    out.print(t)
+    t = Table(title="bench sim: per-step cost vs running requests")
+    for col in ("running", "steps", "wall s", "us/step", "us/step/request"):
+        t.add_column(col, justify="right")
+    for c in costs:
+        t.add_row(
+            str(c.running),
+            str(c.steps),
+            f"{c.wall_s:.3f}",
+            f"{c.us_per_step:,.1f}",
+            f"{c.us_per_request_step:.2f}",
+        )
+    out.print(t)
+
+
+class _runs_progress:
+    """One rich progress bar per simulated run (requests done of total); silent for --json."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(f"simulating {label}", total=total)
+        self.bar.update(self.tasks[label], completed=done)
+
+    def __enter__(self) -> Any:
+        if self.quiet:
+            return None
+        self.bar.start()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.quiet:
+            self.bar.stop()
+
+
 # ----------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn bad input into one line and exit status 2."""

@@ -1,0 +1,65 @@
+"""Arrival processes (SimPy generators): trace timestamps, Poisson, closed loop.
+
+Each process hands requests to ``submit`` in trace order. Trace and Poisson arrivals are open
+loop (times fixed in advance, :func:`arrival_times`); a closed loop of ``n`` clients sends a
+client's next request the moment its previous one finishes (no think time), so at most ``n``
+requests are in the system. Times are seconds of simulated time from 0.
+
+Invariant: the same (spec, trace, seed) always gives the same times (a seeded
+:class:`numpy.random.Generator`); :func:`open_loop` takes requests sorted by time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import simpy
+
+from memshare.sim.config import ArrivalSpec
+from memshare.sim.workload import SimRequest
+
+Submit = Callable[[SimRequest], None]
+
+
+def arrival_times(
+    spec: ArrivalSpec, trace_times: Sequence[float], time_scale: float, seed: int
+) -> np.ndarray:
+    """Open-loop arrival times (s) for requests in trace order; ``trace_times`` are theirs.
+
+    ``trace``: the trace's own times relative to the first, times ``time_scale``;
+    ``poisson``: the first at 0, then exponential gaps at ``spec.rate`` per second.
+    """
+    n = len(trace_times)
+    if spec.mode == "trace":
+        t = np.asarray(trace_times, dtype=np.float64)
+        if n == 0:
+            return t
+        return np.asarray((t - t.min()) * time_scale, dtype=np.float64)
+    if spec.mode == "poisson":
+        assert spec.rate is not None
+        rng = np.random.default_rng(seed)
+        gaps = rng.exponential(1.0 / spec.rate, size=max(0, n - 1))
+        return np.concatenate([[0.0], np.cumsum(gaps)])
+    raise ValueError(f"{spec.mode} arrivals are closed-loop (no fixed times)")
+
+
+def open_loop(
+    env: simpy.Environment, reqs: Sequence[SimRequest], times: np.ndarray, submit: Submit
+) -> Generator[Any, Any, None]:
+    """Submit ``reqs[i]`` at ``times[i]`` (``times`` non-decreasing)."""
+    for req, t in zip(reqs, times.tolist(), strict=True):
+        if t > env.now:
+            yield env.timeout(t - env.now)
+        submit(req)
+
+
+def closed_loop_client(
+    env: simpy.Environment, source: Iterator[SimRequest], submit: Submit
+) -> Generator[Any, Any, None]:
+    """One client: take the next request, submit it, wait until it is done; repeat."""
+    for req in source:
+        req.done = env.event()
+        submit(req)
+        yield req.done

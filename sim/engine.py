@@ -1,0 +1,229 @@
+"""The SimPy engine: arrival processes feed the scheduler; one process runs the steps.
+
+The engine loop is one SimPy process: while requests remain, it asks the scheduler for a step
+(:meth:`~memshare.sim.scheduler.Scheduler.schedule`), holds for the step's cost-model time,
+then completes the step (tokens sampled, requests finished and freed). When nothing is waiting
+or running it sleeps until the next arrival. Every step appends one row to the timeline.
+
+Invariants: simulated time only moves forward; each step's duration is the cost model's for
+the batch that step ran; a request that can never fit the KV budget (more blocks than the
+whole pool) is rejected at arrival and counted, never run; the run ends when every request is
+finished or rejected. Nothing here reads a wall clock except to report wall time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import simpy
+
+from memshare.block_pool import BlockPool
+from memshare.kv_manager import cdiv
+from memshare.sim.arrivals import arrival_times, closed_loop_client, open_loop
+from memshare.sim.config import ArrivalSpec
+from memshare.sim.cost_model import CostModel
+from memshare.sim.scheduler import Scheduler
+from memshare.sim.workload import SimRequest
+
+Progress = Callable[[int], None]  # called with the number of requests done so far
+TIMELINE_COLUMNS = (
+    "step",
+    "time_s",
+    "dt_s",
+    "running",
+    "waiting",
+    "scheduled_seqs",
+    "scheduled_tokens",
+    "prefill_tokens",
+    "decode_seqs",
+    "admitted",
+    "preempted",
+    "finished",
+    "kv_blocks_live",
+    "kv_blocks_cached",
+)
+
+
+@dataclass
+class Timeline:
+    """One row per step (columns as lists while running)."""
+
+    time_s: list[float] = field(default_factory=list)  # simulated time the step starts
+    dt_s: list[float] = field(default_factory=list)  # the step's duration
+    running: list[int] = field(default_factory=list)  # running requests after scheduling
+    waiting: list[int] = field(default_factory=list)  # waiting requests after scheduling
+    scheduled_seqs: list[int] = field(default_factory=list)  # sequences in the batch
+    scheduled_tokens: list[int] = field(default_factory=list)  # tokens in the batch
+    prefill_tokens: list[int] = field(default_factory=list)  # of which in multi-token chunks
+    decode_seqs: list[int] = field(default_factory=list)  # sequences computing one token
+    admitted: list[int] = field(default_factory=list)  # waiting requests admitted
+    preempted: list[int] = field(default_factory=list)  # requests preempted
+    finished: list[int] = field(default_factory=list)  # requests finished at the step's end
+    live_pages: list[int] = field(default_factory=list)  # pages held by running requests
+    cached_pages: list[int] = field(default_factory=list)  # pages only the prefix cache holds
+
+    def __len__(self) -> int:
+        return len(self.time_s)
+
+
+@dataclass
+class EngineResult:
+    """What one run produced (metrics are computed from it)."""
+
+    requests: list[SimRequest]  # every request, trace order
+    timeline: Timeline  # one row per step
+    sim_time_s: float  # simulated time at the end of the last step
+    wall_s: float  # wall-clock seconds the run took
+    steps: int  # engine steps
+    preemptions: int  # preemptions in all
+    pages_per_block: int  # pages of one full block (2 x layers of the pool)
+
+
+class Engine:
+    """Wires arrivals, scheduler and cost model into one SimPy environment."""
+
+    def __init__(
+        self,
+        requests: Sequence[SimRequest],
+        scheduler: Scheduler,
+        cost: CostModel,
+        arrival: ArrivalSpec,
+        *,
+        time_scale: float = 1.0,
+        seed: int = 0,
+        trace_times: Sequence[float] | None = None,
+        progress: Progress | None = None,
+        check_invariants: bool = False,
+    ) -> None:
+        self.requests = list(requests)
+        self.sched = scheduler
+        self.cost = cost
+        self.pool: BlockPool = scheduler.manager.pool
+        self.env = simpy.Environment()
+        self.timeline = Timeline()
+        self.progress = progress
+        self.check_invariants = check_invariants
+        self.n_done = 0
+        self._wake: simpy.Event | None = None
+        pool = self.pool
+        self._capacity = pool.num_pages // pool.pages_per_block  # blocks the pool can hold
+        self._chunked = scheduler.cfg.enable_chunked_prefill
+        self._budget = scheduler.cfg.max_num_batched_tokens
+        env = self.env
+        if arrival.mode == "closed":
+            assert arrival.clients is not None
+            source = iter(self.requests)
+            for _ in range(arrival.clients):
+                env.process(closed_loop_client(env, source, self._submit_now))
+        else:
+            times = arrival_times(
+                arrival,
+                trace_times if trace_times is not None else [0.0] * len(self.requests),
+                time_scale,
+                seed,
+            )
+            order = np.argsort(times, kind="stable")
+            reqs = [self.requests[i] for i in order.tolist()]
+            sorted_times = times[order]
+            for req, t in zip(reqs, sorted_times.tolist(), strict=True):
+                req.arrival = t
+            env.process(open_loop(env, reqs, sorted_times, self._submit))
+        env.process(self._loop())
+
+    def run(self) -> EngineResult:
+        """Run to completion; return the requests, timeline and totals."""
+        t0 = time.perf_counter()
+        self.env.run()
+        wall = time.perf_counter() - t0
+        if self.progress is not None:
+            self.progress(self.n_done)
+        if self.n_done != len(self.requests):
+            raise RuntimeError(f"simulation stalled: {self.n_done}/{len(self.requests)} done")
+        return EngineResult(
+            self.requests,
+            self.timeline,
+            float(self.env.now),
+            wall,
+            len(self.timeline),
+            self.sched.num_preemptions,
+            2 * self.pool.num_layers,
+        )
+
+    # ----------------------------------------------------------------- arrivals
+    def _submit_now(self, req: SimRequest) -> None:
+        req.arrival = float(self.env.now)
+        self._submit(req)
+
+    def _submit(self, req: SimRequest) -> None:
+        reason = self._rejection(req)
+        if reason:
+            req.rejected = reason
+            self._done(req)
+        else:
+            self.sched.add(req)
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    def _rejection(self, req: SimRequest) -> str:
+        """Why ``req`` can never run under this budget (``""`` if it can)."""
+        bs = self.sched.block_size
+        need = cdiv(req.prompt_len + req.output_len - 1, bs) + 1  # + a copy-on-write block
+        if need > self._capacity:
+            return f"needs {need} KV blocks, the budget holds {self._capacity}"
+        if not self._chunked and req.prompt_len > self._budget:
+            return f"prompt of {req.prompt_len} tokens > max_num_batched_tokens without chunking"
+        return ""
+
+    def _done(self, req: SimRequest) -> None:
+        self.n_done += 1
+        if req.done is not None:
+            req.done.succeed()
+
+    # ----------------------------------------------------------------- steps
+    def _loop(self) -> Generator[Any, Any, None]:
+        env, sched, cost, pool, tl = self.env, self.sched, self.cost, self.pool, self.timeline
+        n_total = len(self.requests)
+        for step in itertools.count():
+            if self.n_done >= n_total:
+                return
+            if sched.idle:
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+                continue
+            now = env.now
+            plan = sched.schedule(now)
+            if plan.empty:
+                raise RuntimeError(
+                    f"scheduler made no progress at t={now}: {len(sched.running)} running, "
+                    f"{len(sched.waiting)} waiting"
+                )
+            shape = plan.shape
+            dt = cost.step_time(shape)
+            tl.time_s.append(now)
+            tl.dt_s.append(dt)
+            tl.running.append(len(sched.running))
+            tl.waiting.append(len(sched.waiting))
+            tl.scheduled_seqs.append(shape.num_seqs)
+            tl.scheduled_tokens.append(shape.num_tokens)
+            tl.prefill_tokens.append(shape.prefill_tokens)
+            tl.decode_seqs.append(shape.decode_seqs)
+            tl.admitted.append(plan.admitted)
+            tl.preempted.append(plan.preempted)
+            live = pool.pinned_pages
+            tl.live_pages.append(live)
+            tl.cached_pages.append(pool.used_pages - live)
+            yield env.timeout(dt)
+            finished = sched.complete(plan, env.now)
+            tl.finished.append(len(finished))
+            for req in finished:
+                self._done(req)
+            if self.check_invariants:
+                pool.check(sched.manager.table_refs())
+            if self.progress is not None and step % 512 == 0:
+                self.progress(self.n_done)

@@ -1,0 +1,221 @@
+"""``memshare simulate`` options as typed -> checked :class:`SimConfig` objects.
+
+The CLI hands over raw values (:class:`SimOptions`); everything is checked here, and every
+bad value is an :class:`~memshare.errors.InputError` naming the option and the fix. Sweeps
+(:func:`parse_sweep`) name one of these options and give its values as the user would type
+them, so a sweep value goes through exactly the same checks as the option.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from memshare.errors import InputError
+from memshare.registry import (
+    coerce_params,
+    make_policy,
+    param_defaults,
+    parse_settings,
+    policy_names,
+)
+from memshare.sim.config import (
+    KVBudget,
+    ModelConfig,
+    SchedulerConfig,
+    SimConfig,
+    load_cost,
+    load_gpu,
+    load_model,
+    match_model_preset,
+    parse_arrival,
+    parse_bytes,
+    parse_kv_blocks,
+)
+from memshare.traces.reader import load_manifest
+from memshare.traces.schema import Manifest
+
+DEFAULT_WORKLOAD_MODEL = "llama-3.1-8b"  # for traces that name no model (imported workloads)
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """Raw ``simulate`` options (as typed); :func:`build_configs` checks them."""
+
+    trace: Path  # trace directory
+    policies: tuple[str, ...] = ("prefix",)  # --policy (repeatable)
+    sets: tuple[str, ...] = ()  # --set key=value or policy.key=value
+    kv_blocks: str | None = None  # --kv-blocks N | unlimited
+    kv_bytes: str | None = None  # --kv-bytes SIZE (e.g. 40GiB)
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + KV (default budget)
+    block_size: int | None = None  # --block-size (default: the trace's)
+    gpu: str = "h100"  # --gpu preset or TOML file
+    model_config: str | None = None  # --model-config preset or TOML file
+    cost_model: str | None = None  # --cost-model TOML file (coefficients)
+    arrival: str = "trace"  # --arrival trace | poisson:R | closed:N
+    limit: int | None = None  # --limit N requests
+    time_scale: float = 1.0  # --time-scale (trace arrivals)
+    seed: int = 0  # --seed
+    max_num_batched_tokens: int = 8192  # --max-num-batched-tokens
+    max_num_seqs: int = 256  # --max-num-seqs
+    chunked_prefill: bool = True  # --chunked-prefill / --no-chunked-prefill
+    long_prefill_threshold: int = 0  # --long-prefill-threshold (0: off)
+
+
+def policy_params(policies: tuple[str, ...], sets: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each policy's ``--set`` parameters, typed by :func:`memshare.registry.coerce_params`.
+
+    ``key=value`` goes to every given policy that has a parameter ``key`` (an error if none
+    has); ``policy.key=value`` only to that policy.
+    """
+    raw = parse_settings(list(sets))
+    per: list[dict[str, Any]] = [{} for _ in policies]
+    known = [param_defaults(p) for p in policies]
+    for key, value in raw.items():
+        scope, dot, name = key.rpartition(".")
+        if dot and scope not in policies:
+            raise InputError(
+                "--set", f"{key!r} names policy {scope!r}, which is not run", "check --policy"
+            )
+        targets = [
+            i
+            for i, p in enumerate(policies)
+            if (p == scope if dot else name in known[i] or len(policies) == 1)
+        ]
+        if not targets:
+            raise InputError(
+                "--set",
+                f"no given policy has a parameter {name!r}",
+                "see the policy's parameters, or scope it as POLICY.KEY=VALUE",
+            )
+        for i in targets:
+            per[i][name] = value
+    return [coerce_params(p, params) for p, params in zip(policies, per, strict=True)]
+
+
+def default_model(manifest: Manifest) -> ModelConfig:
+    """The model a trace implies: its own (by preset), or the workload default."""
+    if manifest.model is None:
+        return load_model(DEFAULT_WORKLOAD_MODEL)
+    preset = match_model_preset(manifest.model.name)
+    if preset is None:
+        raise InputError(
+            "--model-config",
+            f"the trace's model {manifest.model.name!r} matches no preset",
+            "pass --model-config NAME or a TOML file with its config",
+        )
+    return load_model(preset)
+
+
+def build_configs(opts: SimOptions, manifest: Manifest | None = None) -> list[SimConfig]:
+    """One checked :class:`SimConfig` per ``--policy`` (InputError on any bad value)."""
+    if manifest is None:
+        manifest = load_manifest(Path(opts.trace))
+    if not opts.policies:
+        raise InputError("--policy", "no policy given", f"use one of: {', '.join(policy_names())}")
+    if len(set(opts.policies)) != len(opts.policies):
+        raise InputError("--policy", "a policy is given twice", "give each policy once")
+    if opts.kv_blocks is not None and opts.kv_bytes is not None:
+        raise InputError("--kv-bytes", "given together with --kv-blocks", "set only one of them")
+    blocks, unlimited = parse_kv_blocks(opts.kv_blocks) if opts.kv_blocks else (None, False)
+    kv = KVBudget(
+        blocks=blocks,
+        bytes=parse_bytes(opts.kv_bytes) if opts.kv_bytes else None,
+        unlimited=unlimited,
+        gpu_memory_utilization=opts.gpu_memory_utilization,
+    )
+    model = load_model(opts.model_config) if opts.model_config else default_model(manifest)
+    base = SimConfig(
+        trace=str(Path(opts.trace).resolve()),
+        model=model,
+        gpu=load_gpu(opts.gpu),
+        cost=load_cost(opts.cost_model),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=opts.max_num_batched_tokens,
+            max_num_seqs=opts.max_num_seqs,
+            enable_chunked_prefill=opts.chunked_prefill,
+            long_prefill_token_threshold=opts.long_prefill_threshold,
+        ),
+        kv=kv,
+        block_size=opts.block_size,
+        arrival=parse_arrival(opts.arrival),
+        limit=opts.limit,
+        time_scale=opts.time_scale,
+        seed=opts.seed,
+    )
+    for name in opts.policies:
+        make_policy(name)  # unknown names fail here, before any run
+    configs = []
+    for name, params in zip(opts.policies, policy_params(opts.policies, opts.sets), strict=True):
+        make_policy(name, **params)  # bad parameter values fail here too
+        configs.append(replace(base, policy=name, policy_params=params))
+    return configs
+
+
+# --------------------------------------------------------------------------- sweeps
+SWEEP_KEYS: dict[str, type] = {
+    "kv_blocks": str,
+    "kv_bytes": str,
+    "gpu_memory_utilization": float,
+    "block_size": int,
+    "gpu": str,
+    "model_config": str,
+    "arrival": str,
+    "limit": int,
+    "time_scale": float,
+    "seed": int,
+    "max_num_batched_tokens": int,
+    "max_num_seqs": int,
+    "long_prefill_threshold": int,
+}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One option over several values."""
+
+    key: str  # a SimOptions field name (SWEEP_KEYS)
+    values: tuple[Any, ...]  # typed values, in the order given
+
+    def label(self, value: Any) -> str:
+        """A directory-safe ``key=value`` name for one point."""
+        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", f"{self.key}={value}")
+
+
+def parse_sweep(text: str) -> SweepSpec:
+    """``key=a,b,c`` -> :class:`SweepSpec` (dashes or underscores in the key)."""
+    key, eq, raw = text.partition("=")
+    key = key.strip().replace("-", "_").lstrip("_")
+    fix = f"use key=a,b,c with key one of: {', '.join(SWEEP_KEYS)}"
+    if not eq:
+        raise InputError("--sweep", f"{text!r} is not key=a,b,c", fix)
+    if key not in SWEEP_KEYS:
+        raise InputError("--sweep", f"unknown sweep key {key!r}", fix)
+    items = [v.strip() for v in raw.split(",") if v.strip()]
+    if len(items) < 2:
+        raise InputError("--sweep", f"{text!r} gives fewer than 2 values", fix)
+    kind = SWEEP_KEYS[key]
+    try:
+        values = tuple(kind(v) for v in items)
+    except ValueError:
+        raise InputError(
+            "--sweep", f"{key} takes {kind.__name__} values, got {raw!r}", fix
+        ) from None
+    if len(set(values)) != len(values):
+        raise InputError("--sweep", f"{text!r} repeats a value", "give each value once")
+    return SweepSpec(key, values)
+
+
+def sweep_options(opts: SimOptions, spec: SweepSpec, value: Any) -> SimOptions:
+    """``opts`` with the swept option set to ``value`` (kv_blocks/kv_bytes exclude the other)."""
+    changes: dict[str, Any] = {spec.key: value}
+    if spec.key == "kv_blocks":
+        changes["kv_bytes"] = None
+    elif spec.key == "kv_bytes":
+        changes["kv_blocks"] = None
+    return replace(opts, **changes)
+
+
+assert set(SWEEP_KEYS) <= {f.name for f in fields(SimOptions)}

@@ -1,0 +1,336 @@
+"""One simulation run end to end, and its run directory.
+
+:func:`run_config` loads the trace (once per path, :class:`LoadedTrace`), resolves the block
+size and KV budget, builds the pool, the manager and the policy from the registry, runs the
+engine and computes the metrics. :func:`write_run` writes the run directory:
+
+- ``config.json``: the :class:`~memshare.sim.config.SimConfig` plus what it resolved to (block
+  size, KV blocks, pool layers, trace identity). :func:`read_config` reads it back, so
+  ``simulate`` can rerun it and ``validate`` can set up the same run.
+- ``metrics.json``: :func:`~memshare.sim.metrics.compute_metrics`.
+- ``timeline.csv``: one row per engine step.
+- ``requests.csv``: one row per request.
+- ``perf.json``: wall time and the simulated/wall ratio (the only non-deterministic file).
+
+Invariant: the same config and trace give byte-identical ``config.json``, ``metrics.json``,
+``timeline.csv`` and ``requests.csv`` (floats are written with fixed formats).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memshare import __version__
+from memshare.block_pool import BlockPool
+from memshare.errors import InputError
+from memshare.kv_manager import KVCacheManager, cdiv
+from memshare.registry import make_policy
+from memshare.sim.config import SimConfig
+from memshare.sim.cost_model import CostModel
+from memshare.sim.engine import TIMELINE_COLUMNS, Engine, EngineResult, Progress
+from memshare.sim.metrics import compute_metrics
+from memshare.sim.scheduler import Scheduler
+from memshare.sim.workload import build_requests
+from memshare.traces.reader import KVRows, TraceReader
+from memshare.traces.request_blocks import default_block_size
+from memshare.traces.schema import Manifest, RequestRecord
+
+
+@dataclass
+class LoadedTrace:
+    """A trace read once and shared by the runs over it."""
+
+    path: Path  # trace directory
+    manifest: Manifest  # its committed manifest
+    records: list[RequestRecord]  # committed requests, file order
+    kv_rows: dict[str, KVRows] | None  # request id -> KV rows (traces with sketches)
+
+    @property
+    def has_sketches(self) -> bool:
+        """Whether requests carry per-block KV sketches (sharing policies need them)."""
+        return self.kv_rows is not None
+
+    @staticmethod
+    def load(path: Path) -> LoadedTrace:
+        """Open and verify a trace directory (InputError on anything wrong)."""
+        reader = TraceReader(Path(path))
+        records = reader.records()
+        if not records:
+            raise InputError(str(path), "the trace holds no request", "capture or import again")
+        rows: dict[str, KVRows] | None = None
+        if reader.row_dtype is not None and any(r.kv is not None for r in records):
+            rows = {r.id: reader.kv(r) for r in records if r.kv is not None}
+        return LoadedTrace(Path(path).resolve(), reader.manifest, records, rows)
+
+    @staticmethod
+    def of(
+        records: Sequence[RequestRecord], manifest: Manifest, path: str = "<memory>"
+    ) -> LoadedTrace:
+        """An in-memory workload (tests, benchmarks): no KV rows."""
+        return LoadedTrace(Path(path), manifest, list(records), None)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a config resolved to against its trace."""
+
+    block_size: int  # tokens per KV block
+    num_blocks: int  # KV budget in blocks
+    pool_layers: int  # layers the block pool tracks pages for (1: whole blocks only)
+    requests: int  # requests simulated (after --limit)
+
+
+@dataclass
+class RunOutput:
+    """One finished run."""
+
+    config: SimConfig  # what was asked
+    resolved: Resolved  # what it resolved to
+    metrics: dict[str, Any]  # metrics.json
+    result: EngineResult  # requests and timeline
+
+
+def resolve(cfg: SimConfig, trace: LoadedTrace, layered: bool = False) -> Resolved:
+    """Block size, KV budget and pool layers for ``cfg`` on ``trace`` (InputError if bad).
+
+    The pool tracks every layer's pages where that can matter: traces with sketches (sharing
+    policies decide per layer) and policies with a cross-layer map (``layered``). Otherwise
+    whole blocks move together and one page pair per block counts the same memory, faster.
+    """
+    m = trace.manifest
+    bs = cfg.block_size or default_block_size(m)
+    records = trace.records[: cfg.limit] if cfg.limit else trace.records
+    layers = cfg.model.num_layers if layered else 1
+    if trace.has_sketches:
+        assert m.model is not None
+        if bs != m.block_size:
+            raise InputError(
+                "--block-size",
+                f"{bs} differs from the trace's KV block size {m.block_size}",
+                f"leave it out or use {m.block_size} (sketches are per block)",
+            )
+        if cfg.model.num_layers != m.model.num_layers:
+            raise InputError(
+                "--model-config",
+                f"{cfg.model.name} has {cfg.model.num_layers} layers, the trace's model "
+                f"{m.model.name} has {m.model.num_layers}",
+                "pass the model the trace was captured with",
+            )
+        layers = m.model.num_layers
+    per_block = cfg.model.kv_bytes_per_token * bs
+    kv = cfg.kv
+    if kv.unlimited:
+        n = sum(cdiv(r.prompt_len + max(1, r.output_len), bs) + 1 for r in records) + 1
+    elif kv.blocks is not None:
+        n = kv.blocks
+    elif kv.bytes is not None:
+        n = kv.bytes // per_block
+        if n <= 0:
+            raise InputError(
+                "--kv-bytes", f"{kv.bytes} bytes hold no {per_block}-byte block", "give more"
+            )
+    else:
+        free = cfg.gpu.memory * kv.gpu_memory_utilization - cfg.model.weight_bytes
+        n = int(free // per_block)
+        if n <= 0:
+            raise InputError(
+                "--gpu",
+                f"{cfg.model.name} weights ({cfg.model.weight_bytes / 2**30:.1f} GiB) leave no "
+                f"KV memory on {cfg.gpu.name}",
+                "choose a larger GPU or set --kv-blocks / --kv-bytes",
+            )
+    return Resolved(bs, int(n), layers, len(records))
+
+
+def run_config(
+    cfg: SimConfig, trace: LoadedTrace | None = None, progress: Progress | None = None
+) -> RunOutput:
+    """Simulate ``cfg`` (loading its trace unless given) and compute its metrics."""
+    trace = trace or LoadedTrace.load(Path(cfg.trace))
+    policy = make_policy(cfg.policy, **cfg.policy_params)
+    layer_hook = getattr(policy, "layer_map", None)  # cross-layer sharing (kvsharer)
+    res = resolve(cfg, trace, layered=layer_hook is not None)
+    records = trace.records[: cfg.limit] if cfg.limit else trace.records
+    requests = build_requests(records, trace.manifest, res.block_size, trace.kv_rows)
+    layer_map = None
+    if layer_hook is not None:
+        try:
+            layer_map = np.asarray(layer_hook(res.pool_layers), dtype=np.int64)
+        except ValueError as e:
+            raise InputError("--model-config", str(e), "simulate the calibrated model") from None
+    pool = BlockPool(num_blocks=res.num_blocks, num_layers=res.pool_layers, layer_map=layer_map)
+    manager = KVCacheManager(pool, policy, res.block_size)
+    engine = Engine(
+        requests,
+        Scheduler(cfg.scheduler, manager),
+        CostModel(cfg.model, cfg.gpu, cfg.cost),
+        cfg.arrival,
+        time_scale=cfg.time_scale,
+        seed=cfg.seed,
+        trace_times=[r.arrival_s for r in records],
+        progress=progress,
+        check_invariants=cfg.check_invariants,
+    )
+    result = engine.run()
+    metrics = compute_metrics(
+        result,
+        manager.stats,
+        pool.stats,
+        policy=cfg.policy,
+        model=cfg.model,
+        block_size=res.block_size,
+        num_blocks=res.num_blocks,
+    )
+    return RunOutput(cfg, res, metrics, result)
+
+
+# --------------------------------------------------------------------------- files
+CONFIG, METRICS, TIMELINE, REQUESTS, PERF = (
+    "config.json",
+    "metrics.json",
+    "timeline.csv",
+    "requests.csv",
+    "perf.json",
+)
+
+
+def perf(out: RunOutput) -> dict[str, Any]:
+    """Wall-clock figures of a run (not deterministic: kept out of metrics.json)."""
+    r = out.result
+    return {
+        "wall_s": round(r.wall_s, 6),
+        "sim_s": round(r.sim_time_s, 6),
+        "sim_per_wall": round(r.sim_time_s / r.wall_s, 3) if r.wall_s > 0 else None,
+        "steps": r.steps,
+        "us_per_step": round(1e6 * r.wall_s / r.steps, 3) if r.steps else None,
+    }
+
+
+def config_json(out: RunOutput) -> dict[str, Any]:
+    """The ``config.json`` object."""
+    res = out.resolved
+    return {
+        "memshare_version": __version__,
+        "config": out.config.to_dict(),
+        "resolved": {
+            "block_size": res.block_size,
+            "num_blocks": res.num_blocks,
+            "pool_layers": res.pool_layers,
+            "requests": res.requests,
+        },
+    }
+
+
+def write_run(out: RunOutput, directory: Path) -> None:
+    """Write the run directory (created if missing; files replaced)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_json(directory / CONFIG, config_json(out))
+    _write_json(directory / METRICS, out.metrics)
+    _write_json(directory / PERF, perf(out))
+    (directory / TIMELINE).write_text(timeline_csv(out.result), encoding="utf-8")
+    (directory / REQUESTS).write_text(requests_csv(out.result), encoding="utf-8")
+
+
+def read_config(directory: Path) -> SimConfig:
+    """The config of an earlier run (``DIR/config.json``), to rerun or validate it."""
+    path = directory / CONFIG if directory.is_dir() else directory
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(str(path), f"cannot read a run config ({e})", "pass a run dir") from None
+    if not isinstance(raw, dict) or "config" not in raw:
+        raise InputError(str(path), "not a simulation config.json", "pass a run directory")
+    return SimConfig.from_dict(raw["config"])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def timeline_csv(r: EngineResult) -> str:
+    """``timeline.csv`` text: one row per step, fixed float formats."""
+    tl = r.timeline
+    ppb = r.pages_per_block
+    lines = [",".join(TIMELINE_COLUMNS)]
+    for i, row in enumerate(
+        zip(
+            tl.time_s,
+            tl.dt_s,
+            tl.running,
+            tl.waiting,
+            tl.scheduled_seqs,
+            tl.scheduled_tokens,
+            tl.prefill_tokens,
+            tl.decode_seqs,
+            tl.admitted,
+            tl.preempted,
+            tl.finished,
+            tl.live_pages,
+            tl.cached_pages,
+            strict=True,
+        )
+    ):
+        t, dt, *ints, live, cached = row
+        lines.append(
+            f"{i},{t:.9f},{dt:.9f},{','.join(map(str, ints))},{live / ppb:.3f},{cached / ppb:.3f}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+REQUEST_COLUMNS = (
+    "id",
+    "arrival_s",
+    "prompt_len",
+    "output_len",
+    "hit_tokens",
+    "preemptions",
+    "first_scheduled_s",
+    "first_token_s",
+    "finish_s",
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "queue_s",
+    "rejected",
+)
+
+
+def _f(x: float) -> str:
+    return f"{x:.9f}" if math.isfinite(x) else ""
+
+
+def requests_csv(r: EngineResult) -> str:
+    """``requests.csv`` text: one row per request in trace order."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(REQUEST_COLUMNS)
+    for q in r.requests:
+        tpot = (q.finish - q.first_token) / (q.output_len - 1) if q.output_len > 1 else math.nan
+        w.writerow(
+            [
+                q.rid,
+                _f(q.arrival),
+                q.prompt_len,
+                q.output_len,
+                q.hit_tokens,
+                q.preemptions,
+                _f(q.first_scheduled),
+                _f(q.first_token),
+                _f(q.finish),
+                _f(q.first_token - q.arrival),
+                _f(tpot),
+                _f(q.finish - q.arrival),
+                _f(q.first_scheduled - q.arrival),
+                q.rejected,
+            ]
+        )
+    return buf.getvalue()

@@ -1,0 +1,207 @@
+"""Several runs at once: one per ``--policy`` (a comparison), or per swept value (a sweep).
+
+Layout of what :func:`simulate` writes under the output directory ``OUT``:
+
+- one policy: ``OUT`` is the run directory (``config.json``, ``metrics.json``, ...);
+- several: ``OUT/<policy>/`` per policy and ``OUT/comparison.json``;
+- a sweep: ``OUT/<key>=<value>/<policy>/`` per point, ``OUT/sweep.json`` and ``OUT/sweep.csv``;
+- ``--plot``: PNGs in ``OUT`` (:mod:`memshare.sim.plots`).
+
+Invariant: every config is built and checked before the first run starts, so a bad value in a
+sweep fails at once rather than after the other runs; the trace is read once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memshare.sim.metrics import flatten
+from memshare.sim.options import SimOptions, SweepSpec, build_configs, sweep_options
+from memshare.sim.run import LoadedTrace, RunOutput, perf, run_config, write_run
+
+StudyProgress = Callable[[str, int, int], None]  # (run label, requests done, requests total)
+
+SWEEP_METRICS = (
+    "prefix_cache.token_hit_rate",
+    "prefix_cache.block_hit_rate",
+    "throughput.output_tokens_per_s",
+    "throughput.requests_per_s",
+    "latency_s.ttft.p50",
+    "latency_s.ttft.p99",
+    "latency_s.tpot.p50",
+    "latency_s.e2e.p50",
+    "kv.peak_blocks_in_use",
+    "kv.mean_blocks_in_use",
+    "preemptions",
+    "sharing.share_rate",
+)
+
+
+@dataclass
+class LabeledRun:
+    """One run of a study with where it was written."""
+
+    label: str  # the policy name (a sweep adds nothing: the point is in SweepPoint)
+    out: RunOutput  # config, metrics, engine result
+    directory: Path  # its run directory
+
+
+@dataclass
+class StudyResult:
+    """The runs of one ``simulate`` call and the files written."""
+
+    runs: list[LabeledRun]  # in --policy order
+    output: Path  # OUT
+    plots: list[Path] = field(default_factory=list)  # PNGs written (--plot)
+
+
+@dataclass
+class SweepResult:
+    """A sweep: per value, the runs of every policy."""
+
+    spec: SweepSpec  # key and values
+    points: list[tuple[Any, list[LabeledRun]]]  # (value, runs in --policy order)
+    output: Path  # OUT
+    plots: list[Path] = field(default_factory=list)  # PNGs written (--plot)
+
+
+def default_output(opts: SimOptions, spec: SweepSpec | None = None) -> Path:
+    """``runs/<trace name>`` (``runs/<trace name>-sweep-<key>`` for a sweep)."""
+    name = Path(opts.trace).resolve().name or "trace"
+    return Path("runs") / (f"{name}-sweep-{spec.key}" if spec else name)
+
+
+def simulate(
+    opts: SimOptions,
+    output: Path | None = None,
+    *,
+    plot: bool = False,
+    progress: StudyProgress | None = None,
+) -> StudyResult:
+    """Run every ``--policy`` on the trace; write run directories (and plots)."""
+    trace = LoadedTrace.load(Path(opts.trace))
+    configs = build_configs(opts, trace.manifest)
+    out_dir = output or default_output(opts)
+    multi = len(configs) > 1
+    runs: list[LabeledRun] = []
+    for cfg in configs:
+        out = run_config(cfg, trace, progress=_ticker(progress, cfg.policy, trace, cfg.limit))
+        directory = out_dir / cfg.policy if multi else out_dir
+        write_run(out, directory)
+        runs.append(LabeledRun(cfg.policy, out, directory))
+    if multi:
+        comparison = {r.label: r.out.metrics for r in runs}
+        _write_json(out_dir / "comparison.json", {"policies": comparison})
+    result = StudyResult(runs, out_dir)
+    if plot:
+        from memshare.sim.plots import plot_runs
+
+        result.plots = plot_runs(runs, out_dir)
+    return result
+
+
+def sweep(
+    opts: SimOptions,
+    spec: SweepSpec,
+    output: Path | None = None,
+    *,
+    plot: bool = False,
+    progress: StudyProgress | None = None,
+) -> SweepResult:
+    """Run every policy at every value of ``spec``; write the points, a table and a plot."""
+    trace = LoadedTrace.load(Path(opts.trace))
+    planned = [
+        (v, build_configs(sweep_options(opts, spec, v), trace.manifest)) for v in spec.values
+    ]
+    out_dir = output or default_output(opts, spec)
+    points: list[tuple[Any, list[LabeledRun]]] = []
+    for value, configs in planned:
+        runs = []
+        for cfg in configs:
+            label = f"{spec.key}={value} {cfg.policy}"
+            out = run_config(cfg, trace, progress=_ticker(progress, label, trace, cfg.limit))
+            directory = out_dir / spec.label(value) / cfg.policy
+            write_run(out, directory)
+            runs.append(LabeledRun(cfg.policy, out, directory))
+        points.append((value, runs))
+    result = SweepResult(spec, points, out_dir)
+    rows = sweep_rows(result)
+    _write_json(
+        out_dir / "sweep.json", {"key": spec.key, "values": list(spec.values), "rows": rows}
+    )
+    (out_dir / "sweep.csv").write_text(_csv(rows), encoding="utf-8")
+    if plot:
+        from memshare.sim.plots import plot_sweep
+
+        result.plots = plot_sweep(result, out_dir)
+    return result
+
+
+def sweep_rows(result: SweepResult) -> list[dict[str, Any]]:
+    """One row per (value, policy) with the sweep metrics."""
+    rows = []
+    for value, runs in result.points:
+        for r in runs:
+            flat = flatten(r.out.metrics)
+            row: dict[str, Any] = {result.spec.key: value, "policy": r.label}
+            row.update({k: flat.get(k) for k in SWEEP_METRICS})
+            rows.append(row)
+    return rows
+
+
+def study_json(result: StudyResult) -> dict[str, Any]:
+    """``--json`` output of ``simulate``."""
+    return {
+        "output": str(result.output),
+        "runs": [
+            {
+                "policy": r.label,
+                "directory": str(r.directory),
+                "metrics": r.out.metrics,
+                "perf": perf(r.out),
+            }
+            for r in result.runs
+        ],
+        "plots": [str(p) for p in result.plots],
+    }
+
+
+def sweep_json(result: SweepResult) -> dict[str, Any]:
+    """``--json`` output of a sweep."""
+    return {
+        "output": str(result.output),
+        "key": result.spec.key,
+        "values": list(result.spec.values),
+        "rows": sweep_rows(result),
+        "plots": [str(p) for p in result.plots],
+    }
+
+
+def _ticker(
+    progress: StudyProgress | None, label: str, trace: LoadedTrace, limit: int | None
+) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    total = min(len(trace.records), limit or len(trace.records))
+    progress(label, 0, total)
+    return lambda n: progress(label, n, total)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return buf.getvalue()

@@ -1,0 +1,145 @@
+"""``memshare simulate`` / ``sweep`` / ``bench sim`` as a user runs them (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memshare.traces.importers import import_workload
+from memshare.traces.schema import Manifest, ModelInfo, RequestRecord, SketchSpec, kv_row_dtype
+from memshare.traces.writer import TraceWriter
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MOONCAKE = DATA / "workloads" / "mooncake_synthetic_trace.jsonl"
+
+
+def memshare(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "memshare.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mc") / "mc200"
+    import_workload("mooncake", MOONCAKE, path, limit=200)
+    return path
+
+
+def test_simulate_two_policies_writes_runs_table_and_plots(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    res = memshare(
+        "simulate", str(small), "--policy", "none", "--policy", "prefix",
+        "--kv-blocks", "400", "--plot", "-o", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "prefix hit rate (tokens)" in res.stdout and "none" in res.stdout
+    for policy in ("none", "prefix"):
+        for name in ("config.json", "metrics.json", "timeline.csv", "requests.csv", "perf.json"):
+            assert (out / policy / name).is_file(), (policy, name)
+    for png in ("kv_blocks.png", "ttft_cdf.png", "tpot_cdf.png", "throughput.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    comparison = json.loads((out / "comparison.json").read_text())["policies"]
+    assert comparison["none"]["prefix_cache"]["hit_tokens"] == 0
+    assert comparison["prefix"]["prefix_cache"]["hit_tokens"] > 0
+    header = (out / "prefix" / "timeline.csv").read_text().splitlines()[0]
+    assert header.startswith("step,time_s,dt_s,running,waiting")
+
+
+def test_simulate_json_one_policy(small: Path, tmp_path: Path) -> None:
+    res = memshare(
+        "simulate", str(small), "--gpu", "h200", "--model-config", "qwen2.5-7b",
+        "--arrival", "poisson:2.0", "--limit", "50", "--kv-bytes", "20GiB",
+        "-o", str(tmp_path / "r"), "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    (run,) = report["runs"]
+    assert run["policy"] == "prefix" and run["metrics"]["requests"]["total"] == 50
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["config"]["gpu"]["name"] == "h200"
+    assert cfg["config"]["arrival"] == {"mode": "poisson", "rate": 2.0, "clients": None}
+    per_block = 2 * 28 * 4 * 128 * 2 * 512  # qwen2.5-7b K+V bytes per 512-token block
+    assert cfg["resolved"]["num_blocks"] == 20 * 2**30 // per_block
+
+
+def test_sweep_command_table_and_plot(small: Path, tmp_path: Path) -> None:
+    res = memshare(
+        "sweep", str(small), "kv_blocks=150,300,600", "--limit", "100", "--plot",
+        "-o", str(tmp_path / "sw"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "memshare sweep kv_blocks" in res.stdout
+    assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"]
+    assert [r["kv_blocks"] for r in rows] == ["150", "300", "600"]
+    same = memshare("simulate", str(small), "--sweep", "kv_blocks=150,300", "--limit", "20",
+                    "-o", str(tmp_path / "sw2"), "--json")  # fmt: skip
+    assert same.returncode == 0, same.stderr
+    assert len(json.loads(same.stdout)["rows"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--gpu", "tpu9"], ["--gpu", "unknown preset 'tpu9'", "h100"]),
+        (["--arrival", "poisson:fast"], ["--arrival", "poisson:RATE"]),
+        (["--kv-bytes", "40XB"], ["--kv-bytes", "'40XB' is not a size", "40GiB"]),
+        (["--sweep", "colour=1,2"], ["--sweep", "unknown sweep key 'colour'"]),
+        (["--policy", "magic"], ["--policy", "unknown policy 'magic'"]),
+        (["--model-config", "gpt-9"], ["--model-config", "unknown preset"]),
+        (["--kv-blocks", "lots"], ["--kv-blocks", "not a positive integer"]),
+        (["--set", "tau"], ["--set", "not key=value"]),
+    ],
+)
+def test_bad_options_are_one_line_errors(small: Path, args: list[str], needles: list[str]) -> None:
+    res = memshare("simulate", str(small), *args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_bad_trace_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    for trace in (tmp_path / "missing", tmp_path):
+        res = memshare("simulate", str(trace))
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert str(trace) in res.stderr
+
+
+def test_kv_trace_with_sketches_runs_every_layer(tmp_path: Path) -> None:
+    # A trace with sketches: the pool tracks the model's layers; its model must match.
+    model = ModelInfo("SmolLM2-135M-Instruct", "LlamaForCausalLM", 30, 3, 64, "bfloat16")
+    template = Manifest(kind="kv", block_size=4, model=model, sketch=SketchSpec(dim=8))
+    dtype = kv_row_dtype(30, 8)
+    rng = np.random.default_rng(0)
+    with TraceWriter(tmp_path / "kv", template) as w:
+        for i in range(4):
+            rows = np.zeros(3, dtype=dtype)
+            rows["sketch"] = rng.standard_normal(rows["sketch"].shape)
+            rows["norm"] = 1.0
+            prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+            w.add(RequestRecord(f"r{i}", float(i), 8, 4, prompt, [9, 9, 9, 9]), rows)
+    res = memshare("simulate", str(tmp_path / "kv"), "-o", str(tmp_path / "out"), "--json")
+    assert res.returncode == 0, res.stderr
+    run = json.loads(res.stdout)["runs"][0]
+    assert run["metrics"]["prefix_cache"]["hit_blocks"] == 3 * 2  # r1..r3 hit r0's 2 blocks
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["config"]["model"]["name"] == "smollm2-135m"
+    assert cfg["resolved"]["pool_layers"] == 30
+    bad = memshare("simulate", str(tmp_path / "kv"), "--model-config", "llama-3.1-8b")
+    assert bad.returncode == 2 and "--model-config" in bad.stderr
+
+
+def test_bench_sim_prints_figures(small: Path) -> None:
+    res = memshare("bench", "sim", str(small), "--sizes", "5,20", "--steps", "30", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["trace_run"]["requests"] == 200 and report["trace_run"]["sim_per_wall"] > 0
+    assert [c["running"] for c in report["per_step"]] == [5, 20]
