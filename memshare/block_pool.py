@@ -156,7 +156,10 @@ class BlockPool:
         taken = self._free[top - need : top][::-1].reshape(n, per)
         self._n_free = top - need
         self.holders[taken] += 1
-        self._pin(taken.ravel())
+        # fresh pages come off the free stack: distinct and unpinned, so pinning is a count
+        flat = taken.ravel()
+        self.pins[flat] += 1
+        self._n_pinned += need
         distinct = np.sort(taken, axis=1)
         assert self.layer_map is not None
         owners, lm = self._owner_layers, self.layer_map
