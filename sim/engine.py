@@ -14,6 +14,7 @@ finished or rejected. Nothing here reads a wall clock except to report wall time
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from memshare.block_pool import BlockPool
 from memshare.kv_manager import cdiv
 from memshare.sim.arrivals import arrival_times, closed_loop_client, open_loop
 from memshare.sim.config import ArrivalSpec
-from memshare.sim.cost_model import CostModel
+from memshare.sim.cost_model import BatchShape, CostModel
 from memshare.sim.scheduler import Scheduler
 from memshare.sim.workload import SimRequest
 
@@ -110,6 +111,9 @@ class Engine:
         self.check_invariants = check_invariants
         self.n_done = 0
         self._wake: simpy.Event | None = None
+        self._times: list[float] = []  # open loop: arrival times in order (closed loop: none)
+        self._next = 0  # open loop: index of the next arrival
+        self._resubmit_at = -math.inf  # closed loop: when a client last got its answer
         pool = self.pool
         self._capacity = pool.num_pages // pool.pages_per_block  # blocks the pool can hold
         self._chunked = scheduler.cfg.enable_chunked_prefill
@@ -132,7 +136,8 @@ class Engine:
             sorted_times = times[order]
             for req, t in zip(reqs, sorted_times.tolist(), strict=True):
                 req.arrival = t
-            env.process(open_loop(env, reqs, sorted_times, self._submit))
+            self._times = sorted_times.tolist()
+            env.process(open_loop(env, reqs, sorted_times, self._submit_open))
         env.process(self._loop())
 
     def run(self) -> EngineResult:
@@ -155,6 +160,10 @@ class Engine:
         )
 
     # ----------------------------------------------------------------- arrivals
+    def _submit_open(self, req: SimRequest) -> None:
+        self._next += 1
+        self._submit(req)
+
     def _submit_now(self, req: SimRequest) -> None:
         req.arrival = float(self.env.now)
         self._submit(req)
@@ -183,6 +192,60 @@ class Engine:
         self.n_done += 1
         if req.done is not None:
             req.done.succeed()
+            self._resubmit_at = self.env.now  # its client sends the next once we yield
+
+    # ----------------------------------------------------------------- decode bursts
+    def _burst_times(self, k: int, kv: int, now: float) -> list[float]:
+        """Durations of up to ``k`` quiet decode steps from ``now``, stopping before the first
+        step that would start at or after the next arrival (which that step must see)."""
+        nxt = self._times[self._next] if self._next < len(self._times) else math.inf
+        if self._resubmit_at >= now:  # a closed-loop client submits during this step
+            nxt = min(nxt, self._resubmit_at)
+        r = len(self.sched.running)
+        step_time = self.cost.step_time
+        dts: list[float] = []
+        t = now
+        for j in range(k):
+            if j and t >= nxt:
+                break
+            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=kv + j * r))
+            dts.append(dt)
+            t = t + dt
+        return dts
+
+    def _burst(self, dts: list[float]) -> Generator[Any, Any, None]:
+        """Run quiet decode steps back to back: the same rows, times and outcome as one
+        :meth:`Scheduler.schedule` / :meth:`Scheduler.complete` pair per step, without
+        visiting each request every step (see :meth:`Scheduler.quiet_burst`)."""
+        env, sched, pool, tl = self.env, self.sched, self.pool, self.timeline
+        r = len(sched.running)
+        live = pool.pinned_pages
+        cached = pool.used_pages - live
+        k = len(dts)
+        for dt in dts:
+            tl.time_s.append(env.now)
+            yield env.timeout(dt)
+        tl.dt_s.extend(dts)
+        for col, value in (
+            (tl.running, r),
+            (tl.waiting, 0),
+            (tl.scheduled_seqs, r),
+            (tl.scheduled_tokens, r),
+            (tl.prefill_tokens, 0),
+            (tl.decode_seqs, r),
+            (tl.admitted, 0),
+            (tl.preempted, 0),
+            (tl.live_pages, live),
+            (tl.cached_pages, cached),
+        ):
+            col.extend([value] * k)
+        finished = sched.run_burst(k, env.now)
+        tl.finished.extend([0] * (k - 1))
+        tl.finished.append(len(finished))
+        for req in finished:
+            self._done(req)
+        if self.check_invariants:
+            pool.check(sched.manager.table_refs())
 
     # ----------------------------------------------------------------- steps
     def _loop(self) -> Generator[Any, Any, None]:
@@ -197,6 +260,12 @@ class Engine:
                 self._wake = None
                 continue
             now = env.now
+            k, kv = sched.quiet_burst()
+            if k >= 2:
+                dts = self._burst_times(k, kv, now)
+                if len(dts) >= 2:
+                    yield from self._burst(dts)
+                    continue
             plan = sched.schedule(now)
             if plan.empty:
                 raise RuntimeError(

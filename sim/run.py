@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from memshare import __version__
 from memshare.block_pool import BlockPool
 from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager, cdiv
+from memshare.policy import policy_layer_map
 from memshare.registry import make_policy
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import CostModel
@@ -157,16 +156,13 @@ def run_config(
     """Simulate ``cfg`` (loading its trace unless given) and compute its metrics."""
     trace = trace or LoadedTrace.load(Path(cfg.trace))
     policy = make_policy(cfg.policy, **cfg.policy_params)
-    layer_hook = getattr(policy, "layer_map", None)  # cross-layer sharing (kvsharer)
-    res = resolve(cfg, trace, layered=layer_hook is not None)
+    try:  # cross-layer sharing (kvsharer): the pool allocates owner layers only
+        layer_map = policy_layer_map(policy, cfg.model.num_layers)
+    except ValueError as e:
+        raise InputError("--model-config", str(e), "simulate the calibrated model") from None
+    res = resolve(cfg, trace, layered=layer_map is not None)
     records = trace.records[: cfg.limit] if cfg.limit else trace.records
     requests = build_requests(records, trace.manifest, res.block_size, trace.kv_rows)
-    layer_map = None
-    if layer_hook is not None:
-        try:
-            layer_map = np.asarray(layer_hook(res.pool_layers), dtype=np.int64)
-        except ValueError as e:
-            raise InputError("--model-config", str(e), "simulate the calibrated model") from None
     pool = BlockPool(num_blocks=res.num_blocks, num_layers=res.pool_layers, layer_map=layer_map)
     manager = KVCacheManager(pool, policy, res.block_size)
     engine = Engine(

@@ -221,6 +221,55 @@ class Scheduler:
             self.running = [r for r in self.running if r.num_output < r.output_len]
         return finished
 
+    # ----------------------------------------------------------------- decode bursts
+    def quiet_burst(self) -> tuple[int, int]:
+        """``(k, kv)``: the next ``k`` steps are pure fast-path decodes of every running request.
+
+        That holds while nothing waits, every running request decodes one token a step within
+        its ``quiet`` tokens (the manager and the pool are untouched) and none finishes before
+        step ``k``. ``kv`` is the first of those steps' ``decode_kv_tokens``; step ``j``
+        (from 0) has ``kv + j * len(running)``. ``(0, 0)`` when no such step is ahead.
+        """
+        running = self.running
+        if self.waiting or not running or len(running) > self.cfg.max_num_batched_tokens:
+            return 0, 0
+        k = 1 << 62
+        kv = 0
+        for req in running:
+            c = req.num_computed
+            if c != req.prompt_len + req.num_output - 1:
+                return 0, 0
+            room = req.quiet - req.lag
+            if room < k:
+                k = room
+            left = req.output_len - req.num_output
+            if left < k:
+                k = left
+            if k <= 0:
+                return 0, 0
+            kv += c + 1
+        return k, kv
+
+    def run_burst(self, k: int, now: float) -> list[SimRequest]:
+        """Apply ``k`` steps of :meth:`quiet_burst` at once, the last ending at ``now``.
+
+        Exactly what ``k`` calls of :meth:`schedule` and :meth:`complete` would do: every
+        running request computes ``k`` tokens (counted in ``lag``) and samples ``k``; those
+        whose last token that is finish at ``now``.
+        """
+        finished: list[SimRequest] = []
+        for req in self.running:
+            req.num_computed += k
+            req.lag += k
+            req.num_output += k
+            if req.num_output >= req.output_len:
+                req.finish = now
+                self._release(req)
+                finished.append(req)
+        if finished:
+            self.running = [r for r in self.running if r.num_output < r.output_len]
+        return finished
+
     # ----------------------------------------------------------------- internals
     def _allocate(self, req: SimRequest, n: int) -> bool:
         """Tell the manager about ``req``'s lagging tokens plus ``n`` new ones."""

@@ -30,7 +30,15 @@ from memshare.sim.config import (
 from memshare.sim.cost_model import BatchShape, CostModel
 from memshare.sim.engine import Engine
 from memshare.sim.options import SimOptions, build_configs, parse_sweep, policy_params
-from memshare.sim.run import LoadedTrace, read_config, resolve, run_config, write_run
+from memshare.sim.run import (
+    LoadedTrace,
+    read_config,
+    requests_csv,
+    resolve,
+    run_config,
+    timeline_csv,
+    write_run,
+)
 from memshare.sim.scheduler import Scheduler
 from memshare.sim.workload import build_requests
 from memshare.traces.schema import Manifest, RequestRecord
@@ -175,9 +183,15 @@ def test_cost_model_terms() -> None:
 
 
 # --------------------------------------------------------------------------- engine
-def _engine_run(fast: bool, blocks: int) -> tuple[list[float], list[int], object, int]:
+def _engine_run(fast: bool, blocks: int, arrival: str) -> tuple[str, str, object, int]:
     trace = LoadedTrace.of(records(60), WORKLOAD)
-    cfg = SimConfig(trace="<memory>", kv=KVBudget(blocks=blocks), block_size=16)
+    cfg = SimConfig(
+        trace="<memory>",
+        kv=KVBudget(blocks=blocks),
+        block_size=16,
+        arrival=parse_arrival(arrival),
+        model=load_model("smollm2-135m"),
+    )
     res = resolve(cfg, trace)
     reqs = build_requests(trace.records, WORKLOAD, 16)
     pool = BlockPool(res.num_blocks)
@@ -191,12 +205,17 @@ def _engine_run(fast: bool, blocks: int) -> tuple[list[float], list[int], object
         check_invariants=True,
     )
     out = engine.run()
-    return out.timeline.dt_s, out.timeline.live_pages, mgr.stats, out.preemptions
+    return timeline_csv(out), requests_csv(out), mgr.stats, out.preemptions
 
 
-@pytest.mark.parametrize("blocks", [40, 2000])
-def test_decode_fast_path_changes_nothing(blocks: int) -> None:
-    fast, slow = _engine_run(True, blocks), _engine_run(False, blocks)
+@pytest.mark.parametrize(
+    ("blocks", "arrival"),
+    [(40, "trace"), (2000, "trace"), (2000, "poisson:30"), (2000, "closed:7"), (40, "closed:7")],
+)
+def test_decode_fast_path_and_bursts_change_nothing(blocks: int, arrival: str) -> None:
+    # The fast path skips manager calls that would do nothing, and quiet decode bursts run
+    # several steps at once; with both off every step visits every request. Same files.
+    fast, slow = _engine_run(True, blocks, arrival), _engine_run(False, blocks, arrival)
     assert fast == slow
     assert (fast[3] > 0) == (blocks == 40)  # the small budget preempts
 
