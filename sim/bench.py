@@ -4,8 +4,9 @@
    default the budget the GPU preset leaves after the weights): wall time, simulated time and
    their ratio (target: >= 1000x real time).
 2. **Per-step cost against running requests**: ``n`` requests (10, 100, 1000 by default) that
-   all arrive at once and decode side by side for ``steps`` tokens; wall time per engine step
-   and per running request per step (target: grows at most linearly in ``n``).
+   all arrive at once and decode side by side for ``steps`` tokens, their block boundaries
+   staggered (so some request allocates a block in most steps, as in real traffic); wall time
+   per engine step and per running request per step (target: grows at most linearly in ``n``).
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def trace_bench(opts: SimOptions) -> dict[str, Any]:
 
 def step_cost(running: int, steps: int = 400, prompt_len: int = 32) -> StepCost:
     """Wall cost per step with ``running`` requests decoding ``steps`` tokens each."""
+    # prompt lengths 32..47: block boundaries (where the manager allocates) are staggered
     records = [
-        RequestRecord(f"r{i}", 0.0, prompt_len, steps, prompt_ids=[i] * prompt_len)
+        RequestRecord(
+            f"r{i}", 0.0, prompt_len + i % 16, steps, prompt_ids=[i] * (prompt_len + i % 16)
+        )
         for i in range(running)
     ]
     trace = LoadedTrace.of(records, Manifest(kind="workload", block_size=16))

@@ -239,6 +239,13 @@ def load_cost(path: str | None) -> CostCoefficients:
     return _build(CostCoefficients, base, "--cost-model", path or "cost.toml")  # type: ignore[no-any-return]
 
 
+def cost_toml(coef: CostCoefficients, comment: str = "") -> str:
+    """``coef`` as a ``--cost-model`` file (what ``validate`` writes after fitting)."""
+    lines = [f"# {line}" for line in comment.splitlines()] + ["[coefficients]"]
+    lines += [f"{f.name} = {float(getattr(coef, f.name))!r}" for f in fields(coef)]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- scheduler
 @dataclass(frozen=True)
 class SchedulerConfig:

@@ -86,6 +86,8 @@ class Resolved:
     num_blocks: int  # KV budget in blocks
     pool_layers: int  # layers the block pool tracks pages for (1: whole blocks only)
     requests: int  # requests simulated (after --limit)
+    trace_bytes: int = 0  # committed length of the trace's requests.jsonl (its identity)
+    trace_source_sha256: str | None = None  # sha256 of the imported source file, if any
 
 
 @dataclass
@@ -147,7 +149,10 @@ def resolve(cfg: SimConfig, trace: LoadedTrace, layered: bool = False) -> Resolv
                 f"KV memory on {cfg.gpu.name}",
                 "choose a larger GPU or set --kv-blocks / --kv-bytes",
             )
-    return Resolved(bs, int(n), layers, len(records))
+    sha = m.source.get("sha256")
+    return Resolved(
+        bs, int(n), layers, len(records), m.requests_bytes, sha if isinstance(sha, str) else None
+    )
 
 
 def run_config(
@@ -222,6 +227,8 @@ def config_json(out: RunOutput) -> dict[str, Any]:
             "num_blocks": res.num_blocks,
             "pool_layers": res.pool_layers,
             "requests": res.requests,
+            "trace_bytes": res.trace_bytes,
+            "trace_source_sha256": res.trace_source_sha256,
         },
     }
 

@@ -15,8 +15,10 @@ from memshare.kv_manager import KVCacheManager
 from memshare.registry import make_policy
 from memshare.sim.config import (
     ArrivalSpec,
+    CostCoefficients,
     KVBudget,
     SimConfig,
+    cost_toml,
     gpu_presets,
     load_cost,
     load_gpu,
@@ -111,6 +113,9 @@ def test_presets_and_files(tmp_path: Path) -> None:
     cost = tmp_path / "fit.toml"
     cost.write_text("[coefficients]\nstep_overhead_s = 0.01\n")
     assert load_cost(str(cost)).step_overhead_s == 0.01
+    fitted = CostCoefficients(gemm_efficiency=0.55, step_overhead_s=0.0042)
+    cost.write_text(cost_toml(fitted, "fitted by validate"))
+    assert load_cost(str(cost)) == fitted
     cost.write_text("[coefficients]\nwarp_speed = 9\n")
     with pytest.raises(InputError, match="unknown field"):
         load_cost(str(cost))
