@@ -34,7 +34,11 @@ is copied): they are taken off the first chunks after the hit.
 Decode fast path: while a request decodes past its prompt, ``allocate_slots`` has nothing to
 do until its next block fills or a new block is needed. The scheduler counts such tokens in
 ``SimRequest.lag`` and tells the manager the sum when something happens (or before a free),
-which is exactly what the manager would have done token by token.
+which is exactly what the manager would have done token by token. When nothing waits and
+every running request is in that state, :meth:`Scheduler.quiet_burst` says how many such
+steps lie ahead and the engine runs them back to back (:meth:`Scheduler.run_burst`): one
+timeline row and one simulated step each, without visiting every request every step. Both
+shortcuts are checked against the plain path (``fast_decode=False``) for identical files.
 """
 
 from __future__ import annotations
