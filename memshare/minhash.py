@@ -57,6 +57,6 @@ def similarity(sig: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Estimated Jaccard of ``sig`` (P,) with each row of ``others`` (S, P); 0 for empties."""
     if others.size == 0 or sig[0] == EMPTY:
         return np.zeros(len(others))
-    est = np.count_nonzero(others == sig, axis=1) / len(sig)
+    est: np.ndarray = np.count_nonzero(others == sig, axis=1) / len(sig)
     est[others[:, 0] == EMPTY] = 0.0
     return est

@@ -29,10 +29,7 @@ class _Timed:
 
     inner: Policy
     ns: list[int]
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
+    name: str = "timed"
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         return self.inner.lookup_prefix(req, pool)
@@ -83,7 +80,8 @@ def bench_policy(
     rng = np.random.default_rng(seed)
     chains = max(1, resident_blocks // blocks_per_chain)
     ns: list[int] = []
-    timed = _Timed(make_policy(policy, **(params or {})), ns)
+    inner = make_policy(policy, **(params or {}))
+    timed = _Timed(inner, ns, inner.name)
     pool = BlockPool(num_blocks=chains * blocks_per_chain + 1, num_layers=layers)
     mgr = KVCacheManager(pool, timed, block_size)
     for c in range(chains):

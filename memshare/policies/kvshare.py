@@ -35,7 +35,8 @@ def window_hashes(tokens: np.ndarray, window: int) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     powers = _BASE ** np.arange(window - 1, -1, -1, dtype=np.uint64)
     runs = np.lib.stride_tricks.sliding_window_view(t, window)
-    return (runs * powers).sum(axis=1, dtype=np.uint64)
+    hashes: np.ndarray = (runs * powers).sum(axis=1, dtype=np.uint64)
+    return hashes
 
 
 @dataclass
