@@ -168,7 +168,9 @@ def match_model_preset(trace_model_name: str) -> str | None:
 
 
 def _norm(name: str) -> str:
-    return re.sub(r"(-instruct|-chat)$", "", name.strip().lower())
+    """Lower case, without a GGUF quantisation suffix (``.Q4_1``, ``-f16``) or ``-instruct``."""
+    name = re.sub(r"[.-](q\d\w*|i?q\d\w*|f16|f32|bf16|fp16)$", "", name.strip().lower())
+    return re.sub(r"(-instruct|-chat)$", "", name)
 
 
 # --------------------------------------------------------------------------- GPU

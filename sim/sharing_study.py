@@ -1,0 +1,169 @@
+"""``memshare study``: how much KV memory each sharing option saves on one trace.
+
+Runs the simulator (same scheduler, pool and policies as ``simulate``) once per baseline
+(``none``, ``prefix``, ``exact-dedup``, ``token-dedup``) and once per ``cf-topk`` option:
+``tau`` in the given list x ``granularity`` in {block, layer} x ``share`` in {kv, k}. Each row
+reports KV bytes in use (mean over time and peak), the saving against ``none`` at the same
+settings, the page share rate (pages shared / pages written) and the mean relative sketch
+distance of what was shared (the fidelity-risk signal). ``--plot`` draws saved memory against
+tau, a line per option, baselines as horizontal lines.
+
+Invariant: every run uses the same trace, budget, arrivals and seed; only the policy and its
+parameters differ, so differences between rows are the policies' alone. Deterministic.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from memshare.sim.options import SimOptions, build_configs
+from memshare.sim.run import LoadedTrace, run_config
+
+BASELINES = ("none", "prefix", "exact-dedup", "token-dedup")
+TAUS = (0.1, 0.2, 0.3, 0.5)
+OPTIONS = (("block", "kv"), ("block", "k"), ("layer", "kv"), ("layer", "k"))
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One simulated policy setting."""
+
+    policy: str
+    granularity: str | None  # cf-topk only
+    share: str | None  # cf-topk only
+    tau: float | None  # cf-topk only
+    mean_kv_bytes: float  # time-weighted mean of live KV bytes
+    peak_kv_bytes: float
+    saved_mean: float  # 1 - mean_kv_bytes / none's
+    saved_peak: float  # 1 - peak_kv_bytes / none's
+    page_share_rate: float  # pages shared / pages written
+    mean_shared_distance: float | None  # relative sketch distance of shares
+    prefix_token_hit_rate: float
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and legends."""
+        if self.tau is None:
+            return self.policy
+        return f"{self.policy} {self.granularity}/{self.share} tau={self.tau:g}"
+
+
+def run_study(
+    base: SimOptions,
+    *,
+    taus: Sequence[float] = TAUS,
+    options: Sequence[tuple[str, str]] = OPTIONS,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[StudyRow]:
+    """All baselines and cf-topk options over ``base`` (its policies are replaced)."""
+    trace = LoadedTrace.load(Path(base.trace))
+    plan: list[tuple[str, tuple[str, ...], tuple[str | None, str | None, float | None]]] = [
+        (name, (), (None, None, None)) for name in BASELINES
+    ]
+    for granularity, share in options:
+        for tau in taus:
+            sets = (f"granularity={granularity}", f"share={share}", f"tau={tau}")
+            plan.append(("cf-topk", sets, (granularity, share, tau)))
+    configs = [
+        build_configs(replace(base, policies=(name,), sets=base.sets + sets), trace.manifest)[0]
+        for name, sets, _ in plan
+    ]  # every config checked before the first run
+    rows: list[StudyRow] = []
+    none_mean = none_peak = 0.0
+    for n, ((name, _, (granularity, share, tau)), cfg) in enumerate(
+        zip(plan, configs, strict=True)
+    ):
+        if progress is not None:
+            progress(
+                name if tau is None else f"cf-topk {granularity}/{share} tau={tau:g}", n, len(plan)
+            )
+        m = run_config(cfg, trace).metrics
+        mean, peak = float(m["kv"]["mean_bytes_in_use"]), float(m["kv"]["peak_bytes_in_use"])
+        if name == "none":
+            none_mean, none_peak = mean, peak
+        rows.append(
+            StudyRow(
+                policy=name,
+                granularity=granularity,
+                share=share,
+                tau=tau,
+                mean_kv_bytes=mean,
+                peak_kv_bytes=peak,
+                saved_mean=1.0 - mean / none_mean if none_mean else 0.0,
+                saved_peak=1.0 - peak / none_peak if none_peak else 0.0,
+                page_share_rate=float(m["sharing"]["page_share_rate"] or 0.0),
+                mean_shared_distance=m["sharing"]["mean_shared_distance"],
+                prefix_token_hit_rate=float(m["prefix_cache"]["token_hit_rate"] or 0.0),
+            )
+        )
+    if progress is not None:
+        progress("done", len(plan), len(plan))
+    return rows
+
+
+def write_study(rows: Sequence[StudyRow], out: Path, *, plot: bool) -> list[Path]:
+    """``study.json``, ``study.csv`` and (``plot``) ``saved_vs_tau.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    dicts = [asdict(r) | {"label": r.label} for r in rows]
+    (out / "study.json").write_text(json.dumps({"rows": dicts}, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dicts[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(dicts)
+    (out / "study.csv").write_text(buf.getvalue())
+    paths = [out / "study.json", out / "study.csv"]
+    if plot:
+        paths.append(_plot(rows, out / "saved_vs_tau.png"))
+    return paths
+
+
+def _plot(rows: Sequence[StudyRow], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for granularity, share in sorted({(r.granularity, r.share) for r in rows if r.tau is not None}):
+        pts = sorted(
+            (r.tau, 100 * r.saved_mean)
+            for r in rows
+            if (r.granularity, r.share) == (granularity, share) and r.tau is not None
+        )
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            label=f"cf-topk {granularity}/{share}",
+        )
+    styles = iter(["--", ":", "-."])
+    for r in rows:
+        if r.tau is None and r.policy != "none":
+            ax.axhline(
+                100 * r.saved_mean,
+                linestyle=next(styles, "--"),
+                color="grey",
+                linewidth=0.9,
+                label=r.policy,
+            )
+    ax.set(
+        xlabel="tau (relative sketch distance)",
+        ylabel="KV memory saved vs none (%, mean)",
+        title="KV memory saved against tau",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def rows_json(rows: Sequence[StudyRow]) -> dict[str, Any]:
+    """The ``--json`` object."""
+    return {"rows": [asdict(r) | {"label": r.label} for r in rows]}
