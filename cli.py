@@ -107,14 +107,19 @@ def demo_cmd(
 
 @app.command("policies")
 def policies_cmd(as_json: JsonOpt = False) -> None:
-    """List the registered policies (the --policy choices)."""
-    from memshare.registry import policy_names
+    """List the registered policies (the --policy choices) and their --set parameters."""
+    from memshare.registry import param_defaults, policy_names
 
-    names = policy_names()
+    table = {name: param_defaults(name) for name in policy_names()}
     if as_json:
-        print(json.dumps({"policies": names}))
-    else:
-        out.print("\n".join(names))
+        print(json.dumps({"policies": list(table), "parameters": table}, default=str))
+        return
+    t = Table(title="policies (--policy NAME --set key=value)")
+    t.add_column("policy")
+    t.add_column("parameters (defaults)")
+    for name, params in table.items():
+        t.add_row(name, ", ".join(f"{k}={v}" for k, v in params.items()) or "-")
+    out.print(t)
 
 
 def _inspect(
