@@ -586,11 +586,11 @@ def capture_cmd(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Capture real KV traces: generate answers (--dataset) or teacher-force texts (--texts).
+    """Capture real KV traces from a real model.
 
-    Per request: token ids, text, reasoning steps, timings; per block and layer a JL sketch
-    of K (pre-RoPE by default) and of V. Without --dataset/--texts: the bundled GSM8K
-    prompts. Texts longer than the context limit are cut at it (finish_reason "length").
+    --dataset generates answers; --texts teacher-forces reasoning texts; neither: bundled GSM8K.
+    Per block and layer: JL sketches of K (pre-RoPE by default) and of V, with their norms.
+    Texts over the context limit (or --max-tokens) are cut there: finish_reason "length".
     """
     from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
     from memshare.traces.capture.segment import DEFAULT_CUES, SegmenterConfig

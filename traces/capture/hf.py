@@ -184,7 +184,9 @@ class HFBackend:
         status: Any = None,
     ) -> None:
         if dtype not in DTYPES:
-            raise InputError("--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}", "")
+            raise InputError(
+                "--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}", "e.g. float32"
+            )
         self.source = resolve_model(model)
         _offline_env()
         import torch
