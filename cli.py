@@ -91,18 +91,63 @@ def inspect_cmd(
 @app.command("demo")
 def demo_cmd(
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Where to write the demo trace.")
+        Path, typer.Option("-o", "--output", help="Folder for the demo's trace and runs.")
     ] = Path("memshare-demo"),
+    workload: Annotated[
+        bool,
+        typer.Option(
+            "--workload", help="Only import the bundled Mooncake slice and show its reuse."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import the bundled demo workload and show its summary and reuse potential."""
-    from memshare.demo import demo_workload
+    """The main job on the embedded default: capture -> simulate -> comparison table + plots.
 
-    fmt, src = demo_workload()
-    if (output / "manifest.json").exists():
-        _inspect(output, as_json=as_json, reuse=True, block_size=None, title=f"demo {output}")
+    The default model answers 8 bundled GSM8K prompts (the trace: token ids, reasoning steps,
+    K/V sketches); the simulator replays it under none, prefix, exact-dedup and cf-topk.
+    """
+    if workload:
+        from memshare.demo import demo_workload
+
+        fmt, src = demo_workload()
+        target = output / "workload"
+        if (target / "manifest.json").exists():
+            _inspect(target, as_json=as_json, reuse=True, block_size=None, title=str(target))
+        else:
+            import_cmd(fmt, src, target, None, as_json)
         return
-    import_cmd(fmt, src, output, None, as_json)
+    from memshare.sim.report import render_study
+    from memshare.sim.study import study_json
+    from memshare.validate.pipeline import run_demo
+
+    with _CaptureBar(as_json) as bar, _runs_progress(as_json) as sim_progress:
+        result = run_demo(output, capture_progress=bar.update, sim_progress=sim_progress)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "trace": str(result.trace),
+                    "capture": result.capture,
+                    "simulate": study_json(result.study),
+                    "seconds": result.seconds,
+                },
+                indent=2,
+            )
+        )
+        return
+    cap = result.capture
+    if cap is not None:
+        out.print(
+            f"captured {result.trace}: {cap['requests']} requests, {cap['prompt_tokens']:,} "
+            f"prompt + {cap['output_tokens']:,} generated tokens in "
+            f"{result.seconds['capture']:.0f} s"
+        )
+    else:
+        out.print(f"reused the capture in {result.trace}")
+    render_study(result.study, out)
+    out.print(
+        f"simulated in {result.seconds['simulate']:.1f} s; next: memshare study {result.trace}"
+    )
 
 
 @app.command("policies")

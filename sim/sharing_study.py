@@ -66,10 +66,9 @@ def run_study(
     plan: list[tuple[str, tuple[str, ...], tuple[str | None, str | None, float | None]]] = [
         (name, (), (None, None, None)) for name in BASELINES
     ]
-    for granularity, share in options:
-        for tau in taus:
-            sets = (f"granularity={granularity}", f"share={share}", f"tau={tau}")
-            plan.append(("cf-topk", sets, (granularity, share, tau)))
+    for g, sh in options:
+        for t in taus:
+            plan.append(("cf-topk", (f"granularity={g}", f"share={sh}", f"tau={t}"), (g, sh, t)))
     configs = [
         build_configs(replace(base, policies=(name,), sets=base.sets + sets), trace.manifest)[0]
         for name, sets, _ in plan

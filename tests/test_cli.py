@@ -56,7 +56,7 @@ def test_mooncake_prefix_reuse_matches_the_data_readme(tmp_path: Path) -> None:
 
 
 def test_demo_runs_on_the_bundled_workload(tmp_path: Path) -> None:
-    res = memshare("demo", "-o", str(tmp_path / "demo"), "--json")
+    res = memshare("demo", "--workload", "-o", str(tmp_path / "demo"), "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["summary"]["requests"] == 400

@@ -1,0 +1,86 @@
+"""The main job on the embedded default (``memshare demo``): capture -> simulate -> compare.
+
+1. Capture: the default model (SmolLM2-135M-Instruct) answers the bundled GSM8K prompts
+   (greedy); the trace holds token ids, reasoning steps and per-block, per-layer K/V sketches.
+   A finished capture in the output folder is reused; an interrupted one is resumed.
+2. Simulate: that trace under ``none``, ``prefix``, ``exact-dedup`` and ``cf-topk`` (registry
+   defaults) on the simulator's defaults (H100 preset, the trace's model), one comparison
+   table and its plots.
+
+``validate`` joins here when it exists. Everything lands under one folder:
+``OUT/trace`` and ``OUT/sim`` (a run directory per policy, ``comparison.json``, PNGs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memshare.sim.options import SimOptions
+from memshare.sim.study import StudyProgress, StudyResult, simulate
+from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
+from memshare.traces.capture.run import ProgressFn
+from memshare.traces.reader import load_manifest
+
+DEMO_POLICIES = ("none", "prefix", "exact-dedup", "cf-topk")
+
+
+@dataclass
+class DemoSettings:
+    """The embedded default's size (small enough for a 2-core CPU in a few minutes)."""
+
+    prompts: int = 8  # bundled GSM8K prompts to answer
+    max_new_tokens: int = 256  # tokens per answer
+    batch_size: int = 4  # prompts generated together
+
+
+@dataclass
+class DemoResult:
+    """What the demo made."""
+
+    trace: Path  # the captured trace
+    capture: dict[str, Any] | None  # capture summary (None: an earlier capture was reused)
+    study: StudyResult  # the simulated comparison
+    seconds: dict[str, float]  # wall time per stage
+
+
+def run_demo(
+    out: Path,
+    settings: DemoSettings | None = None,
+    *,
+    capture_progress: ProgressFn | None = None,
+    sim_progress: StudyProgress | None = None,
+    status: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Capture (or reuse) the embedded default and simulate it under :data:`DEMO_POLICIES`."""
+    s = settings or DemoSettings()
+    trace = out / "trace"
+    seconds: dict[str, float] = {}
+    summary: dict[str, Any] | None = None
+    t0 = time.perf_counter()
+    if (trace / "manifest.json").is_file() and load_manifest(trace).complete:
+        if status is not None:
+            status(f"reusing the capture in {trace}")
+    else:
+        summary = capture(
+            CaptureOptions(
+                output=trace,
+                limit=s.prompts,
+                generation=GenerationSettings(s.max_new_tokens, 0.0, 1.0, 0, s.batch_size),
+                resume=(trace / "manifest.json").is_file(),
+            ),
+            progress=capture_progress,
+        )
+    seconds["capture"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    study = simulate(
+        SimOptions(trace=trace, policies=DEMO_POLICIES),
+        out / "sim",
+        plot=True,
+        progress=sim_progress,
+    )
+    seconds["simulate"] = time.perf_counter() - t1
+    return DemoResult(trace, summary, study, seconds)
