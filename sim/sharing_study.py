@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from memshare.registry import param_defaults
 from memshare.sim.options import SimOptions, build_configs
 from memshare.sim.run import LoadedTrace, run_config
 
@@ -70,7 +71,10 @@ def run_study(
         for t in taus:
             plan.append(("cf-topk", (f"granularity={g}", f"share={sh}", f"tau={t}"), (g, sh, t)))
     configs = [
-        build_configs(replace(base, policies=(name,), sets=base.sets + sets), trace.manifest)[0]
+        build_configs(
+            replace(base, policies=(name,), sets=_applicable(base.sets, name) + sets),
+            trace.manifest,
+        )[0]
         for name, sets, _ in plan
     ]  # every config checked before the first run
     rows: list[StudyRow] = []
@@ -104,6 +108,19 @@ def run_study(
     if progress is not None:
         progress("done", len(plan), len(plan))
     return rows
+
+
+def _applicable(sets: Sequence[str], policy: str) -> tuple[str, ...]:
+    """The extra ``--set`` items a policy takes (``key=v`` or ``policy.key=v``); a key that
+    no studied policy takes is an error raised by :func:`build_configs` for ``cf-topk``."""
+    names = set(param_defaults(policy))
+    out = []
+    for item in sets:
+        key = item.partition("=")[0].strip()
+        scope, dot, bare = key.rpartition(".")
+        if (dot and scope == policy) or (not dot and bare in names) or policy == "cf-topk":
+            out.append(item)
+    return tuple(out)
 
 
 def write_study(rows: Sequence[StudyRow], out: Path, *, plot: bool) -> list[Path]:

@@ -56,3 +56,30 @@ def test_cf_topk_shares_repeated_steps(tmp_path: Path) -> None:
     per_layer = sh["per_layer_shared_fraction"]
     assert len(per_layer) == LAYERS and all(f == per_layer[0] > 0 for f in per_layer)
     assert shared["kv"]["peak_blocks_in_use"] < none["kv"]["peak_blocks_in_use"]
+
+
+def test_study_rows_cover_every_option_and_save_what_cf_topk_shares(tmp_path: Path) -> None:
+    from memshare.sim.options import SimOptions
+    from memshare.sim.sharing_study import BASELINES, OPTIONS, run_study, write_study
+
+    trace = repeating_chain(tmp_path / "kv")
+    rows = run_study(
+        SimOptions(trace=trace.path, kv_blocks="unlimited", sets=("window=1",)), taus=(0.0, 0.5)
+    )
+    assert [r.policy for r in rows[: len(BASELINES)]] == list(BASELINES)
+    cf = rows[len(BASELINES) :]
+    assert {(r.granularity, r.share) for r in cf} == set(OPTIONS) and len(cf) == 2 * len(OPTIONS)
+    none = rows[0]
+    assert none.saved_mean == 0.0 and none.page_share_rate == 0.0
+    block_kv = [r for r in cf if (r.granularity, r.share) == ("block", "kv")]
+    # repeated steps have identical sketches: shared at any tau, with distance 0
+    assert all(r.saved_mean > 0 and r.mean_shared_distance == 0.0 for r in block_kv)
+    for r in cf:
+        assert r.mean_kv_bytes < none.mean_kv_bytes
+        expected = 1 - r.mean_kv_bytes / none.mean_kv_bytes
+        assert abs(r.saved_mean - expected) < 1e-12
+    keys_only = next(r for r in cf if (r.granularity, r.share, r.tau) == ("block", "k", 0.5))
+    assert keys_only.saved_mean < block_kv[0].saved_mean  # keys only frees half the pages
+    paths = write_study(rows, tmp_path / "study", plot=True)
+    assert [p.name for p in paths] == ["study.json", "study.csv", "saved_vs_tau.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
