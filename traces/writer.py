@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from memshare import __version__
 from memshare.errors import InputError
+from memshare.traces.files import fsync_dir
 from memshare.traces.reader import (
     KVRows,
     TraceReader,
@@ -53,15 +54,6 @@ if TYPE_CHECKING:
 
 SHARD_MAX_BYTES = 256 * 2**20
 """A shard is rotated when appending a request would take it past this size."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the directory entries of ``path`` (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_manifest(trace_dir: Path, manifest: Manifest) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memshare.errors import InputError
+from memshare.traces.files import fsync_dir
 from memshare.traces.schema import (
     FULL_KV_GLOB,
     FullKVRef,
@@ -35,14 +36,6 @@ from memshare.traces.schema import (
 
 FULL_KV_SHARD_MAX_BYTES = 1 << 30
 _RECAPTURE = "re-capture the trace with --full-kv"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def full_kv_dtype(manifest: Manifest) -> np.dtype[Any] | None:
@@ -109,7 +102,7 @@ class FullKVWriter:
             self._index += 1
             self._rows = 0
             self._file = (self._dir / full_kv_name(self._index)).open("wb")
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         self._file.write(data)
         self._file.flush()
         os.fsync(self._file.fileno())

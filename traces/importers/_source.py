@@ -12,7 +12,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -85,15 +84,6 @@ def parse_number(text: str) -> Fraction | None:
     """A finite decimal number (``12``, ``-0.5``, ``1.5e3``) as an exact Fraction, else None."""
     s = text.strip()
     return Fraction(s) if _NUMBER_RE.fullmatch(s) else None
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of the whole file, read in chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_lines(path: Path, fmt: str) -> Iterator[str]:
