@@ -27,6 +27,9 @@ class MinHasher:
     seed: int = 0
     a: np.ndarray = field(init=False, repr=False)
     b: np.ndarray = field(init=False, repr=False)
+    _off: np.ndarray = field(init=False, repr=False)  # (ngram,) offsets 1..ngram
+    _mix: np.ndarray = field(init=False, repr=False)  # (ngram,) mixing constants
+    _empty: np.ndarray = field(init=False, repr=False)  # the empty signature (copied out)
 
     def __post_init__(self) -> None:
         if self.num_perm <= 0 or not 1 <= self.ngram <= len(_MIX):
@@ -34,10 +37,13 @@ class MinHasher:
         rng = np.random.default_rng(self.seed)
         self.a = rng.integers(1, 2**63, size=self.num_perm, dtype=np.uint64) | np.uint64(1)
         self.b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
+        self._off = np.arange(1, self.ngram + 1, dtype=np.uint64)
+        self._mix = _MIX[: self.ngram].copy()
+        self._empty = np.full(self.num_perm, EMPTY, dtype=np.uint64)
 
     def empty(self) -> np.ndarray:
         """The signature of the empty set."""
-        return np.full(self.num_perm, EMPTY, dtype=np.uint64)
+        return self._empty.copy()
 
     def update(self, sig: np.ndarray, tokens: np.ndarray) -> None:
         """Add the n-grams of ``tokens`` (a contiguous run) to ``sig`` in place."""
@@ -45,9 +51,13 @@ class MinHasher:
         n = len(t) - self.ngram + 1
         if n <= 0:
             return
-        codes = (t[:n] + np.uint64(1)) * _MIX[0]
-        for i in range(1, self.ngram):
-            codes ^= (t[i : i + n] + np.uint64(i + 1)) * _MIX[i]
+        # code of the n-gram at p: XOR over i of (t[p + i] + i + 1) * MIX[i], all mod 2^64
+        mixed = (t[:, None] + self._off) * self._mix  # (len, ngram): one pass, few calls
+        codes = mixed[:n, 0]
+        if self.ngram > 1:
+            codes = codes ^ mixed[1 : 1 + n, 1]
+            for i in range(2, self.ngram):
+                codes ^= mixed[i : i + n, i]
         hashed = np.multiply.outer(codes, self.a)
         hashed += self.b  # (n, P), wraps mod 2^64
         np.minimum(sig, hashed.min(axis=0), out=sig)

@@ -25,6 +25,7 @@ Deterministic: ties break towards the earlier step and the lower block id.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,10 +33,10 @@ from typing import Literal
 import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
-from memshare.minhash import MinHasher, similarity
+from memshare.minhash import EMPTY, MinHasher
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
-NO_CANDIDATES = np.zeros(0, dtype=np.int64)
+NO_CANDIDATES: list[int] = []
 
 
 class _Rows:
@@ -71,16 +72,21 @@ class _Chain:
     step_of: dict[int, int] = field(default_factory=dict)  # logical -> step, where known
     sketch: dict[int, np.ndarray] = field(default_factory=dict)  # logical -> (L, 2, d)
     norm: dict[int, np.ndarray] = field(default_factory=dict)  # logical -> (L, 2)
-    probe: _Rows | None = None  # (n, probe layers, 2, d) float16 copy of probe layers
+    # (n, probe layers, 2, d) copy of the probe layers, rounded to float16 and kept as float32
+    # (converted once here rather than at every comparison: float16 casts are slow)
+    probe: _Rows | None = None
     step_ids: list[int] = field(default_factory=list)  # steps in order of first appearance
     step_pos: dict[int, int] = field(default_factory=dict)  # step -> position in step_ids
     step_blocks: list[list[int]] = field(default_factory=list)  # by position: blocks
     step_tokens: list[list[np.ndarray]] = field(default_factory=list)  # by position: tokens
-    sigs: _Rows | None = None  # (steps, P) MinHash by position
+    sigs: list[np.ndarray | None] = field(default_factory=list)  # (P,) MinHash by position
     sig_final: list[bool] = field(default_factory=list)  # signature of a closed step is done
     sig_done: int = 0  # every position below this has its final signature
     sig_parts: list[int] = field(default_factory=list)  # token arrays in each signature
-    neighbours: dict[int, np.ndarray] = field(default_factory=dict)  # position -> candidates
+    sig_len: list[int] = field(default_factory=list)  # tokens hashed into each signature
+    # inverted index of final non-empty signatures: per permutation, value -> positions
+    sig_index: list[dict[int, list[int]]] = field(default_factory=list)
+    neighbours: dict[int, list[int]] = field(default_factory=dict)  # position -> candidates
     links: dict[int, set[int]] = field(default_factory=dict)  # logical -> logical shared with
 
 
@@ -142,8 +148,11 @@ class CfTopK:
             if self.granularity == "block":
                 probe = _probe_layers(blk.sketch.shape[0])
                 if chain.probe is None:
-                    chain.probe = _Rows((len(probe), *blk.sketch.shape[1:]), np.float16)
-                chain.probe.put(i, blk.sketch[probe])
+                    chain.probe = _Rows((len(probe), *blk.sketch.shape[1:]), np.float32)
+                rows = blk.sketch[probe]
+                if rows.dtype != np.float16:
+                    rows = rows.astype(np.float16)
+                chain.probe.put(i, rows)
         if blk.step is None:
             return
         chain.step_of[i] = blk.step
@@ -155,32 +164,49 @@ class CfTopK:
             chain.step_tokens.append([])
             chain.sig_final.append(False)
             chain.sig_parts.append(-1)
+            chain.sig_len.append(0)
+            chain.sigs.append(None)
         chain.step_blocks[pos].append(i)
         if blk.token_ids is not None:
             chain.step_tokens[pos].append(np.asarray(blk.token_ids))
 
-    def _signatures(self, chain: _Chain, upto: int) -> np.ndarray:
-        """MinHash rows of step positions ``0..upto`` (closed steps computed once)."""
-        if chain.sigs is None:
-            chain.sigs = _Rows((self.num_perm,), np.uint64)
+    def _signatures(self, chain: _Chain, upto: int) -> None:
+        """Bring the MinHash rows of step positions ``0..upto`` up to date (closed steps are
+        computed once and then enter the inverted index). A row only ever gains tokens, so
+        only the n-grams ending in new tokens are hashed (the min is the same)."""
+        if not chain.sig_index:
+            chain.sig_index = [{} for _ in range(self.num_perm)]
         last = len(chain.step_ids) - 1
         for pos in range(chain.sig_done, upto + 1):
             if chain.sig_final[pos]:
                 continue
             parts = chain.step_tokens[pos]
+            sig = chain.sigs[pos]
             if chain.sig_parts[pos] != len(parts):  # new tokens since the last signature
-                sig = self._hasher.empty()
+                if sig is None:
+                    sig = chain.sigs[pos] = self._hasher.empty()
                 if parts:
-                    self._hasher.update(sig, np.concatenate(parts))
-                chain.sigs.put(pos, sig)
+                    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                    start = max(0, chain.sig_len[pos] - self.ngram + 1)
+                    self._hasher.update(sig, tokens[start:])
+                    chain.sig_len[pos] = len(tokens)
                 chain.sig_parts[pos] = len(parts)
-            chain.sig_final[pos] = pos < last  # a later step exists: this one is closed
+            if pos < last:  # a later step exists: this one is closed
+                chain.sig_final[pos] = True
+                assert sig is not None
+                values = sig.tolist()
+                if values[0] != EMPTY:  # an empty signature is similar to nothing
+                    for index, v in zip(chain.sig_index, values, strict=True):
+                        hit = index.get(v)
+                        if hit is None:
+                            index[v] = [pos]
+                        else:
+                            hit.append(pos)
         while chain.sig_done <= upto and chain.sig_final[chain.sig_done]:
             chain.sig_done += 1
-        return chain.sigs.view()[: upto + 1]
 
     # ------------------------------------------------------------------ deciding
-    def _candidates(self, chain: _Chain, j: int) -> np.ndarray:
+    def _candidates(self, chain: _Chain, j: int) -> list[int]:
         """Logical indices of candidate blocks for block ``j``, sorted. The step's neighbours
         are fixed at its first decision (its signature then covers ``window + 1`` blocks)."""
         step = chain.step_of.get(j)
@@ -190,22 +216,35 @@ class CfTopK:
         base = chain.neighbours.get(pos)
         if base is None:
             base = chain.neighbours[pos] = self._neighbour_blocks(chain, pos)
-        if not chain.links or base.size == 0:
+        if not chain.links or not base:
             return base
-        linked = {x for b in base.tolist() for x in chain.links.get(b, ()) if 1 <= x < j}
-        if not linked:
+        links = chain.links
+        linked = {x for b in base if b in links for x in links[b] if 1 <= x < j}
+        if not linked or linked.issubset(base):
             return base
-        return np.union1d(base, np.fromiter(linked, dtype=np.int64, count=len(linked)))
+        linked.update(base)
+        return sorted(linked)
 
-    def _neighbour_blocks(self, chain: _Chain, pos: int) -> np.ndarray:
+    def _neighbour_blocks(self, chain: _Chain, pos: int) -> list[int]:
         if pos == 0:
             return NO_CANDIDATES
-        sigs = self._signatures(chain, pos)
-        sims = similarity(sigs[pos], sigs[:pos])
-        order = np.argsort(-sims, kind="stable")[: self.k]  # best first, earlier on ties
-        blocks = [b for p in order.tolist() if sims[p] > 0 for b in chain.step_blocks[p]]
-        cands = sorted({b for b in blocks if b >= 1 and b in chain.sketch})
-        return np.asarray(cands, dtype=np.int64)
+        self._signatures(chain, pos)
+        sig = chain.sigs[pos]
+        assert sig is not None
+        values = sig.tolist()
+        if values[0] == EMPTY:
+            return NO_CANDIDATES
+        # estimated Jaccard = shared MinHash values / P, counted through the inverted index
+        # (earlier, final, non-empty rows only); best first, earlier on ties, zero dropped
+        counts: dict[int, int] = {}
+        for index, v in zip(chain.sig_index, values, strict=True):
+            hit = index.get(v)
+            if hit is not None:
+                for p in hit:
+                    counts[p] = counts.get(p, 0) + 1
+        order = sorted((p for p in counts if p < pos), key=lambda p: (-counts[p], p))
+        blocks = [b for p in order[: self.k] for b in chain.step_blocks[p]]
+        return sorted({b for b in blocks if b >= 1 and b in chain.sketch})
 
     def _decide(self, chain: _Chain, j: int, table: Sequence[KVBlock]) -> BlockDecision | None:
         own = table[j]
@@ -214,58 +253,118 @@ class CfTopK:
         if own.ref_cnt != 1 or own.block_hash is not None:
             return None  # not exclusively ours: a prefix hit or a published block
         cands = self._candidates(chain, j)
-        if cands.size == 0:
+        if not cands:
             return None
-        x = np.asarray(chain.sketch[j], dtype=np.float32)
+        xs = chain.sketch[j]
         norm = np.maximum(np.asarray(chain.norm[j], dtype=np.float32), 1e-12)
-        layers = x.shape[0]
+        layers = xs.shape[0]
         if self.granularity == "block":
             # cascade: probe layers first; candidates failing more than allowed are dropped
-            allowed = layers - int(np.ceil(self.min_layers * layers - 1e-9))
+            allowed = layers - math.ceil(self.min_layers * layers - 1e-9)
             probe = _probe_layers(layers)
             assert chain.probe is not None
-            pd = self._dist(chain.probe.view()[cands], x[probe], norm[probe])
-            cands = cands[np.count_nonzero(pd > self.tau, axis=1) <= allowed]
-            if cands.size == 0:
+            rows = chain.probe.view()
+            # the block's own probe row is its sketch exactly when that is float16
+            xp = rows[j] if xs.dtype == np.float16 else np.asarray(xs[probe], dtype=np.float32)
+            cands = self._probe_pass(rows, cands, xp, norm[probe], allowed)
+            if not cands:
                 return None
-        cand = np.stack([chain.sketch[c] for c in cands.tolist()])
-        dist = self._dist(cand, x, norm)  # (m, L)
-        ok = dist <= self.tau
+        # float32 differences (cast, then subtract: one pass per candidate)
+        sketch = chain.sketch
+        k_only = self.share == "k"
+        x = xs[:, 0] if k_only else xs
+        if len(cands) == 1:
+            one = sketch[cands[0]]
+            diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
+        else:
+            diff = np.empty((len(cands), *x.shape), dtype=np.float32)
+            for i, c in enumerate(cands):
+                np.subtract(sketch[c][:, 0] if k_only else sketch[c], x, diff[i], dtype=np.float32)
+        dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if self.share == "k" else [0, 1]
         if self.granularity == "block":
-            return self._block_share(chain, j, cands, dist, ok, cols, table)
-        return self._layer_share(chain, j, cands, dist, ok, cols, table)
+            return self._block_share(chain, j, cands, dist, cols, table)
+        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table)
 
-    def _dist(self, cand: np.ndarray, x: np.ndarray, norm: np.ndarray) -> np.ndarray:
-        """Relative distance per candidate and layer (m, L): K only, or max of K and V."""
-        if self.share == "k":
-            diff = cand[:, :, 0].astype(np.float32) - x[:, 0]
-            np.square(diff, out=diff)
-            return np.sqrt(diff.sum(axis=-1)) / norm[:, 0]  # type: ignore[no-any-return]
-        diff = cand.astype(np.float32) - x
+    def _probe_pass(
+        self, rows: np.ndarray, cands: list[int], xp: np.ndarray, normp: np.ndarray, allowed: int
+    ) -> list[int]:
+        """Candidates whose probe layers fail ``tau`` at most ``allowed`` times (in order).
+
+        Exactly the test on :meth:`_rel`'s distances. With ``allowed == 0`` a fused dot
+        product (a different float summation order) settles every candidate whose largest
+        probe distance is clearly off ``tau``; the few within a relative 1e-3 band (or
+        non-finite) are settled by the exact test."""
+        k_only = self.share == "k"
+        if allowed != 0:
+            pd = self._rel(rows[cands, :, 0] - xp[:, 0] if k_only else rows[cands] - xp, normp)
+            ok: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) <= allowed).tolist()
+            return [c for c, kept in zip(cands, ok, strict=True) if kept]
+        g = rows[cands, :, 0] if k_only else rows[cands]
+        g -= xp[:, 0] if k_only else xp
+        approx = np.vecdot(g, g)  # squared distances, any summation order
+        np.sqrt(approx, out=approx)
+        approx /= normp[:, 0] if k_only else normp
+        worst: list[float] = approx.reshape(len(cands), -1).max(axis=1).tolist()
+        tau = float(np.float32(self.tau))  # numpy compares float32 distances in float32
+        lo, hi = tau * (1 - 1e-3) - 1e-9, tau * (1 + 1e-3) + 1e-9
+        keep: list[int] = []
+        unsure: list[int] = []
+        for c, w in zip(cands, worst, strict=True):
+            if w < lo:
+                keep.append(c)
+            elif not w > hi:  # within the band, or NaN
+                unsure.append(c)
+        if unsure:
+            pd = self._rel(rows[unsure, :, 0] - xp[:, 0] if k_only else rows[unsure] - xp, normp)
+            exact: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) == 0).tolist()
+            keep = sorted(keep + [c for c, kept in zip(unsure, exact, strict=True) if kept])
+        return keep
+
+    def _rel(self, diff: np.ndarray, norm: np.ndarray) -> np.ndarray:
+        """``||diff|| / norm`` per candidate and layer from float32 differences (m, L, [2,] d),
+        overwriting ``diff``; K only (``norm[:, 0]``), or the max of K and V."""
         np.square(diff, out=diff)
-        rel = np.sqrt(diff.sum(axis=-1)) / norm
-        return rel.max(axis=-1)  # type: ignore[no-any-return]
+        rel = diff.sum(axis=-1)
+        np.sqrt(rel, out=rel)
+        if self.share == "k":
+            rel /= norm[:, 0]
+            return rel  # type: ignore[no-any-return]
+        rel /= norm
+        return np.maximum(rel[..., 0], rel[..., 1])  # type: ignore[no-any-return]  # K/V max
 
     def _block_share(
         self,
         chain: _Chain,
         j: int,
-        cands: np.ndarray,
+        cands: list[int],
         dist: np.ndarray,
-        ok: np.ndarray,
         cols: list[int],
         table: Sequence[KVBlock],
     ) -> BlockDecision | None:
-        need = int(np.ceil(self.min_layers * dist.shape[1] - 1e-9))
-        eligible = np.flatnonzero(np.count_nonzero(ok, axis=1) >= need)
-        if eligible.size == 0:
+        layers = dist.shape[1]
+        need = math.ceil(self.min_layers * layers - 1e-9)
+        if need >= layers:  # every layer must confirm: the worst one decides (NaN fails)
+            tau = float(np.float32(self.tau))  # numpy compares float32 distances in float32
+            worst = dist.max(axis=1).tolist()
+            eligible = [i for i, w in enumerate(worst) if w <= tau]
+        else:
+            confirmed = np.count_nonzero(dist <= self.tau, axis=1).tolist()
+            eligible = [i for i, n in enumerate(confirmed) if n >= need]
+        if not eligible:
             return None
-        totals = dist[eligible].sum(axis=1)
-        best = int(eligible[int(np.argmin(totals))])
-        c = int(cands[best])
+        sums = dist.sum(axis=1).tolist()  # float32 row sums, exact as floats
+        totals = [sums[i] for i in eligible]
+        lowest = min(totals)
+        if lowest != lowest or any(t != t for t in totals):  # NaN: numpy's argmin/min rules
+            rows = dist[eligible].sum(axis=1)
+            best = eligible[int(np.argmin(rows))]
+            lowest = float(rows.min())
+        else:
+            best = eligible[totals.index(lowest)]  # first minimum, as argmin
+        c = cands[best]
         target = table[c]
-        d = float(totals.min()) / dist.shape[1]
+        d = lowest / layers
         self._link(chain, j, c)
         me = chain.phys[j]
         if len(cols) == 2:
@@ -279,7 +378,7 @@ class CfTopK:
         self,
         chain: _Chain,
         j: int,
-        cands: np.ndarray,
+        cands: list[int],
         dist: np.ndarray,
         ok: np.ndarray,
         cols: list[int],
@@ -293,7 +392,7 @@ class CfTopK:
         mask = np.zeros(table[j].pages.shape, dtype=bool)
         source = table[j].pages.copy()
         for layer in layers.tolist():
-            c = int(cands[int(best[layer])])
+            c = cands[int(best[layer])]
             mask[layer, cols] = True
             source[layer, cols] = table[c].pages[layer, cols]
             self._link(chain, j, c)
