@@ -84,8 +84,9 @@ class _Chain:
     sig_done: int = 0  # every position below this has its final signature
     sig_parts: list[int] = field(default_factory=list)  # token arrays in each signature
     sig_len: list[int] = field(default_factory=list)  # tokens hashed into each signature
-    # inverted index of final non-empty signatures: per permutation, value -> positions
-    sig_index: list[dict[int, list[int]]] = field(default_factory=list)
+    # inverted index of final non-empty signatures: per permutation, value -> position, or
+    # a list of positions once shared (plain ints allocate no GC-tracked objects)
+    sig_index: list[dict[int, int | list[int]]] = field(default_factory=list)
     neighbours: dict[int, list[int]] = field(default_factory=dict)  # position -> candidates
     links: dict[int, set[int]] = field(default_factory=dict)  # logical -> logical shared with
 
@@ -199,7 +200,9 @@ class CfTopK:
                     for index, v in zip(chain.sig_index, values, strict=True):
                         hit = index.get(v)
                         if hit is None:
-                            index[v] = [pos]
+                            index[v] = pos
+                        elif isinstance(hit, int):
+                            index[v] = [hit, pos]
                         else:
                             hit.append(pos)
         while chain.sig_done <= upto and chain.sig_final[chain.sig_done]:
@@ -239,7 +242,11 @@ class CfTopK:
         counts: dict[int, int] = {}
         for index, v in zip(chain.sig_index, values, strict=True):
             hit = index.get(v)
-            if hit is not None:
+            if hit is None:
+                continue
+            if isinstance(hit, int):
+                counts[hit] = counts.get(hit, 0) + 1
+            else:
                 for p in hit:
                     counts[p] = counts.get(p, 0) + 1
         order = sorted((p for p in counts if p < pos), key=lambda p: (-counts[p], p))
