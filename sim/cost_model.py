@@ -41,12 +41,14 @@ class BatchShape:
     decode_seqs: int = 0  # sequences computing exactly one token
     decode_kv_tokens: int = 0  # sum over them of c + 1
 
-    def add(self, n: int, c: int, sampled: bool) -> None:
-        """Count one sequence computing ``n`` tokens after ``c`` cached/computed ones."""
+    def add(self, n: int, c: int, sampled: bool, decode: bool) -> None:
+        """Count one sequence computing ``n`` tokens after ``c`` cached/computed ones; a
+        ``decode`` sequence computes exactly one token (the scheduler decides: a token whose
+        KV is copied rather than computed still makes its chunk a prefill)."""
         self.num_seqs += 1
         self.num_tokens += n
         self.num_sampled += sampled
-        if n == 1:
+        if decode:
             self.decode_seqs += 1
             self.decode_kv_tokens += c + 1
         else:

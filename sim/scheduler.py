@@ -99,11 +99,7 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         thr = cfg.long_prefill_token_threshold
         plan = StepPlan()
-        reqs, toks = plan.reqs, plan.tokens
         running = self.running
-        # BatchShape aggregates, kept in locals on this hot path
-        sampled = p_seqs = p_tok = p_kv = d_seqs = d_kv = 0
-        p_pairs = 0.0
 
         i = 0
         while i < len(running) and budget > 0:
@@ -128,24 +124,7 @@ class Scheduler:
                     ok = self._allocate(req, n)
                 if not ok:
                     break
-            end = c + n
-            req.num_computed = end
-            reqs.append(req)
-            toks.append(n)
-            sampled += end == want
-            if n == 1 and not req.reuse_left:
-                d_seqs += 1
-                d_kv += end
-            else:
-                e, ce = n, c
-                if req.reuse_left:  # KVShare: copied KV is not computed
-                    take = min(n, req.reuse_left)
-                    req.reuse_left -= take
-                    e, ce = n - take, c + take
-                p_seqs += 1
-                p_tok += e
-                p_pairs += e * (ce + (e + 1) / 2)
-                p_kv += end
+            self._count(plan, req, c, n, want)
             budget -= n
             i += 1
 
@@ -175,39 +154,25 @@ class Scheduler:
                 req.hit_tokens = c
                 req.hit_blocks = len(hit.blocks)
                 req.first_scheduled = now
-            end = c + n
-            req.num_computed = end
-            reqs.append(req)
-            toks.append(n)
-            sampled += end == want
-            if n == 1 and not req.reuse_left:
-                d_seqs += 1
-                d_kv += end
-            else:
-                e, ce = n, c
-                if req.reuse_left:  # KVShare: copied KV is not computed
-                    take = min(n, req.reuse_left)
-                    req.reuse_left -= take
-                    e, ce = n - take, c + take
-                p_seqs += 1
-                p_tok += e
-                p_pairs += e * (ce + (e + 1) / 2)
-                p_kv += end
+            self._count(plan, req, c, n, want)
             budget -= n
             plan.admitted += 1
 
-        plan.shape = BatchShape(
-            num_seqs=len(reqs),
-            num_tokens=p_tok + d_seqs,
-            num_sampled=sampled,
-            prefill_seqs=p_seqs,
-            prefill_tokens=p_tok,
-            prefill_pairs=p_pairs,
-            prefill_kv_tokens=p_kv,
-            decode_seqs=d_seqs,
-            decode_kv_tokens=d_kv,
-        )
         return plan
+
+    @staticmethod
+    def _count(plan: StepPlan, req: SimRequest, c: int, n: int, want: int) -> None:
+        """Schedule ``n`` tokens of ``req`` after its ``c`` computed ones into ``plan``.
+
+        Tokens whose KV a policy reuses (KVShare) take budget and blocks but are not computed.
+        """
+        end = c + n
+        req.num_computed = end
+        plan.reqs.append(req)
+        plan.tokens.append(n)
+        take = min(n, req.reuse_left)
+        req.reuse_left -= take
+        plan.shape.add(n - take, c + take, end == want, decode=n == 1 and take == 0)
 
     def complete(self, plan: StepPlan, now: float) -> list[SimRequest]:
         """End of the step at ``now``: sample tokens, finish requests; returns the finished."""

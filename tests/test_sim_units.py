@@ -174,12 +174,12 @@ def test_cost_model_terms() -> None:
     assert decode[0] < decode[1] < decode[2]  # attention grows with context
     big = BatchShape()
     for _ in range(64):
-        big.add(1, 2000, True)
+        big.add(1, 2000, True, decode=True)
     small = BatchShape()
-    small.add(1, 2000, True)
+    small.add(1, 2000, True, decode=True)
     assert cost.step_time(big) < 64 * cost.step_time(small)  # weights are read once per step
     prefill = BatchShape()
-    prefill.add(8192, 0, True)
+    prefill.add(8192, 0, True, decode=False)
     b = cost.breakdown(prefill)
     assert b.total_s == pytest.approx(cost.step_time(prefill))
     # a big prefill is compute-bound: linear FLOPs over achieved FLOP/s
