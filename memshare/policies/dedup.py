@@ -2,8 +2,8 @@
 
 - ``exact-dedup``: a page (one layer's K or V of a block) is shared only with a page whose
   KV is identical, judged on the sketches (pre-RoPE keys, so equal content at another position
-  still matches): equal sketch bytes and norm, and relative distance ``<= atol``. Lossless:
-  the floor any lossy policy must beat. Token-identical blocks have identical first-layer KV
+  still matches): equal float16 sketch bytes and equal norm, i.e. distance 0 within float16
+  rounding. Lossless up to a sketch collision: the floor any lossy policy must beat. Token-identical blocks have identical first-layer KV
   whatever their context, so this finds at least those pages.
 - ``token-dedup``: a whole block is shared with a live block holding the same token ids.
   Lossy: the same tokens in another context have other KV past the first layers; it shows why
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,19 +30,33 @@ def _exclusive(block: KVBlock) -> bool:
 
 
 @dataclass
-class ExactDedup:
-    """Page-level sharing of bit-identical KV (per layer, K and V separately)."""
+class _LiveIndex:
+    """Content key -> (owning request, block id, ...), for live requests' blocks only."""
 
-    atol: float = 1e-3  # relative sketch distance still counted as identical (fp16 noise)
-    name: str = "exact-dedup"
-    _index: dict[bytes, tuple[str, int, int, int]] = field(
-        default_factory=dict, init=False, repr=False
-    )
+    _index: dict[bytes, tuple[Any, ...]] = field(default_factory=dict, init=False, repr=False)
     _owned: dict[str, list[bytes]] = field(default_factory=dict, init=False, repr=False)
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """No prefix reuse."""
         return PrefixHit()
+
+    def _register(self, req_id: str, key: bytes, value: tuple[Any, ...]) -> None:
+        self._index[key] = (req_id, *value)
+        self._owned.setdefault(req_id, []).append(key)
+
+    def on_request_end(self, req_id: str) -> None:
+        """Forget what this request registered."""
+        for key in self._owned.pop(req_id, ()):
+            if self._index.get(key, ("",))[0] == req_id:
+                del self._index[key]
+
+
+@dataclass
+class ExactDedup(_LiveIndex):
+    """Page-level sharing of bit-identical KV (per layer, K and V separately): equal float16
+    sketch bytes and equal norm (identical KV gives identical sketches)."""
+
+    name: str = "exact-dedup"
 
     def on_block_full(
         self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
@@ -54,7 +69,6 @@ class ExactDedup:
         norm = np.asarray(blk.norm, dtype=np.float32)
         mask = np.zeros(own.pages.shape, dtype=bool)
         source = own.pages.copy()
-        keys = self._owned.setdefault(blk.req_id, [])
         for layer in range(sk.shape[0]):
             for kv in (0, 1):
                 key = sk[layer, kv].tobytes() + norm[layer, kv].tobytes() + bytes([kv])
@@ -64,8 +78,7 @@ class ExactDedup:
                     if page is not None:
                         mask[layer, kv], source[layer, kv] = True, page
                         continue
-                self._index[key] = (blk.req_id, own.block_id, layer, kv)
-                keys.append(key)
+                self._register(blk.req_id, key, (own.block_id, layer, kv))
         if not mask.any():
             return ()
         return (
@@ -75,31 +88,19 @@ class ExactDedup:
         )
 
     @staticmethod
-    def _live_page(pool: BlockPool, twin: tuple[str, int, int, int]) -> int | None:
+    def _live_page(pool: BlockPool, twin: tuple[Any, ...]) -> int | None:
         _, block_id, layer, kv = twin
         try:
             return int(pool.block(block_id).pages[layer, kv])
         except KeyError:
             return None
 
-    def on_request_end(self, req_id: str) -> None:
-        """Forget the pages this request registered."""
-        for key in self._owned.pop(req_id, ()):
-            if self._index.get(key, ("",))[0] == req_id:
-                del self._index[key]
-
 
 @dataclass
-class TokenDedup:
+class TokenDedup(_LiveIndex):
     """Whole-block sharing of token-identical blocks, at any position (lossy)."""
 
     name: str = "token-dedup"
-    _index: dict[bytes, tuple[str, int]] = field(default_factory=dict, init=False, repr=False)
-    _owned: dict[str, list[bytes]] = field(default_factory=dict, init=False, repr=False)
-
-    def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
-        """No prefix reuse."""
-        return PrefixHit()
 
     def on_block_full(
         self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
@@ -117,12 +118,5 @@ class TokenDedup:
                 target = None
             if target is not None and target.ref_cnt > 0:
                 return (BlockDecision(blk.index, expect=own.block_id, share_block=target.block_id),)
-        self._index[key] = (blk.req_id, own.block_id)
-        self._owned.setdefault(blk.req_id, []).append(key)
+        self._register(blk.req_id, key, (own.block_id,))
         return ()
-
-    def on_request_end(self, req_id: str) -> None:
-        """Forget the blocks this request registered."""
-        for key in self._owned.pop(req_id, ()):
-            if self._index.get(key, ("",))[0] == req_id:
-                del self._index[key]
