@@ -3,8 +3,9 @@
 - ``exact-dedup``: a page (one layer's K or V of a block) is shared only with a page whose
   KV is identical, judged on the sketches (pre-RoPE keys, so equal content at another position
   still matches): equal float16 sketch bytes and equal norm, i.e. distance 0 within float16
-  rounding. Lossless up to a sketch collision: the floor any lossy policy must beat. Token-identical blocks have identical first-layer KV
-  whatever their context, so this finds at least those pages.
+  rounding. Lossless up to a sketch collision: the floor any lossy policy must beat.
+  Token-identical blocks have identical first-layer KV whatever their context, so this finds
+  at least those pages.
 - ``token-dedup``: a whole block is shared with a live block holding the same token ids.
   Lossy: the same tokens in another context have other KV past the first layers; it shows why
   similarity must be judged on KV, not on tokens.
