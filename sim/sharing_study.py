@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from memshare.errors import InputError
 from memshare.registry import param_defaults
 from memshare.sim.options import SimOptions, build_configs
 from memshare.sim.run import LoadedTrace, run_config
@@ -64,6 +65,12 @@ def run_study(
 ) -> list[StudyRow]:
     """All baselines and cf-topk options over ``base`` (its policies are replaced)."""
     trace = LoadedTrace.load(Path(base.trace))
+    if not trace.has_sketches:
+        raise InputError(
+            str(base.trace),
+            "has no KV sketches (a workload-only trace), so no similarity policy can act",
+            "study a trace made by `memshare capture`",
+        )
     plan: list[tuple[str, tuple[str, ...], tuple[str | None, str | None, float | None]]] = [
         (name, (), (None, None, None)) for name in BASELINES
     ]

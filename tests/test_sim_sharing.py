@@ -83,3 +83,21 @@ def test_study_rows_cover_every_option_and_save_what_cf_topk_shares(tmp_path: Pa
     paths = write_study(rows, tmp_path / "study", plot=True)
     assert [p.name for p in paths] == ["study.json", "study.csv", "saved_vs_tau.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_study_refuses_a_workload_trace(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "workloads"
+    src = tmp_path / "mc.jsonl"
+    src.write_text("".join((data / "mooncake_synthetic_trace.jsonl").open().readlines()[:5]))
+    run = [sys.executable, "-m", "memshare.cli"]
+    subprocess.run(
+        [*run, "import", "mooncake", str(src), "-o", str(tmp_path / "t")],
+        check=True,
+        capture_output=True,
+    )
+    res = subprocess.run([*run, "study", str(tmp_path / "t")], capture_output=True, text=True)
+    assert res.returncode == 2 and "no KV sketches" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
