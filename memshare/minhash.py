@@ -62,6 +62,33 @@ class MinHasher:
         hashed += self.b  # (n, P), wraps mod 2^64
         np.minimum(sig, hashed.min(axis=0), out=sig)
 
+    def update_many(self, sigs: list[np.ndarray], runs: list[np.ndarray]) -> None:
+        """:meth:`update` of each ``sigs[i]`` with ``runs[i]``, hashed in one pass (n-grams
+        never cross from one run into the next)."""
+        keep = [i for i, r in enumerate(runs) if len(r) >= self.ngram]
+        if len(keep) <= 1:
+            for i in keep:
+                self.update(sigs[i], runs[i])
+            return
+        t = np.concatenate([runs[i] for i in keep]).astype(np.uint64)
+        n = len(t) - self.ngram + 1
+        mixed = (t[:, None] + self._off) * self._mix
+        codes = mixed[:n, 0]
+        if self.ngram > 1:
+            codes = codes ^ mixed[1 : 1 + n, 1]
+            for i in range(2, self.ngram):
+                codes ^= mixed[i : i + n, i]
+        hashed = np.multiply.outer(codes, self.a)
+        hashed += self.b
+        bounds: list[int] = []
+        start = 0
+        for i in keep:  # run i's n-grams start in [start, start + len - ngram]
+            bounds += (start, start + len(runs[i]) - self.ngram + 1)
+            start += len(runs[i])
+        mins = np.minimum.reduceat(hashed, bounds[:-1], axis=0)
+        for k, i in enumerate(keep):
+            np.minimum(sigs[i], mins[2 * k], out=sigs[i])
+
 
 def similarity(sig: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Estimated Jaccard of ``sig`` (P,) with each row of ``others`` (S, P); 0 for empties."""

@@ -178,9 +178,10 @@ class CfTopK:
         if not chain.sig_index:
             chain.sig_index = [{} for _ in range(self.num_perm)]
         last = len(chain.step_ids) - 1
-        for pos in range(chain.sig_done, upto + 1):
-            if chain.sig_final[pos]:
-                continue
+        todo = [p for p in range(chain.sig_done, upto + 1) if not chain.sig_final[p]]
+        sigs: list[np.ndarray] = []
+        runs: list[np.ndarray] = []
+        for pos in todo:
             parts = chain.step_tokens[pos]
             sig = chain.sigs[pos]
             if chain.sig_parts[pos] != len(parts):  # new tokens since the last signature
@@ -189,9 +190,14 @@ class CfTopK:
                 if parts:
                     tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
                     start = max(0, chain.sig_len[pos] - self.ngram + 1)
-                    self._hasher.update(sig, tokens[start:])
+                    sigs.append(sig)
+                    runs.append(tokens[start:])
                     chain.sig_len[pos] = len(tokens)
                 chain.sig_parts[pos] = len(parts)
+        if sigs:
+            self._hasher.update_many(sigs, runs)
+        for pos in todo:
+            sig = chain.sigs[pos]
             if pos < last:  # a later step exists: this one is closed
                 chain.sig_final[pos] = True
                 assert sig is not None
@@ -285,8 +291,9 @@ class CfTopK:
             diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
         else:
             diff = np.empty((len(cands), *x.shape), dtype=np.float32)
+            xf = np.asarray(x, dtype=np.float32)  # the same cast, done once
             for i, c in enumerate(cands):
-                np.subtract(sketch[c][:, 0] if k_only else sketch[c], x, diff[i], dtype=np.float32)
+                np.subtract(sketch[c][:, 0] if k_only else sketch[c], xf, diff[i], dtype=np.float32)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if self.share == "k" else [0, 1]
         if self.granularity == "block":
