@@ -37,6 +37,7 @@ from memshare.minhash import EMPTY, MinHasher
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 NO_CANDIDATES: list[int] = []
+_F16 = np.dtype(np.float16)
 
 
 class _Rows:
@@ -55,7 +56,8 @@ class _Rows:
             grown[: len(self._a)] = self._a
             self._a = grown
         self._a[i] = row
-        self.n = max(self.n, i + 1)
+        if i >= self.n:
+            self.n = i + 1
 
     def view(self) -> np.ndarray:
         """Rows ``0 .. n-1``."""
@@ -84,9 +86,9 @@ class _Chain:
     sig_done: int = 0  # every position below this has its final signature
     sig_parts: list[int] = field(default_factory=list)  # token arrays in each signature
     sig_len: list[int] = field(default_factory=list)  # tokens hashed into each signature
-    # inverted index of final non-empty signatures: per permutation, value -> position, or
-    # a list of positions once shared (plain ints allocate no GC-tracked objects)
-    sig_index: list[dict[int, int | list[int]]] = field(default_factory=list)
+    # final signatures as rows by position (compared all at once), and which are non-empty
+    sig_rows: _Rows | None = None
+    sig_live: list[bool] = field(default_factory=list)
     neighbours: dict[int, list[int]] = field(default_factory=dict)  # position -> candidates
     links: dict[int, set[int]] = field(default_factory=dict)  # logical -> logical shared with
 
@@ -150,8 +152,8 @@ class CfTopK:
                 probe = _probe_layers(blk.sketch.shape[0])
                 if chain.probe is None:
                     chain.probe = _Rows((len(probe), *blk.sketch.shape[1:]), np.float32)
-                rows = blk.sketch[probe]
-                if rows.dtype != np.float16:
+                rows = blk.sketch.take(probe, axis=0)
+                if rows.dtype is not _F16:
                     rows = rows.astype(np.float16)
                 chain.probe.put(i, rows)
         if blk.step is None:
@@ -167,16 +169,17 @@ class CfTopK:
             chain.sig_parts.append(-1)
             chain.sig_len.append(0)
             chain.sigs.append(None)
+            chain.sig_live.append(False)
         chain.step_blocks[pos].append(i)
         if blk.token_ids is not None:
             chain.step_tokens[pos].append(np.asarray(blk.token_ids))
 
     def _signatures(self, chain: _Chain, upto: int) -> None:
         """Bring the MinHash rows of step positions ``0..upto`` up to date (closed steps are
-        computed once and then enter the inverted index). A row only ever gains tokens, so
-        only the n-grams ending in new tokens are hashed (the min is the same)."""
-        if not chain.sig_index:
-            chain.sig_index = [{} for _ in range(self.num_perm)]
+        computed once and then enter ``sig_rows``). A row only ever gains tokens, so only the
+        n-grams ending in new tokens are hashed (the min is the same)."""
+        if chain.sig_rows is None:
+            chain.sig_rows = _Rows((self.num_perm,), np.uint64, EMPTY)
         last = len(chain.step_ids) - 1
         todo = [p for p in range(chain.sig_done, upto + 1) if not chain.sig_final[p]]
         sigs: list[np.ndarray] = []
@@ -201,16 +204,8 @@ class CfTopK:
             if pos < last:  # a later step exists: this one is closed
                 chain.sig_final[pos] = True
                 assert sig is not None
-                values = sig.tolist()
-                if values[0] != EMPTY:  # an empty signature is similar to nothing
-                    for index, v in zip(chain.sig_index, values, strict=True):
-                        hit = index.get(v)
-                        if hit is None:
-                            index[v] = pos
-                        elif isinstance(hit, int):
-                            index[v] = [hit, pos]
-                        else:
-                            hit.append(pos)
+                chain.sig_rows.put(pos, sig)
+                chain.sig_live[pos] = bool(sig[0] != EMPTY)  # an empty one matches nothing
         while chain.sig_done <= upto and chain.sig_final[chain.sig_done]:
             chain.sig_done += 1
 
@@ -240,22 +235,18 @@ class CfTopK:
         self._signatures(chain, pos)
         sig = chain.sigs[pos]
         assert sig is not None
-        values = sig.tolist()
-        if values[0] == EMPTY:
+        if sig[0] == EMPTY:
             return NO_CANDIDATES
-        # estimated Jaccard = shared MinHash values / P, counted through the inverted index
-        # (earlier, final, non-empty rows only); best first, earlier on ties, zero dropped
-        counts: dict[int, int] = {}
-        for index, v in zip(chain.sig_index, values, strict=True):
-            hit = index.get(v)
-            if hit is None:
-                continue
-            if isinstance(hit, int):
-                counts[hit] = counts.get(hit, 0) + 1
-            else:
-                for p in hit:
-                    counts[p] = counts.get(p, 0) + 1
-        order = sorted((p for p in counts if p < pos), key=lambda p: (-counts[p], p))
+        # estimated Jaccard = shared MinHash values / P over the earlier (all final) rows,
+        # non-empty ones only; best first, earlier on ties, zero dropped
+        assert chain.sig_rows is not None
+        counts = np.count_nonzero(chain.sig_rows.view()[:pos] == sig, axis=1)
+        live = chain.sig_live
+        hits = [p for p in np.flatnonzero(counts).tolist() if live[p]]
+        if not hits:
+            return NO_CANDIDATES
+        n = counts.tolist()
+        order = sorted(hits, key=lambda p: (-n[p], p))
         blocks = [b for p in order[: self.k] for b in chain.step_blocks[p]]
         return sorted({b for b in blocks if b >= 1 and b in chain.sketch})
 
@@ -279,7 +270,7 @@ class CfTopK:
             rows = chain.probe.view()
             # the block's own probe row is its sketch exactly when that is float16
             xp = rows[j] if xs.dtype == np.float16 else np.asarray(xs[probe], dtype=np.float32)
-            cands = self._probe_pass(rows, cands, xp, norm[probe], allowed)
+            cands = self._probe_pass(rows, cands, xp, norm.take(probe, axis=0), allowed)
             if not cands:
                 return None
         # float32 differences (cast, then subtract: one pass per candidate)
@@ -314,7 +305,7 @@ class CfTopK:
             pd = self._rel(rows[cands, :, 0] - xp[:, 0] if k_only else rows[cands] - xp, normp)
             ok: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) <= allowed).tolist()
             return [c for c, kept in zip(cands, ok, strict=True) if kept]
-        g = rows[cands, :, 0] if k_only else rows[cands]
+        g = rows[cands, :, 0] if k_only else rows.take(cands, axis=0)
         g -= xp[:, 0] if k_only else xp
         approx = np.vecdot(g, g)  # squared distances, any summation order
         np.sqrt(approx, out=approx)
