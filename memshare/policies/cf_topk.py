@@ -240,13 +240,17 @@ class CfTopK:
         # estimated Jaccard = shared MinHash values / P over the earlier (all final) rows,
         # non-empty ones only; best first, earlier on ties, zero dropped
         assert chain.sig_rows is not None
-        counts = np.count_nonzero(chain.sig_rows.view()[:pos] == sig, axis=1)
+        flat = np.flatnonzero(chain.sig_rows.view()[:pos] == sig).tolist()
         live = chain.sig_live
-        hits = [p for p in np.flatnonzero(counts).tolist() if live[p]]
-        if not hits:
+        per = self.num_perm
+        counts: dict[int, int] = {}
+        for f in flat:  # row-major: position f // P matched one more value
+            p = f // per
+            if live[p]:
+                counts[p] = counts.get(p, 0) + 1
+        if not counts:
             return NO_CANDIDATES
-        n = counts.tolist()
-        order = sorted(hits, key=lambda p: (-n[p], p))
+        order = sorted(counts, key=lambda p: (-counts[p], p))
         blocks = [b for p in order[: self.k] for b in chain.step_blocks[p]]
         return sorted({b for b in blocks if b >= 1 and b in chain.sketch})
 
