@@ -109,6 +109,10 @@ class CfTopK:
     name: str = "cf-topk"
     _hasher: MinHasher = field(init=False, repr=False)
     _chains: dict[str, _Chain] = field(init=False, repr=False, default_factory=dict)
+    # (layers, tau, min_layers) -> (layers allowed to fail, layers needed, float32 tau)
+    _consts: dict[tuple[int, float, float], tuple[int, int, float]] = field(
+        init=False, repr=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         if self.granularity not in ("block", "layer"):
@@ -268,7 +272,7 @@ class CfTopK:
         layers = xs.shape[0]
         if self.granularity == "block":
             # cascade: probe layers first; candidates failing more than allowed are dropped
-            allowed = layers - math.ceil(self.min_layers * layers - 1e-9)
+            allowed = self._limits(layers)[0]
             probe = _probe_layers(layers)
             assert chain.probe is not None
             rows = chain.probe.view()
@@ -295,6 +299,15 @@ class CfTopK:
             return self._block_share(chain, j, cands, dist, cols, table)
         return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table)
 
+    def _limits(self, layers: int) -> tuple[int, int, float]:
+        """(layers allowed to fail, layers needed, ``tau`` as a float32) for ``layers``."""
+        key = (layers, self.tau, self.min_layers)
+        got = self._consts.get(key)
+        if got is None:
+            need = math.ceil(self.min_layers * layers - 1e-9)
+            got = self._consts[key] = (layers - need, need, float(np.float32(self.tau)))
+        return got
+
     def _probe_pass(
         self, rows: np.ndarray, cands: list[int], xp: np.ndarray, normp: np.ndarray, allowed: int
     ) -> list[int]:
@@ -315,7 +328,7 @@ class CfTopK:
         np.sqrt(approx, out=approx)
         approx /= normp[:, 0] if k_only else normp
         worst: list[float] = approx.reshape(len(cands), -1).max(axis=1).tolist()
-        tau = float(np.float32(self.tau))  # numpy compares float32 distances in float32
+        tau = self._limits(len(xp))[2]  # numpy compares float32 distances in float32
         lo, hi = tau * (1 - 1e-3) - 1e-9, tau * (1 + 1e-3) + 1e-9
         keep: list[int] = []
         unsure: list[int] = []
@@ -352,9 +365,8 @@ class CfTopK:
         table: Sequence[KVBlock],
     ) -> BlockDecision | None:
         layers = dist.shape[1]
-        need = math.ceil(self.min_layers * layers - 1e-9)
+        _, need, tau = self._limits(layers)  # tau: as numpy compares float32 distances
         if need >= layers:  # every layer must confirm: the worst one decides (NaN fails)
-            tau = float(np.float32(self.tau))  # numpy compares float32 distances in float32
             worst = dist.max(axis=1).tolist()
             eligible = [i for i, w in enumerate(worst) if w <= tau]
         else:
