@@ -150,23 +150,25 @@ class CfTopK:
     def _record(self, chain: _Chain, blk: FullBlock, block: KVBlock) -> None:
         i = blk.index
         chain.phys[i] = block.block_id
-        if blk.sketch is not None and blk.norm is not None:
-            chain.sketch[i], chain.norm[i] = blk.sketch, blk.norm
+        sketch, step = blk.sketch, blk.step
+        if sketch is not None and blk.norm is not None:
+            chain.sketch[i], chain.norm[i] = sketch, blk.norm
             if self.granularity == "block":
-                probe = _probe_layers(blk.sketch.shape[0])
-                if chain.probe is None:
-                    chain.probe = _Rows((len(probe), *blk.sketch.shape[1:]), np.float32)
-                rows = blk.sketch.take(probe, axis=0)
+                probe = _probe_layers(sketch.shape[0])
+                store = chain.probe
+                if store is None:
+                    store = chain.probe = _Rows((len(probe), *sketch.shape[1:]), np.float32)
+                rows = sketch.take(probe, axis=0)
                 if rows.dtype is not _F16:
                     rows = rows.astype(np.float16)
-                chain.probe.put(i, rows)
-        if blk.step is None:
+                store.put(i, rows)
+        if step is None:
             return
-        chain.step_of[i] = blk.step
-        pos = chain.step_pos.get(blk.step)
+        chain.step_of[i] = step
+        pos = chain.step_pos.get(step)
         if pos is None:
-            pos = chain.step_pos[blk.step] = len(chain.step_ids)
-            chain.step_ids.append(blk.step)
+            pos = chain.step_pos[step] = len(chain.step_ids)
+            chain.step_ids.append(step)
             chain.step_blocks.append([])
             chain.step_tokens.append([])
             chain.sig_final.append(False)
