@@ -183,12 +183,8 @@ class Scheduler:
                 if req.num_output == 1:
                     req.first_token = now
                 if req.num_output >= req.output_len:
-                    req.finish = now
-                    self._release(req)
                     finished.append(req)
-        if finished:
-            self.running = [r for r in self.running if r.num_output < r.output_len]
-        return finished
+        return self._retire(finished, now)
 
     # ----------------------------------------------------------------- decode bursts
     def quiet_burst(self) -> tuple[int, int]:
@@ -232,14 +228,19 @@ class Scheduler:
             req.lag += k
             req.num_output += k
             if req.num_output >= req.output_len:
-                req.finish = now
-                self._release(req)
                 finished.append(req)
+        return self._retire(finished, now)
+
+    # ----------------------------------------------------------------- internals
+    def _retire(self, finished: list[SimRequest], now: float) -> list[SimRequest]:
+        """Finish ``finished`` at ``now`` (in order): free their blocks, leave ``running``."""
+        for req in finished:
+            req.finish = now
+            self._release(req)
         if finished:
             self.running = [r for r in self.running if r.num_output < r.output_len]
         return finished
 
-    # ----------------------------------------------------------------- internals
     def _allocate(self, req: SimRequest, n: int) -> bool:
         """Tell the manager about ``req``'s lagging tokens plus ``n`` new ones."""
         if not self.manager.allocate_slots(req.rid, req.lag + n):
