@@ -24,11 +24,10 @@ Deterministic: ties break towards the earlier step and the lower block id.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -37,6 +36,7 @@ from memshare.minhash import EMPTY, MinHasher
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 NO_CANDIDATES: list[int] = []
+_TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
 _F16 = np.dtype(np.float16)
 
 
@@ -64,6 +64,26 @@ class _Rows:
         return self._a[: self.n]
 
 
+class _Limits(NamedTuple):
+    """Constants of one model depth: probe layers, layers allowed to fail, layers needed."""
+
+    probe: np.ndarray  # up to four layers spread over the depth, checked first
+    allowed: int  # layers allowed to fail tau (block granularity)
+    need: int  # layers that must confirm
+    tau: float  # tau as a float32 (numpy compares float32 distances in float32)
+
+
+@dataclass
+class _Cands:
+    """A step's candidates: its neighbour steps' blocks (``base``, fixed) and the blocks
+    linked to them by a share (``extra``), brought up to date from the chain's link log."""
+
+    base: list[int]  # the neighbours' blocks, sorted
+    base_set: set[int]
+    extra: set[int] = field(default_factory=set)  # blocks shared with a base block, not in it
+    seen: int = 0  # entries of the link log already folded into ``extra``
+
+
 @dataclass
 class _Chain:
     """Per-request state; logical block indices key everything. Sketches are kept by
@@ -89,8 +109,8 @@ class _Chain:
     # final signatures as rows by position (compared all at once), and which are non-empty
     sig_rows: _Rows | None = None
     sig_live: list[bool] = field(default_factory=list)
-    neighbours: dict[int, list[int]] = field(default_factory=dict)  # position -> candidates
-    links: dict[int, set[int]] = field(default_factory=dict)  # logical -> logical shared with
+    neighbours: dict[int, _Cands] = field(default_factory=dict)  # by position
+    links: list[tuple[int, int]] = field(default_factory=list)  # shares (a, b), in order
 
 
 @dataclass
@@ -110,9 +130,7 @@ class CfTopK:
     _hasher: MinHasher = field(init=False, repr=False)
     _chains: dict[str, _Chain] = field(init=False, repr=False, default_factory=dict)
     # (layers, tau, min_layers) -> (layers allowed to fail, layers needed, float32 tau)
-    _consts: dict[tuple[int, float, float], tuple[int, int, float]] = field(
-        init=False, repr=False, default_factory=dict
-    )
+    _consts: dict[int, _Limits] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("block", "layer"):
@@ -154,7 +172,7 @@ class CfTopK:
         if sketch is not None and blk.norm is not None:
             chain.sketch[i], chain.norm[i] = sketch, blk.norm
             if self.granularity == "block":
-                probe = _probe_layers(sketch.shape[0])
+                probe = self._limits(sketch.shape[0]).probe
                 store = chain.probe
                 if store is None:
                     store = chain.probe = _Rows((len(probe), *sketch.shape[1:]), np.float32)
@@ -223,17 +241,25 @@ class CfTopK:
         if step is None:
             return NO_CANDIDATES
         pos = chain.step_pos[step]
-        base = chain.neighbours.get(pos)
-        if base is None:
-            base = chain.neighbours[pos] = self._neighbour_blocks(chain, pos)
-        if not chain.links or not base:
-            return base
-        links = chain.links
-        linked = {x for b in base if b in links for x in links[b] if 1 <= x < j}
-        if not linked or linked.issubset(base):
-            return base
-        linked.update(base)
-        return sorted(linked)
+        cands = chain.neighbours.get(pos)
+        if cands is None:
+            base = self._neighbour_blocks(chain, pos)
+            cands = chain.neighbours[pos] = _Cands(base, set(base))
+        if not cands.base:
+            return NO_CANDIDATES
+        log = chain.links
+        if cands.seen < len(log):  # links only grow: fold in the new ones
+            inside, extra = cands.base_set, cands.extra
+            for a, b in log[cands.seen :]:
+                if b in inside and a not in inside:
+                    extra.add(a)
+                if a in inside and b not in inside:
+                    extra.add(b)
+            cands.seen = len(log)
+        if not cands.extra:
+            return cands.base
+        add = [x for x in cands.extra if 1 <= x < j]
+        return sorted(cands.base + add) if add else cands.base
 
     def _neighbour_blocks(self, chain: _Chain, pos: int) -> list[int]:
         if pos == 0:
@@ -262,25 +288,18 @@ class CfTopK:
 
     def _decide(self, chain: _Chain, j: int, table: Sequence[KVBlock]) -> BlockDecision | None:
         own = table[j]
-        if j not in chain.sketch or own.block_id != chain.phys[j]:
-            return None
         if own.ref_cnt != 1 or own.block_hash is not None:
             return None  # not exclusively ours: a prefix hit or a published block
+        xs = chain.sketch.get(j)
+        if xs is None or own.block_id != chain.phys[j]:
+            return None
         cands = self._candidates(chain, j)
         if not cands:
             return None
-        xs = chain.sketch[j]
-        norm = np.maximum(np.asarray(chain.norm[j], dtype=np.float32), 1e-12)
-        layers = xs.shape[0]
+        norm = np.maximum(chain.norm[j], _TINY, dtype=np.float32)
+        limits = self._limits(xs.shape[0])
         if self.granularity == "block":
-            # cascade: probe layers first; candidates failing more than allowed are dropped
-            allowed = self._limits(layers)[0]
-            probe = _probe_layers(layers)
-            assert chain.probe is not None
-            rows = chain.probe.view()
-            # the block's own probe row is its sketch exactly when that is float16
-            xp = rows[j] if xs.dtype == np.float16 else np.asarray(xs[probe], dtype=np.float32)
-            cands = self._probe_pass(rows, cands, xp, norm.take(probe, axis=0), allowed)
+            cands = self._probe_pass(chain, j, xs, cands, norm, limits)
             if not cands:
                 return None
         # float32 differences (cast, then subtract: one pass per candidate)
@@ -296,60 +315,56 @@ class CfTopK:
             for i, c in enumerate(cands):
                 np.subtract(sketch[c][:, 0] if k_only else sketch[c], xf, diff[i], dtype=np.float32)
         dist = self._rel(diff, norm)  # (m, L)
-        cols = [0] if self.share == "k" else [0, 1]
+        cols = [0] if k_only else [0, 1]
         if self.granularity == "block":
-            return self._block_share(chain, j, cands, dist, cols, table)
+            return self._block_share(chain, j, cands, dist, limits, cols, table)
         return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table)
 
-    def _limits(self, layers: int) -> tuple[int, int, float]:
-        """(layers allowed to fail, layers needed, ``tau`` as a float32) for ``layers``."""
-        key = (layers, self.tau, self.min_layers)
-        got = self._consts.get(key)
+    def _limits(self, layers: int) -> _Limits:
+        """The per-depth constants for ``layers`` (computed once per depth)."""
+        got = self._consts.get(layers)
         if got is None:
             need = math.ceil(self.min_layers * layers - 1e-9)
-            got = self._consts[key] = (layers - need, need, float(np.float32(self.tau)))
+            probe = np.unique(np.linspace(0, layers - 1, min(4, layers)).round().astype(np.int64))
+            tau = float(np.float32(self.tau))
+            got = self._consts[layers] = _Limits(probe, layers - need, need, tau)
         return got
 
     def _probe_pass(
-        self, rows: np.ndarray, cands: list[int], xp: np.ndarray, normp: np.ndarray, allowed: int
+        self,
+        chain: _Chain,
+        j: int,
+        xs: np.ndarray,
+        cands: list[int],
+        norm: np.ndarray,
+        limits: _Limits,
     ) -> list[int]:
-        """Candidates whose probe layers fail ``tau`` at most ``allowed`` times (in order).
-
-        Exactly the test on :meth:`_rel`'s distances. With ``allowed == 0`` a fused dot
-        product (a different float summation order) settles every candidate whose largest
-        probe distance is clearly off ``tau``; the few within a relative 1e-3 band (or
-        non-finite) are settled by the exact test."""
-        k_only = self.share == "k"
-        if allowed != 0:
-            pd = self._rel(rows[cands, :, 0] - xp[:, 0] if k_only else rows[cands] - xp, normp)
-            ok: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) <= allowed).tolist()
-            return [c for c, kept in zip(cands, ok, strict=True) if kept]
-        g = rows[cands, :, 0] if k_only else rows.take(cands, axis=0)
-        g -= xp[:, 0] if k_only else xp
-        approx = np.vecdot(g, g)  # squared distances, any summation order
-        np.sqrt(approx, out=approx)
-        approx /= normp[:, 0] if k_only else normp
-        worst: list[float] = approx.reshape(len(cands), -1).max(axis=1).tolist()
-        tau = self._limits(len(xp))[2]  # numpy compares float32 distances in float32
-        lo, hi = tau * (1 - 1e-3) - 1e-9, tau * (1 + 1e-3) + 1e-9
-        keep: list[int] = []
-        unsure: list[int] = []
-        for c, w in zip(cands, worst, strict=True):
-            if w < lo:
-                keep.append(c)
-            elif not w > hi:  # within the band, or NaN
-                unsure.append(c)
-        if unsure:
-            pd = self._rel(rows[unsure, :, 0] - xp[:, 0] if k_only else rows[unsure] - xp, normp)
-            exact: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) == 0).tolist()
-            keep = sorted(keep + [c for c, kept in zip(unsure, exact, strict=True) if kept])
-        return keep
+        """Candidates (in order) whose probe layers fail ``tau`` at most ``allowed`` times:
+        the test of the full check on those layers, from the float32 probe rows."""
+        assert chain.probe is not None
+        rows = chain.probe.view()
+        probe = limits.probe
+        # the block's own probe row is its sketch exactly when that is float16
+        xp = rows[j] if xs.dtype == np.float16 else np.asarray(xs[probe], dtype=np.float32)
+        normp = norm.take(probe, axis=0)
+        if self.share == "k":
+            g = rows[cands, :, 0]
+            g -= xp[:, 0]
+        else:
+            g = rows.take(cands, axis=0)
+            g -= xp
+        pd = self._rel(g, normp)  # (m, probe layers)
+        if limits.allowed == 0:  # the worst layer decides (NaN fails)
+            worst: list[float] = pd.max(axis=1).tolist()
+            tau = limits.tau  # numpy compares float32 distances in float32
+            return [c for c, w in zip(cands, worst, strict=True) if w <= tau]
+        ok: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) <= limits.allowed).tolist()
+        return [c for c, kept in zip(cands, ok, strict=True) if kept]
 
     def _rel(self, diff: np.ndarray, norm: np.ndarray) -> np.ndarray:
         """``||diff|| / norm`` per candidate and layer from float32 differences (m, L, [2,] d),
         overwriting ``diff``; K only (``norm[:, 0]``), or the max of K and V."""
-        np.square(diff, out=diff)
-        rel = diff.sum(axis=-1)
+        rel = np.vecdot(diff, diff)
         np.sqrt(rel, out=rel)
         if self.share == "k":
             rel /= norm[:, 0]
@@ -363,28 +378,26 @@ class CfTopK:
         j: int,
         cands: list[int],
         dist: np.ndarray,
+        limits: _Limits,
         cols: list[int],
         table: Sequence[KVBlock],
     ) -> BlockDecision | None:
         layers = dist.shape[1]
-        _, need, tau = self._limits(layers)  # tau: as numpy compares float32 distances
-        if need >= layers:  # every layer must confirm: the worst one decides (NaN fails)
-            worst = dist.max(axis=1).tolist()
-            eligible = [i for i, w in enumerate(worst) if w <= tau]
+        need, tau = limits.need, limits.tau  # tau: as numpy compares float32 distances
+        if need >= layers and len(cands) == 1:  # the common case, without lists
+            if not float(dist.max()) <= tau:  # NaN fails
+                return None
+            best, lowest = 0, float(dist.sum())
         else:
-            confirmed = np.count_nonzero(dist <= self.tau, axis=1).tolist()
-            eligible = [i for i, n in enumerate(confirmed) if n >= need]
-        if not eligible:
-            return None
-        sums = dist.sum(axis=1).tolist()  # float32 row sums, exact as floats
-        totals = [sums[i] for i in eligible]
-        lowest = min(totals)
-        if lowest != lowest or any(t != t for t in totals):  # NaN: numpy's argmin/min rules
-            rows = dist[eligible].sum(axis=1)
-            best = eligible[int(np.argmin(rows))]
-            lowest = float(rows.min())
-        else:
-            best = eligible[totals.index(lowest)]  # first minimum, as argmin
+            if need >= layers:  # every layer must confirm: the worst one decides (NaN fails)
+                worst = dist.max(axis=1).tolist()
+                eligible = [i for i, w in enumerate(worst) if w <= tau]
+            else:
+                confirmed = np.count_nonzero(dist <= self.tau, axis=1).tolist()
+                eligible = [i for i, n in enumerate(confirmed) if n >= need]
+            if not eligible:
+                return None
+            best, lowest = _lowest_total(dist, eligible)
         c = cands[best]
         target = table[c]
         d = lowest / layers
@@ -426,11 +439,16 @@ class CfTopK:
 
     @staticmethod
     def _link(chain: _Chain, a: int, b: int) -> None:
-        chain.links.setdefault(a, set()).add(b)
-        chain.links.setdefault(b, set()).add(a)
+        chain.links.append((a, b))
 
 
-@functools.cache
-def _probe_layers(layers: int) -> np.ndarray:
-    """Up to four layers spread over the depth, checked first to drop hopeless candidates."""
-    return np.unique(np.linspace(0, layers - 1, min(4, layers)).round().astype(np.int64))
+def _lowest_total(dist: np.ndarray, eligible: list[int]) -> tuple[int, float]:
+    """(row, total) of the ``eligible`` row of ``dist`` with the lowest float32 row sum;
+    the first on ties, and numpy's argmin/min rules where a total is NaN."""
+    sums = dist.sum(axis=1).tolist()  # float32 row sums, exact as floats
+    totals = [sums[i] for i in eligible]
+    lowest = min(totals)
+    if lowest != lowest or any(t != t for t in totals):
+        rows = dist[eligible].sum(axis=1)
+        return eligible[int(np.argmin(rows))], float(rows.min())
+    return eligible[totals.index(lowest)], lowest
