@@ -73,6 +73,26 @@ def test_cf_topk_shares_the_repeated_step_within_tau() -> None:
     assert pool.used_pages == (8 - 2) * 2 * L
 
 
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_cf_topk_compares_with_the_content_a_shared_block_holds(granularity: str) -> None:
+    # step 2 (B) is 0.08 from step 1 (A) and shares it; step 3 (C) is 0.08 from B's own
+    # KV but 0.16 from A's, which is what B's entries hold now: C must not share (no drift)
+    chain = make_chain(noise=0.08)
+    chain.tokens[6:8] = chain.tokens[2:4]
+    chain.sketch[6:8] = chain.sketch[4:6] + (chain.sketch[4:6] - chain.sketch[2:4])
+    chain.norm[6:8] = chain.norm[2:4]
+    mgr, pool = run("cf-topk", chain, tau=0.1, window=0, granularity=granularity)
+    table = mgr.requests["r"].table
+    assert np.array_equal(table[4].pages, table[2].pages)  # B holds A
+    assert not np.any(np.isin(table[6].pages, table[2].pages))  # C keeps its own KV
+    assert not np.any(np.isin(table[7].pages, table[3].pages))
+    assert pool.used_pages == (8 - 2) * 2 * L
+    # the same C, 0.08 from A itself, is shared
+    chain.sketch[6:8] = chain.sketch[4:6]
+    mgr, _ = run("cf-topk", chain, tau=0.1, window=0, granularity=granularity)
+    assert np.array_equal(mgr.requests["r"].table[6].pages, mgr.requests["r"].table[2].pages)
+
+
 def test_cf_topk_never_shares_beyond_tau() -> None:
     mgr, pool = run("cf-topk", make_chain(noise=0.3), tau=0.2, window=1)
     assert mgr.stats.shared_blocks == 0 and mgr.stats.pages_shared == 0

@@ -6,7 +6,10 @@ Our precise version of MemShare (SPEC §4), per request:
 2. Each step has a MinHash signature of its token n-grams; the current step's neighbours are
    its ``k`` most similar earlier steps (collaborative filtering), fixed when the step's first
    block is decided. Candidate blocks are the neighbours' blocks plus the blocks those were
-   themselves shared with.
+   themselves shared with. A candidate is judged by the KV its entry holds now: a block
+   shared whole stands for the block it points at (candidates are deduplicated that way),
+   and a layer shared with another block is compared by that block's sketch, so shares
+   never chain into a drift beyond ``tau`` from the KV actually read.
 3. A block is decided once it leaves the window of the ``window`` most recent blocks: its K/V
    sketch is compared with every candidate's per layer; the relative distance
    ``||x - c|| / ||x||`` (sketch difference over the block's true norm) ``<= tau`` confirms.
@@ -111,6 +114,11 @@ class _Chain:
     sig_live: list[bool] = field(default_factory=list)
     neighbours: dict[int, _Cands] = field(default_factory=dict)  # by position
     links: list[tuple[int, int]] = field(default_factory=list)  # shares (a, b), in order
+    # logical -> the earlier block whose sketch is its content, for blocks whose compared
+    # part (K and V, or K) was shared whole with that block (block granularity)
+    content: dict[int, int] = field(default_factory=dict)
+    # logical -> (L,) the block whose content each layer holds (layer granularity shares)
+    layer_content: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -256,10 +264,18 @@ class CfTopK:
                 if a in inside and b not in inside:
                     extra.add(b)
             cands.seen = len(log)
-        if not cands.extra:
-            return cands.base
-        add = [x for x in cands.extra if 1 <= x < j]
-        return sorted(cands.base + add) if add else cands.base
+        found = cands.base
+        if cands.extra:
+            add = [x for x in cands.extra if 1 <= x < j]
+            if add:
+                found = sorted(found + add)
+        content = chain.content
+        if not content:
+            return found
+        # compare with what a candidate's entry holds now: a block that was shared whole
+        # holds its target's content (deduplicated; owners are earlier blocks)
+        owners = {content.get(c, c) for c in found}
+        return found if len(owners) == len(found) and owners.issubset(found) else sorted(owners)
 
     def _neighbour_blocks(self, chain: _Chain, pos: int) -> list[int]:
         if pos == 0:
@@ -303,22 +319,35 @@ class CfTopK:
             if not cands:
                 return None
         # float32 differences (cast, then subtract: one pass per candidate)
-        sketch = chain.sketch
         k_only = self.share == "k"
         x = xs[:, 0] if k_only else xs
         if len(cands) == 1:
-            one = sketch[cands[0]]
+            one = self._held(chain, cands[0])
             diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
         else:
             diff = np.empty((len(cands), *x.shape), dtype=np.float32)
             xf = np.asarray(x, dtype=np.float32)  # the same cast, done once
             for i, c in enumerate(cands):
-                np.subtract(sketch[c][:, 0] if k_only else sketch[c], xf, diff[i], dtype=np.float32)
+                held = self._held(chain, c)
+                np.subtract(held[:, 0] if k_only else held, xf, diff[i], dtype=np.float32)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if k_only else [0, 1]
         if self.granularity == "block":
             return self._block_share(chain, j, cands, dist, limits, cols, table)
         return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table)
+
+    @staticmethod
+    def _held(chain: _Chain, c: int) -> np.ndarray:
+        """The sketch of what block ``c``'s entry holds now: its own, except layers shared
+        with another block (layer granularity), which hold that block's content."""
+        own: np.ndarray = chain.sketch[c]
+        owners = chain.layer_content.get(c)
+        if owners is None:
+            return own
+        held = own.copy()
+        for layer in np.flatnonzero(owners != c).tolist():
+            held[layer] = chain.sketch[int(owners[layer])][layer]
+        return held
 
     def _limits(self, layers: int) -> _Limits:
         """The per-depth constants for ``layers`` (computed once per depth)."""
@@ -402,6 +431,7 @@ class CfTopK:
         target = table[c]
         d = lowest / layers
         self._link(chain, j, c)
+        chain.content[j] = c  # every compared page of j now holds c's (c is an owner)
         me = chain.phys[j]
         if len(cols) == 2:
             chain.phys[j] = target.block_id
@@ -427,11 +457,15 @@ class CfTopK:
             return None
         mask = np.zeros(table[j].pages.shape, dtype=bool)
         source = table[j].pages.copy()
+        held = np.full(dist.shape[1], j, dtype=np.int64)  # whose content each layer holds
         for layer in layers.tolist():
             c = cands[int(best[layer])]
             mask[layer, cols] = True
             source[layer, cols] = table[c].pages[layer, cols]
+            owners = chain.layer_content.get(c)
+            held[layer] = c if owners is None else owners[layer]
             self._link(chain, j, c)
+        chain.layer_content[j] = held
         d = float(dist[best[layers], layers].mean())
         return BlockDecision(
             j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
