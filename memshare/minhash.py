@@ -30,6 +30,7 @@ class MinHasher:
     _off: np.ndarray = field(init=False, repr=False)  # (ngram,) offsets 1..ngram
     _mix: np.ndarray = field(init=False, repr=False)  # (ngram,) mixing constants
     _empty: np.ndarray = field(init=False, repr=False)  # the empty signature (copied out)
+    _scratch: np.ndarray = field(init=False, repr=False)  # (rows, P) hashing buffer
 
     def __post_init__(self) -> None:
         if self.num_perm <= 0 or not 1 <= self.ngram <= len(_MIX):
@@ -40,6 +41,7 @@ class MinHasher:
         self._off = np.arange(1, self.ngram + 1, dtype=np.uint64)
         self._mix = _MIX[: self.ngram].copy()
         self._empty = np.full(self.num_perm, EMPTY, dtype=np.uint64)
+        self._scratch = np.empty((256, self.num_perm), dtype=np.uint64)
 
     def empty(self) -> np.ndarray:
         """The signature of the empty set."""
@@ -78,7 +80,10 @@ class MinHasher:
             codes = codes ^ mixed[1 : 1 + n, 1]
             for i in range(2, self.ngram):
                 codes ^= mixed[i : i + n, i]
-        hashed = np.multiply.outer(codes, self.a)
+        if len(self._scratch) < n:  # one reused buffer: it stays in cache
+            self._scratch = np.empty((max(n, 2 * len(self._scratch)), self.num_perm), np.uint64)
+        hashed = self._scratch[:n]
+        np.multiply(codes[:, None], self.a, out=hashed)
         hashed += self.b
         bounds: list[int] = []
         start = 0

@@ -83,8 +83,10 @@ class _Cands:
 
     base: list[int]  # the neighbours' blocks, sorted
     base_set: set[int]
-    extra: set[int] = field(default_factory=set)  # blocks shared with a base block, not in it
-    seen: int = 0  # entries of the link log already folded into ``extra``
+    held: list[int]  # the blocks whose content the base blocks hold (themselves, or owners)
+    held_set: set[int]
+    extra: set[int]  # blocks shared with a base block, not in it
+    seen: int  # entries of the link log already folded into ``extra``
 
 
 @dataclass
@@ -114,6 +116,7 @@ class _Chain:
     sig_live: list[bool] = field(default_factory=list)
     neighbours: dict[int, _Cands] = field(default_factory=dict)  # by position
     links: list[tuple[int, int]] = field(default_factory=list)  # shares (a, b), in order
+    linked: dict[int, set[int]] = field(default_factory=dict)  # logical -> shared with
     # logical -> the earlier block whose sketch is its content, for blocks whose compared
     # part (K and V, or K) was shared whole with that block (block granularity)
     content: dict[int, int] = field(default_factory=dict)
@@ -251,8 +254,7 @@ class CfTopK:
         pos = chain.step_pos[step]
         cands = chain.neighbours.get(pos)
         if cands is None:
-            base = self._neighbour_blocks(chain, pos)
-            cands = chain.neighbours[pos] = _Cands(base, set(base))
+            cands = chain.neighbours[pos] = self._new_cands(chain, pos)
         if not cands.base:
             return NO_CANDIDATES
         log = chain.links
@@ -264,18 +266,23 @@ class CfTopK:
                 if a in inside and b not in inside:
                     extra.add(b)
             cands.seen = len(log)
-        found = cands.base
-        if cands.extra:
-            add = [x for x in cands.extra if 1 <= x < j]
-            if add:
-                found = sorted(found + add)
+        if not cands.extra:
+            return cands.held
         content = chain.content
-        if not content:
-            return found
-        # compare with what a candidate's entry holds now: a block that was shared whole
-        # holds its target's content (deduplicated; owners are earlier blocks)
-        owners = {content.get(c, c) for c in found}
-        return found if len(owners) == len(found) and owners.issubset(found) else sorted(owners)
+        new = {content.get(x, x) for x in cands.extra if 1 <= x < j}
+        new.difference_update(cands.held_set)
+        return sorted(cands.held + list(new)) if new else cands.held
+
+    def _new_cands(self, chain: _Chain, pos: int) -> _Cands:
+        """Step ``pos``'s candidates at its first decision. Every earlier block has been
+        decided by then, so what the neighbours' blocks hold is final."""
+        base = self._neighbour_blocks(chain, pos)
+        inside = set(base)
+        linked = chain.linked
+        extra = {x for b in base if b in linked for x in linked[b]} - inside
+        content = chain.content
+        held = sorted({content.get(b, b) for b in base}) if content else base
+        return _Cands(base, inside, held, set(held), extra, len(chain.links))
 
     def _neighbour_blocks(self, chain: _Chain, pos: int) -> list[int]:
         if pos == 0:
@@ -474,6 +481,8 @@ class CfTopK:
     @staticmethod
     def _link(chain: _Chain, a: int, b: int) -> None:
         chain.links.append((a, b))
+        chain.linked.setdefault(a, set()).add(b)
+        chain.linked.setdefault(b, set()).add(a)
 
 
 def _lowest_total(dist: np.ndarray, eligible: list[int]) -> tuple[int, float]:
