@@ -40,7 +40,6 @@ from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 NO_CANDIDATES: list[int] = []
 _TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
-_F16 = np.dtype(np.float16)
 
 
 class _Rows:
@@ -99,8 +98,8 @@ class _Chain:
     step_of: dict[int, int] = field(default_factory=dict)  # logical -> step, where known
     sketch: dict[int, np.ndarray] = field(default_factory=dict)  # logical -> (L, 2, d)
     norm: dict[int, np.ndarray] = field(default_factory=dict)  # logical -> (L, 2)
-    # (n, probe layers, 2, d) copy of the probe layers, rounded to float16 and kept as float32
-    # (converted once here rather than at every comparison: float16 casts are slow)
+    # (n, probe layers, 2, d) float32 copy of the probe layers (cast once here rather than
+    # at every comparison: float16 casts are slow)
     probe: _Rows | None = None
     step_ids: list[int] = field(default_factory=list)  # steps in order of first appearance
     step_pos: dict[int, int] = field(default_factory=dict)  # step -> position in step_ids
@@ -187,10 +186,7 @@ class CfTopK:
                 store = chain.probe
                 if store is None:
                     store = chain.probe = _Rows((len(probe), *sketch.shape[1:]), np.float32)
-                rows = sketch.take(probe, axis=0)
-                if rows.dtype is not _F16:
-                    rows = rows.astype(np.float16)
-                store.put(i, rows)
+                store.put(i, sketch.take(probe, axis=0))  # exact: float16 fits float32
         if step is None:
             return
         chain.step_of[i] = step
@@ -322,7 +318,7 @@ class CfTopK:
         norm = np.maximum(chain.norm[j], _TINY, dtype=np.float32)
         limits = self._limits(xs.shape[0])
         if self.granularity == "block":
-            cands = self._probe_pass(chain, j, xs, cands, norm, limits)
+            cands = self._probe_pass(chain, j, cands, norm, limits)
             if not cands:
                 return None
         # float32 differences (cast, then subtract: one pass per candidate)
@@ -367,35 +363,31 @@ class CfTopK:
         return got
 
     def _probe_pass(
-        self,
-        chain: _Chain,
-        j: int,
-        xs: np.ndarray,
-        cands: list[int],
-        norm: np.ndarray,
-        limits: _Limits,
+        self, chain: _Chain, j: int, cands: list[int], norm: np.ndarray, limits: _Limits
     ) -> list[int]:
         """Candidates (in order) whose probe layers fail ``tau`` at most ``allowed`` times:
-        the test of the full check on those layers, from the float32 probe rows."""
+        the full check's own arithmetic on those layers, from the float32 probe rows."""
         assert chain.probe is not None
         rows = chain.probe.view()
-        probe = limits.probe
-        # the block's own probe row is its sketch exactly when that is float16
-        xp = rows[j] if xs.dtype == np.float16 else np.asarray(xs[probe], dtype=np.float32)
-        normp = norm.take(probe, axis=0)
+        xp = rows[j]
+        normp = norm.take(limits.probe, axis=0)  # (probe layers, 2)
         if self.share == "k":
             g = rows[cands, :, 0]
             g -= xp[:, 0]
         else:
             g = rows.take(cands, axis=0)
             g -= xp
-        pd = self._rel(g, normp)  # (m, probe layers)
-        if limits.allowed == 0:  # the worst layer decides (NaN fails)
-            worst: list[float] = pd.max(axis=1).tolist()
-            tau = limits.tau  # numpy compares float32 distances in float32
-            return [c for c, w in zip(cands, worst, strict=True) if w <= tau]
-        ok: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) <= limits.allowed).tolist()
-        return [c for c, kept in zip(cands, ok, strict=True) if kept]
+        if limits.allowed != 0:
+            pd = self._rel(g, normp)
+            ok: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) <= limits.allowed).tolist()
+            return [c for c, kept in zip(cands, ok, strict=True) if kept]
+        # the worst layer (of K and V) decides; NaN fails
+        pd = np.vecdot(g, g)
+        np.sqrt(pd, out=pd)
+        pd /= normp[:, 0] if self.share == "k" else normp
+        worst: list[float] = pd.reshape(len(cands), -1).max(axis=1).tolist()
+        tau = limits.tau  # numpy compares float32 distances in float32
+        return [c for c, w in zip(cands, worst, strict=True) if w <= tau]
 
     def _rel(self, diff: np.ndarray, norm: np.ndarray) -> np.ndarray:
         """``||diff|| / norm`` per candidate and layer from float32 differences (m, L, [2,] d),
