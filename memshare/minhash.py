@@ -11,16 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-EMPTY = np.iinfo(np.uint64).max
-_MIX = np.array(
-    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
-    dtype=np.uint64,
-)
+SIG_DTYPE = np.uint32  # 32-bit hashing: vectorised multiplies, ample for ~1e2-1e4 n-grams
+EMPTY = np.iinfo(SIG_DTYPE).max
+_MIX = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F], dtype=SIG_DTYPE)
 
 
 @dataclass
 class MinHasher:
-    """Hash functions ``h_p(x) = a_p * x + b_p (mod 2^64)`` over n-gram codes."""
+    """Hash functions ``h_p(x) = a_p * x + b_p (mod 2^32)`` over n-gram codes."""
 
     num_perm: int = 32  # signature length
     ngram: int = 3  # tokens per shingle
@@ -36,12 +34,13 @@ class MinHasher:
         if self.num_perm <= 0 or not 1 <= self.ngram <= len(_MIX):
             raise ValueError(f"num_perm must be > 0 and 1 <= ngram <= {len(_MIX)}")
         rng = np.random.default_rng(self.seed)
-        self.a = rng.integers(1, 2**63, size=self.num_perm, dtype=np.uint64) | np.uint64(1)
-        self.b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
-        self._off = np.arange(1, self.ngram + 1, dtype=np.uint64)
+        self.a = rng.integers(1, 2**32, size=self.num_perm, dtype=np.uint64).astype(SIG_DTYPE)
+        self.a |= SIG_DTYPE(1)  # odd: a bijection mod 2^32
+        self.b = rng.integers(0, 2**32, size=self.num_perm, dtype=np.uint64).astype(SIG_DTYPE)
+        self._off = np.arange(1, self.ngram + 1, dtype=SIG_DTYPE)
         self._mix = _MIX[: self.ngram].copy()
-        self._empty = np.full(self.num_perm, EMPTY, dtype=np.uint64)
-        self._scratch = np.empty((256, self.num_perm), dtype=np.uint64)
+        self._empty = np.full(self.num_perm, EMPTY, dtype=SIG_DTYPE)
+        self._scratch = np.empty((256, self.num_perm), dtype=SIG_DTYPE)
 
     def empty(self) -> np.ndarray:
         """The signature of the empty set."""
@@ -49,11 +48,11 @@ class MinHasher:
 
     def update(self, sig: np.ndarray, tokens: np.ndarray) -> None:
         """Add the n-grams of ``tokens`` (a contiguous run) to ``sig`` in place."""
-        t = np.asarray(tokens).astype(np.uint64)
+        t = np.asarray(tokens).astype(SIG_DTYPE)
         n = len(t) - self.ngram + 1
         if n <= 0:
             return
-        # code of the n-gram at p: XOR over i of (t[p + i] + i + 1) * MIX[i], all mod 2^64
+        # code of the n-gram at p: XOR over i of (t[p + i] + i + 1) * MIX[i], all mod 2^32
         mixed = (t[:, None] + self._off) * self._mix  # (len, ngram): one pass, few calls
         codes = mixed[:n, 0]
         if self.ngram > 1:
@@ -61,7 +60,7 @@ class MinHasher:
             for i in range(2, self.ngram):
                 codes ^= mixed[i : i + n, i]
         hashed = np.multiply.outer(codes, self.a)
-        hashed += self.b  # (n, P), wraps mod 2^64
+        hashed += self.b  # (n, P), wraps mod 2^32
         np.minimum(sig, hashed.min(axis=0), out=sig)
 
     def update_many(self, sigs: list[np.ndarray], runs: list[np.ndarray]) -> None:
@@ -72,7 +71,7 @@ class MinHasher:
             for i in keep:
                 self.update(sigs[i], runs[i])
             return
-        t = np.concatenate([runs[i] for i in keep]).astype(np.uint64)
+        t = np.concatenate([runs[i] for i in keep]).astype(SIG_DTYPE)
         n = len(t) - self.ngram + 1
         mixed = (t[:, None] + self._off) * self._mix
         codes = mixed[:n, 0]
@@ -81,7 +80,7 @@ class MinHasher:
             for i in range(2, self.ngram):
                 codes ^= mixed[i : i + n, i]
         if len(self._scratch) < n:  # one reused buffer: it stays in cache
-            self._scratch = np.empty((max(n, 2 * len(self._scratch)), self.num_perm), np.uint64)
+            self._scratch = np.empty((max(n, 2 * len(self._scratch)), self.num_perm), SIG_DTYPE)
         hashed = self._scratch[:n]
         np.multiply(codes[:, None], self.a, out=hashed)
         hashed += self.b

@@ -35,7 +35,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
-from memshare.minhash import EMPTY, MinHasher
+from memshare.minhash import EMPTY, SIG_DTYPE, MinHasher
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 NO_CANDIDATES: list[int] = []
@@ -210,7 +210,7 @@ class CfTopK:
         computed once and then enter ``sig_rows``). A row only ever gains tokens, so only the
         n-grams ending in new tokens are hashed (the min is the same)."""
         if chain.sig_rows is None:
-            chain.sig_rows = _Rows((self.num_perm,), np.uint64, EMPTY)
+            chain.sig_rows = _Rows((self.num_perm,), SIG_DTYPE, EMPTY)
         last = len(chain.step_ids) - 1
         todo = [p for p in range(chain.sig_done, upto + 1) if not chain.sig_final[p]]
         sigs: list[np.ndarray] = []
