@@ -251,6 +251,10 @@ class CfTopK:
         cands = chain.neighbours.get(pos)
         if cands is None:
             cands = chain.neighbours[pos] = self._new_cands(chain, pos)
+        if self.granularity == "block":
+            # every share moved a whole block to an owner: a block linked to a neighbour's
+            # block holds that block's owner (or is it), so the owners are all candidates
+            return cands.held
         if not cands.base:
             return NO_CANDIDATES
         log = chain.links
@@ -429,7 +433,6 @@ class CfTopK:
         c = cands[best]
         target = table[c]
         d = lowest / layers
-        self._link(chain, j, c)
         chain.content[j] = c  # every compared page of j now holds c's (c is an owner)
         me = chain.phys[j]
         if len(cols) == 2:
