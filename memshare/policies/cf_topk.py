@@ -52,12 +52,12 @@ class _Rows:
 
     def put(self, i: int, row: np.ndarray) -> None:
         """Set row ``i`` (growing to hold it)."""
-        if i >= len(self._a):
-            shape = (max(2 * len(self._a), i + 1), *self._a.shape[1:])
-            grown = np.full(shape, self._fill, dtype=self._a.dtype)
-            grown[: len(self._a)] = self._a
-            self._a = grown
-        self._a[i] = row
+        a = self._a
+        if i >= len(a):
+            grown = np.full((max(2 * len(a), i + 1), *a.shape[1:]), self._fill, dtype=a.dtype)
+            grown[: len(a)] = a
+            a = self._a = grown
+        a[i] = row
         if i >= self.n:
             self.n = i + 1
 
@@ -101,6 +101,7 @@ class _Chain:
     # (n, probe layers, 2, d) float32 copy of the probe layers (cast once here rather than
     # at every comparison: float16 casts are slow)
     probe: _Rows | None = None
+    limits: _Limits | None = None  # the constants of the chain's depth (block granularity)
     step_ids: list[int] = field(default_factory=list)  # steps in order of first appearance
     step_pos: dict[int, int] = field(default_factory=dict)  # step -> position in step_ids
     step_blocks: list[list[int]] = field(default_factory=list)  # by position: blocks
@@ -182,11 +183,13 @@ class CfTopK:
         if sketch is not None and blk.norm is not None:
             chain.sketch[i], chain.norm[i] = sketch, blk.norm
             if self.granularity == "block":
-                probe = self._limits(sketch.shape[0]).probe
                 store = chain.probe
                 if store is None:
-                    store = chain.probe = _Rows((len(probe), *sketch.shape[1:]), np.float32)
-                store.put(i, sketch.take(probe, axis=0))  # exact: float16 fits float32
+                    chain.limits = self._limits(len(sketch))
+                    shape = (len(chain.limits.probe), *sketch.shape[1:])
+                    store = chain.probe = _Rows(shape, np.float32)
+                # exact: float16 fits float32
+                store.put(i, sketch.take(chain.limits.probe, axis=0))
         if step is None:
             return
         chain.step_of[i] = step
@@ -320,7 +323,7 @@ class CfTopK:
         if not cands:
             return None
         norm = np.maximum(chain.norm[j], _TINY, dtype=np.float32)
-        limits = self._limits(xs.shape[0])
+        limits = chain.limits if chain.limits is not None else self._limits(len(xs))
         if self.granularity == "block":
             cands = self._probe_pass(chain, j, cands, norm, limits)
             if not cands:
