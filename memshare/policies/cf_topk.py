@@ -183,13 +183,12 @@ class CfTopK:
         if sketch is not None and blk.norm is not None:
             chain.sketch[i], chain.norm[i] = sketch, blk.norm
             if self.granularity == "block":
-                store = chain.probe
-                if store is None:
-                    chain.limits = self._limits(len(sketch))
-                    shape = (len(chain.limits.probe), *sketch.shape[1:])
+                store, limits = chain.probe, chain.limits
+                if store is None or limits is None:
+                    limits = chain.limits = self._limits(len(sketch))
+                    shape = (len(limits.probe), *sketch.shape[1:])
                     store = chain.probe = _Rows(shape, np.float32)
-                # exact: float16 fits float32
-                store.put(i, sketch.take(chain.limits.probe, axis=0))
+                store.put(i, sketch.take(limits.probe, axis=0))  # exact: float16 fits float32
         if step is None:
             return
         chain.step_of[i] = step
