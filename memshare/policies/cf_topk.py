@@ -77,8 +77,9 @@ class _Limits(NamedTuple):
 
 @dataclass
 class _Cands:
-    """A step's candidates: its neighbour steps' blocks (``base``, fixed) and the blocks
-    linked to them by a share (``extra``), brought up to date from the chain's link log."""
+    """A step's candidates: its neighbour steps' blocks (``base``, fixed), the blocks whose
+    content those hold (``held``) and, for layer granularity, the blocks linked to them by a
+    share (``extra``), brought up to date from the chain's link log."""
 
     base: list[int]  # the neighbours' blocks, sorted
     base_set: set[int]
@@ -140,7 +141,7 @@ class CfTopK:
     name: str = "cf-topk"
     _hasher: MinHasher = field(init=False, repr=False)
     _chains: dict[str, _Chain] = field(init=False, repr=False, default_factory=dict)
-    # (layers, tau, min_layers) -> (layers allowed to fail, layers needed, float32 tau)
+    # model depth (layers) -> its constants (probe layers, layers allowed/needed, tau)
     _consts: dict[int, _Limits] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
