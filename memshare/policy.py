@@ -71,10 +71,12 @@ class PrefixHit:
     matched_tokens: int = 0  # prompt tokens matched in other requests (KVShare's KV hit)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BlockDecision:
     """What to do with one full logical block. At most one of ``share_block`` /
-    ``share_mask`` is set; a decision is skipped if the entry no longer holds ``expect``."""
+    ``share_mask`` is set; a decision is skipped if the entry no longer holds ``expect``.
+    Read-only by contract (not frozen: one is made per filled block, and a frozen
+    dataclass costs three times as much to build)."""
 
     index: int  # logical block of the request the decision is about
     expect: int | None = None  # physical block id the policy saw at ``index`` (None: any)
