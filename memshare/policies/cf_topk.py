@@ -75,7 +75,7 @@ class _Limits(NamedTuple):
     tau: float  # tau as a float32 (numpy compares float32 distances in float32)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Cands:
     """A step's candidates: its neighbour steps' blocks (``base``, fixed), the blocks whose
     content those hold (``held``) and, for layer granularity, the blocks linked to them by a
@@ -87,6 +87,10 @@ class _Cands:
     held_set: set[int]
     extra: set[int]  # blocks shared with a base block, not in it
     seen: int  # entries of the link log already folded into ``extra``
+    probe_rows: np.ndarray | None = None  # (held, probe layers, [2,] d) float32, when used
+
+
+_NO_CANDS = _Cands([], set(), [], set(), set(), 0)  # never mutated: every use checks ``base``
 
 
 @dataclass
@@ -280,6 +284,8 @@ class CfTopK:
         """Step ``pos``'s candidates at its first decision. Every earlier block has been
         decided by then, so what the neighbours' blocks hold is final."""
         base = self._neighbour_blocks(chain, pos)
+        if not base:
+            return _NO_CANDS  # most steps: one shared empty record (fewer live objects)
         inside = set(base)
         linked = chain.linked
         extra = {x for b in base if b in linked for x in linked[b]} - inside
@@ -378,12 +384,14 @@ class CfTopK:
         rows = chain.probe.view()
         xp = rows[j]
         normp = norm.take(limits.probe, axis=0)  # (probe layers, 2)
-        if self.share == "k":
-            g = rows[cands, :, 0]
-            g -= xp[:, 0]
-        else:
-            g = rows.take(cands, axis=0)
-            g -= xp
+        # the step's candidates are fixed (block granularity): their rows are gathered once
+        step = chain.neighbours[chain.step_pos[chain.step_of[j]]]
+        stack = step.probe_rows
+        assert cands is step.held
+        if stack is None:
+            stack = rows[cands, :, 0] if self.share == "k" else rows.take(cands, axis=0)
+            step.probe_rows = stack
+        g = stack - (xp[:, 0] if self.share == "k" else xp)
         if limits.allowed != 0:
             pd = self._rel(g, normp)
             ok: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) <= limits.allowed).tolist()
