@@ -127,6 +127,9 @@ class _Chain:
     content: dict[int, int] = field(default_factory=dict)
     # logical -> (L,) the block whose content each layer holds (layer granularity shares)
     layer_content: dict[int, np.ndarray] = field(default_factory=dict)
+    # float32 casts of candidates' held sketches for step position ``f32_pos`` (layer mode)
+    f32_pos: int = -1
+    f32: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -340,6 +343,9 @@ class CfTopK:
         if len(cands) == 1:
             one = self._held(chain, cands[0])
             diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
+        elif self.granularity == "layer":  # no probe: every candidate, cast once per step
+            diff = np.stack([self._step_f32(chain, j, c) for c in cands])
+            np.subtract(diff, np.asarray(x, dtype=np.float32), out=diff)
         else:
             diff = np.empty((len(cands), *x.shape), dtype=np.float32)
             xf = np.asarray(x, dtype=np.float32)  # the same cast, done once
@@ -351,6 +357,25 @@ class CfTopK:
         if self.granularity == "block":
             return self._block_share(chain, j, cands, dist, limits, cols, table)
         return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table)
+
+    def _step_f32(self, chain: _Chain, j: int, c: int) -> np.ndarray:
+        """Candidate ``c``'s held sketch (K and V, or K only) as float32, kept while block
+        ``j``'s step is being decided (a step's blocks are decided one after another, and what
+        a decided block holds no longer changes)."""
+        pos = chain.step_pos[chain.step_of[j]]
+        if chain.f32_pos != pos:
+            chain.f32_pos, chain.f32 = pos, {}
+        got = chain.f32.get(c)
+        if got is None:
+            held = self._held(chain, c)
+            got = chain.f32[c] = np.asarray(held[:, 0] if self.share == "k" else held, np.float32)
+        return got
+
+    @staticmethod
+    def _owners(chain: _Chain, c: int, layers: int) -> np.ndarray:
+        """(L,) the block whose content each layer of block ``c`` holds."""
+        got = chain.layer_content.get(c)
+        return np.full(layers, c, dtype=np.int64) if got is None else got
 
     @staticmethod
     def _held(chain: _Chain, c: int) -> np.ndarray:
@@ -471,13 +496,17 @@ class CfTopK:
         mask = np.zeros(table[j].pages.shape, dtype=bool)
         source = table[j].pages.copy()
         held = np.full(dist.shape[1], j, dtype=np.int64)  # whose content each layer holds
-        for layer in layers.tolist():
-            c = cands[int(best[layer])]
-            mask[layer, cols] = True
-            source[layer, cols] = table[c].pages[layer, cols]
-            owners = chain.layer_content.get(c)
-            held[layer] = c if owners is None else owners[layer]
-            self._link(chain, j, c)
+        pick = best[layers]  # the chosen candidate (row) of each shared layer
+        rows = np.unique(pick).tolist()
+        pages = np.stack([table[cands[r]].pages for r in rows])  # (chosen, L, 2)
+        owners = np.stack([self._owners(chain, cands[r], len(held)) for r in rows])
+        at = np.searchsorted(rows, pick)
+        for col in cols:
+            mask[layers, col] = True
+            source[layers, col] = pages[at, layers, col]
+        held[layers] = owners[at, layers]
+        for r in rows:
+            self._link(chain, j, cands[r])
         chain.layer_content[j] = held
         d = float(dist[best[layers], layers].mean())
         return BlockDecision(
