@@ -115,6 +115,21 @@ class Policy(Protocol):
 
 def policy_layer_map(policy: Policy, num_layers: int) -> np.ndarray | None:
     """The policy's cross-layer map for the pool (the optional ``layer_map(num_layers)`` hook
-    that ``kvsharer`` has), or None. Drivers build their :class:`BlockPool` with it."""
+    that ``kvsharer`` has), or None. Drivers build their :class:`BlockPool` with it.
+
+    A hook may itself answer None (a composition none of whose members maps layers): that is
+    "no map", the same as having no hook. A map is returned as an ``(num_layers,)`` int64
+    array; anything else is a ValueError naming the policy."""
     hook = getattr(policy, "layer_map", None)
-    return None if hook is None else np.asarray(hook(num_layers), dtype=np.int64)
+    if hook is None:
+        return None
+    lm = hook(num_layers)
+    if lm is None:
+        return None
+    arr = np.asarray(lm, dtype=np.int64)
+    if arr.shape != (num_layers,):
+        name = getattr(policy, "name", type(policy).__name__)
+        raise ValueError(
+            f"policy {name!r} gave a layer map of shape {arr.shape}, expected ({num_layers},)"
+        )
+    return arr

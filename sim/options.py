@@ -146,7 +146,8 @@ def build_configs(opts: SimOptions, manifest: Manifest | None = None) -> list[Si
         seed=opts.seed,
     )
     for name in opts.policies:
-        make_policy(name)  # unknown names fail here, before any run
+        param_defaults(name)  # unknown names fail here, before any run (no policy is built:
+        # a policy may need parameters, e.g. kvsharer's layer_map_file)
     configs = []
     for name, params in zip(opts.policies, policy_params(opts.policies, opts.sets), strict=True):
         make_policy(name, **params)  # bad parameter values fail here too

@@ -1,0 +1,81 @@
+"""Hardening (issue 11): every input path refuses bad input in one line, never a traceback.
+
+Real files on disk, the real CLI in a subprocess; no mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memshare.registry import policy_names
+from memshare.traces.schema import Manifest, ModelInfo, RequestRecord, SketchSpec, kv_row_dtype
+from memshare.traces.writer import TraceWriter
+
+SMOL = ModelInfo("SmolLM2-135M-Instruct", "LlamaForCausalLM", 30, 3, 64, "bfloat16")
+
+
+def memshare(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "memshare.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def smol_kv_trace(path: Path, n: int = 6) -> Path:
+    """A kv trace shaped like a capture of the default model: 30 layers, sketches, repeats
+    (requests 0/2/4 and 1/3/5 share content, so sharing policies have something to find)."""
+    template = Manifest(kind="kv", block_size=4, model=SMOL, sketch=SketchSpec(dim=8))
+    dtype = kv_row_dtype(30, 8)
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal((3, 30, 2, 8)).astype(np.float32) for _ in range(2)]
+    with TraceWriter(path, template) as w:
+        for i in range(n):
+            rows = np.zeros(3, dtype=dtype)
+            rows["sketch"] = base[i % 2] + 0.01 * rng.standard_normal(base[0].shape)
+            rows["norm"] = 1.0
+            prompt = [1, 2, 3, 4, 5 + i % 2, 6, 7, 8]
+            w.add(RequestRecord(f"r{i}", float(i), 8, 4, prompt, [9, 9, 9, 9]), rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return smol_kv_trace(tmp_path_factory.mktemp("kv") / "kv")
+
+
+@pytest.fixture(scope="module")
+def layer_map_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    lm = list(range(30))
+    lm[5], lm[7] = 4, 6  # two shared layers
+    path = tmp_path_factory.mktemp("lm") / "kvsharer.json"
+    path.write_text(json.dumps({"layer_map": lm}))
+    return path
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_every_registered_policy_runs_through_the_cli(
+    policy: str, smol: Path, layer_map_file: Path, tmp_path: Path
+) -> None:
+    # Defect 1: compositions (prefix+cf-topk) crashed on the composite's None layer map.
+    args = ["simulate", str(smol), "--policy", policy, "-o", str(tmp_path / "o"), "--json"]
+    if "kvsharer" in policy:
+        args += ["--set", f"layer_map_file={layer_map_file}"]
+    res = memshare(*args)
+    assert res.returncode == 0, res.stderr
+    run = json.loads(res.stdout)["runs"][0]
+    assert run["policy"] == policy
+    assert run["metrics"]["requests"]["finished"] == 6
