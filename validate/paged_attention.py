@@ -1,0 +1,148 @@
+"""The attention function of the paged KV engine, registered with transformers by name.
+
+transformers 5.x looks up ``config._attn_implementation`` in ``AttentionInterface`` and calls
+the function with ``(module, query, key, value, attention_mask, scaling=..., **kwargs)``,
+where ``query`` is ``[1, heads, T, head_dim]`` after the rotary embedding and ``key``/``value``
+are this step's post-RoPE keys and values. Ours ignores ``key``/``value``: the step's pre-RoPE
+K/V arrive through forward hooks (:mod:`memshare.validate.paged_model`) and the step's plan
+arrives through the forward kwargs (``memshare_step``), which the HF modeling code passes
+through unchanged down to the attention function. See ``docs/paged-kv.md``.
+
+Per layer, in this order (write-before-read):
+
+1. an owner layer writes every sequence's new pre-RoPE K/V rows into their pages;
+2. every sequence reads its context ``[0, start + n)`` from its pages (a shared layer through
+   its owner's table column), rotates the keys by their logical positions ``0..ctx-1`` with the
+   modeling module's own ``apply_rotary_pos_emb`` and the model's own cos/sin table, and
+   attends with its queries: decode sequences together in one padded
+   ``scaled_dot_product_attention`` with a key-padding mask, multi-token chunks one by one with
+   a causal mask offset by ``start``.
+
+The output has the layout HF's ``eager_attention_forward`` returns: ``[1, T, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from memshare.validate.paged_batch import StepPlan
+from memshare.validate.paged_store import PageStore
+
+ATTN_NAME = "memshare_paged"
+STATE_KWARG = "memshare_step"
+
+
+@dataclass
+class PagedStep:
+    """What the attention function needs during one ``PagedModel.step`` forward pass.
+
+    ``new_k[l]`` / ``new_v[l]`` hold layer ``l``'s pre-RoPE K and V of this step's ``T`` tokens
+    (set by the forward hooks just before the attention function runs, cleared after it).
+    """
+
+    plan: StepPlan
+    store: PageStore
+    new_k: list[Any]
+    new_v: list[Any]
+    apply_rope: Callable[..., Any]  # the modeling module's apply_rotary_pos_emb
+
+    def rotate(self, k: torch.Tensor, n: int) -> torch.Tensor:
+        """Rotate keys ``[B, n, kvh, hd]`` by positions ``0..n-1`` (the model's RoPE)."""
+        cos, sin = self.plan.cos[:, :n], self.plan.sin[:, :n]
+        # apply_rotary_pos_emb rotates q and k together: pass an empty q (0 heads).
+        _, out = self.apply_rope(k[:, :, :0], k, cos, sin, unsqueeze_dim=2)
+        rotated: torch.Tensor = out
+        return rotated
+
+    def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Write, then read and attend, for layer ``layer``; returns ``[1, T, heads, hd]``."""
+        plan, store = self.plan, self.store
+        _, heads, t, hd = query.shape
+        if plan.writes[layer]:
+            store.write_flat(plan.write_rows[layer, 0], self.new_k[layer].reshape(t, -1, hd))
+            store.write_flat(plan.write_rows[layer, 1], self.new_v[layer].reshape(t, -1, hd))
+        self.new_k[layer] = self.new_v[layer] = None
+        gqa = heads != store.num_kv_heads
+        dtype = query.dtype
+        if plan.dec_tok is not None and not plan.chunks and len(plan.dec_tok) == t:
+            # all decode: the packed row is the decode batch in order
+            q = query[0].transpose(0, 1).unsqueeze(2)  # (Bd, heads, 1, hd)
+            o = self._decode(layer, q, scaling, gqa, dtype)
+            return o.transpose(1, 2).reshape(1, t, heads, hd)
+        out = query.new_empty((t, heads, hd))
+        if plan.dec_tok is not None:
+            q = query[0, :, plan.dec_tok].transpose(0, 1).unsqueeze(2)
+            out[plan.dec_tok] = self._decode(layer, q, scaling, gqa, dtype)[:, :, 0]
+        for ch in plan.chunks:
+            k = self.rotate(store.gather_flat(ch.rows[layer, 0])[None].to(dtype), ch.ctx)
+            v = store.gather_flat(ch.rows[layer, 1])[None].to(dtype)
+            o = F.scaled_dot_product_attention(
+                query[:, :, ch.tok_start : ch.tok_end],
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=ch.mask,
+                is_causal=ch.mask is None,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            out[ch.tok_start : ch.tok_end] = o[0].transpose(0, 1)
+        return out[None]
+
+    def _decode(
+        self, layer: int, q: torch.Tensor, scaling: float, gqa: bool, dtype: Any
+    ) -> torch.Tensor:
+        """The decode group: one padded gather, rotation and attention -> (Bd, heads, 1, hd)."""
+        plan, store = self.plan, self.store
+        assert plan.dec_rows is not None
+        k = self.rotate(store.gather_flat(plan.dec_rows[layer, 0]).to(dtype), plan.dec_lmax)
+        v = store.gather_flat(plan.dec_rows[layer, 1]).to(dtype)
+        return F.scaled_dot_product_attention(
+            q,
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=plan.dec_mask,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+
+
+def paged_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``memshare_paged`` attention function (HF's attention-interface signature)."""
+    step = kwargs.get(STATE_KWARG)
+    if not isinstance(step, PagedStep):
+        raise RuntimeError(
+            f"attention {ATTN_NAME!r} runs only inside PagedModel.step (no {STATE_KWARG} given)"
+        )
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("sliding-window attention layers are not supported")
+    if scaling is None:
+        scaling = float(module.scaling)
+    return step.attend(int(module.layer_idx), query, scaling), None
+
+
+def no_mask(*_args: Any, **_kwargs: Any) -> None:
+    """Mask function for ``memshare_paged``: HF builds no mask (masks are ours, per sequence)."""
+    return None
+
+
+def register_attention() -> None:
+    """Register the attention and mask functions under ``ATTN_NAME`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, paged_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, no_mask)

@@ -1,0 +1,184 @@
+"""The paged KV engine's model side: batched varlen forward passes of an HF causal LM whose KV
+lives in a :class:`~memshare.validate.paged_store.PageStore` (design: ``docs/paged-kv.md``).
+
+Only attention's KV storage and lookup are ours. Embeddings, norms, projections, the rotary
+tables (the model's ``rotary_emb`` and its modeling module's ``apply_rotary_pos_emb``), MLPs and
+the LM head are the HF model's own modules, run by the HF model's own ``forward``. The engine
+hooks in through supported interfaces only:
+
+* forward hooks on each layer's ``self_attn.k_norm`` (architectures that normalise keys, e.g.
+  Qwen3) or ``self_attn.k_proj``, and on ``self_attn.v_proj``, capture the step's pre-RoPE K/V;
+* the attention function ``memshare_paged`` (``transformers.AttentionInterface``) and a mask
+  function that returns ``None`` (``AttentionMaskInterface``), selected with
+  ``set_attn_implementation``; the forward runs with ``use_cache=False`` so HF keeps no cache.
+
+The engine owns its model object: the constructor switches its attention implementation and
+registers hooks and restores nothing (``close()`` removes the hooks only). Pass a copy when the
+same model must also run plain HF code.
+
+Supported: Llama-family (Llama, SmolLM2), Qwen2 and Qwen3 layouts in transformers 5.x, full
+attention only (no sliding-window layers). Everything runs under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from memshare.validate.paged_attention import (
+    ATTN_NAME,
+    STATE_KWARG,
+    PagedStep,
+    register_attention,
+)
+from memshare.validate.paged_batch import SeqChunk, check_layer_map, plan_step
+from memshare.validate.paged_store import PageStore
+
+__all__ = ["PagedModel", "SeqChunk"]
+
+
+class PagedModel:
+    """One HF causal LM driven step by step over paged KV.
+
+    ``layer_map[l]`` (KVSharer cross-layer sharing): the owner layer whose pages layer ``l``
+    reads; ``layer_map[l] != l`` layers write nothing. ``None`` = every layer owns its pages.
+    """
+
+    def __init__(
+        self, hf_model: Any, store: PageStore, *, layer_map: npt.ArrayLike | None = None
+    ) -> None:
+        base = getattr(hf_model, "model", None)
+        layers = getattr(base, "layers", None)
+        rotary = getattr(base, "rotary_emb", None)
+        if layers is None or rotary is None:
+            raise ValueError(
+                f"unsupported model {type(hf_model).__name__}: needs model.layers and "
+                "model.rotary_emb (Llama / Qwen2 / Qwen3 layout)"
+            )
+        attns = [layer.self_attn for layer in layers]
+        if not all(hasattr(a, "k_proj") and hasattr(a, "v_proj") for a in attns):
+            raise ValueError("every attention module needs k_proj and v_proj")
+        if any(getattr(a, "sliding_window", None) for a in attns):
+            raise ValueError("sliding-window attention layers are not supported")
+        cfg = hf_model.config
+        self._num_layers = len(attns)
+        self._num_heads = int(cfg.num_attention_heads)
+        self._num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self._num_heads)
+        self._head_dim = int(attns[0].head_dim)
+        if (store.num_kv_heads, store.head_dim) != (self._num_kv_heads, self._head_dim):
+            raise ValueError(
+                f"store pages hold ({store.num_kv_heads}, {store.head_dim}) heads x dim, "
+                f"the model needs ({self._num_kv_heads}, {self._head_dim})"
+            )
+        param = next(hf_model.parameters())
+        if torch.device(store.device) != param.device:
+            raise ValueError(f"store on {store.device}, model on {param.device}")
+        self.model = hf_model.eval()
+        self.store = store
+        self.layer_map = check_layer_map(layer_map, self._num_layers)
+        self._rotary = rotary
+        self._apply_rope = sys.modules[type(attns[0]).__module__].apply_rotary_pos_emb
+        self._dummy = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.keys_from = "k_norm" if all(hasattr(a, "k_norm") for a in attns) else "k_proj"
+        self._new_k: list[Any] = [None] * self._num_layers
+        self._new_v: list[Any] = [None] * self._num_layers
+        self._handles: list[Any] = []
+        for i, a in enumerate(attns):
+            k_mod = a.k_norm if self.keys_from == "k_norm" else a.k_proj
+            self._handles.append(k_mod.register_forward_hook(self._capture(self._new_k, i)))
+            self._handles.append(a.v_proj.register_forward_hook(self._capture(self._new_v, i)))
+        register_attention()
+        hf_model.set_attn_implementation(ATTN_NAME)
+        if hf_model.config._attn_implementation != ATTN_NAME:
+            raise RuntimeError(f"{type(hf_model).__name__} refused attention {ATTN_NAME!r}")
+
+    @staticmethod
+    def _capture(slot: list[Any], layer: int) -> Any:
+        def hook(_module: Any, _inp: Any, out: Any) -> None:
+            slot[layer] = out
+
+        return hook
+
+    def close(self) -> None:
+        """Remove the forward hooks (the attention implementation stays switched)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- facts ---------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers (``L`` of a block table entry)."""
+        return self._num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads per layer."""
+        return self._num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one head."""
+        return self._head_dim
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per page (the store's)."""
+        return int(self.store.block_size)
+
+    # -- running -------------------------------------------------------------------------
+
+    def step(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
+        """One forward pass over all ``chunks`` packed in one row.
+
+        Writes each chunk's new K/V into its pages and returns, per chunk, float32 logits:
+        ``[n, vocab]`` when ``all_logits`` else ``[vocab]`` (the last position). Within a step
+        a sequence may read pages another sequence writes (write-before-read per layer); two
+        chunks must not write the same token slot in one step.
+        """
+        with torch.inference_mode():
+            plan = plan_step(
+                chunks,
+                num_layers=self._num_layers,
+                block_size=self.store.block_size,
+                num_pages=self.store.num_pages,
+                layer_map=self.layer_map,
+                device=self.store.device,
+            )
+            positions = torch.arange(plan.max_ctx, device=self.store.device)[None]
+            plan.cos, plan.sin = self._rotary(self._dummy, position_ids=positions)
+            state = PagedStep(plan, self.store, self._new_k, self._new_v, self._apply_rope)
+            try:
+                out = self.model(
+                    input_ids=plan.input_ids,
+                    position_ids=plan.position_ids,
+                    use_cache=False,
+                    logits_to_keep=plan.keep,
+                    **{STATE_KWARG: state},
+                )
+            finally:
+                self._new_k[:] = [None] * self._num_layers
+                self._new_v[:] = [None] * self._num_layers
+            logits = out.logits[0].float()
+            return [logits[a:b] if full else logits[a] for a, b, full in plan.outputs]
+
+    # -- reading the live KV ---------------------------------------------------------------
+
+    def block_kv_numpy(self, pages: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """A block's pre-RoPE K/V, float32 ``(L, 2, block_size, kvh, hd)``, from its ``(L, 2)``
+        page ids: the input ``memshare.sketch.sketch_blocks`` takes (per layer, K or V)."""
+        kv: npt.NDArray[np.float32] = self.store.block_kv_numpy(pages)
+        return kv
+
+    def exact_distance(
+        self, pages_a: npt.ArrayLike, pages_b: npt.ArrayLike
+    ) -> npt.NDArray[np.float64]:
+        """``||a - b|| / ||a||`` per layer and K/V ``(L, 2)`` between two blocks' live KV."""
+        dist: npt.NDArray[np.float64] = self.store.exact_distance(pages_a, pages_b)
+        return dist

@@ -1,0 +1,176 @@
+"""The page store of the paged KV engine: one preallocated tensor holding every page.
+
+One page is one layer's keys (or values) for one block of ``block_size`` tokens, so the store
+is a tensor ``data`` of shape ``[num_pages, block_size, num_kv_heads, head_dim]``. Keys are
+stored **before** the rotary embedding (for Qwen3-style models: after ``k_norm``); the engine
+rotates them by their logical positions when it reads them (see ``docs/paged-kv.md``).
+
+Invariants:
+
+* ``data`` is allocated once and never resized; ``flat`` is a view of it with shape
+  ``[num_pages * block_size, num_kv_heads, head_dim]``: row ``page * block_size + offset``
+  is token slot ``offset`` of page ``page``. Writes go through ``flat`` with ``index_copy_``.
+* The store knows nothing about layers, K/V or sequences: a page id is only a page id. Which
+  page holds what is the caller's block table (``pages[block, layer, 0=K/1=V]``).
+* ``nbytes`` is measured from the tensor itself, ``page_bytes * num_pages``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+
+def as_index(x: Any, device: Any) -> torch.Tensor:
+    """``x`` (array-like or tensor of ints) as a 1-D int64 tensor on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.long).reshape(-1)
+    return torch.as_tensor(np.asarray(x, dtype=np.int64).reshape(-1), device=device)
+
+
+class PageStore:
+    """Preallocated pages ``[num_pages, block_size, num_kv_heads, head_dim]``."""
+
+    def __init__(
+        self,
+        num_pages: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: Any = torch.float32,
+        device: Any = "cpu",
+    ) -> None:
+        if min(num_pages, block_size, num_kv_heads, head_dim) <= 0:
+            raise ValueError("num_pages, block_size, num_kv_heads and head_dim must be > 0")
+        self.num_pages = int(num_pages)
+        self.block_size = int(block_size)
+        self.num_kv_heads = int(num_kv_heads)
+        self.head_dim = int(head_dim)
+        self.data: torch.Tensor = torch.zeros(
+            (self.num_pages, self.block_size, self.num_kv_heads, self.head_dim),
+            dtype=dtype,
+            device=device,
+        )
+        self.flat: torch.Tensor = self.data.view(
+            self.num_pages * self.block_size, self.num_kv_heads, self.head_dim
+        )
+
+    @classmethod
+    def for_model(
+        cls,
+        hf_model: Any,
+        num_pages: int,
+        block_size: int,
+        *,
+        dtype: Any = None,
+        device: Any = None,
+    ) -> PageStore:
+        """A store shaped for ``hf_model`` (its KV heads and head size, dtype and device)."""
+        cfg = hf_model.config
+        heads = int(cfg.num_attention_heads)
+        kvh = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        p = next(hf_model.parameters())
+        return cls(
+            num_pages,
+            block_size,
+            kvh,
+            hd,
+            dtype=p.dtype if dtype is None else dtype,
+            device=p.device if device is None else device,
+        )
+
+    # -- facts ---------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> Any:
+        """Element type of the pages."""
+        return self.data.dtype
+
+    @property
+    def device(self) -> Any:
+        """Device the pages live on."""
+        return self.data.device
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page: ``block_size * num_kv_heads * head_dim * element size``."""
+        return int(self.data[0].numel() * self.data.element_size())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store's tensor occupies (measured from the tensor)."""
+        return int(self.data.numel() * self.data.element_size())
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def rows(self, pages: Any, offsets: Any) -> torch.Tensor:
+        """Flat row indices ``page * block_size + offset`` (1-D int64 on the store's device)."""
+        p = as_index(pages, self.device)
+        o = as_index(offsets, self.device)
+        if p.shape != o.shape:
+            raise ValueError(f"pages {tuple(p.shape)} and offsets {tuple(o.shape)} differ")
+        if p.numel() and (int(o.min()) < 0 or int(o.max()) >= self.block_size):
+            raise ValueError(f"offsets must lie in [0, {self.block_size})")
+        return p * self.block_size + o
+
+    def write_flat(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` ``(N, kvh, hd)`` (any float dtype) into flat rows ``rows`` ``(N,)``.
+
+        Rows must be distinct within one call (``index_copy_`` leaves duplicates undefined).
+        """
+        self.flat.index_copy_(
+            0, rows, values.reshape(-1, self.num_kv_heads, self.head_dim).to(self.dtype)
+        )
+
+    def gather_flat(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (any shape ``S``) as a tensor ``S + (kvh, hd)`` (a copy)."""
+        out = self.flat.index_select(0, rows.reshape(-1))
+        return out.view(*rows.shape, self.num_kv_heads, self.head_dim)
+
+    def write_rows(self, pages: Any, offsets: Any, values: torch.Tensor) -> None:
+        """Write token slots: ``values[i]`` ``(kvh, hd)`` goes to ``(pages[i], offsets[i])``."""
+        self.write_flat(self.rows(pages, offsets), values)
+
+    def gather_rows(self, pages: Any, offsets: Any) -> torch.Tensor:
+        """Token slots ``(pages[i], offsets[i])`` as ``(N, kvh, hd)``."""
+        return self.gather_flat(self.rows(pages, offsets))
+
+    # -- blocks --------------------------------------------------------------------------
+
+    def block_kv(self, pages: npt.ArrayLike) -> torch.Tensor:
+        """One block's pages: ``pages`` ``(L, 2)`` page ids -> ``(L, 2, block_size, kvh, hd)``."""
+        ids = np.asarray(pages, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] != 2:
+            raise ValueError(f"pages must have shape (L, 2), got {ids.shape}")
+        idx = as_index(ids, self.device)
+        return self.data.index_select(0, idx).view(
+            *ids.shape, self.block_size, self.num_kv_heads, self.head_dim
+        )
+
+    def block_kv_numpy(self, pages: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """:meth:`block_kv` as float32 numpy, the input ``memshare.sketch.sketch_blocks`` takes
+        (pre-RoPE keys; ``kv[:, 0]`` keys, ``kv[:, 1]`` values)."""
+        arr: npt.NDArray[np.float32] = (
+            self.block_kv(pages).to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        )
+        return arr
+
+    def exact_distance(
+        self, pages_a: npt.ArrayLike, pages_b: npt.ArrayLike
+    ) -> npt.NDArray[np.float64]:
+        """Relative distance ``||a - b|| / ||a||`` per layer and K/V between two blocks' live
+        pages (``(L, 2)`` page ids each) -> ``(L, 2)`` float64; computed in float64 on the
+        store's device. A zero ``a`` gives ``inf`` (``nan`` when ``b`` is zero too)."""
+        a = self.block_kv(pages_a).double()
+        b = self.block_kv(pages_b).double()
+        if a.shape != b.shape:
+            raise ValueError(f"pages_a {tuple(a.shape[:2])} and pages_b {tuple(b.shape[:2])}")
+        diff = (a - b).flatten(2).norm(dim=-1)
+        norm = a.flatten(2).norm(dim=-1)
+        out: npt.NDArray[np.float64] = (diff / norm).cpu().numpy()
+        return out
