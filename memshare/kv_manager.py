@@ -10,6 +10,16 @@ Invariants:
   tail-first.
 - Logical blocks below ``num_full`` have been reported to the policy exactly once.
 - A call that returns ``None``/``False`` changed nothing.
+
+Reserve, then commit (docs/scheduler.md): :meth:`KVCacheManager.admit` and
+:meth:`KVCacheManager.allocate_slots` *reserve* the blocks a step will write, at schedule time;
+after the step ran, :meth:`KVCacheManager.commit` reports the blocks that filled to the policy
+(with their KV sketches, from the trace in the simulator, from live KV in the engine, by the
+same function) and applies its decisions. So a block's own forward pass always writes its own
+pages, and a share repoints the entry only afterwards: no KV is ever written into a page that
+another entry reads. A policy whose answers never repoint a block (``shares_blocks`` False:
+``none``, ``prefix``, ``kvshare``, ``kvsharer``) is asked at reservation instead, as vLLM
+caches a block's hash when it schedules the tokens that fill it.
 """
 
 from __future__ import annotations
@@ -20,7 +30,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
-from memshare.policy import BlockDecision, FullBlock, Policy, PrefixHit, RequestInfo
+from memshare.policy import (
+    BlockDecision,
+    FullBlock,
+    Policy,
+    PrefixHit,
+    RequestInfo,
+    policy_shares_blocks,
+)
 
 BlockInfoFn = Callable[[int], FullBlock]  # logical index -> what the policy sees of it
 
@@ -71,6 +88,10 @@ class KVCacheManager:
     block_size: int
     requests: dict[str, RequestState] = field(default_factory=dict)
     stats: ManagerStats = field(default_factory=ManagerStats)
+    after_step: bool = field(init=False)  # the policy decides at commit (else at reservation)
+
+    def __post_init__(self) -> None:
+        self.after_step = policy_shares_blocks(self.policy)
 
     def lookup(self, info: RequestInfo) -> PrefixHit:
         """The policy's cached prefix for ``info`` now (changes nothing). A scheduler that sizes
@@ -120,7 +141,8 @@ class KVCacheManager:
         st.hit_blocks += len(hit_blocks)
         st.matched_tokens += max(hit.matched_tokens, hit.num_tokens)
         st.reused_tokens += hit.reused_tokens
-        self._report_full(state)
+        if not self.after_step:
+            self._report_full(state)
         return hit
 
     def allocate_slots(self, req_id: str, num_new_tokens: int) -> bool:
@@ -142,8 +164,23 @@ class KVCacheManager:
             self.stats.cow_copies += 1
         state.table.extend(new)
         state.num_tokens = total
-        self._report_full(state)
+        if not self.after_step:
+            self._report_full(state)
         return True
+
+    def commit(self, req_id: str) -> None:
+        """After the step that computed the reserved tokens: report the blocks that filled
+        to the policy and apply its decisions (a no-op for policies asked at reservation)."""
+        if self.after_step:
+            self._report_full(self.requests[req_id])
+
+    def page_table(self, req_id: str) -> np.ndarray:
+        """The request's block table as page ids, ``(blocks, layers, 2)`` (K = 0, V = 1): what
+        the engine reads and writes. Shared entries name the same pages as their source."""
+        table = self.requests[req_id].table
+        if not table:
+            return np.zeros((0, self.pool.num_layers, 2), dtype=np.int64)
+        return np.stack([blk.pages for blk in table])
 
     def free(self, req_id: str) -> None:
         """Release a finished or preempted request's blocks, tail first."""

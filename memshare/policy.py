@@ -133,3 +133,15 @@ def policy_layer_map(policy: Policy, num_layers: int) -> np.ndarray | None:
             f"policy {name!r} gave a layer map of shape {arr.shape}, expected ({num_layers},)"
         )
     return arr
+
+
+def policy_shares_blocks(policy: Policy) -> bool:
+    """Whether the policy's block decisions may repoint entries (share a block or pages): its
+    optional ``shares_blocks`` attribute, True when absent (the safe side).
+
+    Such a policy is asked about a full block only after the step that wrote the block's KV
+    (the manager's commit): its own forward pass must write its own pages, and sketches come
+    from that KV. A policy that only publishes hashes (``prefix``) is asked when the block is
+    reserved, as vLLM caches a block when it schedules the tokens that fill it.
+    """
+    return bool(getattr(policy, "shares_blocks", True))

@@ -96,9 +96,11 @@ def bench_policy(
 
         if mgr.admit(info, block_size, block) is None:
             raise RuntimeError("benchmark pool too small")
+        mgr.commit(rid)
         for _ in range(blocks_per_chain - 1):
             if not mgr.allocate_slots(rid, block_size):
                 raise RuntimeError("benchmark pool too small")
+            mgr.commit(rid)
         if progress is not None:
             progress(c + 1, chains)
     us = np.asarray(ns, dtype=np.float64) / 1e3

@@ -1,71 +1,112 @@
-"""A vLLM-v1-like scheduler over :class:`~memshare.kv_manager.KVCacheManager`.
+"""A vLLM-v1-like scheduler over :class:`~memshare.kv_manager.KVCacheManager`: the one
+scheduler both executors drive (docs/scheduler.md).
 
-One call of :meth:`Scheduler.schedule` is one engine step, as in vLLM v1's
+The simulator (``memshare.sim``) charges its cost model for each step this scheduler plans;
+the paged engine (``memshare.validate``) runs one batched forward pass of the real model for
+it. Neither changes a decision: the step plan, every allocation, hit, share and free come from
+here and from the manager, so a difference between the two is a measured fact.
+
+One :meth:`Scheduler.schedule` call plans one engine step, as in vLLM v1's
 ``Scheduler.schedule``: there is no prefill or decode phase, each request has
 ``num_computed`` tokens and wants to catch up with ``num_tokens`` (prompt plus generated).
 
 1. **Running requests first**, in order: each gets ``num_tokens - num_computed`` tokens (one
    when decoding, the next chunk of its prompt otherwise), capped by
    ``long_prefill_token_threshold`` and the step's token budget. If the manager cannot
-   allocate the blocks, the **newest running request is preempted** (its blocks are freed,
+   reserve the blocks, the **newest running request is preempted** (its blocks are freed,
    it goes back to the front of the waiting queue and is later recomputed from scratch),
    until the request fits or has preempted itself; then the running pass stops.
 2. **Waiting requests** (only if nothing was preempted this step), FCFS, while budget and
    ``max_num_seqs`` allow: the prefix lookup happens here (at admission, as in vLLM); the
    request's chunk is sized by what the hit leaves; it is admitted only if the manager can
-   allocate the chunk's blocks, else the pass stops (head-of-line blocking, as in vLLM). A
+   reserve the chunk's blocks, else the pass stops (head-of-line blocking, as in vLLM). A
    preempted request is re-admitted as one prefill of its prompt and generated tokens
-   (:func:`~memshare.sim.workload.resumed_info`), all of whose blocks must fit at once.
-3. After the step's simulated time (:meth:`Scheduler.complete`), every request whose
-   ``num_computed`` reached ``num_tokens`` samples one token; a request whose last token was
-   sampled finishes and frees its blocks.
+   (:func:`~memshare.request.resumed_info`), all of whose blocks must fit at once.
+3. The executor runs the step, then calls :meth:`Scheduler.complete` with the tokens it
+   sampled (``update_from_output`` in vLLM): the manager first **commits** the blocks that
+   filled (the policy decides on them now, from KV the step wrote), then every request whose
+   ``num_computed`` reached ``num_tokens`` takes its sampled token; a request that sampled a
+   stop id or reached ``max_tokens`` finishes and frees its blocks.
 
 Every allocation, hit, share and free goes through the manager, which executes the policy's
-decisions: the scheduler never reasons about cache contents itself.
+decisions: the scheduler never reasons about cache contents itself. It reads no clock:
+executors stamp times.
 
 Invariants: the tokens of one step never exceed ``max_num_batched_tokens``; at most
 ``max_num_seqs`` requests run; a request is in exactly one of ``waiting`` / ``running``
 (or finished); every running request is admitted in the manager and no waiting one is.
 
 Prompt tokens a policy reuses past the prefix hit (KVShare's ``PrefixHit.reused_tokens``)
-take budget and blocks like any other, but the cost model sees them as not computed (their KV
-is copied): they are taken off the first chunks after the hit.
+take budget and blocks like any other, but are marked ``reused`` in the step's chunk (their
+KV is copied, not computed): they are taken off the first chunks after the hit.
 
 Decode fast path: while a request decodes past its prompt, ``allocate_slots`` has nothing to
 do until its next block fills or a new block is needed. The scheduler counts such tokens in
-``SimRequest.lag`` and tells the manager the sum when something happens (or before a free),
+``Request.lag`` and tells the manager the sum when something happens (or before a free),
 which is exactly what the manager would have done token by token. When nothing waits and
 every running request is in that state, :meth:`Scheduler.quiet_burst` says how many such
-steps lie ahead and the engine runs them back to back (:meth:`Scheduler.run_burst`): one
-timeline row and one simulated step each, without visiting every request every step. Both
-shortcuts are checked against the plain path (``fast_decode=False``) for identical files.
+steps lie ahead and a cost-model executor may run them back to back
+(:meth:`Scheduler.run_burst`; tokens are then not known, only counted). Both shortcuts are
+checked against the plain path (``fast_decode=False``) for identical files.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager
-from memshare.sim.config import SchedulerConfig
-from memshare.sim.cost_model import BatchShape
-from memshare.sim.workload import SimRequest, resumed_info
+from memshare.request import Request, resumed_info
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """vLLM v1 scheduler limits (``--max-num-batched-tokens`` etc.)."""
+
+    max_num_batched_tokens: int = 8192  # token budget per step
+    max_num_seqs: int = 256  # running requests at most
+    enable_chunked_prefill: bool = True  # split long prompts over steps
+    long_prefill_token_threshold: int = 0  # cap on one request's chunk (0: no cap)
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens <= 0:
+            raise InputError("--max-num-batched-tokens", "must be > 0", "e.g. 8192")
+        if self.max_num_seqs <= 0:
+            raise InputError("--max-num-seqs", "must be > 0", "e.g. 256")
+        if self.long_prefill_token_threshold < 0:
+            raise InputError("--long-prefill-threshold", "must be >= 0", "0 disables it")
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One request's share of a step: tokens ``start .. start + num_tokens - 1``."""
+
+    req: Request  # the scheduled request
+    start: int  # logical position of its first token this step (= tokens computed before)
+    num_tokens: int  # tokens scheduled (computed, or copied where ``reused``)
+    reused: int = 0  # of which the first ``reused`` have KV copied by the policy (KVShare)
+    samples: bool = False  # the chunk reaches ``num_tokens``: a token is sampled after it
 
 
 @dataclass(slots=True)
 class StepPlan:
-    """What one step computes."""
+    """What one step computes; executors derive their batch (or batch shape) from it."""
 
-    reqs: list[SimRequest] = field(default_factory=list)  # scheduled requests, in order
-    tokens: list[int] = field(default_factory=list)  # tokens scheduled for each
-    shape: BatchShape = field(default_factory=BatchShape)  # aggregates for the cost model
+    chunks: list[Chunk] = field(default_factory=list)  # scheduled requests, in order
     preempted: int = 0  # requests preempted while building this step
     admitted: int = 0  # waiting requests admitted this step
 
     @property
     def empty(self) -> bool:
         """Nothing scheduled."""
-        return not self.reqs
+        return not self.chunks
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens scheduled in all."""
+        return sum(c.num_tokens for c in self.chunks)
 
 
 class Scheduler:
@@ -78,11 +119,11 @@ class Scheduler:
         self.manager = manager
         self.fast_decode = fast_decode  # use the decode fast path (same results, faster)
         self.block_size = manager.block_size
-        self.waiting: deque[SimRequest] = deque()  # FCFS; preempted requests go to the front
-        self.running: list[SimRequest] = []  # admission order (newest last)
+        self.waiting: deque[Request] = deque()  # FCFS; preempted requests go to the front
+        self.running: list[Request] = []  # admission order (newest last)
         self.num_preemptions = 0  # total over the run
 
-    def add(self, req: SimRequest) -> None:
+    def add(self, req: Request) -> None:
         """A new request joins the back of the waiting queue."""
         self.waiting.append(req)
 
@@ -92,8 +133,8 @@ class Scheduler:
         return not self.waiting and not self.running
 
     # ----------------------------------------------------------------- one step
-    def schedule(self, now: float) -> StepPlan:
-        """Choose this step's requests and tokens; allocate their blocks (see module doc)."""
+    def schedule(self) -> StepPlan:
+        """Choose this step's requests and tokens; reserve their blocks (see module doc)."""
         cfg = self.cfg
         mgr = self.manager
         budget = cfg.max_num_batched_tokens
@@ -105,7 +146,7 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             c = req.num_computed
-            want = req.prompt_len + req.num_output
+            want = req.num_tokens
             n = want - c
             if 0 < thr < n:
                 n = thr
@@ -124,7 +165,7 @@ class Scheduler:
                     ok = self._allocate(req, n)
                 if not ok:
                     break
-            self._count(plan, req, c, n, want)
+            self._add_chunk(plan, req, c, n, want)
             budget -= n
             i += 1
 
@@ -134,7 +175,7 @@ class Scheduler:
             info = req.info if req.num_output == 0 else resumed_info(req)
             hit = mgr.lookup(info)
             c = hit.num_tokens
-            want = req.prompt_len + req.num_output
+            want = req.num_tokens
             n = want - c
             if 0 < thr < n:
                 n = thr
@@ -153,38 +194,43 @@ class Scheduler:
             if req.hit_tokens < 0:
                 req.hit_tokens = c
                 req.hit_blocks = len(hit.blocks)
-                req.first_scheduled = now
-            self._count(plan, req, c, n, want)
+            self._add_chunk(plan, req, c, n, want)
             budget -= n
             plan.admitted += 1
 
         return plan
 
     @staticmethod
-    def _count(plan: StepPlan, req: SimRequest, c: int, n: int, want: int) -> None:
-        """Schedule ``n`` tokens of ``req`` after its ``c`` computed ones into ``plan``.
-
-        Tokens whose KV a policy reuses (KVShare) take budget and blocks but are not computed.
-        """
+    def _add_chunk(plan: StepPlan, req: Request, c: int, n: int, want: int) -> None:
+        """Schedule ``n`` tokens of ``req`` after its ``c`` computed ones into ``plan``."""
         end = c + n
         req.num_computed = end
-        plan.reqs.append(req)
-        plan.tokens.append(n)
         take = min(n, req.reuse_left)
         req.reuse_left -= take
-        plan.shape.add(n - take, c + take, end == want, decode=n == 1 and take == 0)
+        plan.chunks.append(Chunk(req, c, n, take, end == want))
 
-    def complete(self, plan: StepPlan, now: float) -> list[SimRequest]:
-        """End of the step at ``now``: sample tokens, finish requests; returns the finished."""
-        finished: list[SimRequest] = []
-        for req in plan.reqs:
-            if req.num_computed == req.prompt_len + req.num_output:
-                req.num_output += 1
-                if req.num_output == 1:
-                    req.first_token = now
-                if req.num_output >= req.output_len:
+    def complete(
+        self, plan: StepPlan, sampled: Sequence[int | None] | None = None
+    ) -> list[Request]:
+        """After the step ran: commit the blocks it filled, take the sampled tokens, finish
+        requests; returns the finished, in plan order.
+
+        ``sampled[j]`` is the token chunk ``j`` of ``plan`` sampled (read only where the chunk
+        ``samples``); ``None`` (or no list) means the token is not known and only counted.
+        """
+        mgr = self.manager
+        for chunk in plan.chunks:
+            req = chunk.req
+            if req.lag == 0 and req.state is not None:
+                mgr.commit(req.rid)
+        finished: list[Request] = []
+        for j, chunk in enumerate(plan.chunks):
+            req = chunk.req
+            if req.num_computed == req.num_tokens:
+                req.append_token(None if sampled is None else sampled[j])
+                if req.finished:
                     finished.append(req)
-        return self._retire(finished, now)
+        return self._retire(finished)
 
     # ----------------------------------------------------------------- decode bursts
     def quiet_burst(self) -> tuple[int, int]:
@@ -192,8 +238,9 @@ class Scheduler:
 
         That holds while nothing waits, every running request decodes one token a step within
         its ``quiet`` tokens (the manager and the pool are untouched) and none finishes before
-        step ``k``. ``kv`` is the first of those steps' ``decode_kv_tokens``; step ``j``
-        (from 0) has ``kv + j * len(running)``. ``(0, 0)`` when no such step is ahead.
+        step ``k``. ``kv`` is the first of those steps' context tokens in all (``sum c + 1``);
+        step ``j`` (from 0) has ``kv + j * len(running)``. ``(0, 0)`` when no such step is
+        ahead. Only for requests whose tokens are not tracked (a cost-model executor).
         """
         running = self.running
         if self.waiting or not running or len(running) > self.cfg.max_num_batched_tokens:
@@ -202,12 +249,12 @@ class Scheduler:
         kv = 0
         for req in running:
             c = req.num_computed
-            if c != req.prompt_len + req.num_output - 1:
+            if c != req.num_tokens - 1 or req.token_ids is not None or req.stop_ids:
                 return 0, 0
             room = req.quiet - req.lag
             if room < k:
                 k = room
-            left = req.output_len - req.num_output
+            left = req.max_tokens - req.num_output
             if left < k:
                 k = left
             if k <= 0:
@@ -215,33 +262,33 @@ class Scheduler:
             kv += c + 1
         return k, kv
 
-    def run_burst(self, k: int, now: float) -> list[SimRequest]:
-        """Apply ``k`` steps of :meth:`quiet_burst` at once, the last ending at ``now``.
+    def run_burst(self, k: int) -> list[Request]:
+        """Apply ``k`` steps of :meth:`quiet_burst` at once.
 
-        Exactly what ``k`` calls of :meth:`schedule` and :meth:`complete` would do: every
-        running request computes ``k`` tokens (counted in ``lag``) and samples ``k``; those
-        whose last token that is finish at ``now``.
+        Exactly what ``k`` calls of :meth:`schedule` and :meth:`complete` with unknown tokens
+        would do: every running request computes ``k`` tokens (counted in ``lag``) and samples
+        ``k``; those whose last token that is finish.
         """
-        finished: list[SimRequest] = []
+        finished: list[Request] = []
         for req in self.running:
             req.num_computed += k
             req.lag += k
             req.num_output += k
-            if req.num_output >= req.output_len:
+            if req.num_output >= req.max_tokens:
+                req.finish_reason = "length"
                 finished.append(req)
-        return self._retire(finished, now)
+        return self._retire(finished)
 
     # ----------------------------------------------------------------- internals
-    def _retire(self, finished: list[SimRequest], now: float) -> list[SimRequest]:
-        """Finish ``finished`` at ``now`` (in order): free their blocks, leave ``running``."""
+    def _retire(self, finished: list[Request]) -> list[Request]:
+        """Free ``finished`` requests' blocks (in order) and take them off ``running``."""
         for req in finished:
-            req.finish = now
             self._release(req)
         if finished:
-            self.running = [r for r in self.running if r.num_output < r.output_len]
+            self.running = [r for r in self.running if not r.finished]
         return finished
 
-    def _allocate(self, req: SimRequest, n: int) -> bool:
+    def _allocate(self, req: Request, n: int) -> bool:
         """Tell the manager about ``req``'s lagging tokens plus ``n`` new ones."""
         if not self.manager.allocate_slots(req.rid, req.lag + n):
             return False
@@ -249,13 +296,14 @@ class Scheduler:
         self._set_quiet(req)
         return True
 
-    def _set_quiet(self, req: SimRequest) -> None:
+    def _set_quiet(self, req: Request) -> None:
         """How many tokens ``allocate_slots`` could now take with no effect but a count.
 
         Only past the prompt (no copy-on-write or hashed tail pending): until the table needs
         a new block, or the current last block becomes full (the policy must hear of it).
         """
         st = req.state
+        assert st is not None
         if st.cow_tail or st.num_tokens < req.prompt_len or not self.fast_decode:
             req.quiet = 0
             return
@@ -264,13 +312,13 @@ class Scheduler:
         to_full = (max(st.num_full, st.num_tokens // bs) + 1) * bs - st.num_tokens - 1
         req.quiet = max(0, min(room, to_full))
 
-    def _release(self, req: SimRequest) -> None:
+    def _release(self, req: Request) -> None:
         """Free a request's blocks in the manager (lagging tokens need no telling)."""
         self.manager.free(req.rid)
         req.state = None
         req.lag = req.quiet = 0
 
-    def _preempt(self, req: SimRequest) -> None:
+    def _preempt(self, req: Request) -> None:
         """Free ``req``'s blocks and put it at the front of the waiting queue (recompute)."""
         self._release(req)
         req.num_computed = 0

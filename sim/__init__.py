@@ -7,7 +7,7 @@ policy's own; time comes from a roofline cost model.
 
 Modules, one job each: :mod:`~memshare.sim.config` (settings, presets),
 :mod:`~memshare.sim.options` (CLI values -> configs), :mod:`~memshare.sim.workload` (trace
-records -> requests), :mod:`~memshare.sim.arrivals`, :mod:`~memshare.sim.scheduler`,
+records -> requests), :mod:`~memshare.sim.arrivals`, :mod:`~memshare.scheduler`,
 :mod:`~memshare.sim.cost_model`, :mod:`~memshare.sim.engine` (SimPy),
 :mod:`~memshare.sim.metrics`, :mod:`~memshare.sim.run` (one run and its directory),
 :mod:`~memshare.sim.study` (comparisons and sweeps), :mod:`~memshare.sim.report` (tables),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memshare.errors import InputError
+from memshare.scheduler import SchedulerConfig as SchedulerConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "float8": 1}
 ArrivalMode = Literal["trace", "poisson", "closed"]
@@ -246,25 +247,6 @@ def cost_toml(coef: CostCoefficients, comment: str = "") -> str:
     lines = [f"# {line}" for line in comment.splitlines()] + ["[coefficients]"]
     lines += [f"{f.name} = {float(getattr(coef, f.name))!r}" for f in fields(coef)]
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- scheduler
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """vLLM v1 scheduler limits (``--max-num-batched-tokens`` etc.)."""
-
-    max_num_batched_tokens: int = 8192  # token budget per step
-    max_num_seqs: int = 256  # running requests at most
-    enable_chunked_prefill: bool = True  # split long prompts over steps
-    long_prefill_token_threshold: int = 0  # cap on one request's chunk (0: no cap)
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens <= 0:
-            raise InputError("--max-num-batched-tokens", "must be > 0", "e.g. 8192")
-        if self.max_num_seqs <= 0:
-            raise InputError("--max-num-seqs", "must be > 0", "e.g. 256")
-        if self.long_prefill_token_threshold < 0:
-            raise InputError("--long-prefill-threshold", "must be >= 0", "0 disables it")
 
 
 # --------------------------------------------------------------------------- memory

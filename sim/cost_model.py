@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memshare.scheduler import StepPlan
 from memshare.sim.config import CostCoefficients, GpuSpec, ModelConfig
 
 
 @dataclass(slots=True)
 class BatchShape:
-    """What one step computes, in aggregates the roofline needs (built by the scheduler)."""
+    """What one step computes, in aggregates the roofline needs (:func:`plan_shape`)."""
 
     num_seqs: int = 0  # scheduled sequences
     num_tokens: int = 0  # scheduled tokens in all
@@ -56,6 +57,21 @@ class BatchShape:
             self.prefill_tokens += n
             self.prefill_pairs += n * (c + (n + 1) / 2)
             self.prefill_kv_tokens += c + n
+
+
+def plan_shape(plan: StepPlan) -> BatchShape:
+    """The batch shape of a scheduler step: tokens whose KV a policy copies (KVShare's
+    ``reused``) take no compute and count as context; a chunk of one computed token is a
+    decode."""
+    shape = BatchShape()
+    for c in plan.chunks:
+        shape.add(
+            c.num_tokens - c.reused,
+            c.start + c.reused,
+            c.samples,
+            c.num_tokens == 1 and not c.reused,
+        )
+    return shape
 
 
 @dataclass(frozen=True)

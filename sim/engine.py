@@ -1,7 +1,7 @@
 """The SimPy engine: arrival processes feed the scheduler; one process runs the steps.
 
 The engine loop is one SimPy process: while requests remain, it asks the scheduler for a step
-(:meth:`~memshare.sim.scheduler.Scheduler.schedule`), holds for the step's cost-model time,
+(:meth:`~memshare.scheduler.Scheduler.schedule`), holds for the step's cost-model time,
 then completes the step (tokens sampled, requests finished and freed). When nothing is waiting
 or running it sleeps until the next arrival. Every step appends one row to the timeline.
 
@@ -25,10 +25,11 @@ import simpy
 
 from memshare.block_pool import BlockPool
 from memshare.kv_manager import cdiv
+from memshare.request import Request
+from memshare.scheduler import Scheduler
 from memshare.sim.arrivals import arrival_times, closed_loop_client, open_loop
 from memshare.sim.config import ArrivalSpec
-from memshare.sim.cost_model import BatchShape, CostModel
-from memshare.sim.scheduler import Scheduler
+from memshare.sim.cost_model import BatchShape, CostModel, plan_shape
 from memshare.sim.workload import SimRequest
 
 Progress = Callable[[int], None]  # called with the number of requests done so far
@@ -188,6 +189,15 @@ class Engine:
             return f"prompt of {req.prompt_len} tokens > max_num_batched_tokens without chunking"
         return ""
 
+    def _finish(self, finished: list[Request]) -> None:
+        """Stamp the requests the scheduler finished at the end of this step, then count
+        them done."""
+        now = self.env.now
+        for r in finished:
+            req = _sim(r)
+            req.finish = now
+            self._done(req)
+
     def _done(self, req: SimRequest) -> None:
         self.n_done += 1
         if req.done is not None:
@@ -239,11 +249,10 @@ class Engine:
             (tl.cached_pages, cached),
         ):
             col.extend([value] * k)
-        finished = sched.run_burst(k, env.now)
+        finished = sched.run_burst(k)
         tl.finished.extend([0] * (k - 1))
         tl.finished.append(len(finished))
-        for req in finished:
-            self._done(req)
+        self._finish(finished)
         if self.check_invariants:
             pool.check(sched.manager.table_refs())
 
@@ -266,13 +275,17 @@ class Engine:
                 if len(dts) >= 2:
                     yield from self._burst(dts)
                     continue
-            plan = sched.schedule(now)
+            plan = sched.schedule()
             if plan.empty:
                 raise RuntimeError(
                     f"scheduler made no progress at t={now}: {len(sched.running)} running, "
                     f"{len(sched.waiting)} waiting"
                 )
-            shape = plan.shape
+            for chunk in plan.chunks:
+                req = _sim(chunk.req)
+                if math.isnan(req.first_scheduled):
+                    req.first_scheduled = now
+            shape = plan_shape(plan)
             dt = cost.step_time(shape)
             tl.time_s.append(now)
             tl.dt_s.append(dt)
@@ -288,11 +301,21 @@ class Engine:
             tl.live_pages.append(live)
             tl.cached_pages.append(pool.used_pages - live)
             yield env.timeout(dt)
-            finished = sched.complete(plan, env.now)
+            finished = sched.complete(plan)
+            end = env.now
+            for chunk in plan.chunks:
+                req = _sim(chunk.req)
+                if req.num_output == 1 and math.isnan(req.first_token):
+                    req.first_token = end
             tl.finished.append(len(finished))
-            for req in finished:
-                self._done(req)
+            self._finish(finished)
             if self.check_invariants:
                 pool.check(sched.manager.table_refs())
             if self.progress is not None and step % 512 == 0:
                 self.progress(self.n_done)
+
+
+def _sim(req: Request) -> SimRequest:
+    """The simulator schedules only its own requests."""
+    assert isinstance(req, SimRequest)
+    return req

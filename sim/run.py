@@ -33,11 +33,11 @@ from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager, cdiv
 from memshare.policy import policy_layer_map
 from memshare.registry import make_policy
+from memshare.scheduler import Scheduler
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import CostModel
 from memshare.sim.engine import TIMELINE_COLUMNS, Engine, EngineResult, Progress
 from memshare.sim.metrics import compute_metrics
-from memshare.sim.scheduler import Scheduler
 from memshare.sim.workload import build_requests
 from memshare.traces.reader import KVRows, TraceReader
 from memshare.traces.request_blocks import default_block_size

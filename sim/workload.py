@@ -6,10 +6,11 @@ the source's hash ids (Mooncake). Traces with KV sketches also give each full bl
 sketch, norms, token ids and reasoning step (:class:`~memshare.policy.FullBlock`), which is what
 sharing policies decide on.
 
-Invariants of :class:`SimRequest` (kept by the scheduler):
-``0 <= num_computed <= prompt_len + num_output``; ``0 <= num_output <= output_len``; a request
-is finished iff ``num_output == output_len``; ``output_len >= 1`` (a request generates at least
-one token, as in vLLM).
+A :class:`SimRequest` is the scheduler's :class:`~memshare.request.Request` (whose invariants
+the scheduler keeps) plus the simulator's own fields. The simulator knows every token up
+front: block hashes are precomputed from the trace (the same chained hashes the real engine
+extends token by token), so it completes steps with unknown sampled tokens, and a request ends
+at the trace's output length (``max_tokens``, at least 1, as in vLLM).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from memshare.kv_manager import BlockInfoFn
 from memshare.policy import FullBlock, RequestInfo
+from memshare.request import Request
 from memshare.traces.reader import KVRows
 from memshare.traces.request_blocks import request_info
 from memshare.traces.schema import Manifest, RequestRecord
@@ -32,55 +34,22 @@ NAN = math.nan
 
 
 @dataclass(slots=True, eq=False)
-class SimRequest:
-    """One request's life in the simulator (times in simulated seconds)."""
+class SimRequest(Request):
+    """The scheduler's request plus what only the simulator knows: trace order, simulated
+    times (stamped by the engine, never by the scheduler) and the closed-loop SimPy event."""
 
-    index: int  # position in trace order (deterministic tie-breaker)
-    rid: str  # request id (the trace's)
-    info: RequestInfo  # what the policy sees: prompt length, block hashes
-    prompt_len: int  # prompt tokens
-    output_len: int  # tokens to generate (>= 1)
-    block_info: BlockInfoFn | None = None  # FullBlock source (kv traces), else hashes only
+    index: int = 0  # position in trace order (deterministic tie-breaker)
     arrival: float = NAN  # when it entered the waiting queue the first time
-    num_computed: int = 0  # tokens whose KV is computed (or scheduled this step)
-    num_output: int = 0  # tokens generated so far
     first_scheduled: float = NAN  # start of the step that first scheduled it
     first_token: float = NAN  # end of the step that produced its first token
     finish: float = NAN  # end of the step that produced its last token
-    hit_tokens: int = -1  # prefix-cache hit tokens at first admission (-1: never admitted)
-    hit_blocks: int = 0  # prefix-cache hit blocks at first admission
-    preemptions: int = 0  # times it was preempted (recomputed from scratch)
     rejected: str = ""  # why it was never run (too large for the KV budget), else ""
     done: Any = None  # closed loop: SimPy event fired when it finishes or is rejected
-    reuse_left: int = 0  # prompt tokens past the hit whose KV the policy copies (KVShare)
-    quiet: int = 0  # tokens allocate_slots may take without allocating or filling a block
-    lag: int = 0  # tokens computed but not yet told to the manager (all within ``quiet``)
-    state: Any = field(default=None, repr=False)  # the manager's RequestState while admitted
 
     @property
-    def num_tokens(self) -> int:
-        """Prompt plus generated tokens: what a recompute must cover."""
-        return self.prompt_len + self.num_output
-
-    @property
-    def finished(self) -> bool:
-        """Whether every output token has been generated."""
-        return self.num_output >= self.output_len
-
-
-def resumed_info(req: SimRequest) -> RequestInfo:
-    """What a recompute after preemption admits: prompt and generated tokens, all as prompt.
-
-    vLLM recomputes a preempted request's ``num_tokens`` in one prefill whose prefix lookup
-    covers generated blocks too (where their hashes are known: traces with token ids). A
-    source hash that covers a partial prompt tail (Mooncake) is dropped: that block now holds
-    generated tokens after the tail, so it is not the cached one.
-    """
-    info = req.info
-    hashes = info.block_hashes
-    if info.hashes_cover_tail and info.prompt_len % info.block_size:
-        hashes = hashes[: info.prompt_len // info.block_size]
-    return replace(info, prompt_len=req.num_tokens, block_hashes=hashes, hashes_cover_tail=False)
+    def output_len(self) -> int:
+        """Tokens the trace generated (the simulator's ``max_tokens``)."""
+        return self.max_tokens
 
 
 def build_requests(
@@ -99,9 +68,7 @@ def build_requests(
         info = request_info(rec, manifest, block_size)
         rows = kv_rows.get(rec.id) if kv_rows is not None else None
         fn = _block_source(rec, info, block_size, rows) if rows is not None else None
-        out.append(
-            SimRequest(i, rec.id, info, rec.prompt_len, max(1, rec.output_len), block_info=fn)
-        )
+        out.append(SimRequest(rec.id, info, max(1, rec.output_len), block_info=fn, index=i))
     return out
 
 

@@ -13,6 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "transformers", "vllm", "accelerate", "gguf"}
 CORE_ALLOWED = {"numpy", "memshare"} | set(sys.stdlib_module_names)
+# validate/ files that read simulator results (config and metrics of a run directory), never
+# its engine: the demo pipeline runs both stages.
+VALIDATE_READS_SIM = {"pipeline.py"}
 
 
 def _imports(path: Path, top_level_only: bool) -> set[str]:
@@ -36,6 +39,44 @@ def _py_files(folder: str) -> list[Path]:
 def test_core_imports_only_numpy_and_stdlib(path: Path) -> None:
     bad = _imports(path, top_level_only=False) - CORE_ALLOWED
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def _memshare_subpackages(path: Path) -> set[str]:
+    """``memshare.X`` modules a file imports (anywhere in it), as ``X``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        mods: list[str] = []
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        names |= {m.split(".")[1] for m in mods if m.startswith("memshare.")}
+    return names
+
+
+@pytest.mark.parametrize("path", _py_files("memshare"), ids=lambda p: p.name)
+def test_core_imports_none_of_the_executors(path: Path) -> None:
+    """The core (pool, manager, policies, scheduler) sits below sim/, traces/ and validate/."""
+    bad = _memshare_subpackages(path) & {"sim", "traces", "validate", "cli"}
+    assert not bad, f"{path.relative_to(ROOT)} imports memshare.{sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", _py_files("validate"), ids=lambda p: p.name)
+def test_validate_imports_no_simpy(path: Path) -> None:
+    """The paged engine is the second executor: it stands beside the simulator, not on it."""
+    assert "simpy" not in _imports(path, top_level_only=False), path.name
+    assert "sim" not in _memshare_subpackages(path) or path.name in VALIDATE_READS_SIM, path.name
+
+
+def test_scheduler_pulls_in_neither_simpy_nor_torch() -> None:
+    code = (
+        "import sys, memshare.scheduler, memshare.request, memshare.kv_manager;"
+        "bad = {'torch', 'simpy', 'transformers', 'memshare.sim', 'memshare.validate'} "
+        "& set(sys.modules);"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("path", _py_files("sim"), ids=lambda p: p.name)

@@ -56,8 +56,10 @@ def run(policy_name: str, chain: Chain, **params: object) -> tuple[KVCacheManage
     pool = BlockPool(num_blocks=64, num_layers=L)
     mgr = KVCacheManager(pool, make_policy(policy_name, **params), BS)
     assert mgr.admit(chain.info("r"), BS, lambda i: chain.block("r", i)) is not None
+    mgr.commit("r")  # after the step that wrote the block: the policy decides now
     for _ in range(len(chain.steps) - 1):
         assert mgr.allocate_slots("r", BS)
+        mgr.commit("r")
     pool.check(mgr.table_refs())
     return mgr, pool
 
@@ -161,7 +163,10 @@ def test_shared_block_keeps_its_data_until_the_last_reference() -> None:
     pool = BlockPool(num_blocks=64, num_layers=L)
     mgr = KVCacheManager(pool, make_policy("token-dedup"), BS)
     mgr.admit(chain.info("a", BS * 4), BS * 4, lambda i: chain.block("a", i))
+    mgr.commit("a")
     mgr.admit(chain.info("b", BS * 4), BS * 4, lambda i: chain.block("b", i))
+    assert mgr.requests["b"].table[1] is not mgr.requests["a"].table[1]  # reserved: own pages
+    mgr.commit("b")
     a, b = mgr.requests["a"].table, mgr.requests["b"].table
     assert b[1] is a[1] and b[1].ref_cnt == 2  # b's block 1 points at a's
     mgr.free("a")
@@ -235,8 +240,10 @@ def test_prefix_plus_cf_topk_hits_prompts_and_shares_reasoning() -> None:
     mgr = KVCacheManager(pool, make_policy("prefix+cf-topk", tau=0.1, window=1), BS)
     prompt = 2 * BS  # blocks 0-1 are the prompt, 2-7 are "generated"
     mgr.admit(chain.info("a", prompt), prompt, lambda i: chain.block("a", i))
+    mgr.commit("a")
     for _ in range(6):
         assert mgr.allocate_slots("a", BS)
+        mgr.commit("a")
     table = mgr.requests["a"].table
     assert table[4] is table[2] and table[5] is table[3]  # the sharer acted on output blocks
     assert table[0].block_hash is not None and table[2].block_hash is None

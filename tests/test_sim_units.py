@@ -13,6 +13,7 @@ from memshare.block_pool import BlockPool
 from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager
 from memshare.registry import make_policy
+from memshare.scheduler import Scheduler
 from memshare.sim.config import (
     ArrivalSpec,
     CostCoefficients,
@@ -41,7 +42,6 @@ from memshare.sim.run import (
     timeline_csv,
     write_run,
 )
-from memshare.sim.scheduler import Scheduler
 from memshare.sim.workload import build_requests
 from memshare.traces.schema import Manifest, RequestRecord
 

@@ -24,6 +24,7 @@ from memshare.policy import (
     PrefixHit,
     RequestInfo,
     policy_layer_map,
+    policy_shares_blocks,
 )
 
 
@@ -33,6 +34,11 @@ class Composite:
 
     members: tuple[Policy, ...]
     name: str
+
+    @property
+    def shares_blocks(self) -> bool:
+        """Whether any member may repoint blocks (then all decide after the step)."""
+        return any(policy_shares_blocks(m) for m in self.members)
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """The first member hit that covers any tokens."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -46,6 +47,7 @@ class KVShare:
     window: int = 8  # w: tokens per matched window (<= block size)
     recompute: float = 0.15  # r: share of matched tokens recomputed (highest deviation)
     name: str = "kvshare"
+    shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
     _prefix: PrefixCaching = field(default_factory=PrefixCaching, init=False, repr=False)
     _index: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class KVSharer:
 
     layer_map_file: str = ""  # JSON written by `memshare calibrate`
     name: str = "kvsharer"
+    shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
     _map: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
@@ -14,6 +15,7 @@ class NoSharing:
     """Never hits, never shares, never publishes. Stateless."""
 
     name: str = "none"
+    shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """Nothing is ever cached."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
@@ -26,6 +26,7 @@ class PrefixCaching:
 
     publish: Literal["all", "prompt"] = "all"  # which full blocks become findable
     name: str = "prefix"
+    shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
     _prompt_blocks: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
