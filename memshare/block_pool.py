@@ -20,7 +20,13 @@ Invariants (checked by :meth:`BlockPool.check`, driven by the property tests):
   and every block in the free queue has ``ref_cnt == 0`` and a hash.
 - ``holders[p]`` = number of existing blocks whose page map contains page ``p`` (counted once
   per block); ``pins[p]`` = the same over blocks with ``ref_cnt > 0``.
-- A page is on the free stack iff ``holders[p] == 0``; free pages + held pages = total pages.
+- A page is free iff ``holders[p] == 0``; free pages + held pages = total pages.
+- Memory follows use, not the budget: pages are handed out lazily. Page ids ``>= _fresh``
+  (the high-water mark) have never been held and exist only as a count; released pages go on
+  a recycle stack and are reused first (last released, first reused), then fresh ids in
+  increasing order. This is exactly the order of one free stack initialised to all pages, so
+  page ids are deterministic; ``holders``/``pins`` cover ids ``< _fresh`` (their capacity
+  grows by doubling), so a pool of 10^9 free blocks costs what the blocks in use cost.
 - The hash map maps ``h`` to the one existing block whose ``block_hash == h``, and every block
   with a hash is that block.
 """
@@ -85,10 +91,13 @@ class BlockPool:
         self.layer_map = lm
         self._owner_layers = np.unique(lm)  # layers that own pages
         self.num_pages = self.num_blocks * 2 * self.num_layers
-        self.holders = np.zeros(self.num_pages, dtype=np.int32)
-        self.pins = np.zeros(self.num_pages, dtype=np.int32)
-        self._free = np.arange(self.num_pages - 1, -1, -1, dtype=np.int64)  # stack, top at end
-        self._n_free = self.num_pages
+        # per-page counts for ids < capacity (>= _fresh); ids >= _fresh were never held
+        self.holders = np.zeros(0, dtype=np.int32)
+        self.pins = np.zeros(0, dtype=np.int32)
+        self._fresh = 0  # next never-held page id (high-water mark)
+        self._recycled = np.zeros(0, dtype=np.int64)  # released pages, a stack: top at end
+        self._n_recycled = 0
+        self._n_free = self.num_pages  # recycled + never-held pages
         self._n_pinned = 0
         self._next_id = 0
         self._blocks: dict[int, KVBlock] = {}
@@ -152,9 +161,7 @@ class BlockPool:
             return None
         while self._n_free < need:
             self._evict_one()
-        top = self._n_free
-        taken = self._free[top - need : top][::-1].reshape(n, per)
-        self._n_free = top - need
+        taken = self._take(need).reshape(n, per)
         self.holders[taken] += 1
         # fresh pages come off the free stack: distinct and unpinned, so pinning is a count
         flat = taken.ravel()
@@ -231,7 +238,9 @@ class BlockPool:
         if blk.ref_cnt <= 0:
             raise ValueError(f"share_pages on a block that is not live: {blk!r}")
         src = np.asarray(source)[mask]
-        if src.size and np.any(self.holders[src] <= 0):
+        if src.size and (
+            np.any(src < 0) or np.any(src >= self._fresh) or np.any(self.holders[src] <= 0)
+        ):
             raise ValueError("share_pages: a source page holds no KV")
         new_pages = blk.pages.copy()
         new_pages[mask] = src
@@ -252,6 +261,33 @@ class BlockPool:
             self._evict_one()
 
     # ----------------------------------------------------------------- internals
+    def _take(self, need: int) -> np.ndarray:
+        """``need`` free pages: recycled ones (last released first), then fresh ids in
+        increasing order. The caller has made sure ``need <= _n_free``."""
+        k = min(need, self._n_recycled)
+        top = self._n_recycled
+        recycled = self._recycled[top - k : top][::-1]
+        self._n_recycled = top - k
+        fresh = np.arange(self._fresh, self._fresh + need - k, dtype=np.int64)
+        if len(fresh):
+            self._fresh += len(fresh)
+            self._grow(self._fresh)
+        self._n_free -= need
+        return np.concatenate([recycled, fresh]) if k else fresh
+
+    def _grow(self, size: int) -> None:
+        """Make ``holders``/``pins`` cover page ids ``< size`` (capacity doubles, capped at
+        the budget)."""
+        cap = len(self.holders)
+        if size <= cap:
+            return
+        new_cap = min(max(size, 2 * cap, 1024), self.num_pages)
+        for name in ("holders", "pins"):
+            old = getattr(self, name)
+            arr = np.zeros(new_cap, dtype=np.int32)
+            arr[:cap] = old
+            setattr(self, name, arr)
+
     def _pin(self, pages: np.ndarray) -> None:
         """One more live holder for each entry of ``pages`` (repeats allowed)."""
         np.add.at(self.pins, pages, 1)
@@ -270,7 +306,15 @@ class BlockPool:
         """Push pages whose holder count reached 0 onto the free stack."""
         gone = pages[self.holders[pages] == 0]
         k = len(gone)
-        self._free[self._n_free : self._n_free + k] = gone[::-1]
+        if not k:
+            return
+        top = self._n_recycled
+        if top + k > len(self._recycled):
+            grown = np.empty(max(top + k, 2 * len(self._recycled), 1024), dtype=np.int64)
+            grown[:top] = self._recycled[:top]
+            self._recycled = grown
+        self._recycled[top : top + k] = gone[::-1]
+        self._n_recycled = top + k
         self._n_free += k
 
     def _destroy(self, blk: KVBlock) -> None:
@@ -291,8 +335,10 @@ class BlockPool:
 
         ``live_refs``: block id -> number of block-table entries pointing at it, if known.
         """
-        holders = np.zeros(self.num_pages, dtype=np.int64)
-        pins = np.zeros(self.num_pages, dtype=np.int64)
+        cap = len(self.holders)
+        assert len(self.pins) == cap and self._fresh <= cap <= self.num_pages, "bad capacity"
+        holders = np.zeros(cap, dtype=np.int64)
+        pins = np.zeros(cap, dtype=np.int64)
         for blk in self._blocks.values():
             assert blk.ref_cnt >= 0, f"negative ref count: {blk!r}"
             assert np.array_equal(blk.distinct, np.unique(blk.pages)), f"stale distinct {blk!r}"
@@ -312,9 +358,12 @@ class BlockPool:
         assert np.array_equal(holders, self.holders), "holder counts drifted"
         assert np.array_equal(pins, self.pins), "pin counts drifted"
         assert self._n_pinned == int(np.count_nonzero(pins)), "pinned page count drifted"
-        free = self._free[: self._n_free]
+        assert not np.any(holders[self._fresh :]), "a never-held page is referenced"
+        free = self._recycled[: self._n_recycled]
         assert len(np.unique(free)) == len(free), "a page is on the free stack twice"
+        assert np.all(free < self._fresh), "a never-held page is on the recycle stack"
         assert np.all(self.holders[free] == 0), "a page is both free and referenced"
+        assert self._n_free == self._n_recycled + self.num_pages - self._fresh, "free count"
         assert self._n_free + int(np.count_nonzero(holders)) == self.num_pages, (
             "free + used != total pages"
         )

@@ -93,6 +93,40 @@ def test_cross_layer_map_allocates_fewer_pages() -> None:
     pool.check({blk.block_id: 1})
 
 
+def test_page_ids_follow_one_free_stack_order() -> None:
+    # Fresh ids in increasing order; released pages are reused first, last released first.
+    pool = BlockPool(num_blocks=4, num_layers=1)
+    a, b = pool.allocate(2) or []
+    assert a.pages.ravel().tolist() == [0, 1] and b.pages.ravel().tolist() == [2, 3]
+    pool.free([a])  # unhashed: destroyed at once, its pages recycled
+    pool.free([b])
+    c, d = pool.allocate(2) or []
+    assert c.pages.ravel().tolist() == [2, 3] and d.pages.ravel().tolist() == [0, 1]
+    (e,) = pool.allocate(1) or []
+    assert e.pages.ravel().tolist() == [4, 5]
+    pool.check({c.block_id: 1, d.block_id: 1, e.block_id: 1})
+
+
+def test_a_billion_free_blocks_cost_what_the_used_blocks_cost() -> None:
+    # Issue 11, defect 4: memory followed the budget (15.7 GB for 10^9 blocks), not use.
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        pool = BlockPool(num_blocks=10**9, num_layers=30)
+        blocks = pool.allocate(100)
+        assert blocks is not None and pool.used_pages == 100 * 60
+        pool.free(blocks[::-1])
+        again = pool.allocate(100)
+        assert again is not None
+        pool.check({blk.block_id: 1 for blk in again})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert pool.available_pages == 10**9 * 60 - 100 * 60
+    assert peak < 5_000_000, peak
+
+
 def test_double_free_is_refused() -> None:
     pool = BlockPool(num_blocks=1)
     (blk,) = pool.allocate(1) or []
