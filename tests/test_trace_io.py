@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -86,6 +87,29 @@ def edit_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
     raw = json.loads((path / MANIFEST).read_text())
     change(raw)
     (path / MANIFEST).write_text(json.dumps(raw, indent=2))
+
+
+def reseal_requests(path: Path, data: bytes) -> None:
+    """Write a manifest that commits ``data`` as requests.jsonl (length and sha256), as a
+    writer would: the reader's own checks on the lines are then what is tested."""
+    (path / REQUESTS).write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    edit_manifest(path, lambda m: m.update(requests_bytes=len(data), requests_sha256=digest))
+
+
+def test_changing_one_committed_byte_of_requests_is_refused(tmp_path: Path) -> None:
+    # Issue 11, defect 2: requests.jsonl was covered by its length only.
+    path = tmp_path / "t"
+    write_kv(path, 3)
+    data = bytearray((path / REQUESTS).read_bytes())
+    i = data.index(b'"prompt_ids":[') + len(b'"prompt_ids":[')
+    data[i] = ord("9") if data[i] != ord("9") else ord("8")  # one token id, same length
+    (path / REQUESTS).write_bytes(bytes(data))
+    for verify in (True, False):
+        with pytest.raises(InputError, match=r"requests\.jsonl: checksum mismatch"):
+            TraceReader(path, verify=verify)
+    with pytest.raises(InputError, match=r"requests\.jsonl: checksum mismatch"):
+        TraceWriter.resume(path)
 
 
 # -- round trips ---------------------------------------------------------------------------
@@ -335,7 +359,7 @@ def test_request_line_not_json(tmp_path: Path) -> None:
     lines[1] = b"this is not json\n"
     data = b"".join(lines)
     (path / REQUESTS).write_bytes(data)
-    edit_manifest(path, lambda m: m.update(requests_bytes=len(data)))
+    reseal_requests(path, data)
     with pytest.raises(InputError, match=r"requests\.jsonl:2: not valid JSON"):
         TraceReader(path, verify=False)
 
@@ -349,7 +373,7 @@ def test_request_line_missing_field(tmp_path: Path) -> None:
     lines[0] = json.dumps(raw).encode() + b"\n"
     data = b"".join(lines)
     (path / REQUESTS).write_bytes(data)
-    edit_manifest(path, lambda m: m.update(requests_bytes=len(data)))
+    reseal_requests(path, data)
     with pytest.raises(InputError, match=r"requests\.jsonl:1: missing field 'prompt_len'"):
         TraceReader(path, verify=False)
 
@@ -379,7 +403,7 @@ def test_kv_ref_outside_shard(tmp_path: Path) -> None:
     lines[1] = json.dumps(raw).encode() + b"\n"
     data = b"".join(lines)
     (path / REQUESTS).write_bytes(data)
-    edit_manifest(path, lambda m: m.update(requests_bytes=len(data)))
+    reseal_requests(path, data)
     with pytest.raises(InputError, match=r"requests\.jsonl:2: field 'kv'.*outside"):
         TraceReader(path)
 

@@ -5,13 +5,17 @@ A trace is a directory (SPEC §3):
 - ``manifest.json``: this module's :class:`Manifest`. It is the commit point: only what it
   counts is part of the trace. It is rewritten atomically (temp file, fsync, rename).
 - ``requests.jsonl``: one :class:`RequestRecord` per line; only the first
-  ``manifest.requests_bytes`` bytes are committed (a line past that is a crash leftover).
+  ``manifest.requests_bytes`` bytes are committed (a line past that is a crash leftover), and
+  ``manifest.requests_sha256`` is the sha256 of exactly those bytes.
 - ``kv-NNNNN.bin``: KV shards, raw little-endian records of :func:`kv_row_dtype`, one record
   per block of a request (all layers). Append-only; the manifest lists each shard with its
   committed row count, byte length and sha256 of those bytes.
 
 Invariants: a request line is committed only after all its KV rows are on disk (fsynced) and
-listed in the manifest; a manifest never counts bytes that are not on disk.
+listed in the manifest; a manifest never counts bytes that are not on disk; every data file's
+committed bytes carry a sha256 in the manifest that every reader checks (tamper-evident:
+changing one byte of a committed file makes the trace unreadable, with the file named).
+Version 2 added ``requests_sha256`` (version 1 covered ``requests.jsonl`` by length only).
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ import numpy as np
 from memshare import __version__
 from memshare.errors import InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 MANIFEST_TMP = "manifest.json.tmp"  # the writer's temp file; renamed over MANIFEST to commit
 REQUESTS = "requests.jsonl"
 SHARD_GLOB = "kv-*.bin"  # every KV shard file name matches this
 FULL_KV_GLOB = "fullkv-*.bin"  # optional full-KV shards (capture --full-kv); see FullKVRef
 TraceKind = Literal["workload", "kv"]
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # of b""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class Manifest:
     capture: dict[str, Any] = field(default_factory=dict)  # capture settings (kv traces)
     counts: Counts = field(default_factory=Counts)
     requests_bytes: int = 0  # committed length of requests.jsonl
+    requests_sha256: str = EMPTY_SHA256  # hex sha256 of those committed bytes
     shards: tuple[ShardInfo, ...] = ()
     complete: bool = False  # True once the writer closed normally
     tool_version: str = __version__
@@ -133,6 +139,7 @@ class Manifest:
                 capture=dict(raw.get("capture") or {}),
                 counts=Counts(**_field(raw, "counts", dict, where)),
                 requests_bytes=_field(raw, "requests_bytes", int, where),
+                requests_sha256=_field(raw, "requests_sha256", str, where),
                 shards=tuple(ShardInfo(**s) for s in _field(raw, "shards", list, where)),
                 complete=bool(raw.get("complete", False)),
                 tool_version=str(raw.get("tool_version", "?")),

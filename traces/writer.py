@@ -9,7 +9,8 @@ Invariants (SPEC §3):
   it is rotated out).
 - A request line is appended only after all its KV rows were written, and both are counted
   only once both writes succeeded, so a committed request always has all its KV rows.
-- The writer's counters (requests bytes, shard rows/bytes, running sha256 per shard) describe
+- The writer's counters (requests bytes and their running sha256, shard rows/bytes, running
+  sha256 per shard) describe
   exactly the bytes of fully added requests; a failed ``add`` leaves them untouched and makes
   the writer refuse further ``add`` calls (resume it instead).
 - Record ids are unique within a trace.
@@ -32,6 +33,7 @@ from memshare.traces.reader import (
     TraceReader,
     checked_shard_hash,
     has_leftovers,
+    hash_prefix,
     load_manifest,
     row_dtype,
 )
@@ -248,6 +250,7 @@ class TraceWriter:
         self._counts = Counts()
         self._ids: set[str] = set()
         self._requests_bytes = 0
+        self._requests_hasher = hashlib.sha256()
         self._done_shards: list[ShardInfo] = []
         self._shard: _Shard | None = None
         self._pending = 0
@@ -266,6 +269,7 @@ class TraceWriter:
         with TraceReader(self._path, verify=False) as reader:
             reader.verify(checksums=False)
             self._ids = {r.id for r in reader}
+        self._requests_hasher = hash_prefix(self._path / REQUESTS, manifest.requests_bytes)
         hashers = [checked_shard_hash(self._path, info) for info in manifest.shards]
         _remove_leftovers(
             self._path, keep_shards=tuple(s.file for s in manifest.shards), keep_requests=True
@@ -352,6 +356,7 @@ class TraceWriter:
             shard.rows += rows
             shard.bytes += len(data)
         self._requests_bytes += len(line)
+        self._requests_hasher.update(line)
         c = self._counts
         self._counts = Counts(
             requests=c.requests + 1,
@@ -374,6 +379,7 @@ class TraceWriter:
             self._template,
             counts=self._counts,
             requests_bytes=self._requests_bytes,
+            requests_sha256=self._requests_hasher.hexdigest(),
             shards=tuple(shards),
             complete=complete,
         )
