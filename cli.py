@@ -721,6 +721,111 @@ class _CaptureBar:
             self.bar.stop()
 
 
+@app.command("generate")
+def generate_cmd(
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for outputs/shares/metrics.")
+    ],
+    prompts: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Prompts JSONL: 'prompt' (chat template applied) or 'prompt_token_ids'."
+        ),
+    ] = None,
+    texts: Annotated[
+        Path | None,
+        typer.Option(help="Teacher-forced instead: reasoning texts JSONL, run block by block."),
+    ] = None,
+    field: Annotated[
+        str | None,
+        typer.Option(
+            "--field",
+            help="Prompt field (default: prompt, question, problem) or --texts text field.",
+        ),
+    ] = None,
+    policy: Annotated[str, typer.Option(help="Policy (see `memshare policies`).")] = "none",
+    sets: Annotated[
+        list[str] | None, typer.Option("--set", help="Policy parameter key=value (repeat).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 256,
+    kv_blocks: Annotated[
+        int | None, typer.Option(help="KV budget in blocks (default: every request at once).")
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts or texts.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Local HF model folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_num_seqs: Annotated[int, typer.Option(help="Running requests at most.")] = 256,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step.")] = 8192,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the real model on the paged KV engine under a policy (the simulator's scheduler).
+
+    Writes outputs.jsonl (tokens and text per request), shares.jsonl (every confirmed share,
+    with its exact distance on the live KV) and metrics.json (pages, KV bytes, tokens/s).
+    """
+    from memshare.validate.generate import GenerateOptions, generate
+
+    opts = GenerateOptions(
+        output=output,
+        prompts=prompts,
+        texts=texts,
+        field=field,
+        policy=policy,
+        sets=sets or [],
+        max_tokens=max_tokens,
+        kv_blocks=kv_blocks,
+        block_size=block_size,
+        limit=limit,
+        model=model,
+        device=device,
+        dtype=dtype,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        threads=threads,
+    )
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=as_json,
+    )
+    task = bar.add_task("starting", total=None)
+    with bar:
+        metrics = generate(
+            opts,
+            status=lambda m: bar.update(task, description=m),
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    t = Table(title=f"generate {policy} -> {output}", show_header=False)
+    for key in ("requests", "steps", "tokens_generated", "tokens_per_s", "preemptions", "shares"):
+        value = metrics[key]
+        t.add_row(
+            key.replace("_", " "), f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+        )
+    pages = metrics["pages_in_use"]
+    t.add_row("KV pages in use (peak / mean)", f"{pages['peak']:,} / {pages['mean']:,.1f}")
+    t.add_row("KV bytes in use (peak)", f"{metrics['kv_bytes_in_use']['peak']:,}")
+    out.print(t)
+
+
 @bench_app.command("capture")
 def bench_capture_cmd(
     dataset: Annotated[

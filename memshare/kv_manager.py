@@ -40,6 +40,9 @@ from memshare.policy import (
 )
 
 BlockInfoFn = Callable[[int], FullBlock]  # logical index -> what the policy sees of it
+# Called before a share is applied: request id, the decision, the entry's own block (its pages
+# still hold the block's KV) and the (L, 2) bool mask of pages the share repoints.
+ShareObserver = Callable[[str, BlockDecision, KVBlock, np.ndarray], None]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -89,6 +92,7 @@ class KVCacheManager:
     requests: dict[str, RequestState] = field(default_factory=dict)
     stats: ManagerStats = field(default_factory=ManagerStats)
     after_step: bool = field(init=False)  # the policy decides at commit (else at reservation)
+    observer: ShareObserver | None = None  # sees every share before it is applied (audit)
 
     def __post_init__(self) -> None:
         self.after_step = policy_shares_blocks(self.policy)
@@ -238,6 +242,9 @@ class KVCacheManager:
         if d.expect is not None and own.block_id != d.expect:
             return
         st = self.stats
+        if self.observer is not None and d.shares and d.share_block != own.block_id:
+            mask = d.share_mask if d.share_mask is not None else np.ones(own.pages.shape, bool)
+            self.observer(state.info.req_id, d, own, np.asarray(mask, dtype=bool))
         if d.share_block is not None and d.share_block != own.block_id:
             target = self.pool.block(d.share_block)
             self.pool.touch([target])

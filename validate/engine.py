@@ -1,0 +1,340 @@
+"""The real executor: the scheduler's steps run as batched forward passes of the real model
+over paged KV (docs/scheduler.md, docs/paged-kv.md).
+
+The loop is the simulator's with the cost model replaced by the model: the same
+:class:`~memshare.scheduler.Scheduler`, :class:`~memshare.kv_manager.KVCacheManager` and
+registry policy plan a step and reserve its blocks; :class:`~memshare.validate.paged_model.
+PagedModel` computes it, writing each new token's pre-RoPE K and V into the request's own
+pages (the manager's page table, ``(blocks, layers, 2)``); the engine samples; then
+:meth:`Scheduler.complete` commits the blocks that filled (the policy decides on sketches of
+the live KV) and takes the sampled tokens. A share repoints a table entry only after its own
+pass wrote it, so no step writes a page another entry reads.
+
+Invariants: the store holds ``pool.num_pages`` pages, so the KV bytes the pool accounts
+(pages x page size) are the bytes preallocated in tensors; every share the manager applies is
+recorded once in :attr:`EngineResult.shares`, with its exact distance on the live KV measured
+before the share; requests finish in the scheduler's order; same inputs and seed give the
+same tokens and page counts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from memshare.block_pool import BlockPool, KVBlock
+from memshare.errors import InputError
+from memshare.kv_manager import KVCacheManager, cdiv
+from memshare.policy import BlockDecision, Policy, policy_layer_map
+from memshare.request import Request, new_request
+from memshare.scheduler import Scheduler, SchedulerConfig, StepPlan
+from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
+from memshare.traces.capture.segment import SegmenterConfig
+from memshare.validate.live_blocks import StepBoundaries, TokenStarts, live_block_source
+from memshare.validate.paged_model import PagedModel, SeqChunk
+from memshare.validate.paged_store import PageStore
+
+LogitsSink = Callable[[str, int, Any], None]  # request id, first position, [n, vocab] logits
+Progress = Callable[[int, int], None]  # tokens generated so far, of at most this many
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One request for the engine."""
+
+    rid: str
+    prompt_ids: list[int]  # prompt tokens (teacher-forced: the whole text)
+    max_tokens: int  # tokens to generate at most (>= 1)
+    steps: list[int] | None = None  # known step starts (teacher-forced), else found live
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs (the scheduler limits are the simulator's)."""
+
+    block_size: int = 16
+    kv_blocks: int | None = None  # KV budget in blocks; None: every request fits at once
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    seed: int = 0  # sampling seed (per request: seed and the request's index)
+    sketch_dim: int = DEFAULT_DIM
+    sketch_seed: int = DEFAULT_SEED
+    teacher_forced: bool = False  # chunks of one block; logits of every position to the sink
+    stop_on_eos: bool = True
+
+
+@dataclass
+class ShareRecord:
+    """One confirmed share, as ``shares.jsonl`` writes it (blocks counted within requests)."""
+
+    request: str
+    block: int
+    source_request: str
+    source_block: int
+    layers: list[int]  # layers with any page repointed
+    parts: str  # "kv" (keys and values) or "k" (keys only)
+    sketch_distance: float | None  # the distance the policy confirmed on
+    exact_distance: list[float]  # per shared layer, on the live KV (max over shared parts)
+
+
+@dataclass
+class StepRecord:
+    """One engine step, for metrics."""
+
+    seqs: int
+    tokens: int
+    wall_s: float  # forward pass + sampling + commit
+    commit_s: float  # of which complete(): sketches, policy decisions, frees
+    live_pages: int  # pages held by running requests, after the step
+    used_pages: int  # pages held at all (running + prefix cache), after the step
+
+
+@dataclass
+class EngineResult:
+    """What a run produced."""
+
+    requests: list[Request]  # input order
+    shares: list[ShareRecord]
+    steps: list[StepRecord]
+    wall_s: float
+    preemptions: int
+    page_bytes: int
+    store_bytes: int  # measured from the page tensor
+    num_pages: int
+    pool_pages: int  # pages the pool accounts (must equal num_pages)
+    sketch_s: float  # time spent sketching live blocks
+
+
+def budget_blocks(specs: Sequence[EngineSpec], block_size: int) -> int:
+    """Blocks for every request at once (the "unlimited" budget), as the simulator sizes it."""
+    return sum(cdiv(len(s.prompt_ids) + s.max_tokens, block_size) + 1 for s in specs) + 1
+
+
+class PagedEngine:
+    """Drives the scheduler with real forward passes (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        policy: Policy,
+        specs: Sequence[EngineSpec],
+        opts: EngineOptions,
+        *,
+        eos_ids: frozenset[int] = frozenset(),
+        token_starts: TokenStarts | None = None,
+        logits_sink: LogitsSink | None = None,
+        segmenter: SegmenterConfig | None = None,
+    ) -> None:
+        import torch
+
+        self._torch = torch
+        cfg = model.config
+        layers = int(cfg.num_hidden_layers)
+        bs = opts.block_size
+        if opts.teacher_forced:
+            opts = _with_threshold(opts, bs)
+        num_blocks = opts.kv_blocks if opts.kv_blocks is not None else budget_blocks(specs, bs)
+        try:
+            layer_map = policy_layer_map(policy, layers)
+        except ValueError as e:
+            raise InputError("--set layer_map_file", str(e), "calibrate this model") from None
+        self.pool = BlockPool(num_blocks=num_blocks, num_layers=layers, layer_map=layer_map)
+        capacity = self.pool.num_pages // self.pool.pages_per_block
+        for s in specs:
+            need = cdiv(len(s.prompt_ids) + s.max_tokens, bs)
+            if need > capacity:
+                raise InputError(
+                    "--kv-blocks",
+                    f"request {s.rid!r} needs {need} blocks of {bs} tokens, the budget holds "
+                    f"{capacity}",
+                    f"give at least {need} (or leave it out to fit every request)",
+                )
+        self.manager = KVCacheManager(self.pool, policy, bs, observer=self._observe)
+        self.scheduler = Scheduler(opts.scheduler, self.manager)
+        self.store = PageStore.for_model(model, self.pool.num_pages, bs)
+        self.model = PagedModel(model, self.store, layer_map=layer_map)
+        self.opts = opts
+        self.logits_sink = logits_sink
+        self.shares: list[ShareRecord] = []
+        self._owner: dict[int, tuple[str, int]] = {}  # page id -> (request, block) that wrote it
+        self._sketch_s = 0.0
+        seg = segmenter or SegmenterConfig()
+        stops = eos_ids if opts.stop_on_eos else frozenset()
+        self.requests: list[Request] = []
+        self._gens: dict[str, Any] = {}
+        for i, s in enumerate(specs):
+            req = new_request(s.rid, s.prompt_ids, bs, s.max_tokens, stop_ids=stops)
+            bounds = StepBoundaries(len(s.prompt_ids), token_starts, seg, s.steps)
+            req.block_info = live_block_source(
+                req,
+                self._pages_fn(req),
+                self._block_kv,
+                bounds,
+                sketch_dim=opts.sketch_dim,
+                sketch_seed=opts.sketch_seed,
+                on_block=self._record_owner,
+            )
+            self.requests.append(req)
+            if opts.temperature > 0:
+                gen = torch.Generator(device=self.store.device)
+                gen.manual_seed(opts.seed * 1_000_003 + i)
+                self._gens[s.rid] = gen
+
+    # ----------------------------------------------------------------- running
+    def run(self, progress: Progress | None = None) -> EngineResult:
+        """Run every request to completion."""
+        sched = self.scheduler
+        for req in self.requests:
+            sched.add(req)
+        total = sum(r.max_tokens for r in self.requests)
+        done_tokens = 0
+        steps: list[StepRecord] = []
+        t0 = time.perf_counter()
+        while not sched.idle:
+            t_step = time.perf_counter()
+            plan = sched.schedule()
+            if plan.empty:
+                raise RuntimeError(
+                    f"scheduler made no progress: {len(sched.running)} running, "
+                    f"{len(sched.waiting)} waiting"
+                )
+            sampled = self._execute(plan)
+            t_commit = time.perf_counter()
+            sched.complete(plan, sampled)
+            now = time.perf_counter()
+            steps.append(
+                StepRecord(
+                    len(plan.chunks),
+                    plan.num_tokens,
+                    now - t_step,
+                    now - t_commit,
+                    self.pool.pinned_pages,
+                    self.pool.used_pages,
+                )
+            )
+            done_tokens += sum(1 for t in sampled if t is not None)
+            if progress is not None:
+                progress(done_tokens, total)
+        return EngineResult(
+            self.requests,
+            self.shares,
+            steps,
+            time.perf_counter() - t0,
+            sched.num_preemptions,
+            self.store.page_bytes,
+            self.store.nbytes,
+            self.store.num_pages,
+            self.pool.num_pages,
+            self._sketch_s,
+        )
+
+    def _execute(self, plan: StepPlan) -> list[int | None]:
+        """One forward pass for ``plan``; the sampled token per chunk (None: no sample)."""
+        bs = self.opts.block_size
+        chunks: list[SeqChunk] = []
+        for c in plan.chunks:
+            req = c.req
+            if c.reused:
+                raise InputError(
+                    "--policy",
+                    "kvshare's reuse of matched spans at other positions is not executed by "
+                    "the paged engine",
+                    "validate prefix, exact-dedup, token-dedup, cf-topk or kvsharer",
+                )
+            assert req.token_ids is not None
+            end = c.start + c.num_tokens
+            pages = self.manager.page_table(req.rid)[: cdiv(end, bs)]
+            chunks.append(
+                SeqChunk(
+                    req.token_ids[c.start : end],
+                    c.start,
+                    pages,
+                    all_logits=self.opts.teacher_forced,
+                )
+            )
+        logits = self.model.step(chunks)
+        out: list[int | None] = []
+        for c, lg in zip(plan.chunks, logits, strict=True):
+            if self.logits_sink is not None and self.opts.teacher_forced:
+                self.logits_sink(c.req.rid, c.start, lg)
+            if not c.samples:
+                out.append(None)
+                continue
+            last = lg[-1] if lg.dim() == 2 else lg
+            out.append(self._sample(c.req.rid, last))
+        return out
+
+    def _sample(self, rid: str, logits: Any) -> int:
+        """Greedy, or seeded temperature / nucleus sampling per request."""
+        torch = self._torch
+        opts = self.opts
+        if opts.temperature <= 0:
+            return int(torch.argmax(logits).item())
+        probs = torch.softmax(logits.float() / opts.temperature, dim=-1)
+        if opts.top_p < 1.0:
+            sorted_p, idx = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < opts.top_p
+            probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self._gens[rid]).item())
+
+    # ----------------------------------------------------------------- live blocks
+    def _pages_fn(self, req: Request) -> Callable[[int], npt.NDArray[np.int64]]:
+        manager = self.manager
+
+        def pages_of(i: int) -> npt.NDArray[np.int64]:
+            state = manager.requests[req.rid]
+            pages: npt.NDArray[np.int64] = state.table[i].pages
+            return pages
+
+        return pages_of
+
+    def _block_kv(self, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        t = time.perf_counter()
+        kv = self.model.block_kv_numpy(pages)
+        self._sketch_s += time.perf_counter() - t
+        return kv
+
+    def _record_owner(self, rid: str, index: int, pages: npt.NDArray[np.int64]) -> None:
+        """A block was reported full with these pages: they hold what ``rid`` wrote."""
+        for p in np.unique(pages).tolist():  # a reported entry holds its own fresh pages
+            self._owner[p] = (rid, index)
+
+    def _observe(self, rid: str, d: BlockDecision, own: KVBlock, mask: np.ndarray) -> None:
+        """Audit one share before the manager applies it (own pages still hold own KV)."""
+        if d.share_block is not None:
+            target = self.pool.block(d.share_block).pages
+        else:
+            assert d.share_source is not None
+            target = np.where(mask, d.share_source, own.pages)
+        dist = self.model.exact_distance(own.pages, target)  # (L, 2)
+        layers = np.flatnonzero(mask.any(axis=1))
+        keys_only = not mask[layers, 1].any()
+        first = int(target[mask][0])
+        src = self._owner.get(first, ("?", -1))
+        per_layer = dist[layers, 0] if keys_only else np.where(mask[layers], dist[layers], 0).max(1)
+        self.shares.append(
+            ShareRecord(
+                rid,
+                d.index,
+                src[0],
+                src[1],
+                [int(x) for x in layers],
+                "k" if keys_only else "kv",
+                None if d.distance is None or math.isnan(d.distance) else float(d.distance),
+                [float(x) for x in per_layer],
+            )
+        )
+
+
+def _with_threshold(opts: EngineOptions, block_size: int) -> EngineOptions:
+    """Teacher-forced texts run block by block: chunks of at most one block."""
+    from dataclasses import replace
+
+    return replace(opts, scheduler=replace(opts.scheduler, long_prefill_token_threshold=block_size))

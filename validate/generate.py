@@ -1,0 +1,336 @@
+"""``memshare generate``: run prompts (or teacher-forced texts) on the paged engine under a
+policy and write ``outputs.jsonl``, ``shares.jsonl`` and ``metrics.json`` (docs/scheduler.md).
+
+Everything the user gave is checked before the output folder is touched; each file is written
+to a temporary name and renamed into place, ``metrics.json`` last, so a folder with a
+``metrics.json`` holds a whole run and a failed run leaves none of the three files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memshare.errors import InputError
+from memshare.registry import coerce_params, make_policy, parse_settings
+from memshare.scheduler import SchedulerConfig
+from memshare.traces.capture.inputs import read_texts
+from memshare.traces.capture.segment import SegmenterConfig, segment_tokens
+from memshare.validate.engine import EngineOptions, EngineResult, EngineSpec, PagedEngine
+
+OUTPUT_FILES = ("outputs.jsonl", "shares.jsonl", "metrics.json")
+
+
+@dataclass
+class GenerateOptions:
+    """What ``memshare generate`` was asked (see its ``--help``)."""
+
+    output: Path
+    prompts: Path | None = None  # JSONL: "prompt" (chat template applied) or "prompt_token_ids"
+    texts: Path | None = None  # teacher-forced reasoning texts (JSONL or .txt)
+    field: str | None = None  # --texts: the text field
+    policy: str = "none"
+    sets: list[str] = dataclasses.field(default_factory=list)
+    max_tokens: int = 256
+    kv_blocks: int | None = None
+    block_size: int = 16
+    limit: int | None = None
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    threads: int | None = None
+
+
+@dataclass
+class Prompt:
+    """One prompts-file line, tokenized."""
+
+    rid: str
+    ids: list[int]
+    max_tokens: int
+    steps: list[int] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def check_device(device: str) -> None:
+    """``--device``: cpu, or cuda where torch sees a CUDA device."""
+    import torch
+
+    if device == "cpu":
+        return
+    if device.split(":")[0] != "cuda":
+        raise InputError("--device", f"unknown device {device!r}", "use cpu or cuda")
+    if not torch.cuda.is_available():
+        raise InputError("--device", "cuda was asked for but torch sees no CUDA device", "use cpu")
+
+
+def check_output(path: Path) -> None:
+    """``-o``: a folder that holds no earlier generate run (created if missing)."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"-o {path}", "exists and is not a folder", "choose a folder path")
+    taken = [f for f in OUTPUT_FILES if (path / f).exists()]
+    if taken:
+        raise InputError(
+            f"-o {path}", f"already holds a generate run ({taken[0]})", "choose a new folder"
+        )
+
+
+PROMPT_FIELDS = ("prompt", "question", "problem")  # text fields tried in order (GSM8K, MATH)
+
+
+def read_prompts(
+    path: Path,
+    chat: Callable[[str], list[int]],
+    vocab: int,
+    max_tokens: int,
+    limit: int | None,
+    text_field: str | None = None,
+) -> list[Prompt]:
+    """Prompts from JSONL: per line ``prompt_token_ids``, or a text (chat template applied)
+    from ``text_field`` (default: the first of :data:`PROMPT_FIELDS` present); optional ``id``
+    and ``max_tokens``. A bad line is an InputError that names ``FILE:LINE``."""
+    fields = (text_field,) if text_field else PROMPT_FIELDS
+    if not path.is_file():
+        raise InputError(
+            f"--prompts {path}", "does not exist or is not a file", "pass a JSONL file"
+        )
+    out: list[Prompt] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"--prompts {path}", "is not UTF-8 text", "pass a JSONL file") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if limit is not None and len(out) >= limit:
+            break
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(where, f"not JSON ({e.msg})", "one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise InputError(where, "is not a JSON object", 'write {"prompt": "..."}')
+        rid = str(obj.get("id", f"p{len(out)}"))
+        mt = obj.get("max_tokens", max_tokens)
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise InputError(where, f"max_tokens {mt!r} is not a positive integer", "e.g. 64")
+        if "prompt_token_ids" in obj:
+            ids = obj["prompt_token_ids"]
+            ok = isinstance(ids, list) and ids and all(type(t) is int for t in ids)
+            if not ok:
+                raise InputError(
+                    where, "prompt_token_ids is not a non-empty list of ints", "fix it"
+                )
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InputError(
+                    where, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "fix it"
+                )
+            out.append(Prompt(rid, list(ids), mt))
+        else:
+            name = next((f for f in fields if f in obj), None)
+            text = obj.get(name) if name else None
+            if not isinstance(text, str) or not text.strip():
+                what = (
+                    f"field {name!r} is empty or not a string"
+                    if name
+                    else (f"has no prompt_token_ids and none of the fields {', '.join(fields)}")
+                )
+                raise InputError(where, what, "give a non-empty prompt (or --field NAME)")
+            out.append(Prompt(rid, chat(text), mt))
+    if not out:
+        raise InputError(f"--prompts {path}", "holds no prompt", "one JSON object per line")
+    ids_seen: set[str] = set()
+    for p in out:
+        if p.rid in ids_seen:
+            raise InputError(f"--prompts {path}", f"id {p.rid!r} appears twice", "make ids unique")
+        ids_seen.add(p.rid)
+    return out
+
+
+def teacher_forced_inputs(o: GenerateOptions, backend: Any) -> list[Prompt]:
+    """Texts as prompts (chat-templated problem + the text's tokens), with their step starts,
+    cut at the model's context limit, exactly as ``capture --texts`` tokenizes them."""
+    assert o.texts is not None
+    items = read_texts(o.texts, field=o.field, limit=o.limit).items
+    limit = backend.context_limit
+    out: list[Prompt] = []
+    for it in items:
+        prompt_ids = backend.chat_prompt(it.prompt) if it.prompt else []
+        text_ids, starts = backend.encode(it.text or "")
+        room = limit - len(prompt_ids) - 1  # one sampled token after the text
+        text = it.text or ""
+        if len(text_ids) > room:
+            text = text[: starts[room]]
+            text_ids, starts = text_ids[:room], starts[:room]
+        if not prompt_ids and not text_ids:
+            raise InputError(f"--texts {o.texts}", f"text {it.id!r} is empty", "remove it")
+        p = len(prompt_ids)
+        steps = [0, *(p + s for s in segment_tokens(text, starts, SegmenterConfig()) if p + s > 0)]
+        out.append(Prompt(it.id, prompt_ids + text_ids, 1, steps, {"text_tokens": len(text_ids)}))
+    return out
+
+
+def generate(
+    o: GenerateOptions,
+    *,
+    status: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    logits_sink: Callable[[str, int, Any], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``o`` and write its folder; returns the metrics written to ``metrics.json``."""
+    if (o.prompts is None) == (o.texts is None):
+        raise InputError("--prompts/--texts", "give exactly one", "e.g. --prompts prompts.jsonl")
+    for name, value, low in (
+        ("--max-tokens", o.max_tokens, 1),
+        ("--block-size", o.block_size, 1),
+        ("--max-num-seqs", o.max_num_seqs, 1),
+        ("--max-num-batched-tokens", o.max_num_batched_tokens, 1),
+    ):
+        if value < low:
+            raise InputError(name, f"must be >= {low}, got {value}", f"e.g. {low}")
+    if o.kv_blocks is not None and o.kv_blocks < 1:
+        raise InputError("--kv-blocks", f"must be >= 1, got {o.kv_blocks}", "or leave it out")
+    if not np.isfinite(o.temperature) or o.temperature < 0:
+        raise InputError("--temperature", f"must be finite and >= 0, got {o.temperature}", "0")
+    if not np.isfinite(o.top_p) or not 0 < o.top_p <= 1:
+        raise InputError("--top-p", f"must be in (0, 1], got {o.top_p}", "e.g. 0.95")
+    check_output(o.output)
+    params = coerce_params(o.policy, parse_settings(o.sets))
+    policy = make_policy(o.policy, **params)
+    check_device(o.device)
+    from memshare.traces.capture.hf import HFBackend
+
+    if status is not None:
+        status("loading the model")
+    backend = HFBackend(o.model, dtype=o.dtype, device=o.device, threads=o.threads)
+    if o.prompts is not None:
+        vocab = int(backend.model.config.vocab_size)
+        inputs = read_prompts(o.prompts, backend.chat_prompt, vocab, o.max_tokens, o.limit, o.field)
+    else:
+        inputs = teacher_forced_inputs(o, backend)
+    specs = [EngineSpec(p.rid, p.ids, p.max_tokens, p.steps) for p in inputs]
+    opts = EngineOptions(
+        block_size=o.block_size,
+        kv_blocks=o.kv_blocks,
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=o.max_num_batched_tokens, max_num_seqs=o.max_num_seqs
+        ),
+        temperature=o.temperature,
+        top_p=o.top_p,
+        seed=o.seed,
+        teacher_forced=o.texts is not None,
+    )
+    engine = PagedEngine(
+        backend.model,
+        policy,
+        specs,
+        opts,
+        eos_ids=backend.eos_ids,
+        token_starts=backend.token_starts,
+        logits_sink=logits_sink,
+    )
+    if status is not None:
+        status("generating")
+    result = engine.run(progress)
+    metrics = run_metrics(result, o, backend.source.name, params)
+    write_run(o.output, o.policy, result, backend.decode, metrics)
+    return metrics
+
+
+def run_metrics(
+    r: EngineResult, o: GenerateOptions, model: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """``metrics.json``: pages in use, KV bytes, throughput, steps, shares, policy time."""
+    live = np.array([s.live_pages for s in r.steps], dtype=np.float64)
+    used = np.array([s.used_pages for s in r.steps], dtype=np.float64)
+    wall = np.array([s.wall_s for s in r.steps], dtype=np.float64)
+    generated = sum(q.num_output for q in r.requests)
+    computed = sum(s.tokens for s in r.steps)
+    commit_s = float(sum(s.commit_s for s in r.steps))
+    return {
+        "model": model,
+        "policy": o.policy,
+        "policy_params": params,
+        "device": o.device,
+        "dtype": o.dtype,
+        "requests": len(r.requests),
+        "block_size": o.block_size,
+        "kv_pages_total": r.num_pages,
+        "page_bytes": r.page_bytes,
+        "kv_store_bytes": r.store_bytes,
+        "kv_pool_bytes": r.pool_pages * r.page_bytes,
+        "pages_in_use": {
+            "peak": int(used.max(initial=0)),
+            "mean": float(used.mean()) if used.size else 0.0,
+            "live_peak": int(live.max(initial=0)),
+            "live_mean": float(live.mean()) if live.size else 0.0,
+        },
+        "kv_bytes_in_use": {
+            "peak": int(used.max(initial=0)) * r.page_bytes,
+            "mean": (float(used.mean()) if used.size else 0.0) * r.page_bytes,
+        },
+        "steps": len(r.steps),
+        "preemptions": r.preemptions,
+        "tokens_generated": generated,
+        "tokens_computed": computed,
+        "wall_s": r.wall_s,
+        "tokens_per_s": generated / r.wall_s if r.wall_s > 0 else 0.0,
+        "step_s": {
+            "mean": float(wall.mean()) if wall.size else 0.0,
+            "p50": float(np.percentile(wall, 50)) if wall.size else 0.0,
+            "p90": float(np.percentile(wall, 90)) if wall.size else 0.0,
+        },
+        "commit_share_of_step_time": commit_s / float(wall.sum()) if wall.size else 0.0,
+        "sketch_s": r.sketch_s,
+        "shares": len(r.shares),
+        "shared_pages": int(sum(len(s.layers) * (1 if s.parts == "k" else 2) for s in r.shares)),
+    }
+
+
+def write_run(
+    folder: Path,
+    policy: str,
+    r: EngineResult,
+    decode: Callable[[Sequence[int]], str],
+    metrics: dict[str, Any],
+) -> None:
+    """The three files, each renamed into place when whole, ``metrics.json`` last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    outputs = [
+        {
+            "request": q.rid,
+            "policy": policy,
+            "prompt_token_ids": q.token_ids[: q.prompt_len] if q.token_ids else [],
+            "output_token_ids": q.output_ids,
+            "text": decode(q.output_ids),
+            "finish_reason": q.finish_reason,
+        }
+        for q in r.requests
+    ]
+    shares = [dataclasses.asdict(s) for s in r.shares]
+    _write_atomic(folder / "outputs.jsonl", "".join(json.dumps(x) + "\n" for x in outputs))
+    _write_atomic(folder / "shares.jsonl", "".join(json.dumps(x) + "\n" for x in shares))
+    _write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
