@@ -61,7 +61,7 @@ def expected_rows(i: int) -> npt.NDArray[Any]:
 def expected_record(i: int) -> RequestRecord:
     """The record of request ``i`` as passed to ``TraceWriter.add`` (no ``kv`` yet)."""
     n = num_rows(i)
-    prompt_len = 16 * n - (i % 16)
+    prompt_len = 16 * n - 8 - (i % 8)  # with output_len, ceil(tokens / 16) == n (the rows)
     return RequestRecord(
         id=f"req-{i:05d}",
         arrival_s=i * 0.25,

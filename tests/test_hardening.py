@@ -79,3 +79,40 @@ def test_every_registered_policy_runs_through_the_cli(
     run = json.loads(res.stdout)["runs"][0]
     assert run["policy"] == policy
     assert run["metrics"]["requests"]["finished"] == 6
+
+
+def edit_manifest(trace: Path, **changes: object) -> None:
+    m = json.loads((trace / "manifest.json").read_text())
+    for key, value in changes.items():
+        target = m
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    (trace / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("block_size", 0, "'block_size'"),
+        ("block_size", -1, "'block_size'"),
+        ("block_size", 2, "'block_size'"),  # disagrees with the rows per request
+        ("block_size", 8, "'block_size'"),
+        ("block_size", "4", "'block_size'"),
+        ("model.num_layers", 0, "'model.num_layers'"),
+        ("sketch.dim", -3, "'sketch.dim'"),
+        ("sketch.keys", "sideways", "'sketch.keys'"),
+        ("counts.requests", -1, "'counts.requests'"),
+        ("source", "text", "'source'"),
+        ("requests_sha256", 7, "'requests_sha256'"),
+    ],
+)
+def test_out_of_range_manifest_values_are_one_line_errors(
+    field: str, value: object, needle: str, tmp_path: Path
+) -> None:
+    # Defect 3: block_size 0 raised ValueError in inspect and blamed the GPU in simulate.
+    trace = smol_kv_trace(tmp_path / "kv")
+    edit_manifest(trace, **{field: value})
+    for cmd in ("inspect", "simulate"):
+        assert_one_line_error(memshare(cmd, str(trace)), "manifest.json", needle)

@@ -29,10 +29,11 @@ def repeating_chain(path: Path) -> LoadedTrace:
     template = Manifest(kind="kv", block_size=BS, model=model, sketch=SketchSpec(dim=DIM))
     rng = np.random.default_rng(0)
     step_sketch = rng.standard_normal((2, LAYERS, 2, DIM))
-    rows = np.zeros(9, dtype=kv_row_dtype(LAYERS, DIM))
+    rows = np.zeros(10, dtype=kv_row_dtype(LAYERS, DIM))  # ceil(37 tokens / 4)
     rows["sketch"][0] = rng.standard_normal((LAYERS, 2, DIM))
     for b in range(1, 9):
         rows["sketch"][b] = step_sketch[(b - 1) % 2]
+    rows["sketch"][9] = rng.standard_normal((LAYERS, 2, DIM))  # the partial last block
     rows["norm"] = np.linalg.norm(rows["sketch"].astype(np.float32), axis=-1)
     step_tokens = [11, 12, 13, 14, 15, 16, 17, 18]
     output = step_tokens * 4 + [0]

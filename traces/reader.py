@@ -104,7 +104,75 @@ def load_manifest(trace_dir: Path) -> Manifest:
         )
     if not _is_int(manifest.requests_bytes) or manifest.requests_bytes < 0:
         raise InputError(str(path), "field 'requests_bytes' must be an integer >= 0", _RECREATE)
+    check_manifest_fields(manifest, str(path))
     return manifest
+
+
+# Ranges of manifest integers: far beyond any real model, small enough that nothing computed
+# from them (row sizes, block counts) overflows or allocates absurdly.
+_LIMITS: dict[str, tuple[int, int]] = {
+    "block_size": (1, 1 << 20),
+    "hash_block_size": (1, 1 << 24),
+    "model.num_layers": (1, 4096),
+    "model.num_kv_heads": (1, 4096),
+    "model.head_dim": (1, 1 << 16),
+    "sketch.dim": (1, 1 << 16),
+    "sketch.seed": (0, (1 << 63) - 1),
+}
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_manifest_fields(manifest: Manifest, where: str) -> None:
+    """Every manifest field has its type and a value in range (InputError naming the field).
+
+    What the data must agree with (counts, shard lengths, rows per request against
+    ``block_size``) is checked by :class:`TraceReader` against the files themselves.
+    """
+
+    def check_int(name: str, value: object) -> None:
+        lo, hi = _LIMITS[name]
+        if not _is_int(value) or not lo <= value <= hi:  # type: ignore[operator]
+            raise InputError(
+                where, f"field '{name}' must be an integer in {lo}..{hi}, got {value!r}", _RECREATE
+            )
+
+    def check_str(name: str, value: object, choices: tuple[str, ...] = ()) -> None:
+        if not isinstance(value, str) or (choices and value not in choices):
+            want = f"one of {', '.join(choices)}" if choices else "a string"
+            raise InputError(where, f"field '{name}' must be {want}, got {value!r}", _RECREATE)
+
+    check_int("block_size", manifest.block_size)
+    if manifest.hash_block_size is not None:
+        check_int("hash_block_size", manifest.hash_block_size)
+    if manifest.model is not None:
+        m = manifest.model
+        check_str("model.name", m.name)
+        check_str("model.architecture", m.architecture)
+        check_str("model.dtype", m.dtype)
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            check_int(f"model.{name}", getattr(m, name))
+    if manifest.sketch is not None:
+        s = manifest.sketch
+        check_str("sketch.method", s.method)
+        check_str("sketch.keys", s.keys, ("pre_rope", "post_rope"))
+        check_str("sketch.dtype", s.dtype)
+        check_int("sketch.dim", s.dim)
+        check_int("sketch.seed", s.seed)
+    if manifest.kind == "kv" and (manifest.model is None or manifest.sketch is None):
+        raise InputError(where, "a 'kv' trace needs fields 'model' and 'sketch'", _RECREATE)
+    for name in ("requests", "prompt_tokens", "output_tokens", "kv_rows"):
+        value = getattr(manifest.counts, name)
+        if not _is_int(value) or value < 0:
+            raise InputError(
+                where, f"field 'counts.{name}' must be an integer >= 0, got {value!r}", _RECREATE
+            )
+    digest = manifest.requests_sha256
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+        raise InputError(
+            where, f"field 'requests_sha256' must be 64 hex digits, got {digest!r}", _RECREATE
+        )
+    if not isinstance(manifest.complete, bool):
+        raise InputError(where, "field 'complete' must be true or false", _RECREATE)
 
 
 def row_dtype(manifest: Manifest, where: str) -> np.dtype[Any] | None:
@@ -265,6 +333,29 @@ def _check_record_types(record: RequestRecord, where: str) -> None:
         or not math.isfinite(arrival)
     ):
         raise InputError(where, f"field 'arrival_s' must be a number, got {arrival!r}", _RECREATE)
+    if arrival < 0:
+        raise InputError(where, f"field 'arrival_s' must be >= 0, got {arrival!r}", _RECREATE)
+    for name in ("prompt_ids", "output_ids", "hash_ids", "steps"):
+        ids = getattr(record, name)
+        if ids is not None and (
+            not isinstance(ids, list) or not all(_is_int(v) and 0 <= v < 1 << 63 for v in ids)
+        ):
+            raise InputError(where, f"field '{name}' must be a list of integers >= 0", _RECREATE)
+    for name, length in (("prompt_ids", "prompt_len"), ("output_ids", "output_len")):
+        ids = getattr(record, name)
+        if ids is not None and len(ids) != getattr(record, length):
+            raise InputError(
+                where,
+                f"field '{name}' holds {len(ids)} ids but field '{length}' is "
+                f"{getattr(record, length)}",
+                _RECREATE,
+            )
+    for name in ("text", "finish_reason"):
+        if getattr(record, name) is not None and not isinstance(getattr(record, name), str):
+            raise InputError(where, f"field '{name}' must be a string", _RECREATE)
+    for name in ("timings", "meta"):
+        if getattr(record, name) is not None and not isinstance(getattr(record, name), dict):
+            raise InputError(where, f"field '{name}' must be a JSON object", _RECREATE)
     kv = record.kv
     if kv is not None and not all(_is_int(v) and v >= 0 for v in (kv.shard, kv.row, kv.rows)):
         raise InputError(where, f"field 'kv' must hold integers >= 0, got {kv!r}", _RECREATE)
@@ -373,9 +464,20 @@ class TraceReader:
             done.append("shard_checksums")
         self._check_counts()
         self._check_ids()
+        block = self._manifest.block_size
         for i, record in enumerate(self._records, 1):
-            self._check_ref(record, f"{self._requests_path}:{i}")
-        done += ["counts", "unique_ids", "kv_refs"]
+            where = f"{self._requests_path}:{i}"
+            self._check_ref(record, where)
+            want = -(-(record.prompt_len + record.output_len) // block)
+            if record.kv is not None and record.kv.rows != want:
+                raise InputError(
+                    where,
+                    f"field 'kv' has {record.kv.rows} rows but {record.prompt_len} + "
+                    f"{record.output_len} tokens in blocks of {block} (manifest.json field "
+                    f"'block_size') need {want}",
+                    _RECREATE,
+                )
+        done += ["counts", "unique_ids", "kv_refs", "rows_per_block"]
         return self._report(done)
 
     def close(self) -> None:

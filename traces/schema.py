@@ -135,8 +135,8 @@ class Manifest:
                 hash_block_size=raw.get("hash_block_size"),
                 model=ModelInfo(**model) if model is not None else None,
                 sketch=SketchSpec(**sketch) if sketch is not None else None,
-                source=dict(raw.get("source") or {}),
-                capture=dict(raw.get("capture") or {}),
+                source=_object(raw, "source", where),
+                capture=_object(raw, "capture", where),
                 counts=Counts(**_field(raw, "counts", dict, where)),
                 requests_bytes=_field(raw, "requests_bytes", int, where),
                 requests_sha256=_field(raw, "requests_sha256", str, where),
@@ -150,6 +150,18 @@ class Manifest:
 
 
 _REWRITE_HINT = "the manifest is damaged: re-create the trace (capture or import)"
+
+
+def _object(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    """An optional free-form JSON object field (absent or null: empty)."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(
+            where, f"field '{name}' must be a JSON object, got {value!r:.40}", _REWRITE_HINT
+        )
+    return dict(value)
 
 
 def _field(raw: dict[str, Any], name: str, kind: type, where: str) -> Any:
