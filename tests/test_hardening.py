@@ -116,3 +116,26 @@ def test_out_of_range_manifest_values_are_one_line_errors(
     edit_manifest(trace, **{field: value})
     for cmd in ("inspect", "simulate"):
         assert_one_line_error(memshare(cmd, str(trace)), "manifest.json", needle)
+
+
+@pytest.mark.parametrize(
+    ("row", "needle"),
+    [
+        ('{"timestamp": 5, "input_length": 0, "output_length": 0, "hash_ids": []}', "0"),
+        ('{"timestamp": 5, "input_length": 0, "output_length": 7, "hash_ids": []}', "0"),
+        (
+            '{"timestamp": 5, "input_length": 100000000000, "output_length": 1, "hash_ids": [1]}',
+            "limit",
+        ),
+    ],
+)
+def test_empty_or_absurd_requests_are_refused_on_import(
+    row: str, needle: str, tmp_path: Path
+) -> None:
+    # Defect 7: a 0 + 0 token request was imported silently and simulated as 1 output token.
+    src = tmp_path / "mc.jsonl"
+    good = '{"timestamp": 0, "input_length": 600, "output_length": 8, "hash_ids": [0, 1]}'
+    src.write_text(good + "\n" + row + "\n")
+    res = memshare("import", "mooncake", str(src), "-o", str(tmp_path / "t"))
+    assert_one_line_error(res, f"{src}:2", "input_length", needle)
+    assert not (tmp_path / "t" / "manifest.json").exists()

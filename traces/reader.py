@@ -32,6 +32,7 @@ from memshare.errors import InputError, TraceEmptyError
 from memshare.traces.schema import (
     MANIFEST,
     MANIFEST_TMP,
+    MAX_REQUEST_TOKENS,
     REQUESTS,
     SHARD_GLOB,
     Counts,
@@ -326,6 +327,14 @@ def _check_record_types(record: RequestRecord, where: str) -> None:
             raise InputError(
                 where, f"field '{name}' must be an integer >= 0, got {value!r}", _RECREATE
             )
+    total = record.prompt_len + record.output_len
+    if not 0 < total <= MAX_REQUEST_TOKENS:
+        raise InputError(
+            where,
+            f"fields 'prompt_len' + 'output_len' must give 1..{MAX_REQUEST_TOKENS} tokens, "
+            f"got {total}",
+            _RECREATE,
+        )
     arrival = record.arrival_s
     if (
         isinstance(arrival, bool)

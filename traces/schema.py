@@ -31,6 +31,7 @@ from memshare import __version__
 from memshare.errors import InputError
 
 SCHEMA_VERSION = 2
+MAX_REQUEST_TOKENS = 1 << 24  # prompt + output tokens of one request (past any real context)
 MANIFEST = "manifest.json"
 MANIFEST_TMP = "manifest.json.tmp"  # the writer's temp file; renamed over MANIFEST to commit
 REQUESTS = "requests.jsonl"

@@ -31,7 +31,7 @@ from memshare.errors import InputError
 from memshare.traces.files import file_sha256
 
 from ..reader import load_manifest
-from ..schema import Manifest, RequestRecord
+from ..schema import MAX_REQUEST_TOKENS, Manifest, RequestRecord
 from ..writer import TraceWriter
 from . import azure, burstgpt, mooncake
 from ._source import SourceData, SourceRow, check_source
@@ -91,6 +91,7 @@ def import_workload(
         raise InputError("limit", f"{limit} is not a positive number of requests", "give 1 or more")
     check_source(src, fmt)
     data = spec.read(src, limit)
+    check_lengths(spec.name, src, data.rows)
     rows, backwards = arrival_order(data.rows)
     template = Manifest(
         kind="workload",
@@ -118,6 +119,38 @@ def _format(fmt: str) -> WorkloadFormat:
             f"use one of {', '.join(IMPORTERS)}",
         )
     return spec
+
+
+# The token-count columns of each format (for messages), and the most tokens one request may
+# have: far past any model's context, small enough that simulating it is bounded work.
+_LENGTH_FIELDS = {
+    "mooncake": ("input_length", "output_length"),
+    "azure": ("ContextTokens", "GeneratedTokens"),
+    "burstgpt": ("Request tokens", "Response tokens"),
+}
+
+
+def check_lengths(fmt: str, src: Path, rows: Sequence[SourceRow]) -> None:
+    """Every row has a prompt of 1..MAX_REQUEST_TOKENS tokens and at most that many in all
+    (InputError naming the file, line and column). A request without a prompt cannot be
+    served; the output may be 0 (e.g. BurstGPT's failed requests)."""
+    prompt_field, output_field = _LENGTH_FIELDS.get(fmt, ("prompt length", "output length"))
+    for row in rows:
+        where = f"{src}:{row.line}"
+        if row.prompt_len == 0:
+            raise InputError(
+                where,
+                f"field '{prompt_field}' is 0: a request needs at least 1 prompt token",
+                "delete the row or give its prompt length",
+            )
+        if row.prompt_len + row.output_len > MAX_REQUEST_TOKENS:
+            raise InputError(
+                where,
+                f"fields '{prompt_field}' + '{output_field}' give "
+                f"{row.prompt_len + row.output_len:,} tokens, over the limit of "
+                f"{MAX_REQUEST_TOKENS:,} per request",
+                "check the row (token counts, not bytes)",
+            )
 
 
 def arrival_order(rows: Sequence[SourceRow]) -> tuple[list[SourceRow], int]:
