@@ -110,7 +110,7 @@ def paged_greedy(
     out: list[list[int]] = [[] for _ in prompts]
     seqs = [list(p) for p in prompts]
     computed = [0] * n  # tokens whose KV is in the pages
-    late = n - 1
+    late = n - 1 if n > 1 else -1  # a single prompt is prefilled at once
     half = len(prompts[late]) // 2
     first: list[Any] = []
     step = 0
