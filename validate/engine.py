@@ -163,6 +163,9 @@ class PagedEngine:
         self.opts = opts
         self.logits_sink = logits_sink
         self.shares: list[ShareRecord] = []
+        self.steps: list[StepRecord] = []
+        self._started = False
+        self._sampled = 0  # tokens sampled so far
         self._owner: dict[int, tuple[str, int]] = {}  # page id -> (request, block) that wrote it
         self._sketch_s = 0.0
         seg = segmenter or SegmenterConfig()
@@ -190,50 +193,57 @@ class PagedEngine:
     # ----------------------------------------------------------------- running
     def run(self, progress: Progress | None = None) -> EngineResult:
         """Run every request to completion."""
-        sched = self.scheduler
-        for req in self.requests:
-            sched.add(req)
         total = sum(r.max_tokens for r in self.requests)
-        done_tokens = 0
-        steps: list[StepRecord] = []
         t0 = time.perf_counter()
-        while not sched.idle:
-            t_step = time.perf_counter()
-            plan = sched.schedule()
-            if plan.empty:
-                raise RuntimeError(
-                    f"scheduler made no progress: {len(sched.running)} running, "
-                    f"{len(sched.waiting)} waiting"
-                )
-            sampled = self._execute(plan)
-            t_commit = time.perf_counter()
-            sched.complete(plan, sampled)
-            now = time.perf_counter()
-            steps.append(
-                StepRecord(
-                    len(plan.chunks),
-                    plan.num_tokens,
-                    now - t_step,
-                    now - t_commit,
-                    self.pool.pinned_pages,
-                    self.pool.used_pages,
-                )
-            )
-            done_tokens += sum(1 for t in sampled if t is not None)
+        while self.step():
             if progress is not None:
-                progress(done_tokens, total)
+                progress(self._sampled, total)
         return EngineResult(
             self.requests,
             self.shares,
-            steps,
+            self.steps,
             time.perf_counter() - t0,
-            sched.num_preemptions,
+            self.scheduler.num_preemptions,
             self.store.page_bytes,
             self.store.nbytes,
             self.store.num_pages,
             self.pool.num_pages,
             self._sketch_s,
         )
+
+    def step(self) -> bool:
+        """Run one scheduler step (schedule, forward pass, sample, complete); False when
+        every request has finished."""
+        sched = self.scheduler
+        if not self._started:
+            for req in self.requests:
+                sched.add(req)
+            self._started = True
+        if sched.idle:
+            return False
+        t_step = time.perf_counter()
+        plan = sched.schedule()
+        if plan.empty:
+            raise RuntimeError(
+                f"scheduler made no progress: {len(sched.running)} running, "
+                f"{len(sched.waiting)} waiting"
+            )
+        sampled = self._execute(plan)
+        t_commit = time.perf_counter()
+        sched.complete(plan, sampled)
+        now = time.perf_counter()
+        self.steps.append(
+            StepRecord(
+                len(plan.chunks),
+                plan.num_tokens,
+                now - t_step,
+                now - t_commit,
+                self.pool.pinned_pages,
+                self.pool.used_pages,
+            )
+        )
+        self._sampled += sum(1 for t in sampled if t is not None)
+        return True
 
     def _execute(self, plan: StepPlan) -> list[int | None]:
         """One forward pass for ``plan``; the sampled token per chunk (None: no sample)."""

@@ -21,7 +21,7 @@ import numpy as np
 from memshare.errors import InputError
 from memshare.registry import coerce_params, make_policy, parse_settings
 from memshare.scheduler import SchedulerConfig
-from memshare.traces.capture.inputs import read_texts
+from memshare.traces.capture.inputs import InputItem, read_texts
 from memshare.traces.capture.segment import SegmenterConfig, segment_tokens
 from memshare.validate.engine import EngineOptions, EngineResult, EngineSpec, PagedEngine
 
@@ -55,12 +55,14 @@ class GenerateOptions:
 
 @dataclass
 class Prompt:
-    """One prompts-file line, tokenized."""
+    """One request's input: token ids (a text prompt gets them from :func:`tokenize`)."""
 
     rid: str
     ids: list[int]
     max_tokens: int
-    steps: list[int] | None = None
+    steps: list[int] | None = None  # teacher-forced: step starts of the text
+    text: str | None = None  # a prompt given as text, before tokenizing
+    where: str = ""  # FILE:LINE it came from
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,16 +93,12 @@ PROMPT_FIELDS = ("prompt", "question", "problem")  # text fields tried in order 
 
 
 def read_prompts(
-    path: Path,
-    chat: Callable[[str], list[int]],
-    vocab: int,
-    max_tokens: int,
-    limit: int | None,
-    text_field: str | None = None,
+    path: Path, max_tokens: int, limit: int | None, text_field: str | None = None
 ) -> list[Prompt]:
-    """Prompts from JSONL: per line ``prompt_token_ids``, or a text (chat template applied)
-    from ``text_field`` (default: the first of :data:`PROMPT_FIELDS` present); optional ``id``
-    and ``max_tokens``. A bad line is an InputError that names ``FILE:LINE``."""
+    """Prompts from JSONL, checked before any model loads: per line ``prompt_token_ids``, or
+    a text (chat template applied later) from ``text_field`` (default: the first of
+    :data:`PROMPT_FIELDS` present); optional ``id`` and ``max_tokens``. A bad line is an
+    InputError that names ``FILE:LINE``."""
     fields = (text_field,) if text_field else PROMPT_FIELDS
     if not path.is_file():
         raise InputError(
@@ -134,12 +132,7 @@ def read_prompts(
                 raise InputError(
                     where, "prompt_token_ids is not a non-empty list of ints", "fix it"
                 )
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InputError(
-                    where, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "fix it"
-                )
-            out.append(Prompt(rid, list(ids), mt))
+            out.append(Prompt(rid, list(ids), mt, where=where))
         else:
             name = next((f for f in fields if f in obj), None)
             text = obj.get(name) if name else None
@@ -150,7 +143,7 @@ def read_prompts(
                     else (f"has no prompt_token_ids and none of the fields {', '.join(fields)}")
                 )
                 raise InputError(where, what, "give a non-empty prompt (or --field NAME)")
-            out.append(Prompt(rid, chat(text), mt))
+            out.append(Prompt(rid, [], mt, text=text, where=where))
     if not out:
         raise InputError(f"--prompts {path}", "holds no prompt", "one JSON object per line")
     ids_seen: set[str] = set()
@@ -161,11 +154,22 @@ def read_prompts(
     return out
 
 
-def teacher_forced_inputs(o: GenerateOptions, backend: Any) -> list[Prompt]:
+def tokenize(prompts: list[Prompt], chat: Callable[[str], list[int]], vocab: int) -> None:
+    """Give text prompts their token ids (chat template) and check every id is in the
+    vocabulary."""
+    for p in prompts:
+        if p.text is not None:
+            p.ids = chat(p.text)
+        bad = [t for t in p.ids if not 0 <= t < vocab]
+        if bad:
+            raise InputError(
+                p.where, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "fix it"
+            )
+
+
+def teacher_forced_inputs(items: Sequence[InputItem], backend: Any) -> list[Prompt]:
     """Texts as prompts (chat-templated problem + the text's tokens), with their step starts,
     cut at the model's context limit, exactly as ``capture --texts`` tokenizes them."""
-    assert o.texts is not None
-    items = read_texts(o.texts, field=o.field, limit=o.limit).items
     limit = backend.context_limit
     out: list[Prompt] = []
     for it in items:
@@ -177,7 +181,7 @@ def teacher_forced_inputs(o: GenerateOptions, backend: Any) -> list[Prompt]:
             text = text[: starts[room]]
             text_ids, starts = text_ids[:room], starts[:room]
         if not prompt_ids and not text_ids:
-            raise InputError(f"--texts {o.texts}", f"text {it.id!r} is empty", "remove it")
+            raise InputError("--texts", f"text {it.id!r} is empty", "remove it")
         p = len(prompt_ids)
         steps = [0, *(p + s for s in segment_tokens(text, starts, SegmenterConfig()) if p + s > 0)]
         out.append(Prompt(it.id, prompt_ids + text_ids, 1, steps, {"text_tokens": len(text_ids)}))
@@ -212,16 +216,23 @@ def generate(
     params = coerce_params(o.policy, parse_settings(o.sets))
     policy = make_policy(o.policy, **params)
     check_device(o.device)
+    prompts = None
+    texts: list[InputItem] = []
+    if o.prompts is not None:
+        prompts = read_prompts(o.prompts, o.max_tokens, o.limit, o.field)
+    else:
+        assert o.texts is not None
+        texts = read_texts(o.texts, field=o.field, limit=o.limit).items
     from memshare.traces.capture.hf import HFBackend
 
     if status is not None:
         status("loading the model")
     backend = HFBackend(o.model, dtype=o.dtype, device=o.device, threads=o.threads)
-    if o.prompts is not None:
-        vocab = int(backend.model.config.vocab_size)
-        inputs = read_prompts(o.prompts, backend.chat_prompt, vocab, o.max_tokens, o.limit, o.field)
+    if prompts is not None:
+        tokenize(prompts, backend.chat_prompt, int(backend.model.config.vocab_size))
+        inputs = prompts
     else:
-        inputs = teacher_forced_inputs(o, backend)
+        inputs = teacher_forced_inputs(texts, backend)
     specs = [EngineSpec(p.rid, p.ids, p.max_tokens, p.steps) for p in inputs]
     opts = EngineOptions(
         block_size=o.block_size,
