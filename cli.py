@@ -826,6 +826,41 @@ def generate_cmd(
     out.print(t)
 
 
+@bench_app.command("engine")
+def bench_engine_cmd(
+    model: Annotated[str | None, typer.Option(help="Local HF folder or .gguf file.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest output per prompt.")] = 64,
+    batch: Annotated[int, typer.Option(help="Prompts in the mixed batch.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Alternating runs; the median counts.")] = 3,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Paged engine vs HF generate tokens/s (batch 1; a mixed batch), KV bytes, peak RSS,
+    cf-topk overhead in the engine."""
+    from memshare.validate.engine_bench import bench_engine
+
+    if repeats < 1 or batch < 1 or max_new_tokens < 1:
+        raise InputError("--repeats/--batch/--max-new-tokens", "must be >= 1", "e.g. 3 / 16 / 64")
+    console = Console(stderr=True)
+    res = bench_engine(
+        model=model,
+        max_new_tokens=max_new_tokens,
+        batch=batch,
+        repeats=repeats,
+        threads=threads,
+        status=None if as_json else lambda m: console.print(f"[dim]{m}[/dim]"),
+    )
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    t = Table(title="bench engine", show_header=False)
+    for key, value in res.items():
+        t.add_row(
+            key.replace("_", " "), json.dumps(value) if isinstance(value, dict) else str(value)
+        )
+    out.print(t)
+
+
 @bench_app.command("capture")
 def bench_capture_cmd(
     dataset: Annotated[

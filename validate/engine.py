@@ -295,6 +295,11 @@ class PagedEngine:
         return int(torch.multinomial(probs, 1, generator=self._gens[rid]).item())
 
     # ----------------------------------------------------------------- live blocks
+    @property
+    def sketch_s(self) -> float:
+        """Seconds spent reading and sketching live blocks so far."""
+        return self._sketch_s
+
     def _pages_fn(self, req: Request) -> Callable[[int], npt.NDArray[np.int64]]:
         manager = self.manager
 

@@ -1,0 +1,136 @@
+"""``memshare bench engine``: the paged engine against HF ``generate`` on the same prompts.
+
+Figures (printed, never asserted by a timed test; docs/layout.md lists the targets):
+
+- tokens/s at batch 1 (one prompt, greedy) and on a mixed batch (16 prompts whose output
+  lengths differ): the engine batches continuously and retires each request at its own length;
+  HF ``generate`` runs the 16 left-padded prompts together until the longest is done. Both
+  count only the tokens each request asked for. Runs alternate, the median of ``repeats``
+  counts. Both run on the same weights (the engine on its own copy: it switches its model's
+  attention implementation).
+- KV bytes: the page tensor's size against the pool's page count x page size (must be equal).
+- peak process RSS.
+- the policy's overhead inside the engine: the share of step time spent committing (sketching
+  the blocks that filled, the policy's decisions, the frees), under ``cf-topk``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from importlib.resources import files
+from typing import Any
+
+from memshare.registry import make_policy
+from memshare.scheduler import SchedulerConfig
+from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
+
+CF_TOPK = {"granularity": "layer", "share": "k", "tau": 0.5, "window": 1}
+
+
+def _prompts(backend: Any, n: int) -> list[list[int]]:
+    path = files("memshare") / "data" / "gsm8k_prompts.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [backend.chat_prompt(rows[i % len(rows)]["question"]) for i in range(n)]
+
+
+def _hf(backend: Any, prompts: list[list[int]], lengths: list[int]) -> float:
+    """Seconds for HF ``generate`` on ``prompts`` as one left-padded batch."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    pad = backend.pad_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        backend.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(lengths),
+            min_new_tokens=max(lengths),
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return time.perf_counter() - t
+
+
+def _engine(
+    model: Any, prompts: list[list[int]], lengths: list[int], policy: str, **params: Any
+) -> tuple[float, PagedEngine]:
+    specs = [
+        EngineSpec(f"r{i}", p, n) for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    opts = EngineOptions(scheduler=SchedulerConfig(max_num_seqs=len(prompts)))
+    engine = PagedEngine(model, make_policy(policy, **params), specs, opts)
+    t = time.perf_counter()
+    engine.run()
+    return time.perf_counter() - t, engine
+
+
+def bench_engine(
+    *,
+    model: str | None = None,
+    max_new_tokens: int = 64,
+    batch: int = 16,
+    repeats: int = 3,
+    threads: int | None = None,
+    status: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns its figures."""
+    from memshare.traces.capture.hf import HFBackend
+
+    if status:
+        status("loading the model")
+    backend = HFBackend(model, threads=threads)
+    mine = copy.deepcopy(backend.model)
+    out: dict[str, Any] = {"repeats": repeats, "max_new_tokens": max_new_tokens}
+    one = _prompts(backend, 1)
+    mixed = _prompts(backend, batch)
+    mixed_lengths = [max(8, max_new_tokens * (1 + i % 4) // 4) for i in range(batch)]
+    for label, prompts, lengths in (
+        ("batch_1", one, [max_new_tokens]),
+        (f"mixed_{batch}", mixed, mixed_lengths),
+    ):
+        hf_s: list[float] = []
+        eng_s: list[float] = []
+        for r in range(repeats):
+            if status:
+                status(f"{label}: run {r + 1} of {repeats}")
+            hf_s.append(_hf(backend, prompts, lengths))
+            eng_s.append(_engine(mine, prompts, lengths, "none")[0])
+        tokens = sum(lengths)
+        hf_tps = tokens / statistics.median(hf_s)
+        eng_tps = tokens / statistics.median(eng_s)
+        out[label] = {
+            "tokens": tokens,
+            "hf_tokens_per_s": round(hf_tps, 1),
+            "engine_tokens_per_s": round(eng_tps, 1),
+            "engine_over_hf": round(eng_tps / hf_tps, 3),
+            "hf_s": [round(x, 3) for x in hf_s],
+            "engine_s": [round(x, 3) for x in eng_s],
+        }
+    if status:
+        status("cf-topk overhead")
+    _, eng = _engine(mine, mixed, mixed_lengths, "cf-topk", **CF_TOPK)
+    step_s = sum(s.wall_s for s in eng.steps)
+    commit_s = sum(s.commit_s for s in eng.steps)
+    out["kv"] = {
+        "store_bytes": eng.store.nbytes,
+        "pool_pages_x_page_bytes": eng.pool.num_pages * eng.store.page_bytes,
+        "equal": eng.store.nbytes == eng.pool.num_pages * eng.store.page_bytes,
+        "peak_pages_in_use": max(s.used_pages for s in eng.steps),
+    }
+    out["cf_topk"] = {
+        "params": CF_TOPK,
+        "shares": len(eng.shares),
+        "commit_share_of_step_time": round(commit_s / step_s, 4),
+        "sketch_s": round(eng.sketch_s, 3),
+        "step_s": round(step_s, 3),
+    }
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
