@@ -7,6 +7,7 @@ fresh policy object; one object serves one run (simulation or validation).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -117,7 +118,11 @@ def param_defaults(name: str) -> dict[str, Any]:
 
 
 def coerce_params(name: str, raw: dict[str, Any], where: str = "--set") -> dict[str, Any]:
-    """Convert string values to the types of the policy's parameters (their defaults' types)."""
+    """Convert values to the types of the policy's parameters (their defaults' types).
+
+    Strings (``--set``) are parsed; values that are already typed (a TOML file) must have the
+    parameter's type. Invariant: every numeric value returned is finite (NaN and infinity are
+    refused: as a threshold they would silently share nothing, or everything)."""
     defaults = param_defaults(name)
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -125,15 +130,32 @@ def coerce_params(name: str, raw: dict[str, Any], where: str = "--set") -> dict[
             known = ", ".join(defaults) or "none"
             raise InputError(where, f"policy {name!r} has no parameter {key!r}", f"known: {known}")
         default = defaults[key]
-        if not isinstance(value, str) or isinstance(default, str) or default is None:
+        bad = InputError(
+            where, f"{key}={value!r} is not a {type(default).__name__}", f"e.g. {key}={default}"
+        )
+        if isinstance(default, str) or default is None:
+            if not isinstance(value, str) and default is not None:
+                raise bad
             out[key] = value
             continue
-        try:
-            out[key] = _BOOL[value.lower()] if isinstance(default, bool) else type(default)(value)
-        except (KeyError, ValueError):
+        if isinstance(value, str):
+            try:
+                value = _BOOL[value.lower()] if isinstance(default, bool) else type(default)(value)
+            except (KeyError, ValueError):
+                raise bad from None
+        elif (
+            isinstance(default, bool) != isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (isinstance(default, int) and not isinstance(value, int))
+        ):
+            raise bad
+        elif isinstance(default, float):
+            value = float(value)
+        if isinstance(value, float) and not math.isfinite(value):
             raise InputError(
-                where, f"{key}={value!r} is not a {type(default).__name__}", f"e.g. {key}={default}"
-            ) from None
+                where, f"{key}={value!r} is not a finite number", f"e.g. {key}={default}"
+            )
+        out[key] = value
     return out
 
 

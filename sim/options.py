@@ -127,6 +127,17 @@ def build_configs(opts: SimOptions, manifest: Manifest | None = None) -> list[Si
         gpu_memory_utilization=opts.gpu_memory_utilization,
     )
     model = load_model(opts.model_config) if opts.model_config else default_model(manifest)
+    arrival = parse_arrival(opts.arrival)
+    requests = manifest.counts.requests
+    if opts.limit is not None and opts.limit > 0:
+        requests = min(requests, opts.limit)
+    if arrival.clients is not None and arrival.clients > max(requests, 1):
+        # cost must follow the work: a client per request at most (each is a process)
+        raise InputError(
+            "--arrival",
+            f"closed:{arrival.clients} has more clients than the {requests} requests to run",
+            f"use at most closed:{max(requests, 1)}",
+        )
     base = SimConfig(
         trace=str(Path(opts.trace).resolve()),
         model=model,
@@ -140,7 +151,7 @@ def build_configs(opts: SimOptions, manifest: Manifest | None = None) -> list[Si
         ),
         kv=kv,
         block_size=opts.block_size,
-        arrival=parse_arrival(opts.arrival),
+        arrival=arrival,
         limit=opts.limit,
         time_scale=opts.time_scale,
         seed=opts.seed,

@@ -139,3 +139,22 @@ def test_empty_or_absurd_requests_are_refused_on_import(
     res = memshare("import", "mooncake", str(src), "-o", str(tmp_path / "t"))
     assert_one_line_error(res, f"{src}:2", "input_length", needle)
     assert not (tmp_path / "t" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--policy", "cf-topk", "--set", "tau=nan"], ["--set", "tau"]),
+        (["--policy", "cf-topk", "--set", "tau=inf"], ["--set", "tau"]),
+        (["--policy", "cf-topk", "--set", "k=1e400"], ["--set", "k"]),
+        (["--time-scale", "nan"], ["--time-scale"]),
+        (["--gpu-memory-utilization", "inf"], ["--gpu-memory-utilization"]),
+        (["--arrival", "poisson:nan"], ["--arrival"]),
+        (["--arrival", "closed:100000000000"], ["--arrival", "at most closed:6"]),
+    ],
+)
+def test_non_finite_and_absurd_numbers_are_refused(
+    args: list[str], needles: list[str], smol: Path
+) -> None:
+    # Defect 5 / 4: NaN as a threshold silently shared nothing; 10^11 clients never finished.
+    assert_one_line_error(memshare("simulate", str(smol), *args), *needles)
