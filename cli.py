@@ -291,7 +291,10 @@ def bench_policy_cmd(
 TraceArg = Annotated[Path, typer.Argument(metavar="TRACE", help="A trace directory.")]
 PolicyOpt = Annotated[
     list[str] | None,
-    typer.Option("--policy", help="Policy to run (repeat to compare; see `memshare policies`)."),
+    typer.Option(
+        "--policy",
+        help="Policy to run (default: prefix; repeat to compare; see `memshare policies`).",
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -366,6 +369,8 @@ def simulate_cmd(
     """Simulate serving a trace: vLLM-v1 scheduler, block identity, roofline step times."""
     from memshare.sim.options import SimOptions, parse_sweep
 
+    if not policy:
+        print("memshare: no --policy given: running prefix", file=sys.stderr)
     opts = SimOptions(
         trace=trace,
         policies=tuple(policy or ["prefix"]),
@@ -1054,8 +1059,29 @@ def study_cmd(
 
 
 # ----------------------------------------------------------------------------- entry point
+def _tidy_help() -> None:
+    """Help that shows what a user types: flags without a ``<bool>`` value (typer 0.29 shows
+    one), and at least 120 columns so long option names are never cut (piped help is 80)."""
+    import shutil
+
+    import typer.core
+    import typer.rich_utils
+
+    if not getattr(typer.core.TyperOption, "_memshare_tidy", False):
+        shown = typer.core.TyperOption.display_type_rich
+
+        def display_type_rich(self: Any, ctx: Any) -> str | None:
+            return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+        typer.core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+        typer.core.TyperOption._memshare_tidy = True  # type: ignore[attr-defined]
+    if typer.rich_utils.MAX_WIDTH is None:
+        typer.rich_utils.MAX_WIDTH = max(120, shutil.get_terminal_size((120, 24)).columns)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn bad input into one line and exit status 2."""
+    _tidy_help()
     args = sys.argv[1:] if argv is None else argv
     args = args or ["--help"]
     debug = "--debug" in args
