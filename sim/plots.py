@@ -48,15 +48,22 @@ def plot_runs(runs: list[LabeledRun], out_dir: Path) -> list[Path]:
     paths: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    peak = 0.0
     for r in runs:
         tl = r.out.result.timeline
         ppb = r.out.result.pages_per_block
         live = np.asarray(tl.live_pages, dtype=np.float64) / ppb
+        peak = max(peak, float(live.max()) if len(live) else 0.0)
         ax.step(tl.time_s, live, where="post", label=r.label, linewidth=0.8)
     budget = runs[0].out.resolved.num_blocks if runs else 0
+    title = "KV blocks in use"
     if runs and all(r.out.resolved.num_blocks == budget for r in runs):
-        ax.axhline(budget, color="grey", linestyle="--", linewidth=0.8, label="budget")
-    ax.set(xlabel="simulated time (s)", ylabel="KV blocks in use", title="KV blocks in use")
+        # the scale follows use: a budget far above the peak would flatten the curves to 0
+        if budget <= 2 * peak:
+            ax.axhline(budget, color="grey", linestyle="--", linewidth=0.8, label="budget")
+        else:
+            title += f" (budget {budget:,} blocks, off scale)"
+    ax.set(xlabel="simulated time (s)", ylabel="KV blocks in use", title=title)
     ax.legend()
     paths.append(_save(plt, fig, out_dir / "kv_blocks.png"))
 
