@@ -41,3 +41,35 @@ def hf_backend(model_cache: Path) -> HFBackend:
     from memshare.traces.capture.hf import HFBackend
 
     return HFBackend()
+
+
+GSM8K_NEW_TOKENS = 64  # greedy tokens per prompt in the HF reference
+
+
+@pytest.fixture(scope="session")
+def gsm8k_prompts(hf_backend: HFBackend) -> list[list[int]]:
+    """The first six bundled GSM8K problems as chat prompts (56 to 140 tokens)."""
+    import json
+    from importlib.resources import files
+
+    lines = (files("memshare") / "data" / "gsm8k_prompts.jsonl").read_text().splitlines()[:6]
+    return [hf_backend.chat_prompt(json.loads(line)["question"]) for line in lines]
+
+
+@pytest.fixture(scope="session")
+def gsm8k_hf_greedy(hf_backend: HFBackend, gsm8k_prompts: list[list[int]]) -> list[list[int]]:
+    """HF ``generate(do_sample=False)`` on the plain default model, one prompt at a time (no
+    padding anywhere): the reference both engine halves are checked against."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for p in gsm8k_prompts:
+            g = hf_backend.model.generate(
+                torch.tensor([p]),
+                max_new_tokens=GSM8K_NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=hf_backend.pad_id,
+            )
+            out.append([int(t) for t in g[0, len(p) :]])
+    return out
