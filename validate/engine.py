@@ -72,16 +72,19 @@ class EngineOptions:
 
 @dataclass
 class ShareRecord:
-    """One confirmed share, as ``shares.jsonl`` writes it (blocks counted within requests)."""
+    """One confirmed share, as ``shares.jsonl`` writes it (blocks counted within requests):
+    the layers of ``block`` that now read what ``source_block`` of ``source_request`` wrote.
+    A decision that takes layers from several blocks gives one record per source block."""
 
     request: str
     block: int
     source_request: str
     source_block: int
     layers: list[int]  # layers with any page repointed
-    parts: str  # "kv" (keys and values) or "k" (keys only)
+    parts: str  # "kv" (keys and values), "k" (keys only) or "v" (values only: exact-dedup)
     sketch_distance: float | None  # the distance the policy confirmed on
     exact_distance: list[float]  # per shared layer, on the live KV (max over shared parts)
+    step: int  # engine step at whose end the share was applied (reads from the next step on)
 
 
 @dataclass
@@ -322,30 +325,49 @@ class PagedEngine:
             self._owner[p] = (rid, index)
 
     def _observe(self, rid: str, d: BlockDecision, own: KVBlock, mask: np.ndarray) -> None:
-        """Audit one share before the manager applies it (own pages still hold own KV)."""
+        """Audit one share before the manager applies it (own pages still hold own KV).
+
+        One record per source block: a per-layer share may take different layers from
+        different blocks (and ``exact-dedup`` even K and V of one layer), so the repointed
+        pages are grouped by the block that wrote them, and by part: ``kv`` where a layer's K
+        and V both come from that block, else ``k`` (or ``v``)."""
         if d.share_block is not None:
             target = self.pool.block(d.share_block).pages
         else:
             assert d.share_source is not None
             target = np.where(mask, d.share_source, own.pages)
         dist = self.model.exact_distance(own.pages, target)  # (L, 2)
-        layers = np.flatnonzero(mask.any(axis=1))
-        keys_only = not mask[layers, 1].any()
-        first = int(target[mask][0])
-        src = self._owner.get(first, ("?", -1))
-        per_layer = dist[layers, 0] if keys_only else np.where(mask[layers], dist[layers], 0).max(1)
-        self.shares.append(
-            ShareRecord(
-                rid,
-                d.index,
-                src[0],
-                src[1],
-                [int(x) for x in layers],
-                "k" if keys_only else "kv",
-                None if d.distance is None or math.isnan(d.distance) else float(d.distance),
-                [float(x) for x in per_layer],
+        groups: dict[tuple[str, int, str], list[tuple[int, float]]] = {}
+        for layer in np.flatnonzero(mask.any(axis=1)).tolist():
+            owners = [
+                self._owner.get(int(target[layer, kv]), ("?", -1)) if mask[layer, kv] else None
+                for kv in (0, 1)
+            ]
+            if owners[0] is not None and owners[0] == owners[1]:
+                parts = [("kv", owners[0], float(max(dist[layer])))]
+            else:
+                parts = [
+                    (name, o, float(dist[layer, kv]))
+                    for kv, (name, o) in enumerate(zip(("k", "v"), owners, strict=True))
+                    if o is not None
+                ]
+            for name, (src_rid, src_block), value in parts:
+                groups.setdefault((src_rid, src_block, name), []).append((layer, value))
+        sketch = None if d.distance is None or math.isnan(d.distance) else float(d.distance)
+        for (src_rid, src_block, name), rows in groups.items():
+            self.shares.append(
+                ShareRecord(
+                    rid,
+                    d.index,
+                    src_rid,
+                    src_block,
+                    [layer for layer, _ in rows],
+                    name,
+                    sketch,
+                    [value for _, value in rows],
+                    len(self.steps),
+                )
             )
-        )
 
 
 def _with_threshold(opts: EngineOptions, block_size: int) -> EngineOptions:

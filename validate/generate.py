@@ -308,7 +308,7 @@ def run_metrics(
         "commit_share_of_step_time": commit_s / float(wall.sum()) if wall.size else 0.0,
         "sketch_s": r.sketch_s,
         "shares": len(r.shares),
-        "shared_pages": int(sum(len(s.layers) * (1 if s.parts == "k" else 2) for s in r.shares)),
+        "shared_pages": int(sum(len(s.layers) * (2 if s.parts == "kv" else 1) for s in r.shares)),
     }
 
 

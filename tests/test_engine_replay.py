@@ -1,0 +1,101 @@
+"""Check 9 of the paged engine: ``shares`` replayed on a plain HF run give the engine's logits.
+
+The engine runs a real reasoning text teacher-forced under ``cf-topk`` (block by block, so
+later blocks attend to the already-shared cache) and records every share it applied. An
+independent replay then runs the same tokens through plain transformers, one block per
+forward pass with a ``DynamicCache``, and after each block applies the shares the engine
+applied at the end of that step, directly on HF's cache: a shared layer's keys are the source
+block's keys rotated from the source's position to the block's (post-RoPE keys compose:
+R(q) k = R(q - p) R(p) k), values are copied. Nothing of the engine is used by the replay, so
+equal logits mean the engine executed exactly the shares it reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from memshare.registry import make_policy  # noqa: E402
+from memshare.traces.capture.inputs import InputItem  # noqa: E402
+from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
+from memshare.validate.generate import teacher_forced_inputs  # noqa: E402
+
+if TYPE_CHECKING:
+    from memshare.traces.capture.hf import HFBackend
+
+R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
+TEXT_TOKENS = 384  # 24 blocks of 16
+TOL = 2e-3  # the fp32 tolerance of the engine-vs-HF checks (test_paged_model.py)
+
+
+def text_item() -> InputItem:
+    path = R1 / "deepseek_r1_aime24_math500.jsonl"
+    if not path.is_file():
+        pytest.skip(f"public data not found: {path}")
+    row = json.loads(path.read_text().splitlines()[0])
+    return InputItem("r1-0", 0, "", row["reasoning"][:4000])
+
+
+def replay(model: Any, tokens: list[int], shares: list[Any], block: int) -> Any:
+    """Plain HF, one block per forward pass, shares applied to the DynamicCache."""
+    from transformers import DynamicCache
+
+    attn = model.model.layers[0].self_attn
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([tokens])
+    out = []
+    by_step: dict[int, list[Any]] = {}
+    for s in shares:
+        by_step.setdefault(s.step, []).append(s)
+    with torch.inference_mode():
+        for step, a in enumerate(range(0, len(tokens), block)):
+            res = model(input_ids=ids[:, a : a + block], cache=cache, use_cache=True)
+            out.append(res.logits[0].float())
+            for s in by_step.get(step, []):
+                dst = slice(s.block * block, (s.block + 1) * block)
+                src = slice(s.source_block * block, (s.source_block + 1) * block)
+                delta = torch.full((1, block), (s.block - s.source_block) * block)
+                cos, sin = model.model.rotary_emb(out[-1], position_ids=delta)
+                for layer in s.layers:
+                    lay = cache.layers[layer]
+                    k = lay.keys[:, :, src].clone()
+                    lay.keys[:, :, dst] = rope(k, k, cos, sin)[1]
+                    if s.parts == "kv":
+                        lay.values[:, :, dst] = lay.values[:, :, src].clone()
+    return torch.cat(out)
+
+
+def test_shares_replayed_on_plain_hf_give_the_engine_logits(hf_backend: HFBackend) -> None:
+    (prompt,) = teacher_forced_inputs([text_item()], hf_backend)
+    tokens = prompt.ids[:TEXT_TOKENS]
+    steps = [s for s in prompt.steps or [0] if s < TEXT_TOKENS]
+    got: dict[int, Any] = {}
+    model = copy.deepcopy(hf_backend.model)
+    policy = make_policy("cf-topk", granularity="layer", share="k", tau=0.8, window=1)
+    engine = PagedEngine(
+        model,
+        policy,
+        [EngineSpec("r1-0", tokens, 1, steps)],
+        EngineOptions(teacher_forced=True),
+        logits_sink=lambda rid, start, lg: got.__setitem__(start, lg.clone()),
+    )
+    engine.run()
+    shares = engine.shares
+    assert len(shares) >= 3 and all(s.source_request == "r1-0" for s in shares)
+    assert {s.source_block for s in shares} != {s.block for s in shares}
+    mine = torch.cat([got[k] for k in sorted(got)])
+    ref = replay(hf_backend.model, tokens, shares, 16)
+    diff = float((mine - ref).abs().max())
+    plain = replay(hf_backend.model, tokens, [], 16)
+    effect = float((mine - plain).abs().max())
+    print(f"{len(shares)} shares; engine vs replay {diff:.3g}, vs unshared {effect:.3g}")
+    assert diff < TOL
+    assert effect > 100 * TOL  # the shares changed the logits: the replay is not vacuous
