@@ -800,14 +800,15 @@ def generate_cmd(
         max_num_batched_tokens=max_num_batched_tokens,
         threads=threads,
     )
+    err = Console(stderr=True)
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=err,
         transient=True,
-        disable=as_json,
+        disable=as_json or not err.is_terminal,  # a bar only where a person watches
     )
     task = bar.add_task("starting", total=None)
     with bar:
