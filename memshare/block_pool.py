@@ -290,6 +290,10 @@ class BlockPool:
 
     def _pin(self, pages: np.ndarray) -> None:
         """One more live holder for each entry of ``pages`` (repeats allowed)."""
+        if _distinct(pages):  # the common case: plain fancy indexing, no ufunc.at / unique
+            self.pins[pages] += 1
+            self._n_pinned += int(np.count_nonzero(self.pins[pages] == 1))
+            return
         np.add.at(self.pins, pages, 1)
         touched = np.unique(pages)
         counts = self.pins[touched]
@@ -299,6 +303,10 @@ class BlockPool:
 
     def _unpin(self, pages: np.ndarray) -> None:
         """One live holder fewer for each entry of ``pages`` (repeats allowed)."""
+        if _distinct(pages):
+            self.pins[pages] -= 1
+            self._n_pinned -= int(np.count_nonzero(self.pins[pages] == 0))
+            return
         np.subtract.at(self.pins, pages, 1)
         self._n_pinned -= int(np.count_nonzero(self.pins[np.unique(pages)] == 0))
 
@@ -371,3 +379,11 @@ class BlockPool:
             for bid, blk in self._blocks.items():
                 assert blk.ref_cnt == live_refs.get(bid, 0), f"ref count != table refs: {blk!r}"
             assert all(bid in self._blocks for bid in live_refs), "table points at a dead block"
+
+
+def _distinct(pages: np.ndarray) -> bool:
+    """Whether no page id repeats in ``pages`` (a sort, cheaper than ``np.unique``)."""
+    if len(pages) < 2:
+        return True
+    p = np.sort(pages)
+    return not bool((p[1:] == p[:-1]).any())

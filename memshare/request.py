@@ -51,16 +51,15 @@ class Request:
     quiet: int = 0  # tokens allocate_slots may take without allocating or filling a block
     lag: int = 0  # tokens computed but not yet told to the manager (all within ``quiet``)
     state: RequestState | None = field(default=None, repr=False)  # manager state if admitted
+    prompt_len: int = field(init=False)  # prompt tokens (``info.prompt_len``, read per step)
 
-    @property
-    def prompt_len(self) -> int:
-        """Prompt tokens."""
-        return self.info.prompt_len
+    def __post_init__(self) -> None:
+        self.prompt_len = self.info.prompt_len
 
     @property
     def num_tokens(self) -> int:
         """Prompt plus generated tokens: what a recompute must cover."""
-        return self.info.prompt_len + self.num_output
+        return self.prompt_len + self.num_output
 
     @property
     def finished(self) -> bool:
@@ -70,7 +69,7 @@ class Request:
     @property
     def output_ids(self) -> list[int]:
         """The sampled tokens (empty where tokens are not known)."""
-        return [] if self.token_ids is None else self.token_ids[self.info.prompt_len :]
+        return [] if self.token_ids is None else self.token_ids[self.prompt_len :]
 
     def append_token(self, token: int | None) -> None:
         """Record one sampled token (``None``: not known, only counted); set ``finish_reason``

@@ -146,7 +146,7 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             c = req.num_computed
-            want = req.num_tokens
+            want = req.prompt_len + req.num_output
             n = want - c
             if 0 < thr < n:
                 n = thr
@@ -219,16 +219,17 @@ class Scheduler:
         ``samples``); ``None`` (or no list) means the token is not known and only counted.
         """
         mgr = self.manager
-        for chunk in plan.chunks:
-            req = chunk.req
-            if req.lag == 0 and req.state is not None:
-                mgr.commit(req.rid)
+        if mgr.after_step:  # else the policy was asked at reservation: nothing to commit
+            for chunk in plan.chunks:
+                req = chunk.req
+                if req.lag == 0 and req.state is not None:
+                    mgr.commit(req.rid)
         finished: list[Request] = []
         for j, chunk in enumerate(plan.chunks):
             req = chunk.req
-            if req.num_computed == req.num_tokens:
+            if req.num_computed == req.prompt_len + req.num_output:
                 req.append_token(None if sampled is None else sampled[j])
-                if req.finished:
+                if req.finish_reason:
                     finished.append(req)
         return self._retire(finished)
 
@@ -285,7 +286,7 @@ class Scheduler:
         for req in finished:
             self._release(req)
         if finished:
-            self.running = [r for r in self.running if not r.finished]
+            self.running = [r for r in self.running if not r.finish_reason]
         return finished
 
     def _allocate(self, req: Request, n: int) -> bool:

@@ -281,7 +281,7 @@ class Engine:
                     f"scheduler made no progress at t={now}: {len(sched.running)} running, "
                     f"{len(sched.waiting)} waiting"
                 )
-            for chunk in plan.chunks:
+            for chunk in plan.chunks[len(plan.chunks) - plan.admitted :]:  # admitted last
                 req = _sim(chunk.req)
                 if math.isnan(req.first_scheduled):
                     req.first_scheduled = now
@@ -304,9 +304,10 @@ class Engine:
             finished = sched.complete(plan)
             end = env.now
             for chunk in plan.chunks:
-                req = _sim(chunk.req)
-                if req.num_output == 1 and math.isnan(req.first_token):
-                    req.first_token = end
+                if chunk.samples and chunk.req.num_output == 1:
+                    req = _sim(chunk.req)
+                    if math.isnan(req.first_token):
+                        req.first_token = end
             tl.finished.append(len(finished))
             self._finish(finished)
             if self.check_invariants:

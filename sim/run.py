@@ -84,7 +84,7 @@ class Resolved:
 
     block_size: int  # tokens per KV block
     num_blocks: int  # KV budget in blocks
-    pool_layers: int  # layers the block pool tracks pages for (1: whole blocks only)
+    pool_layers: int  # layers the block pool tracks pages for: the model's, for every trace
     requests: int  # requests simulated (after --limit)
     trace_bytes: int = 0  # committed length of the trace's requests.jsonl (its identity)
     trace_source_sha256: str | None = None  # sha256 of the imported source file, if any
@@ -100,17 +100,17 @@ class RunOutput:
     result: EngineResult  # requests and timeline
 
 
-def resolve(cfg: SimConfig, trace: LoadedTrace, layered: bool = False) -> Resolved:
+def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
     """Block size, KV budget and pool layers for ``cfg`` on ``trace`` (InputError if bad).
 
-    The pool tracks every layer's pages where that can matter: traces with sketches (sharing
-    policies decide per layer) and policies with a cross-layer map (``layered``). Otherwise
-    whole blocks move together and one page pair per block counts the same memory, faster.
+    The pool always has the model's layer count (L x 2 pages per block), for every trace, so
+    its page ids and page counts are the ones the paged engine holds for the same run
+    (docs/scheduler.md); a trace with sketches must come from a model with that many layers.
     """
     m = trace.manifest
     bs = cfg.block_size or default_block_size(m)
     records = trace.records[: cfg.limit] if cfg.limit else trace.records
-    layers = cfg.model.num_layers if layered else 1
+    layers = cfg.model.num_layers
     if trace.has_sketches:
         assert m.model is not None
         if bs != m.block_size:
@@ -165,7 +165,7 @@ def run_config(
         layer_map = policy_layer_map(policy, cfg.model.num_layers)
     except ValueError as e:
         raise InputError("--model-config", str(e), "simulate the calibrated model") from None
-    res = resolve(cfg, trace, layered=layer_map is not None)
+    res = resolve(cfg, trace)
     records = trace.records[: cfg.limit] if cfg.limit else trace.records
     requests = build_requests(records, trace.manifest, res.block_size, trace.kv_rows)
     pool = BlockPool(num_blocks=res.num_blocks, num_layers=res.pool_layers, layer_map=layer_map)
