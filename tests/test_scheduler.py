@@ -6,6 +6,8 @@ fixed rule, so every assertion is about the scheduler, the manager and the polic
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ BS = 4
 L = 2
 
 
-def scheduler(policy: str = "none", blocks: int = 64, **cfg: int) -> Scheduler:
+def scheduler(policy: str = "none", blocks: int = 64, **cfg: Any) -> Scheduler:
     pool = BlockPool(num_blocks=blocks, num_layers=L)
     return Scheduler(SchedulerConfig(**cfg), KVCacheManager(pool, make_policy(policy), BS))
 

@@ -184,7 +184,9 @@ def teacher_forced_inputs(items: Sequence[InputItem], backend: Any) -> list[Prom
             raise InputError("--texts", f"text {it.id!r} is empty", "remove it")
         p = len(prompt_ids)
         steps = [0, *(p + s for s in segment_tokens(text, starts, SegmenterConfig()) if p + s > 0)]
-        out.append(Prompt(it.id, prompt_ids + text_ids, 1, steps, {"text_tokens": len(text_ids)}))
+        out.append(
+            Prompt(it.id, prompt_ids + text_ids, 1, steps, meta={"text_tokens": len(text_ids)})
+        )
     return out
 
 
