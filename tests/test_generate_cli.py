@@ -64,6 +64,7 @@ def test_generate_writes_outputs_shares_and_metrics(
         (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "--device"),
         (["--device", "tpu"], "--device"),
         (["--policy", "nope"], "--policy"),
+        (["--policy", "kvshare"], "--policy kvshare"),
         (["--set", "tau=nan", "--policy", "cf-topk"], "--set"),
         (["--max-tokens", "0"], "--max-tokens"),
         (["BAD_LINE"], ":2"),

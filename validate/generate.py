@@ -215,6 +215,13 @@ def generate(
     if not np.isfinite(o.top_p) or not 0 < o.top_p <= 1:
         raise InputError("--top-p", f"must be in (0, 1], got {o.top_p}", "e.g. 0.95")
     check_output(o.output)
+    if "kvshare" in o.policy.split("+"):
+        raise InputError(
+            "--policy kvshare",
+            "its reuse of matched token spans at other positions is not executed by the paged "
+            "engine yet (docs/scheduler.md)",
+            "simulate it, or generate with prefix, exact-dedup, token-dedup, cf-topk, kvsharer",
+        )
     params = coerce_params(o.policy, parse_settings(o.sets))
     policy = make_policy(o.policy, **params)
     check_device(o.device)
