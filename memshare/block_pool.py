@@ -1,6 +1,6 @@
 """A paged KV block pool with vLLM v1 prefix-caching semantics, accounted in pages.
 
-Memory model (SPEC §4): one *page* is one layer's K (or V) for one block of tokens. A
+Memory model (docs/policies.md): one *page* is one layer's K (or V) for one block of tokens. A
 :class:`KVBlock` is what a block-table entry points at; its ``pages`` array (L x 2: layer,
 K/V) names the pages that hold its KV. In the common case a block's 2L pages are its own;
 sharing points some of them at another block's pages (per-layer or keys-only sharing), and a

@@ -6,7 +6,7 @@ calls it on a model's KV while it writes a trace; the simulator reads the stored
 :class:`~memshare.traces.schema.SketchSpec` (dimension, seed), a sketch computed in one place
 equals the sketch computed in another for the same KV.
 
-Definitions (SPEC §3):
+Definitions (docs/traces.md, "Sketches"):
 
 - A *block* of one layer's K (or V) is ``block_size`` consecutive tokens, each ``kv_heads x
   head_dim`` numbers, flattened in (token, head, dim) order to a vector ``x`` of ``D =

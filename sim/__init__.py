@@ -1,4 +1,4 @@
-"""SimPy serving simulator with block identity (SPEC §5).
+"""SimPy serving simulator with block identity (docs/simulator.md).
 
 ``memshare simulate`` replays a trace through a vLLM-v1-like scheduler over the same
 :class:`~memshare.kv_manager.KVCacheManager`, :class:`~memshare.block_pool.BlockPool` and

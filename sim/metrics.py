@@ -1,4 +1,4 @@
-"""SPEC §5 metrics from one engine run.
+"""The simulator's metrics from one engine run (docs/simulator.md).
 
 Latencies per request (simulated seconds): TTFT = first token - arrival; TPOT = (finish -
 first token) / (output tokens - 1), for requests with more than one output token; end-to-end =

@@ -1,4 +1,4 @@
-"""SPEC §2 import rules and the installed layout (everything under ``memshare``)."""
+"""The import rules (docs/layout.md) and the installed layout (everything under ``memshare``)."""
 
 from __future__ import annotations
 

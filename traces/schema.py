@@ -1,6 +1,6 @@
 """Trace format v1: the manifest and request records, and their JSON (de)serialisation.
 
-A trace is a directory (SPEC §3):
+A trace is a directory (docs/traces.md):
 
 - ``manifest.json``: this module's :class:`Manifest`. It is the commit point: only what it
   counts is part of the trace. It is rewritten atomically (temp file, fsync, rename).

@@ -1,6 +1,6 @@
 """Write a trace directory crash-safely: append-only data files, atomic manifest commits.
 
-Invariants (SPEC §3):
+Invariants (docs/traces.md):
 
 - ``manifest.json`` is the commit point and is only ever replaced atomically (temp file in
   the same directory, fsync, ``os.replace``, fsync of the directory).

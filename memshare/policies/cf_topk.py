@@ -1,6 +1,6 @@
 """``cf-topk``: MemShare-style similarity sharing of KV blocks inside one reasoning chain.
 
-Our precise version of MemShare (SPEC §4), per request:
+Our precise version of MemShare (docs/policies.md), per request:
 
 1. Blocks carry the reasoning step of their first token (segmentation comes from the trace).
 2. Each step has a MinHash signature of its token n-grams; the current step's neighbours are

@@ -4,7 +4,7 @@ Figures (printed, never asserted by a timed test):
 
 - generate mode: wall time of ``model.generate`` (HF, greedy, the same left-padded batches,
   nothing captured) against a full capture of the same prompts (hooks, sketches, trace
-  writing with fsync per request); overhead in percent (target <= 20%, SPEC §7). The
+  writing with fsync per request); overhead in percent (target <= 20%, docs/layout.md). The
   backend's own decode loop without capture is timed too, to separate loop cost from capture
   cost. Runs alternate and the median of ``repeats`` is reported.
 - teacher-forced mode (with ``texts``): tokens per second of a capture of the texts.

@@ -2,7 +2,7 @@
 
 :func:`import_workload` turns a public serving-workload file into a trace directory whose
 manifest has ``kind="workload"`` and whose requests carry lengths, arrival times and, for
-Mooncake, prefix-block hash ids (SPEC §3).
+Mooncake, prefix-block hash ids (docs/traces.md).
 
 Invariants of an imported trace:
 
