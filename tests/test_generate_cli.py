@@ -130,3 +130,22 @@ def test_engine_on_qwen_matches_hf_generate(kind: str) -> None:
         if budget is not None:
             assert engine.scheduler.num_preemptions > 0
         assert engine.manager.stats.hit_tokens > 0  # the shared 32-token prefix hit
+
+
+def test_generate_teacher_forced_text_runs_block_by_block(
+    model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "chain.txt"
+    text.write_text(
+        "First, compute 12 times 7, which is 84.\n\nWait, let me check that: 12 times 7 is "
+        "70 plus 14, so 84. Then add 16 to get 100.\n\nLet me verify: 84 + 16 = 100. Yes."
+    )
+    out = tmp_path / "tf"
+    code, stdout, err = cli(["generate", "--texts", str(text), "-o", str(out), "--json"], capsys)
+    assert code == 0, err
+    metrics = json.loads(stdout)
+    (row,) = [json.loads(x) for x in (out / "outputs.jsonl").read_text().splitlines()]
+    n = len(row["prompt_token_ids"])
+    assert n > 32 and len(row["output_token_ids"]) == 1 and row["finish_reason"] == "length"
+    assert metrics["steps"] == -(-n // 16)  # one block per step: later blocks see the cache
+    assert metrics["tokens_computed"] == n
