@@ -186,6 +186,7 @@ class PagedEngine:
                 sketch_dim=opts.sketch_dim,
                 sketch_seed=opts.sketch_seed,
                 on_block=self._record_owner,
+                with_kv=self.manager.after_step,  # asked at reservation: no KV written yet
             )
             self.requests.append(req)
             if opts.temperature > 0:

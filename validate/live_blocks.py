@@ -88,16 +88,21 @@ def live_block_source(
     sketch_dim: int,
     sketch_seed: int,
     on_block: Callable[[str, int, npt.NDArray[np.int64]], Any] | None = None,
+    with_kv: bool = True,
 ) -> Callable[[int], FullBlock]:
     """The ``block_info`` function of an engine request: logical index -> FullBlock from the
     live KV in the block's pages (``pages_of(i)``, ``(L, 2)``). ``on_block`` hears of every
-    block reported (the engine records which request wrote which pages)."""
+    block reported (the engine records which request wrote which pages). ``with_kv=False``
+    (a policy asked at reservation, before the pass writes the block: it decides on hashes
+    and tokens only) leaves the sketch out."""
 
     def full_block(i: int) -> FullBlock:
         pages = pages_of(i)
         if on_block is not None:
             on_block(req.rid, i, pages)
-        sketch, norm = stored_sketch(block_kv(pages), sketch_dim, sketch_seed)
+        sketch = norm = None
+        if with_kv:
+            sketch, norm = stored_sketch(block_kv(pages), sketch_dim, sketch_seed)
         bs = req.info.block_size
         tokens = None
         if req.token_ids is not None:
