@@ -34,6 +34,45 @@ out = Console()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 
+def _check_out(path: Path, option: str, *, folder: bool) -> None:
+    """An output path the command can create: refused before any work, in one line."""
+    where = f"{option} {path}"
+    if path.exists():
+        if folder and not path.is_dir():
+            raise InputError(where, "exists and is not a folder", f"give {option} a folder path")
+        if not folder and path.is_dir():
+            raise InputError(where, "is a folder", f"give {option} a file path, e.g. DIR/map.json")
+        return
+    for above in path.absolute().parents:
+        if above.exists():
+            if not above.is_dir():
+                raise InputError(
+                    where,
+                    f"{above} is a file, not a folder",
+                    f"give {option} a path under a folder",
+                )
+            return
+
+
+def _out_dir(param: typer.CallbackParam, path: Path | None) -> Path | None:
+    """Callback of options that name a folder to write (``-o``)."""
+    if path is not None:
+        _check_out(path, min(param.opts, key=len), folder=True)
+    return path
+
+
+def _out_file(param: typer.CallbackParam, path: Path | None) -> Path | None:
+    """Callback of options that name one file to write (``calibrate -o``, ``--plot``)."""
+    if path is not None:
+        _check_out(path, min(param.opts, key=len), folder=False)
+    return path
+
+
+def _live(quiet: bool) -> bool:
+    """Draw progress bars only on a terminal (piped stderr stays clean) and not for --json."""
+    return not quiet and Console(stderr=True).is_terminal
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
@@ -45,7 +84,9 @@ def _root(
 def import_cmd(
     fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="mooncake | azure | burstgpt")],
     src: Annotated[Path, typer.Argument(metavar="FILE", help="The workload file to import.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Trace directory to create.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Trace directory to create.", callback=_out_dir)
+    ],
     limit: Annotated[int | None, typer.Option(help="Import only the first N rows.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -72,7 +113,8 @@ def inspect_cmd(
         ),
     ] = False,
     plot: Annotated[
-        Path | None, typer.Option(help="--similarity PNG (default: DIR/similarity.png).")
+        Path | None,
+        typer.Option(help="--similarity PNG (default: DIR/similarity.png).", callback=_out_file),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -91,7 +133,10 @@ def inspect_cmd(
 @app.command("demo")
 def demo_cmd(
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Folder for the demo's trace and runs.")
+        Path,
+        typer.Option(
+            "-o", "--output", help="Folder for the demo's trace and runs.", callback=_out_dir
+        ),
     ] = Path("memshare-demo"),
     workload: Annotated[
         bool,
@@ -121,7 +166,7 @@ def demo_cmd(
     from memshare.validate.pipeline import run_demo
 
     with _CaptureBar(as_json) as bar, _runs_progress(as_json) as sim_progress:
-        result = run_demo(output, capture_progress=bar.update, sim_progress=sim_progress)
+        result = run_demo(output, capture_progress=bar.update, sim_progress=sim_progress.update)
     if as_json:
         print(
             json.dumps(
@@ -249,14 +294,15 @@ class _progress:
             transient=True,
         )
         self.task = self.bar.add_task(label, total=None)
+        self.live = _live(quiet)
 
     def __enter__(self) -> Any:
-        if not self.quiet:
+        if self.live:
             self.bar.start()
         return lambda n: self.bar.update(self.task, completed=n)
 
     def __exit__(self, *exc: object) -> None:
-        if not self.quiet:
+        if self.live:
             self.bar.stop()
 
 
@@ -273,8 +319,12 @@ def bench_policy_cmd(
     from memshare.policy_bench import bench_policy
     from memshare.registry import coerce_params, parse_settings
 
-    if resident_blocks < 1_000:
-        raise InputError("--resident-blocks", f"{resident_blocks} is too small", "use >= 1000")
+    if not 1_000 <= resident_blocks <= MAX_BENCH_BLOCKS:
+        raise InputError(
+            "--resident-blocks",
+            f"{resident_blocks} is out of range (memory grows with it)",
+            f"use 1000 .. {MAX_BENCH_BLOCKS}",
+        )
     params = coerce_params(policy, parse_settings(settings or []))
     with _progress(f"bench {policy}", as_json) as tick:
         res = bench_policy(policy, params, resident_blocks, progress=lambda n, _: tick(n))
@@ -285,6 +335,11 @@ def bench_policy_cmd(
     for key, value in res.items():
         t.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
     out.print(t)
+
+
+MAX_BENCH_BLOCKS = 1_000_000  # bench policy --resident-blocks (sketches held in memory)
+MAX_BENCH_RUNNING = 100_000  # bench sim --sizes (running requests in one step)
+MAX_BENCH_STEPS = 1_000_000  # bench sim --steps
 
 
 # ----------------------------------------------------------------------------- simulate (sim/)
@@ -301,7 +356,10 @@ SetOpt = Annotated[
     typer.Option("--set", help="Policy parameter key=value, or POLICY.key=value (repeat)."),
 ]
 KvBlocksOpt = Annotated[
-    str | None, typer.Option("--kv-blocks", help="KV budget in blocks, or 'unlimited'.")
+    str | None,
+    typer.Option(
+        "--kv-blocks", help="KV budget in blocks, or 'unlimited' (also 'inf': never evicts)."
+    ),
 ]
 KvBytesOpt = Annotated[
     str | None, typer.Option("--kv-bytes", help="KV budget in bytes, e.g. 40GiB (model's blocks).")
@@ -335,7 +393,10 @@ ChunkedOpt = Annotated[bool, typer.Option(help="Split long prompts over steps.")
 LongPrefillOpt = Annotated[int, typer.Option(help="Cap one request's prefill chunk (0: no cap).")]
 PlotOpt = Annotated[bool, typer.Option("--plot", help="Write PNG figures beside the runs.")]
 OutputOpt = Annotated[
-    Path | None, typer.Option("-o", "--output", help="Output directory (default: runs/TRACE).")
+    Path | None,
+    typer.Option(
+        "-o", "--output", help="Output directory (default: runs/TRACE).", callback=_out_dir
+    ),
 ]
 
 
@@ -369,8 +430,7 @@ def simulate_cmd(
     """Simulate serving a trace: vLLM-v1 scheduler, block identity, roofline step times."""
     from memshare.sim.options import SimOptions, parse_sweep
 
-    if not policy:
-        print("memshare: no --policy given: running prefix", file=sys.stderr)
+    notice = None if policy else "memshare: no --policy given: ran prefix, the default"
     opts = SimOptions(
         trace=trace,
         policies=tuple(policy or ["prefix"]),
@@ -392,13 +452,14 @@ def simulate_cmd(
         long_prefill_threshold=long_prefill_threshold,
     )
     if sweep is not None:
-        _sweep(opts, parse_sweep(sweep), output, plot, as_json)
+        _sweep(opts, parse_sweep(sweep), output, plot, as_json, notice)
         return
     from memshare.sim.report import render_study
     from memshare.sim.study import simulate, study_json
 
     with _runs_progress(as_json) as progress:
-        result = simulate(opts, output, plot=plot, progress=progress)
+        progress.notice = notice
+        result = simulate(opts, output, plot=plot, progress=progress.update)
     if as_json:
         print(json.dumps(study_json(result), indent=2))
     else:
@@ -457,12 +518,15 @@ def sweep_cmd(
     )
 
 
-def _sweep(opts: Any, spec: Any, output: Path | None, plot: bool, as_json: bool) -> None:
+def _sweep(
+    opts: Any, spec: Any, output: Path | None, plot: bool, as_json: bool, notice: str | None
+) -> None:
     from memshare.sim.report import render_sweep
     from memshare.sim.study import sweep, sweep_json
 
     with _runs_progress(as_json) as progress:
-        result = sweep(opts, spec, output, plot=plot, progress=progress)
+        progress.notice = notice
+        result = sweep(opts, spec, output, plot=plot, progress=progress.update)
     if as_json:
         print(json.dumps(sweep_json(result), indent=2))
     else:
@@ -497,8 +561,14 @@ def bench_sim_cmd(
         counts = [int(s) for s in sizes.split(",") if s.strip()]
     except ValueError:
         counts = []
-    if not counts or min(counts) <= 0:
-        raise InputError("--sizes", f"{sizes!r} is not a list of positive integers", "e.g. 10,100")
+    if not counts or min(counts) <= 0 or max(counts) > MAX_BENCH_RUNNING:
+        raise InputError(
+            "--sizes",
+            f"{sizes!r} is not a list of integers in 1 .. {MAX_BENCH_RUNNING}",
+            "e.g. 10,100,1000",
+        )
+    if not 1 <= steps <= MAX_BENCH_STEPS:
+        raise InputError("--steps", f"must be 1 .. {MAX_BENCH_STEPS}, got {steps}", "e.g. 400")
     with tempfile.TemporaryDirectory() as tmp:
         if trace is None:
             from memshare.demo import demo_workload
@@ -556,21 +626,26 @@ class _runs_progress:
             transient=True,
         )
         self.tasks: dict[str, Any] = {}
+        self.live = _live(quiet)
+        self.notice: str | None = None  # said after the runs (an error stays the only line)
 
     def update(self, label: str, done: int, total: int) -> None:
+        if not self.live:
+            return
         if label not in self.tasks:
             self.tasks[label] = self.bar.add_task(f"simulating {label}", total=total)
         self.bar.update(self.tasks[label], completed=done)
 
-    def __enter__(self) -> Any:
-        if self.quiet:
-            return None
-        self.bar.start()
-        return self.update
+    def __enter__(self) -> _runs_progress:
+        if self.live:
+            self.bar.start()
+        return self
 
-    def __exit__(self, *exc: object) -> None:
-        if not self.quiet:
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if self.live:
             self.bar.stop()
+        if self.notice is not None and kind is None:
+            print(self.notice, file=sys.stderr)
 
 
 # ------------------------------------------------------------------ capture (traces/capture)
@@ -579,7 +654,9 @@ _R1_HINT = "e.g. --texts ../shared/data/reasoning/deepseek_r1_aime24_math500.jso
 
 @app.command("capture")
 def capture_cmd(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Trace directory to create.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Trace directory to create.", callback=_out_dir)
+    ],
     dataset: Annotated[
         Path | None,
         typer.Option(help="Generate mode: a problem set JSONL (GSM8K, MATH-500, AIME)."),
@@ -631,6 +708,10 @@ def capture_cmd(
     min_step_tokens: Annotated[int, typer.Option(help="Minimum reasoning step length.")] = 32,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch CPU threads (default: $OMP_NUM_THREADS, else one per core)."),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted capture in -o.")
     ] = False,
@@ -658,6 +739,7 @@ def capture_cmd(
         model=model,
         dtype=dtype,
         device=device,
+        threads=threads,
         block_size=block_size,
         sketch_dim=sketch_dim,
         sketch_seed=sketch_seed,
@@ -698,11 +780,12 @@ class _CaptureBar:
             console=Console(stderr=True),
             transient=True,
         )
-        self.task = self.bar.add_task("capture", total=None, rate="")
+        self.task = self.bar.add_task("starting", total=None, rate="")
+        self.live = _live(quiet)
 
     def update(self, p: Any) -> None:
         """Take a :class:`~memshare.traces.capture.run.CaptureProgress`."""
-        if self.quiet:
+        if not self.live:
             return
         if p.phase == "status":
             self.bar.update(self.task, description=p.message)
@@ -710,19 +793,19 @@ class _CaptureBar:
         rate = f"{p.tokens_done / p.elapsed_s:,.0f} tok/s" if p.elapsed_s > 0 else ""
         self.bar.update(
             self.task,
-            description="capturing",
+            description="capturing" if p.requests_done or p.tokens_done else "first batch",
             total=p.requests_total,
             completed=p.requests_done,
             rate=rate,
         )
 
     def __enter__(self) -> _CaptureBar:
-        if not self.quiet:
+        if self.live:
             self.bar.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self.quiet:
+        if self.live:
             self.bar.stop()
 
 
@@ -955,7 +1038,9 @@ def _render_similarity(rep: dict[str, Any]) -> None:
 
 @app.command("calibrate")
 def calibrate_cmd(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Layer map JSON to write.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Layer map JSON to write.", callback=_out_file)
+    ],
     model: Annotated[
         str | None, typer.Option(help="Local HF model folder or .gguf (default: SmolLM2).")
     ] = None,
@@ -968,6 +1053,11 @@ def calibrate_cmd(
     target: Annotated[float, typer.Option(help="Fraction of layers to share.")] = 0.25,
     threshold: Annotated[float, typer.Option(help="Minimum final-hidden cosine.")] = 0.5,
     max_trials: Annotated[int, typer.Option(help="Most layer pairs to try.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch CPU threads (default: $OMP_NUM_THREADS, else one per core)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """KVSharer calibration on the real model: the layer map the kvsharer policy uses."""
@@ -985,7 +1075,7 @@ def calibrate_cmd(
         items = [i.prompt for i in read_problems(bundled_prompts(), limit=limit).items]
     else:
         items = [i.text or "" for i in read_texts(texts, field=field, limit=limit).items]
-    backend = HFBackend(model)
+    backend = HFBackend(model, device=device, threads=threads)
     with _progress("calibrating (layers shared)", as_json) as tick:
         cal = calibrate(
             backend,
@@ -1013,13 +1103,13 @@ def calibrate_cmd(
 @app.command("study")
 def study_cmd(
     trace: Annotated[Path, typer.Argument(metavar="TRACE", help="A trace with KV sketches.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")] = Path(
-        "runs/study"
-    ),
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output directory.", callback=_out_dir)
+    ] = Path("runs/study"),
     tau: Annotated[list[float] | None, typer.Option(help="cf-topk tau values (repeat).")] = None,
-    kv_blocks: Annotated[str, typer.Option(help="KV budget in blocks, or 'unlimited'.")] = (
-        "unlimited"
-    ),
+    kv_blocks: Annotated[
+        str, typer.Option(help="KV budget in blocks, or 'unlimited' (also 'inf': never evicts).")
+    ] = "unlimited",
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="Extra policy parameter key=value.")
     ] = None,
@@ -1093,6 +1183,17 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         print(f"memshare: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        # a path the OS refused (permissions, a file where a folder must be, a full disk):
+        # the user's to fix; anything without a path is a bug and keeps its traceback
+        if debug or e.filename is None:
+            raise
+        reason = (e.strerror or type(e).__name__).lower()
+        print(
+            f"memshare: error: {e.filename}: {reason}; check the path and its permissions",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -11,16 +11,19 @@ Invariant: the same (spec, trace, seed) always gives the same times (a seeded
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import simpy
 
+from memshare.errors import InputError
 from memshare.sim.config import ArrivalSpec
 from memshare.sim.workload import SimRequest
 
 Submit = Callable[[SimRequest], None]
+MAX_SIM_TIME_S = 1e15  # open-loop arrivals past this (30 million years) are refused
 
 
 def arrival_times(
@@ -36,9 +39,24 @@ def arrival_times(
         t = np.asarray(trace_times, dtype=np.float64)
         if n == 0:
             return t
+        span = float(t.max() - t.min())
+        if not math.isfinite(span * time_scale) or span * time_scale > MAX_SIM_TIME_S:
+            raise InputError(
+                "--time-scale",
+                f"{time_scale:g} stretches the trace's {span:g} s of arrivals past "
+                f"{MAX_SIM_TIME_S:g} s of simulated time",
+                "use a smaller --time-scale",
+            )
         return np.asarray((t - t.min()) * time_scale, dtype=np.float64)
     if spec.mode == "poisson":
         assert spec.rate is not None
+        if (n - 1) / spec.rate > MAX_SIM_TIME_S / 100:
+            raise InputError(
+                "--arrival",
+                f"poisson:{spec.rate:g} spreads {n} requests past {MAX_SIM_TIME_S / 100:g} s "
+                "of simulated time",
+                "use a higher rate",
+            )
         rng = np.random.default_rng(seed)
         gaps = rng.exponential(1.0 / spec.rate, size=max(0, n - 1))
         return np.concatenate([[0.0], np.cumsum(gaps)])

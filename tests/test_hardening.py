@@ -169,4 +169,4 @@ def test_help_shows_flags_plainly_full_names_and_the_default_policy(smol: Path) 
     assert "default: prefix" in res.stdout
     run = memshare("simulate", str(smol), "--json", "--limit", "1")
     assert run.returncode == 0, run.stderr
-    assert "running prefix" in run.stderr
+    assert "no --policy given: ran prefix" in run.stderr

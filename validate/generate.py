@@ -21,6 +21,7 @@ import numpy as np
 from memshare.errors import InputError
 from memshare.registry import coerce_params, make_policy, parse_settings
 from memshare.scheduler import SchedulerConfig
+from memshare.traces.capture.device import check_device
 from memshare.traces.capture.inputs import InputItem, read_texts
 from memshare.traces.capture.segment import SegmenterConfig, segment_tokens
 from memshare.validate.engine import EngineOptions, EngineResult, EngineSpec, PagedEngine
@@ -64,18 +65,6 @@ class Prompt:
     text: str | None = None  # a prompt given as text, before tokenizing
     where: str = ""  # FILE:LINE it came from
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def check_device(device: str) -> None:
-    """``--device``: cpu, or cuda where torch sees a CUDA device."""
-    import torch
-
-    if device == "cpu":
-        return
-    if device.split(":")[0] != "cuda":
-        raise InputError("--device", f"unknown device {device!r}", "use cpu or cuda")
-    if not torch.cuda.is_available():
-        raise InputError("--device", "cuda was asked for but torch sees no CUDA device", "use cpu")
 
 
 def check_output(path: Path) -> None:

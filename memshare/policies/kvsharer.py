@@ -28,7 +28,15 @@ def load_layer_map(path: Path) -> np.ndarray:
         raw = json.loads(path.read_text())
         lm = np.asarray(raw["layer_map"], dtype=np.int64)
     except FileNotFoundError:
-        raise InputError(str(path), "does not exist", "run `memshare calibrate` first") from None
+        raise InputError(
+            f"layer_map_file {path}", "does not exist", "run `memshare calibrate -o FILE` first"
+        ) from None
+    except OSError as e:
+        raise InputError(
+            f"layer_map_file {path}",
+            f"cannot be read ({(e.strerror or type(e).__name__).lower()})",
+            "pass the JSON file `memshare calibrate` wrote",
+        ) from None
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(
             str(path), f"not a calibration file ({e})", "re-run `memshare calibrate`"
@@ -54,7 +62,11 @@ class KVSharer:
 
     def __post_init__(self) -> None:
         if not self.layer_map_file:
-            raise ValueError("kvsharer needs layer_map_file=PATH (from `memshare calibrate`)")
+            raise InputError(
+                "--set layer_map_file",
+                "kvsharer needs a calibrated layer map",
+                "pass --set layer_map_file=PATH (written by `memshare calibrate -o PATH`)",
+            )
         self._map = load_layer_map(Path(self.layer_map_file))
 
     def layer_map(self, num_layers: int) -> np.ndarray:

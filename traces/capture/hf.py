@@ -31,7 +31,7 @@ import importlib.metadata
 import io
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from memshare.traces.capture.base import (
     KeyMode,
     KVField,
 )
+from memshare.traces.capture.device import check_device, resolve_threads
 from memshare.traces.capture.model_cache import ensure_converted
 from memshare.traces.files import file_sha256
 from memshare.traces.schema import ModelInfo
@@ -188,15 +189,22 @@ class HFBackend:
             raise InputError(
                 "--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}", "e.g. float32"
             )
+        check_device(device)
+        threads = resolve_threads(threads)
         self.source = resolve_model(model)
         _offline_env()
+        if status is not None:
+            status("loading torch and transformers")
         import torch
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         _quiet_transformers()
-        if threads:
+        if threads is not None:
             torch.set_num_threads(threads)
+        self.threads = int(torch.get_num_threads())
+        # called with the tokens done so far in the current generate/teacher_force call
+        self.token_progress: Callable[[int], None] | None = None
         self._torch = torch
         self._t_load = time.perf_counter()
         self._gguf_sha256: str | None = None
@@ -494,6 +502,8 @@ class HFBackend:
             while True:
                 picked = nxt.tolist()
                 now = time.perf_counter() - t0
+                if self.token_progress is not None:
+                    self.token_progress(sum(lens) + sum(len(o) for o in outputs))
                 for i in range(B):
                     if finish[i] is not None:
                         picked[i] = self.pad_id
@@ -571,6 +581,8 @@ class HFBackend:
                     use_cache=True,
                     logits_to_keep=1,
                 )
+                if self.token_progress is not None:
+                    self.token_progress(min(s + chunk_tokens, len(tokens)))
             forward_s = time.perf_counter() - t0
             arrays = self._gather(rec, cache, want, [(0, len(tokens))]) if want else [{}]
         a = arrays[0]

@@ -112,8 +112,9 @@ def _read_jsonl(path: Path, option: str) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise InputError(str(path), "is not a file", f"pass a JSONL file to {option}")
     rows: list[tuple[int, dict[str, Any]]] = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, f"{path}:{lineno}", option)
             if not line.strip():
                 continue
             try:
@@ -130,6 +131,18 @@ def _read_jsonl(path: Path, option: str) -> list[tuple[int, dict[str, Any]]]:
     if not rows:
         raise InputError(str(path), "holds no records", f"pass a non-empty file to {option}")
     return rows
+
+
+def _utf8(raw: bytes, where: str, option: str) -> str:
+    """One line (or a whole .txt file) as text; a binary file is one InputError."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            where,
+            f"is not UTF-8 text (byte {e.start + 1}): a binary file?",
+            f"{option} takes a UTF-8 text file",
+        ) from None
 
 
 def _pick_field(
@@ -157,6 +170,17 @@ def _pick_field(
         return parsed
     found = _detect(first, candidates)
     if found is None:
+        for cand in candidates:
+            try:
+                value = get_path(first, parse_path(cand))
+            except KeyError:
+                continue
+            kind = "is empty" if isinstance(value, str) else f"holds a {type(value).__name__}"
+            raise InputError(
+                f"{path}:{rows[0][0]}",
+                f"the {what} field {cand!r} {kind}",
+                f"fix the record, or name a field that holds the {what} with {option}",
+            )
         raise InputError(
             f"{path}:{rows[0][0]}",
             f"no {what} field found (looked for {', '.join(candidates)}; the record has "
@@ -166,7 +190,14 @@ def _pick_field(
     return parse_path(found)
 
 
-def _string_at(obj: dict[str, Any], path: tuple[str | int, ...], where: str, option: str) -> str:
+def _string_at(
+    obj: dict[str, Any],
+    path: tuple[str | int, ...],
+    where: str,
+    option: str,
+    *,
+    nonempty: bool = True,
+) -> str:
     try:
         value = get_path(obj, path)
     except KeyError as e:
@@ -178,6 +209,10 @@ def _string_at(obj: dict[str, Any], path: tuple[str | int, ...], where: str, opt
             where,
             f"{option} {_show(path)!r} holds a {type(value).__name__}, not text",
             "point the field at a string (e.g. code[0] for a list of strings)",
+        )
+    if nonempty and not value.strip():
+        raise InputError(
+            where, f"{option} {_show(path)!r} is empty", "drop the record or fill the field"
         )
     return value
 
@@ -227,7 +262,7 @@ def read_texts(
     """
     _check_limit(limit)
     if path.suffix == ".txt" and path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text = _utf8(path.read_bytes(), str(path), "--texts")
         if not text.strip():
             raise InputError(str(path), "is empty", "pass a file with text to --texts")
         item = InputItem(f"{path.stem}-00000", 0, "", text, {})
@@ -247,7 +282,7 @@ def read_texts(
     for index, (lineno, obj) in enumerate(rows[:limit] if limit else rows):
         where = f"{path}:{lineno}"
         text = _string_at(obj, text_path, where, "--field")
-        prompt = _string_at(obj, p_path, where, "--prompt-field") if p_path else ""
+        prompt = _string_at(obj, p_path, where, "--prompt-field", nonempty=False) if p_path else ""
         items.append(InputItem(f"{path.stem}-{index:05d}", index, prompt, text, _answer(obj)))
     source = {
         "mode": "teacher_forced",

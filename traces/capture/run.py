@@ -358,6 +358,16 @@ class _Run:
     truncated: int = 0
     sketch_s: float = 0.0
     model_s: float = 0.0
+    in_flight: int = 0  # tokens of the batch (or text) the model is running now
+    _last_tell: float = 0.0
+
+    def tokens_running(self, n: int) -> None:
+        """The backend's per-step report: progress during a batch, at most 4 times a second."""
+        self.in_flight = n
+        now = time.perf_counter()
+        if now - self._last_tell >= 0.25:
+            self._last_tell = now
+            self.tell()
 
     @property
     def want(self) -> frozenset[KVField]:
@@ -374,7 +384,7 @@ class _Run:
                     message,
                     len(self.done_ids),
                     self.total,
-                    self.tokens,
+                    self.tokens + self.in_flight,
                     time.perf_counter() - self.t0,
                 )
             )
@@ -415,6 +425,7 @@ class _Run:
         self.done_ids.add(item.id)
         self.captured += 1
         self.tokens += captured.tokens
+        self.in_flight = 0
         self.tell()
 
 
@@ -539,6 +550,8 @@ def capture(
         full = FullKVWriter(o.output, full_dtype, committed) if full_dtype is not None else None
         done = {r.id for r in committed}
         run = _Run(o, backend, writer, full, full_dtype, progress, len(inputs.items), done)
+        if hasattr(backend, "token_progress"):
+            backend.token_progress = run.tokens_running
         skipped = len(done & {it.id for it in inputs.items})
         run.tell("capturing", f"{skipped} requests already captured" if skipped else "")
         try:
@@ -568,6 +581,7 @@ def capture(
         "output_tokens": counts.output_tokens,
         "kv_rows": counts.kv_rows,
         "tokens_now": run.tokens,
+        "threads": getattr(backend, "threads", None),
         "load_s": round(load_s, 3),
         "capture_s": round(elapsed, 3),
         "model_s": round(run.model_s, 3),
