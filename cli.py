@@ -96,7 +96,13 @@ def import_cmd(
     with _progress(f"importing {src.name}", as_json) as tick:
         manifest = import_workload(fmt, src, output, limit=limit, progress=tick)
     _inspect(output, as_json=as_json, reuse=True, block_size=None, title=f"imported {output}")
-    del manifest
+    zero = manifest.source.get("zero_output_rows")
+    if zero:
+        print(
+            f"memshare: note: {zero:,} rows have 0 output tokens; simulate serves each as its "
+            "prefill plus 1 sampled token and counts 0 output tokens",
+            file=sys.stderr,
+        )
 
 
 @app.command("inspect")

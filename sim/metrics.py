@@ -73,7 +73,8 @@ def compute_metrics(
     arrivals = [r.arrival for r in reqs if math.isfinite(r.arrival)]
     start = min(arrivals) if arrivals else 0.0
     makespan = res.sim_time_s - start
-    out_tokens = sum(r.output_len for r in done)
+    out_tokens = sum(r.recorded_output_len for r in done)  # the trace's (0 stays 0)
+    served_as_1 = sum(1 for r in done if r.recorded_output_len == 0)
     prompt_tokens = sum(r.prompt_len for r in done)
     tl = res.timeline
     ppb = res.pages_per_block
@@ -102,6 +103,8 @@ def compute_metrics(
             "rejected": len(reqs) - len(done),
             "prompt_tokens": prompt_tokens,
             "output_tokens": out_tokens,
+            # only when present, so every other run's metrics.json is unchanged
+            **({"zero_output_served_as_1": served_as_1} if served_as_1 else {}),
         },
         "time": {
             "makespan_s": rnd(makespan),

@@ -38,7 +38,7 @@ from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import CostModel
 from memshare.sim.engine import TIMELINE_COLUMNS, Engine, EngineResult, Progress
 from memshare.sim.metrics import compute_metrics
-from memshare.sim.workload import build_requests
+from memshare.sim.workload import build_requests, served_output_len
 from memshare.traces.reader import KVRows, TraceReader
 from memshare.traces.request_blocks import default_block_size
 from memshare.traces.schema import Manifest, RequestRecord
@@ -130,7 +130,7 @@ def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
     per_block = cfg.model.kv_bytes_per_token * bs
     kv = cfg.kv
     if kv.unlimited:
-        n = sum(cdiv(r.prompt_len + max(1, r.output_len), bs) + 1 for r in records) + 1
+        n = sum(cdiv(r.prompt_len + served_output_len(r.output_len), bs) + 1 for r in records) + 1
     elif kv.blocks is not None:
         n = kv.blocks
     elif kv.bytes is not None:
@@ -323,7 +323,7 @@ def requests_csv(r: EngineResult) -> str:
                 q.rid,
                 _f(q.arrival),
                 q.prompt_len,
-                q.output_len,
+                q.recorded_output_len,
                 q.hit_tokens,
                 q.preemptions,
                 _f(q.first_scheduled),

@@ -10,7 +10,14 @@ A :class:`SimRequest` is the scheduler's :class:`~memshare.request.Request` (who
 the scheduler keeps) plus the simulator's own fields. The simulator knows every token up
 front: block hashes are precomputed from the trace (the same chained hashes the real engine
 extends token by token), so it completes steps with unknown sampled tokens, and a request ends
-at the trace's output length (``max_tokens``, at least 1, as in vLLM).
+at the trace's output length (``max_tokens``).
+
+A request the trace records with 0 output tokens (a failed or prompt-only request, e.g. in
+BurstGPT) is served as its prefill plus the 1 token that step samples: vLLM cannot run a
+request for fewer (``max_tokens >= 1``), and the prefill is the work the trace implies. It is
+counted honestly: metrics and ``requests.csv`` report the trace's 0 output tokens, and
+``metrics.json`` counts such requests in ``requests.zero_output_served_as_1`` (present only
+when there are any, so other runs' files are unchanged).
 """
 
 from __future__ import annotations
@@ -45,11 +52,23 @@ class SimRequest(Request):
     finish: float = NAN  # end of the step that produced its last token
     rejected: str = ""  # why it was never run (too large for the KV budget), else ""
     done: Any = None  # closed loop: SimPy event fired when it finishes or is rejected
+    trace_output_len: int = -1  # output tokens the trace records (0 is served as 1)
 
     @property
     def output_len(self) -> int:
-        """Tokens the trace generated (the simulator's ``max_tokens``)."""
+        """Tokens the simulator generates (``max_tokens``: the trace's, at least 1)."""
         return self.max_tokens
+
+    @property
+    def recorded_output_len(self) -> int:
+        """Tokens the trace generated (what metrics count; 0 for a prompt-only request)."""
+        return self.max_tokens if self.trace_output_len < 0 else self.trace_output_len
+
+
+def served_output_len(trace_output_len: int) -> int:
+    """Tokens a request is simulated for: the trace's, but at least the 1 token its prefill
+    samples (vLLM's ``max_tokens >= 1``); see the module docstring."""
+    return max(1, trace_output_len)
 
 
 def build_requests(
@@ -68,7 +87,16 @@ def build_requests(
         info = request_info(rec, manifest, block_size)
         rows = kv_rows.get(rec.id) if kv_rows is not None else None
         fn = _block_source(rec, info, block_size, rows) if rows is not None else None
-        out.append(SimRequest(rec.id, info, max(1, rec.output_len), block_info=fn, index=i))
+        out.append(
+            SimRequest(
+                rec.id,
+                info,
+                served_output_len(rec.output_len),
+                block_info=fn,
+                index=i,
+                trace_output_len=rec.output_len,
+            )
+        )
     return out
 
 

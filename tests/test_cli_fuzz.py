@@ -150,6 +150,7 @@ def bad_command_lines(f: dict[str, Path]) -> list[tuple[list[str], list[str]]]:
     kv, file, root = str(f["kv"]), str(f["file"]), f["root"]
     under_file = str(f["file"] / "x")
     never = str(root / "never")
+    sweep_out = str(root / "sweep")  # the first value runs before the second is refused
     cases: list[tuple[list[str], list[str]]] = [
         # an output path that exists as a file, or lies under one
         (["capture", "-o", file, "--limit", "1"], ["-o", "not a folder"]),
@@ -192,7 +193,7 @@ def bad_command_lines(f: dict[str, Path]) -> list[tuple[list[str], list[str]]]:
         (["simulate", kv, "--arrival", "poisson:-1"], ["--arrival"]),
         (["simulate", kv, "--arrival", "closed:0"], ["--arrival"]),
         (["simulate", kv, "--sweep", "kv_blocks=nan,inf"], ["--kv-blocks"]),
-        (["simulate", kv, "--sweep", "time_scale=1,1e308"], ["--time-scale"]),
+        (["simulate", kv, "--sweep", "time_scale=1,1e308", "-o", sweep_out], ["--time-scale"]),
         (["simulate", kv, "--max-num-batched-tokens", "0"], ["--max-num-batched-tokens"]),
         (["simulate", kv, "--limit", "0"], ["--limit"]),
         (["simulate", kv, "--block-size", "99999999999999"], ["--block-size"]),
@@ -208,8 +209,9 @@ def bad_command_lines(f: dict[str, Path]) -> list[tuple[list[str], list[str]]]:
 
 
 def test_bad_command_lines_are_one_line_refusals(
-    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(files["root"])  # default outputs (runs/...) would land here
     cases = bad_command_lines(files)
     failures = []
     for args, needles in cases:
@@ -225,6 +227,7 @@ def test_bad_command_lines_are_one_line_refusals(
             failures.append((args, code, err))
     assert not failures, "\n".join(f"{a} -> {c}: {e!r}" for a, c, e in failures)
     assert not (files["root"] / "never").exists()
+    assert not (files["root"] / "runs").exists()  # a refusal writes nothing
 
 
 def test_huge_budgets_run_without_numpy_warnings(
@@ -267,3 +270,40 @@ def test_thread_count_from_the_environment_is_checked_before_torch_loads(
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "OMP_NUM_THREADS" in lines[0] and "--threads" in lines[0], lines
+
+
+def test_zero_output_requests_are_flagged_on_import_and_counted_as_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 11 item 7 / follow-up: a 0-output request was simulated as 1 output token silently.
+    # It is kept (its prefill is real work), flagged on import, served as prefill + the 1 token
+    # that step samples, and counted as 0 output tokens.
+    src = tmp_path / "mc.jsonl"
+    src.write_text(
+        '{"timestamp": 0, "input_length": 600, "output_length": 8, "hash_ids": [0, 1]}\n'
+        '{"timestamp": 5, "input_length": 600, "output_length": 0, "hash_ids": [0, 2]}\n'
+    )
+    code, _, err = run_cli(capsys, "import", "mooncake", str(src), "-o", str(tmp_path / "t"))
+    assert code == 0, err
+    assert "1 rows have 0 output tokens" in err and "counts 0 output tokens" in err
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["source"]["zero_output_rows"] == 1
+    code, stdout, err = run_cli(
+        capsys, "simulate", str(tmp_path / "t"), "--policy", "none", "-o", str(tmp_path / "r")
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["requests"]["finished"] == 2
+    assert metrics["requests"]["output_tokens"] == 8  # not 9
+    assert metrics["requests"]["zero_output_served_as_1"] == 1
+    rows = (tmp_path / "r" / "requests.csv").read_text().splitlines()
+    assert rows[2].split(",")[3] == "0"  # output_len of the prompt-only request
+    # a trace without such requests: no note, no key (every other run's files unchanged)
+    src.write_text('{"timestamp": 0, "input_length": 600, "output_length": 8, "hash_ids": [0]}\n')
+    code, _, err = run_cli(capsys, "import", "mooncake", str(src), "-o", str(tmp_path / "ok"))
+    assert code == 0 and "output tokens" not in err, err
+    code, stdout, err = run_cli(
+        capsys, "simulate", str(tmp_path / "ok"), "--json", "-o", str(tmp_path / "r2")
+    )
+    assert code == 0, err
+    assert "zero_output_served_as_1" not in json.loads(stdout)["runs"][0]["metrics"]["requests"]

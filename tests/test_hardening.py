@@ -160,13 +160,15 @@ def test_non_finite_and_absurd_numbers_are_refused(
     assert_one_line_error(memshare("simulate", str(smol), *args), *needles)
 
 
-def test_help_shows_flags_plainly_full_names_and_the_default_policy(smol: Path) -> None:
+def test_help_shows_flags_plainly_full_names_and_the_default_policy(
+    smol: Path, tmp_path: Path
+) -> None:
     # For the user: `--json <bool>`, names cut at 80 columns, a silent default policy.
     res = memshare("simulate", "--help")
     assert res.returncode == 0
     assert "<bool>" not in res.stdout
     assert "--gpu-memory-utilization" in res.stdout and "--max-num-batched-tokens" in res.stdout
     assert "default: prefix" in res.stdout
-    run = memshare("simulate", str(smol), "--json", "--limit", "1")
+    run = memshare("simulate", str(smol), "--json", "--limit", "1", "-o", str(tmp_path / "o"))
     assert run.returncode == 0, run.stderr
     assert "no --policy given: ran prefix" in run.stderr

@@ -187,7 +187,21 @@ def _source_info(
         "in_arrival_order": backwards == 0,
         "out_of_order_rows": backwards,
         **data.notes,
+        **_zero_output_note(data.rows),
     }
+
+
+ZERO_OUTPUT_NOTE = (
+    "rows with 0 output tokens (failed or prompt-only requests) are kept: the simulator serves "
+    "each as its prefill plus the 1 token that step samples, and counts 0 output tokens"
+)
+
+
+def _zero_output_note(rows: Sequence[SourceRow]) -> dict[str, Any]:
+    """``zero_output_rows`` and a note, only when the source has such rows (flagged, not
+    dropped: their prefill is real work)."""
+    n = sum(1 for r in rows if r.output_len == 0)
+    return {"zero_output_rows": n, "zero_output_note": ZERO_OUTPUT_NOTE} if n else {}
 
 
 __all__ = ["COMMIT_EVERY", "DEFAULT_BLOCK_SIZE", "IMPORTERS", "WorkloadFormat", "import_workload"]
