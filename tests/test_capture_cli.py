@@ -168,3 +168,51 @@ def test_sigkill_then_resume_equals_an_uninterrupted_capture(
     # resuming with other settings is refused
     other = memshare("capture", "-o", str(cut), *args[:-1], "--sketch-dim", "32", "--resume")
     assert_one_line_error(other, "--resume", "sketch")
+
+
+def test_capture_reports_progress_before_its_first_request_is_done(
+    hf_backend: HFBackend, tmp_path: Path
+) -> None:
+    # Issue 11: capture printed nothing for minutes (model load, then a whole first batch).
+    # Now the backend reports tokens per step, so progress moves during the first batch.
+    from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
+    from memshare.traces.capture.run import CaptureProgress
+
+    events: list[CaptureProgress] = []
+    opts = CaptureOptions(
+        output=tmp_path / "t",
+        limit=2,
+        generation=GenerationSettings(max_new_tokens=24, batch_size=2),
+    )
+    try:
+        summary = capture(opts, progress=events.append, backend=hf_backend)
+    finally:
+        hf_backend.token_progress = None  # the session-wide backend goes back untouched
+    first_done = next(i for i, e in enumerate(events) if e.requests_done >= 1)
+    during = [e for e in events[:first_done] if e.phase == "capturing" and e.tokens_done > 0]
+    assert during, events[:first_done]
+    assert during[0].requests_total == 2 and during[0].requests_done == 0
+    assert summary["requests"] == 2 and summary["threads"] >= 1
+
+
+def test_capture_threads_option_and_omp_num_threads_default(tmp_path: Path) -> None:
+    # --threads sets torch's CPU threads; without it OMP_NUM_THREADS is the default.
+    text = tmp_path / "t.txt"
+    text.write_text("First, add the two numbers. Then check the sum. So the answer is 4.")
+    runs = {
+        "env": (["--texts", str(text)], "1"),
+        "option": (["--texts", str(text), "--threads", "2"], "1"),
+    }
+    threads = {}
+    for name, (args, omp) in runs.items():
+        res = subprocess.run(
+            [*CLI, "capture", "-o", str(tmp_path / name), *args, "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": omp},
+        )
+        assert res.returncode == 0, res.stderr
+        threads[name] = json.loads(res.stdout)["threads"]
+    assert threads == {"env": 1, "option": 2}
