@@ -21,9 +21,10 @@ import simpy
 from memshare.errors import InputError
 from memshare.sim.config import ArrivalSpec
 from memshare.sim.workload import SimRequest
+from memshare.traces.schema import MAX_ARRIVAL_S
 
 Submit = Callable[[SimRequest], None]
-MAX_SIM_TIME_S = 1e15  # open-loop arrivals past this (30 million years) are refused
+MAX_SIM_TIME_S = MAX_ARRIVAL_S  # open-loop arrivals past this are refused
 
 
 def arrival_times(
@@ -39,8 +40,15 @@ def arrival_times(
         t = np.asarray(trace_times, dtype=np.float64)
         if n == 0:
             return t
-        span = float(t.max() - t.min())
-        if not math.isfinite(span * time_scale) or span * time_scale > MAX_SIM_TIME_S:
+        with np.errstate(over="ignore"):  # refused just below, with its cause
+            span = float(t.max() - t.min())
+        if not math.isfinite(span) or span > MAX_SIM_TIME_S:
+            raise InputError(
+                "trace field arrival_s",
+                f"arrivals span {span:g} s, past {MAX_SIM_TIME_S:g} s",
+                "fix the trace's timestamps (seconds, not ns?)",
+            )
+        if span * time_scale > MAX_SIM_TIME_S:
             raise InputError(
                 "--time-scale",
                 f"{time_scale:g} stretches the trace's {span:g} s of arrivals past "

@@ -33,6 +33,13 @@ def _cdf(ax: Any, values: list[float], label: str) -> None:
         ax.step(a, np.arange(1, a.size + 1) / a.size, where="post", label=label)
 
 
+def _legend(ax: Any, loc: str) -> None:
+    """A legend at a fixed place, only when something is labelled: matplotlib warns on the
+    user's screen otherwise (no labelled artists; a slow ``loc="best"`` on large runs)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc=loc)
+
+
 def _ttft(q: SimRequest) -> float:
     return q.first_token - q.arrival
 
@@ -64,7 +71,7 @@ def plot_runs(runs: list[LabeledRun], out_dir: Path) -> list[Path]:
         else:
             title += f" (budget {budget:,} blocks, off scale)"
     ax.set(xlabel="simulated time (s)", ylabel="KV blocks in use", title=title)
-    ax.legend()
+    _legend(ax, "upper left")
     paths.append(_save(plt, fig, out_dir / "kv_blocks.png"))
 
     for name, title, fn in (("ttft_cdf.png", "TTFT", _ttft), ("tpot_cdf.png", "TPOT", _tpot)):
@@ -74,7 +81,7 @@ def plot_runs(runs: list[LabeledRun], out_dir: Path) -> list[Path]:
             _cdf(ax, [fn(q) for q in reqs], r.label)
         ax.set(xlabel=f"{title} (s)", ylabel="fraction of requests", title=f"{title} CDF")
         ax.set_ylim(0, 1)
-        ax.legend()
+        _legend(ax, "lower right")
         paths.append(_save(plt, fig, out_dir / name))
 
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(runs) + 2), 4.5))
@@ -108,7 +115,7 @@ def plot_sweep(result: SweepResult, out_dir: Path) -> list[Path]:
         ax.set(xlabel=result.spec.key, ylabel=ylabel)
         if not numeric:
             ax.set_xticks(xs, [str(v) for v in values])
-        ax.legend()
+        _legend(ax, "best")
     fig.suptitle(f"sweep over {result.spec.key}")
     return [_save(plt, fig, out_dir / "sweep.png")]
 

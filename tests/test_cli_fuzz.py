@@ -65,6 +65,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     f["later_empty"].write_text('{"reasoning": "so 4"}\n{"reasoning": "   "}\n')
     f["empty_prompt"] = root / "empty_prompt.jsonl"
     f["empty_prompt"].write_text('{"question": ""}\n')
+    f["far_apart"] = root / "far_apart.jsonl"  # 2e305 s between two arrivals
+    f["far_apart"].write_text(
+        '{"timestamp": -1e308, "input_length": 6, "output_length": 8, "hash_ids": [0]}\n'
+        '{"timestamp": 1e308, "input_length": 6, "output_length": 8, "hash_ids": [0]}\n'
+    )
     return f
 
 
@@ -170,6 +175,7 @@ def bad_command_lines(f: dict[str, Path]) -> list[tuple[list[str], list[str]]]:
         # binary and empty inputs
         (["capture", "-o", never, "--dataset", str(f["binary"])], ["not UTF-8"]),
         (["import", "azure", str(f["binary"]), "-o", never], ["UTF-8"]),
+        (["import", "mooncake", str(f["far_apart"]), "-o", never], [":2", "timestamps span"]),
         (["simulate", kv, "--gpu", str(f["binary_toml"])], ["--gpu"]),
         (["simulate", kv, "--cost-model", str(f["binary_toml"])], ["--cost-model"]),
         (["simulate", kv, "--cost-model", str(root)], ["--cost-model"]),
@@ -247,6 +253,9 @@ def test_huge_budgets_run_without_numpy_warnings(
         code, stdout, err = run_cli(capsys, "simulate", kv, "-o", out, "--json", *extra)
         assert code == 0, (extra, err)
         assert json.loads(stdout)["runs"][0]["metrics"]["requests"]["finished"] == 6
+    # every request too large for the budget: plots without data draw no legend warnings
+    code, stdout, err = run_cli(capsys, "simulate", kv, "-o", out, "--kv-blocks", "1", "--plot")
+    assert code == 0, err
     code, stdout, _ = run_cli(capsys, "simulate", "--help")
     assert "'inf'" in stdout and "never evicts" in stdout
 

@@ -32,6 +32,7 @@ from memshare.errors import InputError, TraceEmptyError
 from memshare.traces.schema import (
     MANIFEST,
     MANIFEST_TMP,
+    MAX_ARRIVAL_S,
     MAX_REQUEST_TOKENS,
     REQUESTS,
     SHARD_GLOB,
@@ -342,8 +343,10 @@ def _check_record_types(record: RequestRecord, where: str) -> None:
         or not math.isfinite(arrival)
     ):
         raise InputError(where, f"field 'arrival_s' must be a number, got {arrival!r}", _RECREATE)
-    if arrival < 0:
-        raise InputError(where, f"field 'arrival_s' must be >= 0, got {arrival!r}", _RECREATE)
+    if not 0 <= arrival <= MAX_ARRIVAL_S:
+        raise InputError(
+            where, f"field 'arrival_s' must lie in 0..{MAX_ARRIVAL_S:g}, got {arrival!r}", _RECREATE
+        )
     for name in ("prompt_ids", "output_ids", "hash_ids", "steps"):
         ids = getattr(record, name)
         if ids is not None and (

@@ -32,6 +32,7 @@ from memshare.errors import InputError
 
 SCHEMA_VERSION = 2
 MAX_REQUEST_TOKENS = 1 << 24  # prompt + output tokens of one request (past any real context)
+MAX_ARRIVAL_S = 1e15  # latest arrival_s (30 million years): later is a unit mistake, not a trace
 MANIFEST = "manifest.json"
 MANIFEST_TMP = "manifest.json.tmp"  # the writer's temp file; renamed over MANIFEST to commit
 REQUESTS = "requests.jsonl"

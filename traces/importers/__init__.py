@@ -31,7 +31,7 @@ from memshare.errors import InputError
 from memshare.traces.files import file_sha256
 
 from ..reader import load_manifest
-from ..schema import MAX_REQUEST_TOKENS, Manifest, RequestRecord
+from ..schema import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, Manifest, RequestRecord
 from ..writer import TraceWriter
 from . import azure, burstgpt, mooncake
 from ._source import SourceData, SourceRow, check_source
@@ -93,6 +93,7 @@ def import_workload(
     data = spec.read(src, limit)
     check_lengths(spec.name, src, data.rows)
     rows, backwards = arrival_order(data.rows)
+    check_span(spec.name, src, rows)
     template = Manifest(
         kind="workload",
         block_size=DEFAULT_BLOCK_SIZE,
@@ -151,6 +152,18 @@ def check_lengths(fmt: str, src: Path, rows: Sequence[SourceRow]) -> None:
                 f"{MAX_REQUEST_TOKENS:,} per request",
                 "check the row (token counts, not bytes)",
             )
+
+
+def check_span(fmt: str, src: Path, rows: Sequence[SourceRow]) -> None:
+    """Arrivals (rows in arrival order) span at most MAX_ARRIVAL_S seconds: a later one is a
+    unit mistake and would overflow the simulator's clock (InputError at the last row's line)."""
+    if rows and rows[-1].time - rows[0].time > MAX_ARRIVAL_S:
+        span = float(rows[-1].time - rows[0].time)
+        raise InputError(
+            f"{src}:{rows[-1].line}",
+            f"timestamps span {span:g} s from the first arrival, past {MAX_ARRIVAL_S:g} s",
+            f"check the {fmt} timestamps and their unit",
+        )
 
 
 def arrival_order(rows: Sequence[SourceRow]) -> tuple[list[SourceRow], int]:
