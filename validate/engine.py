@@ -52,6 +52,7 @@ class EngineSpec:
     prompt_ids: list[int]  # prompt tokens (teacher-forced: the whole text)
     max_tokens: int  # tokens to generate at most (>= 1)
     steps: list[int] | None = None  # known step starts (teacher-forced), else found live
+    forced: list[int] | None = None  # tokens to "sample" in order (a trace's output): replay
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ class StepRecord:
     tokens: int
     wall_s: float  # forward pass + sampling + commit
     commit_s: float  # of which complete(): sketches, policy decisions, frees
-    live_pages: int  # pages held by running requests, after the step
-    used_pages: int  # pages held at all (running + prefix cache), after the step
+    live_pages: int  # pages held by running requests once the step is scheduled (reserved)
+    used_pages: int  # pages held at all (running + prefix cache), at the same point
 
 
 @dataclass
@@ -175,8 +176,19 @@ class PagedEngine:
         stops = eos_ids if opts.stop_on_eos else frozenset()
         self.requests: list[Request] = []
         self._gens: dict[str, Any] = {}
+        self._forced: dict[str, list[int]] = {}
         for i, s in enumerate(specs):
-            req = new_request(s.rid, s.prompt_ids, bs, s.max_tokens, stop_ids=stops)
+            if s.forced is not None:
+                if len(s.forced) != s.max_tokens:
+                    raise ValueError(f"{s.rid}: {len(s.forced)} forced tokens, max {s.max_tokens}")
+                self._forced[s.rid] = list(s.forced)
+            req = new_request(
+                s.rid,
+                s.prompt_ids,
+                bs,
+                s.max_tokens,
+                stop_ids=frozenset() if s.forced is not None else stops,
+            )
             bounds = StepBoundaries(len(s.prompt_ids), token_starts, seg, s.steps)
             req.block_info = live_block_source(
                 req,
@@ -232,6 +244,7 @@ class PagedEngine:
                 f"scheduler made no progress: {len(sched.running)} running, "
                 f"{len(sched.waiting)} waiting"
             )
+        live, used = self.pool.pinned_pages, self.pool.used_pages  # as the simulator records
         sampled = self._execute(plan)
         t_commit = time.perf_counter()
         sched.complete(plan, sampled)
@@ -242,8 +255,8 @@ class PagedEngine:
                 plan.num_tokens,
                 now - t_step,
                 now - t_commit,
-                self.pool.pinned_pages,
-                self.pool.used_pages,
+                live,
+                used,
             )
         )
         self._sampled += sum(1 for t in sampled if t is not None)
@@ -280,6 +293,10 @@ class PagedEngine:
                 self.logits_sink(c.req.rid, c.start, lg)
             if not c.samples:
                 out.append(None)
+                continue
+            forced = self._forced.get(c.req.rid)
+            if forced is not None:
+                out.append(forced[c.req.num_output])
                 continue
             last = lg[-1] if lg.dim() == 2 else lg
             out.append(self._sample(c.req.rid, last))
