@@ -19,7 +19,7 @@ Teacher-forced texts longer than the context limit (prompt plus text over the mo
 keeps the first tokens, ``finish_reason`` is ``"length"`` and ``meta.text_tokens`` holds
 the full length.
 
-Crash safety is the trace writer's (SPEC §3) plus the full-KV family's; every request is
+Crash safety is the trace writer's (docs/traces.md) plus the full-KV family's; every request is
 committed as soon as it is complete. Resume (``resume=True``) re-opens the trace, drops
 leftovers, checks that the settings and inputs are the ones it was started with, and
 captures only the missing ids. Generate mode runs fixed batches (``items[j*B:(j+1)*B]``
