@@ -465,7 +465,7 @@ def simulate_cmd(
 
     with _runs_progress(as_json) as progress:
         progress.notice = notice
-        result = simulate(opts, output, plot=plot, progress=progress.update)
+        result = simulate(opts, output, plot=plot, progress=progress.update, warn=_warn)
     if as_json:
         print(json.dumps(study_json(result), indent=2))
     else:
@@ -532,7 +532,7 @@ def _sweep(
 
     with _runs_progress(as_json) as progress:
         progress.notice = notice
-        result = sweep(opts, spec, output, plot=plot, progress=progress.update)
+        result = sweep(opts, spec, output, plot=plot, progress=progress.update, warn=_warn)
     if as_json:
         print(json.dumps(sweep_json(result), indent=2))
     else:
@@ -616,6 +616,11 @@ def bench_sim_cmd(
             f"{c.us_per_request_step:.2f}",
         )
     out.print(t)
+
+
+def _warn(line: str) -> None:
+    """A warning: one line on stderr (stdout stays the result, one JSON object with --json)."""
+    print(line, file=sys.stderr)
 
 
 class _runs_progress:
@@ -1132,7 +1137,7 @@ def study_cmd(
         raise InputError("--tau", f"must be >= 0, got {taus}", "e.g. --tau 0.2")
     base = SimOptions(trace=trace, kv_blocks=kv_blocks, sets=tuple(settings or ()), limit=limit)
     with _progress("study", as_json) as tick:
-        rows = run_study(base, taus=taus, progress=lambda _l, n, _t: tick(n))
+        rows = run_study(base, taus=taus, progress=lambda _l, n, _t: tick(n), warn=_warn)
     write_study(rows, output, plot=plot)
     if as_json:
         print(json.dumps(rows_json(rows), indent=2))

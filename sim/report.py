@@ -15,7 +15,7 @@ from rich.table import Table
 
 from memshare.sim.metrics import flatten
 from memshare.sim.run import perf
-from memshare.sim.study import SWEEP_METRICS, StudyResult, SweepResult, sweep_rows
+from memshare.sim.study import SWEEP_METRICS, StudyResult, SweepResult, presets_used, sweep_rows
 
 Fmt = Callable[[Any], str]
 
@@ -69,7 +69,7 @@ ROWS: list[tuple[str, str, Fmt]] = [
 
 def study_table(result: StudyResult) -> Table:
     """One table: a row per metric, a column per policy."""
-    title = f"memshare simulate -> {result.output}"
+    title = f"memshare simulate: {presets_used(result.runs)} -> {result.output}"
     t = Table(title=title)
     t.add_column("metric")
     flats = [flatten(r.out.metrics) for r in result.runs]
@@ -99,7 +99,8 @@ _SWEEP_NAME: dict[str, str] = {key: name for key, name, _ in ROWS}
 
 def render_sweep(result: SweepResult, console: Console) -> None:
     """Print the sweep table (a row per value and policy) and the files written."""
-    t = Table(title=f"memshare sweep {result.spec.key} -> {result.output}")
+    runs = [r for _, point in result.points for r in point]
+    t = Table(title=f"memshare sweep {result.spec.key}: {presets_used(runs)} -> {result.output}")
     t.add_column(result.spec.key)
     t.add_column("policy")
     for key in SWEEP_METRICS:

@@ -155,6 +155,26 @@ def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
     )
 
 
+def budget_warning(cfg: SimConfig, res: Resolved) -> str | None:
+    """One line when a budget the user set (``--kv-blocks``/``--kv-bytes``) plus the model's
+    weights exceed the GPU preset's memory (the run goes on: the simulator does not need the
+    memory, but its figures then describe a GPU that does not exist); else ``None``."""
+    kv = cfg.kv
+    if kv.unlimited or (kv.blocks is None and kv.bytes is None):
+        return None  # the default budget is sized from the GPU; unlimited is asked for
+    budget = res.num_blocks * cfg.model.kv_bytes_per_token * res.block_size
+    weights = cfg.model.weight_bytes
+    if budget + weights <= cfg.gpu.memory:
+        return None
+    option = "--kv-blocks" if kv.blocks is not None else "--kv-bytes"
+    return (
+        f"memshare: warning: {option}: a KV budget of {res.num_blocks:,} blocks "
+        f"({budget / 2**30:,.1f} GiB) plus {weights / 2**30:,.1f} GiB of {cfg.model.name} "
+        f"weights exceeds the {cfg.gpu.memory / 2**30:,.0f} GiB of GPU preset {cfg.gpu.name}; "
+        "simulated as given (pick a larger --gpu or a smaller budget)"
+    )
+
+
 def run_config(
     cfg: SimConfig, trace: LoadedTrace | None = None, progress: Progress | None = None
 ) -> RunOutput:

@@ -26,6 +26,7 @@ from memshare.errors import InputError
 from memshare.registry import param_defaults
 from memshare.sim.options import SimOptions, build_configs
 from memshare.sim.run import LoadedTrace, run_config
+from memshare.sim.study import warn_budgets
 
 BASELINES = ("none", "prefix", "exact-dedup", "token-dedup")
 TAUS = (0.1, 0.2, 0.3, 0.5)
@@ -62,6 +63,7 @@ def run_study(
     taus: Sequence[float] = TAUS,
     options: Sequence[tuple[str, str]] = OPTIONS,
     progress: Callable[[str, int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[StudyRow]:
     """All baselines and cf-topk options over ``base`` (its policies are replaced)."""
     trace = LoadedTrace.load(Path(base.trace))
@@ -84,6 +86,7 @@ def run_study(
         )[0]
         for name, sets, _ in plan
     ]  # every config checked before the first run
+    warn_budgets(configs, trace, warn)
     rows: list[StudyRow] = []
     none_mean = none_peak = 0.0
     for n, ((name, _, (granularity, share, tau)), cfg) in enumerate(

@@ -21,11 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memshare.sim.config import SimConfig
 from memshare.sim.metrics import flatten
 from memshare.sim.options import SimOptions, SweepSpec, build_configs, sweep_options
-from memshare.sim.run import LoadedTrace, RunOutput, perf, run_config, write_run
+from memshare.sim.run import (
+    LoadedTrace,
+    RunOutput,
+    budget_warning,
+    perf,
+    resolve,
+    run_config,
+    write_run,
+)
 
 StudyProgress = Callable[[str, int, int], None]  # (run label, requests done, requests total)
+Warn = Callable[[str], None]  # receives one line (the CLI prints it on stderr)
 
 SWEEP_METRICS = (
     "prefix_cache.token_hit_rate",
@@ -83,10 +93,13 @@ def simulate(
     *,
     plot: bool = False,
     progress: StudyProgress | None = None,
+    warn: Warn | None = None,
 ) -> StudyResult:
-    """Run every ``--policy`` on the trace; write run directories (and plots)."""
+    """Run every ``--policy`` on the trace; write run directories (and plots). ``warn`` gets
+    each distinct :func:`~memshare.sim.run.budget_warning` before the first run."""
     trace = LoadedTrace.load(Path(opts.trace))
     configs = build_configs(opts, trace.manifest)
+    warn_budgets(configs, trace, warn)
     out_dir = output or default_output(opts)
     multi = len(configs) > 1
     runs: list[LabeledRun] = []
@@ -113,12 +126,14 @@ def sweep(
     *,
     plot: bool = False,
     progress: StudyProgress | None = None,
+    warn: Warn | None = None,
 ) -> SweepResult:
     """Run every policy at every value of ``spec``; write the points, a table and a plot."""
     trace = LoadedTrace.load(Path(opts.trace))
     planned = [
         (v, build_configs(sweep_options(opts, spec, v), trace.manifest)) for v in spec.values
     ]
+    warn_budgets([cfg for _, configs in planned for cfg in configs], trace, warn)
     out_dir = output or default_output(opts, spec)
     points: list[tuple[Any, list[LabeledRun]]] = []
     for value, configs in planned:
@@ -141,6 +156,26 @@ def sweep(
 
         result.plots = plot_sweep(result, out_dir)
     return result
+
+
+def warn_budgets(configs: list[SimConfig], trace: LoadedTrace, warn: Warn | None) -> None:
+    """Pass each distinct budget warning of ``configs`` to ``warn`` (in config order)."""
+    if warn is None:
+        return
+    said: set[str] = set()
+    for cfg in configs:
+        line = budget_warning(cfg, resolve(cfg, trace))
+        if line is not None and line not in said:
+            said.add(line)
+            warn(line)
+
+
+def presets_used(runs: list[LabeledRun]) -> str:
+    """The model and GPU presets of ``runs``: ``MODEL on GPU`` (several joined by ', ')."""
+    seen: dict[str, None] = {}
+    for r in runs:
+        seen[f"{r.out.config.model.name} on {r.out.config.gpu.name}"] = None
+    return ", ".join(seen)
 
 
 def sweep_rows(result: SweepResult) -> list[dict[str, Any]]:
