@@ -30,6 +30,8 @@ import numpy.typing as npt
 
 from memshare.errors import InputError, TraceEmptyError
 from memshare.traces.schema import (
+    FULL_KV_FIELDS,
+    FULL_KV_GLOB,
     MANIFEST,
     MANIFEST_TMP,
     MAX_ARRIVAL_S,
@@ -40,6 +42,7 @@ from memshare.traces.schema import (
     Manifest,
     RequestRecord,
     ShardInfo,
+    full_kv_row_dtype,
     kv_row_dtype,
 )
 
@@ -169,9 +172,14 @@ def check_manifest_fields(manifest: Manifest, where: str) -> None:
                 where, f"field 'counts.{name}' must be an integer >= 0, got {value!r}", _RECREATE
             )
     digest = manifest.requests_sha256
-    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+    if not _is_hex64(digest):
         raise InputError(
             where, f"field 'requests_sha256' must be 64 hex digits, got {digest!r}", _RECREATE
+        )
+    source_sha = manifest.source.get("sha256")  # the imported file's (config.json keeps it)
+    if source_sha is not None and not _is_hex64(source_sha):
+        raise InputError(
+            where, f"field 'source.sha256' must be 64 hex digits, got {source_sha!r}", _RECREATE
         )
     if not isinstance(manifest.complete, bool):
         raise InputError(where, "field 'complete' must be true or false", _RECREATE)
@@ -188,6 +196,103 @@ def row_dtype(manifest: Manifest, where: str) -> np.dtype[Any] | None:
             )
         return None
     return kv_row_dtype(manifest.model.num_layers, manifest.sketch.dim)
+
+
+_FULL_KV_DTYPES = ("<f4", "<f2")
+
+
+def full_kv_spec_dtype(manifest: Manifest, where: str) -> np.dtype[Any] | None:
+    """Record dtype of the trace's full-KV shards (manifest ``capture.full_kv``), checked;
+    ``None`` if the trace has none."""
+    spec = manifest.capture.get("full_kv")  # 'capture' is a JSON object (Manifest.from_json)
+    if spec is None:
+        return None
+    fields = spec.get("fields") if isinstance(spec, dict) else None
+    dtype = spec.get("dtype") if isinstance(spec, dict) else None
+    if (
+        not isinstance(fields, list)
+        or not fields
+        or len(set(map(str, fields))) != len(fields)
+        or not all(isinstance(f, str) and f in FULL_KV_FIELDS for f in fields)
+        or dtype not in _FULL_KV_DTYPES
+        or manifest.model is None
+    ):
+        raise InputError(
+            where,
+            f"field 'capture.full_kv' must name 'fields' (some of {', '.join(FULL_KV_FIELDS)}) "
+            f"and a 'dtype' ({' or '.join(_FULL_KV_DTYPES)}) of a trace with a 'model', got "
+            f"{spec!r}",
+            _RECREATE,
+        )
+    m = manifest.model
+    return full_kv_row_dtype(m.num_layers, m.num_kv_heads, m.head_dim, tuple(fields), dtype)
+
+
+def check_full_kv_refs(
+    trace_dir: Path, records: list[RequestRecord], dtype: np.dtype[Any] | None
+) -> None:
+    """Every request of a full-KV trace points at records that lie in an existing full-KV
+    shard (name, length, one record per token); a trace without full KV has no pointers."""
+    requests = trace_dir / REQUESTS
+    sizes: dict[str, int | None] = {}
+    for i, r in enumerate(records, 1):
+        where = f"{requests}:{i}"
+        ref = r.full_kv
+        if dtype is None or ref is None:
+            if ref is not None or dtype is not None:
+                has = "has" if ref is not None else "lacks"
+                raise InputError(
+                    where,
+                    f"field 'full_kv': the request {has} it but manifest.json field "
+                    f"'capture.full_kv' says the trace {'lacks' if dtype is None else 'has'} "
+                    "full KV",
+                    _RECREATE,
+                )
+            continue
+        if Path(ref.file).name != ref.file or not Path(ref.file).match(FULL_KV_GLOB):
+            raise InputError(
+                where, f"field 'full_kv.file' {ref.file!r} is not a full-KV shard", _RECREATE
+            )
+        if ref.rows != r.prompt_len + r.output_len:
+            raise InputError(
+                where,
+                f"field 'full_kv.rows' is {ref.rows}, the request has "
+                f"{r.prompt_len + r.output_len} tokens",
+                _RECREATE,
+            )
+        if ref.file not in sizes:
+            path = trace_dir / ref.file
+            sizes[ref.file] = path.stat().st_size if path.is_file() else None
+        size, end = sizes[ref.file], (ref.row + ref.rows) * dtype.itemsize
+        if size is None or size < end:
+            raise InputError(
+                str(trace_dir / ref.file),
+                f"full-KV shard {'missing' if size is None else f'truncated ({size} bytes)'}: "
+                f"request {r.id} (line {i}) points at bytes up to {end}",
+                _RECAPTURE,
+            )
+
+
+def check_full_kv_hashes(
+    trace_dir: Path, records: list[RequestRecord], dtype: np.dtype[Any]
+) -> None:
+    """The sha256 of every request's full-KV records equals its ``full_kv.sha256``."""
+    for r in records:
+        ref = r.full_kv
+        if ref is None:
+            continue
+        path = trace_dir / ref.file
+        with path.open("rb") as f:
+            f.seek(ref.row * dtype.itemsize)
+            data = f.read(ref.rows * dtype.itemsize)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != ref.sha256:
+            raise InputError(
+                str(path),
+                f"checksum mismatch for request {r.id}: sha256 of its full-KV records is "
+                f"{digest[:16]}..., its field 'full_kv.sha256' says {ref.sha256[:16]}...",
+                _RECAPTURE,
+            )
 
 
 def hash_prefix(path: Path, nbytes: int) -> HASH:
@@ -316,6 +421,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_hex64(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
 def _check_record_types(record: RequestRecord, where: str) -> None:
     """The fields the reader computes with must have the right types."""
     if not isinstance(record.id, str) or not record.id:
@@ -368,9 +477,26 @@ def _check_record_types(record: RequestRecord, where: str) -> None:
     for name in ("timings", "meta"):
         if getattr(record, name) is not None and not isinstance(getattr(record, name), dict):
             raise InputError(where, f"field '{name}' must be a JSON object", _RECREATE)
+    timings = record.timings
+    if timings is not None and not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in timings.values()
+    ):
+        raise InputError(where, "field 'timings' must map names to numbers (seconds)", _RECREATE)
     kv = record.kv
     if kv is not None and not all(_is_int(v) and v >= 0 for v in (kv.shard, kv.row, kv.rows)):
         raise InputError(where, f"field 'kv' must hold integers >= 0, got {kv!r}", _RECREATE)
+    full = record.full_kv
+    if full is not None and not (
+        isinstance(full.file, str)
+        and all(_is_int(v) and 0 <= v < 1 << 63 for v in (full.row, full.rows))
+        and _is_hex64(full.sha256)
+    ):
+        raise InputError(
+            where,
+            "field 'full_kv' must hold a file name, integers row and rows >= 0 and a sha256 of "
+            f"64 hex digits, got {full!r}",
+            _RECREATE,
+        )
 
 
 def _map_shard(path: Path, dtype: np.dtype[Any], rows: int) -> KVRows:
@@ -407,6 +533,8 @@ class TraceReader:
         self._records = _read_records(
             self._requests_path, self._manifest.requests_bytes, self._manifest.requests_sha256
         )
+        self._full_dtype = full_kv_spec_dtype(self._manifest, str(self.path / MANIFEST))
+        check_full_kv_refs(self.path, self._records, self._full_dtype)
         self._shards: list[KVRows] = []
         if self._dtype is not None:
             dtype = self._dtype
@@ -472,6 +600,8 @@ class TraceReader:
             if not self._checksums_ok:
                 for info in self._manifest.shards:
                     checked_shard_hash(self.path, info)
+                if self._full_dtype is not None:
+                    check_full_kv_hashes(self.path, self._records, self._full_dtype)
                 self._checksums_ok = True
             done.append("shard_checksums")
         self._check_counts()

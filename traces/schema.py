@@ -21,6 +21,7 @@ Version 2 added ``requests_sha256`` (version 1 covered ``requests.jsonl`` by len
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -112,13 +113,23 @@ class Manifest:
     def from_json(text: str, where: str) -> Manifest:
         """Parse and validate; every problem is an :class:`InputError` naming ``where``."""
         try:
-            raw = json.loads(text)
+            raw = loads_strict(text)
         except json.JSONDecodeError as e:
             raise InputError(
                 where, f"not valid JSON ({e.msg} at line {e.lineno})", _REWRITE_HINT
             ) from None
+        except ValueError as e:  # NaN, Infinity, 1e400, an int of over 4300 digits
+            raise InputError(where, f"not valid JSON ({e})", _REWRITE_HINT) from None
         if not isinstance(raw, dict):
             raise InputError(where, "is not a JSON object", _REWRITE_HINT)
+        for name, kind in (("complete", bool), ("tool_version", str)):
+            if name in raw and not isinstance(raw[name], kind):
+                raise InputError(
+                    where,
+                    f"field '{name}' must be {'true or false' if kind is bool else 'a string'}, "
+                    f"got {raw[name]!r}",
+                    _REWRITE_HINT,
+                )
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
             raise InputError(
@@ -152,6 +163,24 @@ class Manifest:
 
 
 _REWRITE_HINT = "the manifest is damaged: re-create the trace (capture or import)"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of a float's range")
+    return value
+
+
+def loads_strict(text: str) -> Any:
+    """``json.loads`` of standard JSON only: ``NaN`` and ``Infinity`` (Python extensions) and
+    numbers beyond a float's range (``1e400``, which Python reads as infinity) raise
+    ``ValueError``, so no non-finite number enters from a trace file."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def _object(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -233,9 +262,11 @@ class RequestRecord:
     def from_json(line: str, where: str) -> RequestRecord:
         """Parse one line; problems are :class:`InputError` naming ``where`` (file:line)."""
         try:
-            raw = json.loads(line)
+            raw = loads_strict(line)
         except json.JSONDecodeError as e:
             raise InputError(where, f"not valid JSON ({e.msg})", _REWRITE_HINT) from None
+        except ValueError as e:  # NaN, Infinity, 1e400, an int of over 4300 digits
+            raise InputError(where, f"not valid JSON ({e})", _REWRITE_HINT) from None
         if not isinstance(raw, dict):
             raise InputError(where, "is not a JSON object", _REWRITE_HINT)
         for name in ("id", "arrival_s", "prompt_len", "output_len"):
