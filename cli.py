@@ -932,6 +932,9 @@ def bench_engine_cmd(
     model: Annotated[str | None, typer.Option(help="Local HF folder or .gguf file.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest output per prompt.")] = 64,
     batch: Annotated[int, typer.Option(help="Prompts in the mixed batch.")] = 16,
+    concurrency: Annotated[
+        int, typer.Option(help="Concurrent sequences in the bounded mixed run.")
+    ] = 4,
     repeats: Annotated[int, typer.Option(help="Alternating runs; the median counts.")] = 3,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
     as_json: JsonOpt = False,
@@ -940,13 +943,16 @@ def bench_engine_cmd(
     cf-topk overhead in the engine."""
     from memshare.validate.engine_bench import bench_engine
 
-    if repeats < 1 or batch < 1 or max_new_tokens < 1:
-        raise InputError("--repeats/--batch/--max-new-tokens", "must be >= 1", "e.g. 3 / 16 / 64")
+    if min(repeats, batch, max_new_tokens, concurrency) < 1:
+        raise InputError(
+            "--repeats/--batch/--max-new-tokens/--concurrency", "must be >= 1", "e.g. 3/16/64/4"
+        )
     console = Console(stderr=True)
     res = bench_engine(
         model=model,
         max_new_tokens=max_new_tokens,
         batch=batch,
+        concurrency=concurrency,
         repeats=repeats,
         threads=threads,
         status=None if as_json else lambda m: console.print(f"[dim]{m}[/dim]"),

@@ -3,11 +3,13 @@
 Figures (printed, never asserted by a timed test; docs/layout.md lists the targets):
 
 - tokens/s at batch 1 (one prompt, greedy) and on a mixed batch (16 prompts whose output
-  lengths differ): the engine batches continuously and retires each request at its own length;
-  HF ``generate`` runs the 16 left-padded prompts together until the longest is done. Both
-  count only the tokens each request asked for. Runs alternate, the median of ``repeats``
-  counts. Both run on the same weights (the engine on its own copy: it switches its model's
-  attention implementation).
+  lengths differ), twice: all 16 at once (HF ``generate`` runs them left-padded until the
+  longest is done; the engine retires each at its own length, but still needs as many steps as
+  the longest), and at most ``concurrency`` sequences at a time (HF in static batches of that
+  size, each until its longest; the engine refills a slot as soon as a request finishes: where
+  continuous batching pays). Both count only the tokens each request asked for. Runs
+  alternate, the median of ``repeats`` counts. Both run on the same weights (the engine on
+  its own copy: it switches its model's attention implementation).
 - KV bytes: the page tensor's size against the pool's page count x page size (must be equal).
 - peak process RSS.
 - the policy's overhead inside the engine: the share of step time spent committing (sketching
@@ -59,13 +61,26 @@ def _hf(backend: Any, prompts: list[list[int]], lengths: list[int]) -> float:
     return time.perf_counter() - t
 
 
+def _hf_batches(backend: Any, prompts: list[list[int]], lengths: list[int], size: int) -> float:
+    """Seconds for HF ``generate`` over static batches of ``size`` prompts, in order: each
+    batch runs until its longest request is done (what a static batcher does)."""
+    return sum(
+        _hf(backend, prompts[a : a + size], lengths[a : a + size])
+        for a in range(0, len(prompts), size)
+    )
+
+
 def _engine(
-    model: Any, prompts: list[list[int]], lengths: list[int], policy: str, **params: Any
+    model: Any,
+    prompts: list[list[int]],
+    lengths: list[int],
+    policy: str,
+    max_seqs: int | None = None,
+    **params: Any,
 ) -> tuple[float, PagedEngine]:
-    specs = [
-        EngineSpec(f"r{i}", p, n) for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
-    ]
-    opts = EngineOptions(scheduler=SchedulerConfig(max_num_seqs=len(prompts)))
+    pairs = zip(prompts, lengths, strict=True)
+    specs = [EngineSpec(f"r{i}", p, n) for i, (p, n) in enumerate(pairs)]
+    opts = EngineOptions(scheduler=SchedulerConfig(max_num_seqs=max_seqs or len(prompts)))
     engine = PagedEngine(model, make_policy(policy, **params), specs, opts)
     t = time.perf_counter()
     engine.run()
@@ -77,6 +92,7 @@ def bench_engine(
     model: str | None = None,
     max_new_tokens: int = 64,
     batch: int = 16,
+    concurrency: int = 4,
     repeats: int = 3,
     threads: int | None = None,
     status: Callable[[str], None] | None = None,
@@ -92,17 +108,18 @@ def bench_engine(
     one = _prompts(backend, 1)
     mixed = _prompts(backend, batch)
     mixed_lengths = [max(8, max_new_tokens * (1 + i % 4) // 4) for i in range(batch)]
-    for label, prompts, lengths in (
-        ("batch_1", one, [max_new_tokens]),
-        (f"mixed_{batch}", mixed, mixed_lengths),
+    for label, prompts, lengths, seqs in (
+        ("batch_1", one, [max_new_tokens], 1),
+        (f"mixed_{batch}", mixed, mixed_lengths, batch),
+        (f"mixed_{batch}_at_{concurrency}", mixed, mixed_lengths, concurrency),
     ):
         hf_s: list[float] = []
         eng_s: list[float] = []
         for r in range(repeats):
             if status:
                 status(f"{label}: run {r + 1} of {repeats}")
-            hf_s.append(_hf(backend, prompts, lengths))
-            eng_s.append(_engine(mine, prompts, lengths, "none")[0])
+            hf_s.append(_hf_batches(backend, prompts, lengths, seqs))
+            eng_s.append(_engine(mine, prompts, lengths, "none", seqs)[0])
         tokens = sum(lengths)
         hf_tps = tokens / statistics.median(hf_s)
         eng_tps = tokens / statistics.median(eng_s)
@@ -111,6 +128,7 @@ def bench_engine(
             "hf_tokens_per_s": round(hf_tps, 1),
             "engine_tokens_per_s": round(eng_tps, 1),
             "engine_over_hf": round(eng_tps / hf_tps, 3),
+            "concurrent_seqs": seqs,
             "hf_s": [round(x, 3) for x in hf_s],
             "engine_s": [round(x, 3) for x in eng_s],
         }
