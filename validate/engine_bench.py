@@ -31,7 +31,7 @@ from memshare.registry import make_policy
 from memshare.scheduler import SchedulerConfig
 from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
 
-CF_TOPK = {"granularity": "layer", "share": "k", "tau": 0.5, "window": 1}
+CF_TOPK: dict[str, Any] = {"granularity": "layer", "share": "k", "tau": 0.5, "window": 1}
 
 
 def _prompts(backend: Any, n: int) -> list[list[int]]:
