@@ -143,7 +143,9 @@ class BlockPool:
         idle = [b.distinct for b in blocks if b.ref_cnt == 0]
         if not idle:
             return 0
-        pages = np.unique(np.concatenate(idle))
+        pages = np.concatenate(idle)
+        if not _distinct(pages):
+            pages = np.unique(pages)
         return int(np.count_nonzero(self.pins[pages] == 0))
 
     def can_allocate(self, n: int) -> bool:
