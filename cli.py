@@ -957,15 +957,7 @@ def bench_engine_cmd(
         threads=threads,
         status=None if as_json else lambda m: console.print(f"[dim]{m}[/dim]"),
     )
-    if as_json:
-        print(json.dumps(res, indent=2))
-        return
-    t = Table(title="bench engine", show_header=False)
-    for key, value in res.items():
-        t.add_row(
-            key.replace("_", " "), json.dumps(value) if isinstance(value, dict) else str(value)
-        )
-    out.print(t)
+    _render_figures("bench engine", res, as_json)
 
 
 @bench_app.command("capture")
@@ -1006,10 +998,15 @@ def bench_capture_cmd(
         repeats=repeats,
         status=None if as_json else lambda m: console.print(f"[dim]{m}[/dim]"),
     )
+    _render_figures("bench capture", res, as_json)
+
+
+def _render_figures(title: str, res: dict[str, Any], as_json: bool) -> None:
+    """A benchmark's figures: one JSON object, or a two-column table (nested ones as JSON)."""
     if as_json:
         print(json.dumps(res, indent=2))
         return
-    t = Table(title="bench capture", show_header=False)
+    t = Table(title=title, show_header=False)
     for key, value in res.items():
         shown = json.dumps(value) if isinstance(value, dict) else str(value)
         t.add_row(key.replace("_", " "), shown)

@@ -69,14 +69,17 @@ def test_validate_imports_no_simpy(path: Path) -> None:
     assert "sim" not in _memshare_subpackages(path) or path.name in VALIDATE_READS_SIM, path.name
 
 
-def test_scheduler_pulls_in_neither_simpy_nor_torch() -> None:
-    code = (
-        "import sys, memshare.scheduler, memshare.request, memshare.kv_manager;"
-        "bad = {'torch', 'simpy', 'transformers', 'memshare.sim', 'memshare.validate'} "
-        "& set(sys.modules);"
-        "assert not bad, bad"
-    )
+def _assert_import_loads_none(modules: str, banned: set[str]) -> None:
+    """Importing ``modules`` (comma-separated) in a fresh interpreter loads none of ``banned``."""
+    code = f"import sys, {modules}; bad = {banned!r} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_scheduler_pulls_in_neither_simpy_nor_torch() -> None:
+    _assert_import_loads_none(
+        "memshare.scheduler, memshare.request, memshare.kv_manager",
+        {"torch", "simpy", "transformers", "memshare.sim", "memshare.validate"},
+    )
 
 
 @pytest.mark.parametrize("path", _py_files("sim"), ids=lambda p: p.name)
@@ -92,13 +95,11 @@ def test_traces_import_heavy_stacks_lazily(path: Path) -> None:
 
 
 def test_core_and_cli_load_without_torch_or_simpy() -> None:
-    code = (
-        "import sys, memshare, memshare.block_pool, memshare.kv_manager, memshare.registry, "
-        "memshare.traces.reader, memshare.traces.writer, memshare.traces.importers, memshare.cli;"
-        "bad = {'torch', 'simpy', 'transformers'} & set(sys.modules);"
-        "assert not bad, bad"
+    _assert_import_loads_none(
+        "memshare, memshare.block_pool, memshare.kv_manager, memshare.registry, "
+        "memshare.traces.reader, memshare.traces.writer, memshare.traces.importers, memshare.cli",
+        {"torch", "simpy", "transformers"},
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_wheel_installs_nothing_top_level_but_memshare(tmp_path: Path) -> None:
