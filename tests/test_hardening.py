@@ -172,3 +172,31 @@ def test_help_shows_flags_plainly_full_names_and_the_default_policy(
     run = memshare("simulate", str(smol), "--json", "--limit", "1", "-o", str(tmp_path / "o"))
     assert run.returncode == 0, run.stderr
     assert "no --policy given: ran prefix" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def captured(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real capture: the default model teacher-forcing two short reasoning texts."""
+    folder = tmp_path_factory.mktemp("captured")
+    texts = folder / "texts.jsonl"
+    step = "Let me check: 12 times 7 is 84, and 84 plus 16 is 100. "
+    rows = [{"reasoning": step * 4 + "Wait, so the answer is 100."} for _ in range(2)]
+    texts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = folder / "trace"
+    res = memshare("capture", "-o", str(out), "--texts", str(texts), "--field", "reasoning")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_every_registered_policy_runs_on_a_captured_trace(
+    policy: str, captured: Path, layer_map_file: Path, tmp_path: Path
+) -> None:
+    args = ["simulate", str(captured), "--policy", policy, "-o", str(tmp_path / "o"), "--json"]
+    args += ["--set", "tau=0.5"] if "cf-topk" in policy else []
+    if "kvsharer" in policy:
+        args += ["--set", f"layer_map_file={layer_map_file}"]
+    res = memshare(*args)
+    assert res.returncode == 0, res.stderr
+    run = json.loads(res.stdout)["runs"][0]
+    assert run["policy"] == policy and run["metrics"]["requests"]["finished"] == 2
