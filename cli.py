@@ -824,7 +824,10 @@ class _CaptureBar:
 @app.command("generate")
 def generate_cmd(
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Folder for outputs/shares/metrics.")
+        Path,
+        typer.Option(
+            "-o", "--output", help="Folder for outputs/shares/metrics.", callback=_out_dir
+        ),
     ],
     prompts: Annotated[
         Path | None,
@@ -895,15 +898,14 @@ def generate_cmd(
         max_num_batched_tokens=max_num_batched_tokens,
         threads=threads,
     )
-    err = Console(stderr=True)
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=Console(stderr=True),
         transient=True,
-        disable=as_json or not err.is_terminal,  # a bar only where a person watches
+        disable=not _live(as_json),
     )
     task = bar.add_task("starting", total=None)
     with bar:

@@ -24,7 +24,7 @@ caches a block's hash when it schedules the tokens that fill it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +48,13 @@ ShareObserver = Callable[[str, BlockDecision, KVBlock, np.ndarray], None]
 def cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)
+
+
+def blocks_for_all(lengths: Iterable[int], block_size: int) -> int:
+    """The "unlimited" KV budget: every request's tokens (``lengths``: prompt plus output) at
+    once, a spare block each (copy-on-write) and one more; the simulator and the engine size
+    it with this one function."""
+    return sum(cdiv(n, block_size) + 1 for n in lengths) + 1
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from memshare.hashing import block_hash
+from memshare.hashing import block_hash, chain_hashes
 from memshare.kv_manager import BlockInfoFn, RequestState
 from memshare.policy import RequestInfo
 
@@ -100,8 +100,6 @@ def new_request(
     block_info: BlockInfoFn | None = None,
 ) -> Request:
     """A request whose tokens are known and sampled one by one (the real engine's)."""
-    from memshare.hashing import chain_hashes
-
     if not prompt_ids:
         raise ValueError(f"request {rid!r}: empty prompt")
     if max_tokens < 1:

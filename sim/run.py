@@ -30,7 +30,7 @@ from typing import Any
 from memshare import __version__
 from memshare.block_pool import BlockPool
 from memshare.errors import InputError
-from memshare.kv_manager import KVCacheManager, cdiv
+from memshare.kv_manager import KVCacheManager, blocks_for_all
 from memshare.policy import policy_layer_map
 from memshare.registry import make_policy
 from memshare.scheduler import Scheduler
@@ -130,7 +130,7 @@ def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
     per_block = cfg.model.kv_bytes_per_token * bs
     kv = cfg.kv
     if kv.unlimited:
-        n = sum(cdiv(r.prompt_len + served_output_len(r.output_len), bs) + 1 for r in records) + 1
+        n = blocks_for_all((r.prompt_len + served_output_len(r.output_len) for r in records), bs)
     elif kv.blocks is not None:
         n = kv.blocks
     elif kv.bytes is not None:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers_models import tiny_model
 
 from memshare.cli import main
 
@@ -98,21 +99,7 @@ def test_engine_on_qwen_matches_hf_generate(kind: str) -> None:
     from memshare.scheduler import SchedulerConfig
     from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
 
-    torch.manual_seed(0)
-    cfg_cls = transformers.Qwen2Config if kind == "qwen2" else transformers.Qwen3Config
-    extra = {"head_dim": 16} if kind == "qwen3" else {}
-    cfg = cfg_cls(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        **extra,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.generation_config.eos_token_id = None
+    model = tiny_model(kind)
     g = torch.Generator().manual_seed(1)
     shared = torch.randint(0, 256, (32,), generator=g).tolist()
     prompts = [shared + torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 19, 40)]

@@ -66,19 +66,28 @@ def layer_map_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# trace fixture -> (requests it holds, extra --set items for cf-topk members)
+TRACES = {"smol": (6, []), "captured": (2, ["--set", "tau=0.5"])}
+
+
+@pytest.mark.parametrize("trace", list(TRACES))
 @pytest.mark.parametrize("policy", policy_names())
 def test_every_registered_policy_runs_through_the_cli(
-    policy: str, smol: Path, layer_map_file: Path, tmp_path: Path
+    policy: str, trace: str, layer_map_file: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    # Defect 1: compositions (prefix+cf-topk) crashed on the composite's None layer map.
-    args = ["simulate", str(smol), "--policy", policy, "-o", str(tmp_path / "o"), "--json"]
+    # Defect 1: compositions (prefix+cf-topk) crashed on the composite's None layer map. Runs
+    # on a written trace shaped like the default model's and on a real capture of it.
+    path: Path = request.getfixturevalue(trace)
+    finished, cf_sets = TRACES[trace]
+    args = ["simulate", str(path), "--policy", policy, "-o", str(tmp_path / "o"), "--json"]
+    args += cf_sets if "cf-topk" in policy else []
     if "kvsharer" in policy:
         args += ["--set", f"layer_map_file={layer_map_file}"]
     res = memshare(*args)
     assert res.returncode == 0, res.stderr
     run = json.loads(res.stdout)["runs"][0]
     assert run["policy"] == policy
-    assert run["metrics"]["requests"]["finished"] == 6
+    assert run["metrics"]["requests"]["finished"] == finished
 
 
 def edit_manifest(trace: Path, **changes: object) -> None:
@@ -186,17 +195,3 @@ def captured(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     res = memshare("capture", "-o", str(out), "--texts", str(texts), "--field", "reasoning")
     assert res.returncode == 0, res.stderr
     return out
-
-
-@pytest.mark.parametrize("policy", policy_names())
-def test_every_registered_policy_runs_on_a_captured_trace(
-    policy: str, captured: Path, layer_map_file: Path, tmp_path: Path
-) -> None:
-    args = ["simulate", str(captured), "--policy", policy, "-o", str(tmp_path / "o"), "--json"]
-    args += ["--set", "tau=0.5"] if "cf-topk" in policy else []
-    if "kvsharer" in policy:
-        args += ["--set", f"layer_map_file={layer_map_file}"]
-    res = memshare(*args)
-    assert res.returncode == 0, res.stderr
-    run = json.loads(res.stdout)["runs"][0]
-    assert run["policy"] == policy and run["metrics"]["requests"]["finished"] == 2

@@ -20,6 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers_models import tiny_model  # noqa: E402
+
 from memshare.validate.paged_model import PagedModel, SeqChunk  # noqa: E402
 from memshare.validate.paged_store import PageStore  # noqa: E402
 
@@ -52,32 +54,6 @@ def grow(table: np.ndarray, tokens: int, block_size: int, pages: Pages) -> np.nd
     """``table`` extended with fresh blocks until it covers ``tokens`` positions."""
     need = -(-tokens // block_size) - len(table)
     return np.concatenate([table, pages.blocks(need)]) if need > 0 else table
-
-
-def tiny_model(kind: str, layers: int = 3) -> Any:
-    """A seeded random-weight model: hidden 64, 4 heads, 2 KV heads, vocab 256."""
-    torch.manual_seed(0)
-    kw: dict[str, Any] = {
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    }
-    cfg_cls = {
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-        "llama": transformers.LlamaConfig,
-    }[kind]
-    if kind == "qwen3":
-        kw["head_dim"] = 16
-    cfg = cfg_cls(**kw)
-    cfg.eos_token_id = None
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def engine(model: Any, block_size: int, num_pages: int, **kw: Any) -> tuple[PagedModel, Pages]:

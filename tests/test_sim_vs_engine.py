@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers_models import tiny_model
 
 from memshare.block_pool import BlockPool
 from memshare.kv_manager import KVCacheManager
@@ -34,17 +35,7 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def model() -> Any:
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_model("qwen2", LAYERS)
 
 
 def workload(n: int = 12, seed: int = 0) -> list[RequestRecord]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.errors import InputError
-from memshare.kv_manager import KVCacheManager, cdiv
+from memshare.kv_manager import KVCacheManager, blocks_for_all, cdiv
 from memshare.policy import BlockDecision, Policy, policy_layer_map
 from memshare.request import Request, new_request
 from memshare.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -116,11 +116,6 @@ class EngineResult:
     sketch_s: float  # time spent sketching live blocks
 
 
-def budget_blocks(specs: Sequence[EngineSpec], block_size: int) -> int:
-    """Blocks for every request at once (the "unlimited" budget), as the simulator sizes it."""
-    return sum(cdiv(len(s.prompt_ids) + s.max_tokens, block_size) + 1 for s in specs) + 1
-
-
 class PagedEngine:
     """Drives the scheduler with real forward passes (see the module docstring)."""
 
@@ -144,7 +139,9 @@ class PagedEngine:
         bs = opts.block_size
         if opts.teacher_forced:
             opts = _with_threshold(opts, bs)
-        num_blocks = opts.kv_blocks if opts.kv_blocks is not None else budget_blocks(specs, bs)
+        num_blocks = opts.kv_blocks
+        if num_blocks is None:  # every request fits at once, as the simulator sizes it
+            num_blocks = blocks_for_all((len(s.prompt_ids) + s.max_tokens for s in specs), bs)
         try:
             layer_map = policy_layer_map(policy, layers)
         except ValueError as e:
@@ -197,8 +194,9 @@ class PagedEngine:
                 bounds,
                 sketch_dim=opts.sketch_dim,
                 sketch_seed=opts.sketch_seed,
-                on_block=self._record_owner,
-                with_kv=self.manager.after_step,  # asked at reservation: no KV written yet
+                # asked at reservation (no KV written yet): no sketch, and no share to audit
+                on_block=self._record_owner if self.manager.after_step else None,
+                with_kv=self.manager.after_step,
             )
             self.requests.append(req)
             if opts.temperature > 0:
@@ -390,6 +388,4 @@ class PagedEngine:
 
 def _with_threshold(opts: EngineOptions, block_size: int) -> EngineOptions:
     """Teacher-forced texts run block by block: chunks of at most one block."""
-    from dataclasses import replace
-
     return replace(opts, scheduler=replace(opts.scheduler, long_prefill_token_threshold=block_size))

@@ -68,9 +68,8 @@ class Prompt:
 
 
 def check_output(path: Path) -> None:
-    """``-o``: a folder that holds no earlier generate run (created if missing)."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"-o {path}", "exists and is not a folder", "choose a folder path")
+    """``-o`` holds no earlier generate run (that it is a folder path at all, the CLI's ``-o``
+    callback checks, as for every command)."""
     taken = [f for f in OUTPUT_FILES if (path / f).exists()]
     if taken:
         raise InputError(
