@@ -61,7 +61,7 @@ class PoolStats:
 
     allocated_blocks: int = 0  # blocks created by allocate()
     evicted_blocks: int = 0  # cached blocks evicted to make room
-    hits: int = 0  # touch() calls (prefix-cache hits, shares)
+    hits: int = 0  # blocks touched (prefix-cache hits, shares, held span sources)
     peak_used_pages: int = 0  # gauge: max pages held at once
 
 

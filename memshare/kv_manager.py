@@ -67,6 +67,7 @@ class RequestState:
     num_full: int  # logical blocks already reported full to the policy
     block_info: BlockInfoFn | None  # source of FullBlock data (trace or live KV)
     cow_tail: bool = False  # last entry is a shared partial block: copy before writing past it
+    reuse_pins: list[KVBlock] = field(default_factory=list)  # span sources held until copied
 
 
 @dataclass
@@ -78,7 +79,7 @@ class ManagerStats:
     prompt_blocks: int = 0  # hashed prompt blocks of admitted requests
     hit_blocks: int = 0  # of which hit in the prefix cache
     matched_tokens: int = 0  # prompt tokens matched anywhere in the cache (KVShare's hit)
-    reused_tokens: int = 0  # prompt tokens past the prefix whose KV is copied, not computed
+    reused_tokens: int = 0  # prompt tokens past the prefix whose KV is copied (when scheduled)
     full_blocks: int = 0  # blocks reported full to the policy
     shared_blocks: int = 0  # full blocks replaced by an existing physical block
     pages_written: int = 0  # pages of blocks reported full
@@ -133,17 +134,21 @@ class KVCacheManager:
         cow_tail = covered > info.prompt_len  # a hashed partial tail block was hit
         need = max(0, cdiv(hit.num_tokens + n_new, self.block_size) - len(hit_blocks))
         # Hit blocks with ref 0 sit in the free queue: touching them pins their pages, which
-        # our own allocation then may not evict, so the fit check discounts them.
-        revive = self.pool.pages_pinned_by_touch(hit_blocks)
+        # our own allocation then may not evict, so the fit check discounts them. So do the
+        # sources of reused spans (KVShare): held until the request's prompt is computed.
+        pins = list({id(sp.source): sp.source for sp in hit.spans}.values())
+        revive = self.pool.pages_pinned_by_touch(hit_blocks + pins)
         if need * self.pool.pages_per_block > self.pool.available_pages - revive:
             return None
         self.pool.touch(hit_blocks)
+        self.pool.touch(pins)
         new = self.pool.allocate(need)
         assert new is not None  # checked above
         state = RequestState(
             info, hit_blocks + new, hit.num_tokens + n_new, len(hit_blocks), block_info
         )
         state.cow_tail = cow_tail
+        state.reuse_pins = pins
         self.requests[info.req_id] = state
         st = self.stats
         st.prompt_tokens += info.prompt_len
@@ -151,7 +156,6 @@ class KVCacheManager:
         st.prompt_blocks += info.prompt_blocks
         st.hit_blocks += len(hit_blocks)
         st.matched_tokens += max(hit.matched_tokens, hit.num_tokens)
-        st.reused_tokens += hit.reused_tokens
         if not self.after_step:
             self._report_full(state)
         return hit
@@ -185,6 +189,13 @@ class KVCacheManager:
         if self.after_step:
             self._report_full(self.requests[req_id])
 
+    def release_reuse(self, req_id: str) -> None:
+        """Drop the request's hold on its reused spans' sources (their KV has been copied)."""
+        state = self.requests[req_id]
+        if state.reuse_pins:
+            self.pool.free(state.reuse_pins[::-1])
+            state.reuse_pins = []
+
     def page_table(self, req_id: str) -> np.ndarray:
         """The request's block table as page ids, ``(blocks, layers, 2)`` (K = 0, V = 1): what
         the engine reads and writes. Shared entries name the same pages as their source."""
@@ -195,6 +206,7 @@ class KVCacheManager:
 
     def free(self, req_id: str) -> None:
         """Release a finished or preempted request's blocks, tail first."""
+        self.release_reuse(req_id)
         state = self.requests.pop(req_id)
         self.pool.free(state.table[::-1])
         self.policy.on_request_end(req_id)
@@ -207,10 +219,11 @@ class KVCacheManager:
         return max(0, cdiv(total, self.block_size) - len(state.table)) + int(cow)
 
     def table_refs(self) -> dict[int, int]:
-        """Block id -> number of table entries pointing at it (for invariant checks)."""
+        """Block id -> references the manager holds on it: table entries, and reused spans'
+        sources not yet copied (for invariant checks)."""
         refs: dict[int, int] = {}
         for state in self.requests.values():
-            for blk in state.table:
+            for blk in (*state.table, *state.reuse_pins):
                 refs[blk.block_id] = refs.get(blk.block_id, 0) + 1
         return refs
 

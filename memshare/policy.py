@@ -62,13 +62,30 @@ class FullBlock:
 
 
 @dataclass(frozen=True)
+class ReusedSpan:
+    """Prompt positions ``start .. start + length - 1`` whose KV is copied from ``source``'s
+    token slots ``offset .. offset + length - 1`` (KVShare), in every layer. Keys are stored
+    before RoPE, so the copy is attended at its new positions as if computed there."""
+
+    start: int  # first prompt position that receives the copy
+    length: int  # tokens (>= 1)
+    source: KVBlock  # a cached block holding the same tokens (pinned until the copy is done)
+    offset: int  # first token slot within ``source`` (offset + length <= block size)
+
+
+@dataclass(frozen=True)
 class PrefixHit:
-    """Answer to an arrival: cached blocks covering the request's first tokens."""
+    """Answer to an arrival: cached blocks covering the request's first tokens.
+
+    Invariants: ``spans`` are sorted, disjoint, lie in ``[num_tokens, prompt_len - 1)`` (the
+    last prompt token is always computed) and their lengths sum to ``reused_tokens``.
+    """
 
     blocks: tuple[KVBlock, ...] = ()  # cached blocks, in logical order
     num_tokens: int = 0  # prompt tokens whose KV need not be computed (< prompt_len)
     reused_tokens: int = 0  # further prompt tokens whose KV is copied from elsewhere (KVShare)
     matched_tokens: int = 0  # prompt tokens matched in other requests (KVShare's KV hit)
+    spans: tuple[ReusedSpan, ...] = ()  # where the ``reused_tokens`` come from, in order
 
 
 @dataclass(slots=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 from memshare.hashing import block_hash, chain_hashes
 from memshare.kv_manager import BlockInfoFn, RequestState
-from memshare.policy import RequestInfo
+from memshare.policy import RequestInfo, ReusedSpan
 
 
 @dataclass(slots=True, eq=False)
@@ -47,7 +47,7 @@ class Request:
     hit_tokens: int = -1  # prefix-cache hit tokens at first admission (-1: never admitted)
     hit_blocks: int = 0  # prefix-cache hit blocks at first admission
     preemptions: int = 0  # times it was preempted (recomputed from scratch)
-    reuse_left: int = 0  # prompt tokens past the hit whose KV the policy copies (KVShare)
+    reuse_spans: tuple[ReusedSpan, ...] = ()  # reused spans not yet scheduled (KVShare)
     quiet: int = 0  # tokens allocate_slots may take without allocating or filling a block
     lag: int = 0  # tokens computed but not yet told to the manager (all within ``quiet``)
     state: RequestState | None = field(default=None, repr=False)  # manager state if admitted

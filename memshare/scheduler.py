@@ -36,9 +36,11 @@ Invariants: the tokens of one step never exceed ``max_num_batched_tokens``; at m
 ``max_num_seqs`` requests run; a request is in exactly one of ``waiting`` / ``running``
 (or finished); every running request is admitted in the manager and no waiting one is.
 
-Prompt tokens a policy reuses past the prefix hit (KVShare's ``PrefixHit.reused_tokens``)
-take budget and blocks like any other, but are marked ``reused`` in the step's chunk (their
-KV is copied, not computed): they are taken off the first chunks after the hit.
+Prompt tokens a policy reuses past the prefix hit (KVShare's ``PrefixHit.spans``) take
+budget and blocks like any other, but each chunk lists those that fall into it (``spans``,
+counted in ``reused`` and in the manager's ``reused_tokens`` when scheduled): their KV is
+copied, not computed. The manager holds the spans' source blocks from admission until the step
+that copies the last span.
 
 Decode fast path: while a request decodes past its prompt, ``allocate_slots`` has nothing to
 do until its next block fills or a new block is needed. The scheduler counts such tokens in
@@ -58,6 +60,7 @@ from dataclasses import dataclass, field
 
 from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager
+from memshare.policy import ReusedSpan
 from memshare.request import Request, resumed_info
 
 
@@ -86,8 +89,9 @@ class Chunk:
     req: Request  # the scheduled request
     start: int  # logical position of its first token this step (= tokens computed before)
     num_tokens: int  # tokens scheduled (computed, or copied where ``reused``)
-    reused: int = 0  # of which the first ``reused`` have KV copied by the policy (KVShare)
+    reused: int = 0  # of which this many have KV copied by the policy (KVShare): ``spans``
     samples: bool = False  # the chunk reaches ``num_tokens``: a token is sampled after it
+    spans: tuple[ReusedSpan, ...] = ()  # the reused positions, clipped to the chunk
 
 
 @dataclass(slots=True)
@@ -190,7 +194,7 @@ class Scheduler:
             req.state = mgr.requests[req.rid]
             req.lag = 0
             self._set_quiet(req)
-            req.reuse_left = hit.reused_tokens
+            req.reuse_spans = hit.spans
             if req.hit_tokens < 0:
                 req.hit_tokens = c
                 req.hit_blocks = len(hit.blocks)
@@ -200,14 +204,24 @@ class Scheduler:
 
         return plan
 
-    @staticmethod
-    def _add_chunk(plan: StepPlan, req: Request, c: int, n: int, want: int) -> None:
+    def _add_chunk(self, plan: StepPlan, req: Request, c: int, n: int, want: int) -> None:
         """Schedule ``n`` tokens of ``req`` after its ``c`` computed ones into ``plan``."""
         end = c + n
         req.num_computed = end
-        take = min(n, req.reuse_left)
-        req.reuse_left -= take
-        plan.chunks.append(Chunk(req, c, n, take, end == want))
+        if not req.reuse_spans:
+            plan.chunks.append(Chunk(req, c, n, 0, end == want))
+            return
+        spans: list[ReusedSpan] = []
+        for sp in req.reuse_spans:
+            if sp.start >= end:
+                break
+            a, b = max(sp.start, c), min(sp.start + sp.length, end)
+            if a < b:
+                spans.append(ReusedSpan(a, b - a, sp.source, sp.offset + a - sp.start))
+        req.reuse_spans = tuple(sp for sp in req.reuse_spans if sp.start + sp.length > end)
+        reused = sum(sp.length for sp in spans)
+        self.manager.stats.reused_tokens += reused
+        plan.chunks.append(Chunk(req, c, n, reused, end == want, tuple(spans)))
 
     def complete(
         self, plan: StepPlan, sampled: Sequence[int | None] | None = None
@@ -227,6 +241,9 @@ class Scheduler:
         finished: list[Request] = []
         for j, chunk in enumerate(plan.chunks):
             req = chunk.req
+            st = req.state
+            if st is not None and st.reuse_pins and not req.reuse_spans:
+                mgr.release_reuse(req.rid)  # every reused span has been copied
             if req.num_computed == req.prompt_len + req.num_output:
                 req.append_token(None if sampled is None else sampled[j])
                 if req.finish_reason:

@@ -15,7 +15,7 @@ HEAVY = {"torch", "transformers", "vllm", "accelerate", "gguf"}
 CORE_ALLOWED = {"numpy", "memshare"} | set(sys.stdlib_module_names)
 # validate/ files that read simulator results (config and metrics of a run directory), never
 # its engine: the demo pipeline runs both stages.
-VALIDATE_READS_SIM = {"pipeline.py"}
+VALIDATE_READS_SIM = {"pipeline.py", "cost_fit.py"}
 
 
 def _imports(path: Path, top_level_only: bool) -> set[str]:

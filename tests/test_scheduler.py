@@ -149,3 +149,55 @@ def test_random_workload_keeps_every_invariant(policy: str) -> None:
     drain(s)
     assert all(r.finished and r.num_output == r.max_tokens for r in reqs)
     assert not s.manager.requests and s.manager.pool.pinned_pages == 0
+
+
+def test_kvshare_spans_follow_their_chunks_and_hold_sources_until_copied() -> None:
+    """Reused spans (KVShare) are split over chunked prefill exactly, each chunk lists the
+    positions it copies with their sources, and the sources stay pinned until the step that
+    completes the prompt, also through preemption."""
+    rng = np.random.default_rng(5)
+    pool = BlockPool(num_blocks=14, num_layers=L)
+    mgr = KVCacheManager(pool, make_policy("kvshare", window=2, recompute=0.25), BS)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4), mgr)
+    passages = [[int(t) for t in rng.integers(100, 200, size=12)] for _ in range(2)]
+    reqs: list[Request] = []
+    for i in range(14):
+        head = [int(t) for t in rng.integers(0, 100, size=int(rng.integers(1, 7)))]
+        prompt = head + passages[i % 2] + [int(t) for t in rng.integers(0, 100, size=3)]
+        r = new_request(f"r{i}", prompt, BS, int(rng.integers(4, 14)))
+        r.block_info = (
+            lambda i, r=r: FullBlock(  # type: ignore[misc]
+                r.rid, i, r.hashes[i], np.asarray((r.token_ids or [])[i * BS : (i + 1) * BS])
+            )
+        )
+        reqs.append(r)
+        s.add(r)
+    copied: dict[str, int] = {}
+    pinned_steps = 0
+    while not s.idle:
+        plan = s.schedule()
+        for c in plan.chunks:
+            assert sum(sp.length for sp in c.spans) == c.reused
+            end = c.start + c.num_tokens
+            for sp in c.spans:
+                assert c.start <= sp.start and sp.start + sp.length <= end
+                assert sp.start + sp.length < c.req.num_tokens  # the last token is computed
+                assert sp.offset + sp.length <= BS and sp.source.block_hash is not None
+                assert c.req.token_ids is not None
+                # the source block holds these very tokens: its hash chains over them
+                copied[c.req.rid] = copied.get(c.req.rid, 0) + sp.length
+            st = c.req.state
+            if st is not None and st.reuse_pins:
+                assert all(b.ref_cnt > 0 for b in st.reuse_pins)
+                pinned_steps += 1
+        s.manager.pool.check(mgr.table_refs())
+        s.complete(plan, sampled(plan))
+        for r in s.running:
+            if not r.reuse_spans:
+                assert r.state is not None and not r.state.reuse_pins  # released once copied
+        s.manager.pool.check(mgr.table_refs())
+    assert all(r.finished for r in reqs)
+    assert mgr.stats.reused_tokens > 20 and pinned_steps > 0
+    assert sum(copied.values()) == mgr.stats.reused_tokens  # every reused token copied once
+    assert s.num_preemptions > 0  # the budget was tight: pins released on preemption too
+    assert not mgr.requests and pool.pinned_pages == 0

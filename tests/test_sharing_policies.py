@@ -226,7 +226,14 @@ def test_kvshare_matches_spans_at_other_positions_and_recomputes_a_share() -> No
     assert hit.num_tokens == 0 and not hit.blocks  # b's first block is new: no prefix
     assert hit.matched_tokens == 2 * BS  # a's blocks 1 and 2, now at positions 4..11
     assert hit.reused_tokens == 2 * BS - 2  # 25% of 8 matched tokens recomputed
-    assert mgr.stats.reused_tokens == 6
+    # two runs (a's block 1 at 4..7, block 2 at 8..11); each run's first token is recomputed
+    a1, a2 = (pool.cached_block(chain_hashes(a, BS)[i]) for i in (1, 2))
+    assert [(sp.start, sp.length, sp.source, sp.offset) for sp in hit.spans] == [
+        (5, 3, a1, 1),
+        (9, 3, a2, 1),
+    ]
+    assert a1 is not None and a2 is not None and a1.ref_cnt == a2.ref_cnt == 1  # held
+    pool.check(mgr.table_refs())
     pool.evict_all_cached()
     mgr.free("b")
     pool.evict_all_cached()

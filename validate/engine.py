@@ -33,14 +33,16 @@ from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager, blocks_for_all, cdiv
 from memshare.policy import BlockDecision, Policy, policy_layer_map
 from memshare.request import Request, new_request
-from memshare.scheduler import Scheduler, SchedulerConfig, StepPlan
+from memshare.scheduler import Chunk, Scheduler, SchedulerConfig, StepPlan
 from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
 from memshare.traces.capture.segment import SegmenterConfig
 from memshare.validate.live_blocks import StepBoundaries, TokenStarts, live_block_source
 from memshare.validate.paged_model import PagedModel, SeqChunk
 from memshare.validate.paged_store import PageStore
 
-LogitsSink = Callable[[str, int, Any], None]  # request id, first position, [n, vocab] logits
+# request id, first position, [n, vocab] logits: teacher-forced, every position of a chunk;
+# generating, a chunk's last position only (n = 1)
+LogitsSink = Callable[[str, int, Any], None]
 Progress = Callable[[int, int], None]  # tokens generated so far, of at most this many
 
 
@@ -89,11 +91,26 @@ class ShareRecord:
 
 
 @dataclass
+class ReuseRecord:
+    """One reused span (KVShare) the engine copied: positions ``position ..
+    position + length - 1`` of ``request`` hold, in every layer, the K/V that
+    ``source_request`` computed at ``source_position ..``."""
+
+    request: str
+    position: int
+    length: int
+    source_request: str
+    source_position: int
+    step: int  # engine step that copied it (and computed the rest of the chunk)
+
+
+@dataclass
 class StepRecord:
     """One engine step, for metrics."""
 
     seqs: int
-    tokens: int
+    tokens: int  # scheduled (as the simulator counts them)
+    computed: int  # of which run through the model (the rest copied: KVShare spans)
     wall_s: float  # forward pass + sampling + commit
     commit_s: float  # of which complete(): sketches, policy decisions, frees
     live_pages: int  # pages held by running requests once the step is scheduled (reserved)
@@ -106,6 +123,7 @@ class EngineResult:
 
     requests: list[Request]  # input order
     shares: list[ShareRecord]
+    reuses: list[ReuseRecord]
     steps: list[StepRecord]
     wall_s: float
     preemptions: int
@@ -164,6 +182,7 @@ class PagedEngine:
         self.opts = opts
         self.logits_sink = logits_sink
         self.shares: list[ShareRecord] = []
+        self.reuses: list[ReuseRecord] = []
         self.steps: list[StepRecord] = []
         self._started = False
         self._sampled = 0  # tokens sampled so far
@@ -194,8 +213,8 @@ class PagedEngine:
                 bounds,
                 sketch_dim=opts.sketch_dim,
                 sketch_seed=opts.sketch_seed,
-                # asked at reservation (no KV written yet): no sketch, and no share to audit
-                on_block=self._record_owner if self.manager.after_step else None,
+                on_block=self._record_owner,
+                # asked at reservation (no KV written yet): no sketch
                 with_kv=self.manager.after_step,
             )
             self.requests.append(req)
@@ -215,6 +234,7 @@ class PagedEngine:
         return EngineResult(
             self.requests,
             self.shares,
+            self.reuses,
             self.steps,
             time.perf_counter() - t0,
             self.scheduler.num_preemptions,
@@ -251,6 +271,7 @@ class PagedEngine:
             StepRecord(
                 len(plan.chunks),
                 plan.num_tokens,
+                plan.num_tokens - sum(c.reused for c in plan.chunks),
                 now - t_step,
                 now - t_commit,
                 live,
@@ -266,29 +287,46 @@ class PagedEngine:
         chunks: list[SeqChunk] = []
         for c in plan.chunks:
             req = c.req
-            if c.reused:
-                raise InputError(
-                    "--policy",
-                    "kvshare's reuse of matched spans at other positions is not executed by "
-                    "the paged engine",
-                    "validate prefix, exact-dedup, token-dedup, cf-topk or kvsharer",
-                )
             assert req.token_ids is not None
             end = c.start + c.num_tokens
             pages = self.manager.page_table(req.rid)[: cdiv(end, bs)]
-            chunks.append(
-                SeqChunk(
-                    req.token_ids[c.start : end],
-                    c.start,
-                    pages,
-                    all_logits=self.opts.teacher_forced,
+            if not c.spans:
+                chunks.append(
+                    SeqChunk(
+                        req.token_ids[c.start : end],
+                        c.start,
+                        pages,
+                        all_logits=self.opts.teacher_forced,
+                    )
                 )
-            )
+                continue
+            if self.opts.teacher_forced:
+                raise InputError(
+                    "--policy kvshare",
+                    "reused prompt positions have no logits in a teacher-forced run",
+                    "run kvshare on prompts (generation)",
+                )
+            chunks.append(_reusing_chunk(req.token_ids, c, pages, bs))
+            for sp in c.spans:
+                src_rid, src_block = self._owner.get(int(sp.source.pages[0, 0]), ("?", -1))
+                self.reuses.append(
+                    ReuseRecord(
+                        req.rid,
+                        sp.start,
+                        sp.length,
+                        src_rid,
+                        src_block * bs + sp.offset,
+                        len(self.steps),
+                    )
+                )
         logits = self.model.step(chunks)
         out: list[int | None] = []
         for c, lg in zip(plan.chunks, logits, strict=True):
-            if self.logits_sink is not None and self.opts.teacher_forced:
-                self.logits_sink(c.req.rid, c.start, lg)
+            if self.logits_sink is not None:
+                if self.opts.teacher_forced:
+                    self.logits_sink(c.req.rid, c.start, lg)
+                else:  # the chunk's last position only
+                    self.logits_sink(c.req.rid, c.start + c.num_tokens - 1, lg[None])
             if not c.samples:
                 out.append(None)
                 continue
@@ -384,6 +422,29 @@ class PagedEngine:
                     len(self.steps),
                 )
             )
+
+
+def _reusing_chunk(
+    token_ids: list[int], c: Chunk, pages: npt.NDArray[np.int64], block_size: int
+) -> SeqChunk:
+    """The work of a chunk with reused spans: its other tokens computed at their positions,
+    the spans' K/V copied from their source blocks' token slots (every layer)."""
+    copy_pos = np.concatenate([np.arange(sp.start, sp.start + sp.length) for sp in c.spans])
+    computed = np.setdiff1d(np.arange(c.start, c.start + c.num_tokens), copy_pos)
+    src = np.concatenate(
+        [
+            sp.source.pages[None] * block_size + (sp.offset + np.arange(sp.length))[:, None, None]
+            for sp in c.spans
+        ]
+    )
+    return SeqChunk(
+        [token_ids[p] for p in computed.tolist()],
+        c.start,
+        pages,
+        positions=computed.tolist(),
+        copy_pos=copy_pos.tolist(),
+        copy_src=src,
+    )
 
 
 def _with_threshold(opts: EngineOptions, block_size: int) -> EngineOptions:

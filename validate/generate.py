@@ -1,9 +1,10 @@
 """``memshare generate``: run prompts (or teacher-forced texts) on the paged engine under a
-policy and write ``outputs.jsonl``, ``shares.jsonl`` and ``metrics.json`` (docs/scheduler.md).
+policy and write ``outputs.jsonl``, ``shares.jsonl``, ``reuses.jsonl`` (KVShare's copied spans)
+and ``metrics.json`` (docs/scheduler.md).
 
 Everything the user gave is checked before the output folder is touched; each file is written
 to a temporary name and renamed into place, ``metrics.json`` last, so a folder with a
-``metrics.json`` holds a whole run and a failed run leaves none of the three files.
+``metrics.json`` holds a whole run and a failed run leaves none of the files.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from memshare.traces.capture.inputs import InputItem, read_texts
 from memshare.traces.capture.segment import SegmenterConfig, segment_tokens
 from memshare.validate.engine import EngineOptions, EngineResult, EngineSpec, PagedEngine
 
-OUTPUT_FILES = ("outputs.jsonl", "shares.jsonl", "metrics.json")
+OUTPUT_FILES = ("outputs.jsonl", "shares.jsonl", "reuses.jsonl", "metrics.json")
 
 
 @dataclass
@@ -203,12 +204,12 @@ def generate(
     if not np.isfinite(o.top_p) or not 0 < o.top_p <= 1:
         raise InputError("--top-p", f"must be in (0, 1], got {o.top_p}", "e.g. 0.95")
     check_output(o.output)
-    if "kvshare" in o.policy.split("+"):
+    if "kvshare" in o.policy.split("+") and o.texts is not None:
         raise InputError(
             "--policy kvshare",
-            "its reuse of matched token spans at other positions is not executed by the paged "
-            "engine yet (docs/scheduler.md)",
-            "simulate it, or generate with prefix, exact-dedup, token-dedup, cf-topk, kvsharer",
+            "it copies matched prompt KV instead of computing it, so a teacher-forced text "
+            "has no logits at the reused positions",
+            "generate from --prompts with kvshare, or take another policy for --texts",
         )
     params = coerce_params(o.policy, parse_settings(o.sets))
     policy = make_policy(o.policy, **params)
@@ -267,7 +268,7 @@ def run_metrics(
     used = np.array([s.used_pages for s in r.steps], dtype=np.float64)
     wall = np.array([s.wall_s for s in r.steps], dtype=np.float64)
     generated = sum(q.num_output for q in r.requests)
-    computed = sum(s.tokens for s in r.steps)
+    computed = sum(s.computed for s in r.steps)
     commit_s = float(sum(s.commit_s for s in r.steps))
     return {
         "model": model,
@@ -305,6 +306,7 @@ def run_metrics(
         "commit_share_of_step_time": commit_s / float(wall.sum()) if wall.size else 0.0,
         "sketch_s": r.sketch_s,
         "shares": len(r.shares),
+        "reused_tokens": sum(x.length for x in r.reuses),
         "shared_pages": int(sum(len(s.layers) * (2 if s.parts == "kv" else 1) for s in r.shares)),
     }
 
@@ -316,7 +318,7 @@ def write_run(
     decode: Callable[[Sequence[int]], str],
     metrics: dict[str, Any],
 ) -> None:
-    """The three files, each renamed into place when whole, ``metrics.json`` last."""
+    """The output files, each renamed into place when whole, ``metrics.json`` last."""
     folder.mkdir(parents=True, exist_ok=True)
     outputs = [
         {
@@ -332,6 +334,8 @@ def write_run(
     shares = [dataclasses.asdict(s) for s in r.shares]
     _write_atomic(folder / "outputs.jsonl", "".join(json.dumps(x) + "\n" for x in outputs))
     _write_atomic(folder / "shares.jsonl", "".join(json.dumps(x) + "\n" for x in shares))
+    reuses = [dataclasses.asdict(x) for x in r.reuses]
+    _write_atomic(folder / "reuses.jsonl", "".join(json.dumps(x) + "\n" for x in reuses))
     _write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 

@@ -10,7 +10,8 @@ through unchanged down to the attention function. See ``docs/paged-kv.md``.
 
 Per layer, in this order (write-before-read):
 
-1. an owner layer writes every sequence's new pre-RoPE K/V rows into their pages;
+1. an owner layer writes every sequence's new pre-RoPE K/V rows into their pages, then copies
+   the step's reused rows (KVShare spans) into theirs;
 2. every sequence reads its context ``[0, start + n)`` from its pages (a shared layer through
    its owner's table column), rotates the keys by their logical positions ``0..ctx-1`` with the
    modeling module's own ``apply_rotary_pos_emb`` and the model's own cos/sin table, and
@@ -66,6 +67,8 @@ class PagedStep:
         if plan.writes[layer]:
             store.write_flat(plan.write_rows[layer, 0], self.new_k[layer].reshape(t, -1, hd))
             store.write_flat(plan.write_rows[layer, 1], self.new_v[layer].reshape(t, -1, hd))
+            if plan.copy_src is not None and plan.copy_dst is not None:
+                store.copy_flat(plan.copy_src[layer].reshape(-1), plan.copy_dst[layer].reshape(-1))
         self.new_k[layer] = self.new_v[layer] = None
         gqa = heads != store.num_kv_heads
         dtype = query.dtype

@@ -14,6 +14,8 @@ Invariants of a :class:`StepPlan`:
   Only owner layers (``layer_map[l] == l``) write.
 * Reads go through the table column of the owner layer: layer ``l`` reads
   ``pages[:, layer_map[l]]`` (under memshare's ``BlockPool`` both columns hold the same ids).
+* Copies (KVShare's reused spans): ``copy_src[l, kv, r]`` -> ``copy_dst[l, kv, r]``, done by
+  owner layers right after their writes, so a copy may read KV written in the same step.
 * Single-token chunks form one decode group, read with one padded gather: ``dec_rows``
   ``(L, 2, Bd, Lmax)`` (padding points at row 0 and is masked off by ``dec_mask``).
   Multi-token chunks are attended one by one (:class:`ChunkPlan`).
@@ -36,16 +38,33 @@ IntArray = npt.NDArray[np.int64]
 class SeqChunk:
     """One sequence's work in a step.
 
-    ``pages`` ``(n_blocks, L, 2)`` page ids cover positions ``[0, start + len(token_ids))``;
-    positions ``< start`` are already in those pages, the new tokens' K/V are written there
-    this step. ``all_logits``: logits for every new position (teacher forcing) instead of the
-    last one only.
+    ``pages`` ``(n_blocks, L, 2)`` page ids cover every position the chunk reads or writes;
+    positions before its first token are already in those pages, the new tokens' K/V are
+    written there this step. Tokens sit at ``start, start + 1, ...`` unless ``positions`` says
+    otherwise (increasing; gaps are positions whose KV is copied, not computed). ``copy_pos``
+    (``R`` positions) receive, in every owner layer, the K/V of the flat store rows
+    ``copy_src`` ``(R, L, 2)`` (KVShare's reused spans), before any attention of that layer
+    reads. A chunk may have no tokens if it has copies. ``all_logits``: logits for every new
+    token (teacher forcing) instead of the last one only.
     """
 
     token_ids: Sequence[int]
     start: int
     pages: npt.ArrayLike
     all_logits: bool = False
+    positions: Sequence[int] | None = None
+    copy_pos: Sequence[int] = ()
+    copy_src: npt.ArrayLike | None = None
+
+    def token_positions(self) -> IntArray:
+        """Positions of ``token_ids`` (checked: increasing, from ``start`` on)."""
+        n = len(self.token_ids)
+        if self.positions is None:
+            return np.arange(self.start, self.start + n, dtype=np.int64)
+        pos = np.asarray(self.positions, dtype=np.int64)
+        if pos.shape != (n,) or (n and (pos[0] < self.start or np.any(np.diff(pos) <= 0))):
+            raise ValueError("positions must be increasing, one per token, from start on")
+        return pos
 
 
 @dataclass
@@ -75,6 +94,8 @@ class StepPlan:
     dec_mask: torch.Tensor | None = None  # (Bd, 1, 1, Lmax) bool or None when all full
     dec_lmax: int = 0
     chunks: list[ChunkPlan] = field(default_factory=list)
+    copy_src: torch.Tensor | None = None  # (L, 2, R) flat rows copied from (KVShare spans)
+    copy_dst: torch.Tensor | None = None  # (L, 2, R) flat rows copied into, this step
     cos: Any = None  # (1, max_ctx, head_dim), filled by the engine from the model's rotary
     sin: Any = None
 
@@ -122,25 +143,38 @@ def plan_step(
     pos: list[IntArray] = []
     keep: list[IntArray] = []
     outputs: list[tuple[int, int, bool]] = []
+    copy_src: list[IntArray] = []
+    copy_dst: list[IntArray] = []
     t = kept = 0
     for i, c in enumerate(chunks):
         n = len(c.token_ids)
-        if n == 0 or c.start < 0:
-            raise ValueError(f"chunk {i}: needs >= 1 token and start >= 0")
+        p_tok = c.token_positions()
+        cp = np.asarray(c.copy_pos, dtype=np.int64)
+        if (n == 0 and not len(cp)) or c.start < 0 or (len(cp) and int(cp.min()) < 0):
+            raise ValueError(f"chunk {i}: needs >= 1 token or copy, and start >= 0")
+        reach = max(int(p_tok[-1]) + 1 if n else 0, int(cp.max()) + 1 if len(cp) else 0)
         pages = np.asarray(c.pages, dtype=np.int64)
-        ctx = c.start + n
-        if pages.ndim != 3 or pages.shape[1:] != (L, 2) or pages.shape[0] * B < ctx:
+        if pages.ndim != 3 or pages.shape[1:] != (L, 2) or pages.shape[0] * B < reach:
             raise ValueError(
-                f"chunk {i}: pages must be (n_blocks >= {-(-ctx // B)}, {L}, 2), got {pages.shape}"
+                f"chunk {i}: pages must be (n_blocks >= {-(-reach // B)}, {L}, 2), "
+                f"got {pages.shape}"
             )
-        used = pages[: -(-ctx // B)]
+        used = pages[: -(-reach // B)]
         if used.size and (int(used.min()) < 0 or int(used.max()) >= num_pages):
             raise ValueError(f"chunk {i}: page ids must lie in [0, {num_pages})")
+        if len(cp):
+            src = np.asarray(c.copy_src, dtype=np.int64)
+            if src.shape != (len(cp), L, 2):
+                raise ValueError(f"chunk {i}: copy_src must be ({len(cp)}, {L}, 2)")
+            if int(src.min()) < 0 or int(src.max()) >= num_pages * B:
+                raise ValueError(f"chunk {i}: copy rows must lie in [0, {num_pages * B})")
+            copy_src.append(src.transpose(1, 2, 0))
+            copy_dst.append(used[cp // B].transpose(1, 2, 0) * B + cp % B)
         tables.append(pages)
         ids.extend(int(x) for x in c.token_ids)
-        pos.append(np.arange(c.start, ctx, dtype=np.int64))
+        pos.append(p_tok)
         k0 = kept
-        if c.all_logits:
+        if c.all_logits or n == 0:
             keep.append(np.arange(t, t + n, dtype=np.int64))
             outputs.append((k0, k0 + n, True))
         else:
@@ -152,9 +186,8 @@ def plan_step(
     def dev(a: npt.ArrayLike) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long, device=device)
 
-    starts = np.array([c.start for c in chunks], dtype=np.int64)
     lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
-    ctxs = starts + lens
+    ctxs = np.array([int(p[-1]) + 1 if len(p) else 0 for p in pos], dtype=np.int64)
     tok0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
     write = np.empty((L, 2, t), dtype=np.int64)
     dec = np.flatnonzero(lens == 1)
@@ -163,10 +196,13 @@ def plan_step(
         position_ids=dev(np.concatenate(pos)[None]),
         write_rows=dev(write),  # replaced below
         writes=[bool(x) for x in layer_map == np.arange(L)],
-        max_ctx=int(ctxs.max()),
+        max_ctx=max(1, int(ctxs.max())),
         keep=dev(np.concatenate(keep)),
         outputs=outputs,
     )
+    if copy_src:
+        plan.copy_src = dev(np.concatenate(copy_src, axis=2))
+        plan.copy_dst = dev(np.concatenate(copy_dst, axis=2))
     if len(dec):
         lmax = int(ctxs[dec].max())
         nbmax = -(-lmax // B)
@@ -186,12 +222,12 @@ def plan_step(
         if not valid.all():
             plan.dec_mask = torch.as_tensor(valid[:, None, None, :], device=device)
     for m in np.flatnonzero(lens > 1).tolist():
-        s, n, ctx, a = int(starts[m]), int(lens[m]), int(ctxs[m]), int(tok0[m])
+        n, ctx, a = int(lens[m]), int(ctxs[m]), int(tok0[m])
         rows = _context_rows(tables[m], ctx, B)
-        write[:, :, a : a + n] = rows[:, :, s:ctx]
+        write[:, :, a : a + n] = rows[:, :, pos[m]]
         mask = None
-        if s > 0:
-            q = torch.arange(s, ctx, device=device)[:, None]
+        if n != ctx:  # not the whole context from 0: attend up to each token's own position
+            q = torch.as_tensor(pos[m], device=device)[:, None]
             mask = (torch.arange(ctx, device=device)[None, :] <= q)[None, None]
         plan.chunks.append(ChunkPlan(a, a + n, ctx, dev(rows[layer_map]), mask))
     plan.write_rows = dev(write)

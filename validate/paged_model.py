@@ -36,7 +36,7 @@ from memshare.validate.paged_attention import (
     PagedStep,
     register_attention,
 )
-from memshare.validate.paged_batch import SeqChunk, check_layer_map, plan_step
+from memshare.validate.paged_batch import SeqChunk, StepPlan, check_layer_map, plan_step
 from memshare.validate.paged_store import PageStore
 
 __all__ = ["PagedModel", "SeqChunk"]
@@ -151,6 +151,8 @@ class PagedModel:
                 layer_map=self.layer_map,
                 device=self.store.device,
             )
+            if plan.input_ids.shape[1] == 0:  # only copies (every chunk fully reused)
+                return self._copies_only(plan)
             positions = torch.arange(plan.max_ctx, device=self.store.device)[None]
             plan.cos, plan.sin = self._rotary(self._dummy, position_ids=positions)
             state = PagedStep(plan, self.store, self._new_k, self._new_v, self._apply_rope)
@@ -167,6 +169,17 @@ class PagedModel:
                 self._new_v[:] = [None] * self._num_layers
             logits = out.logits[0].float()
             return [logits[a:b] if full else logits[a] for a, b, full in plan.outputs]
+
+    def _copies_only(self, plan: StepPlan) -> list[torch.Tensor]:
+        """A step with no token to compute: do its copies, return empty logits."""
+        if plan.copy_src is not None and plan.copy_dst is not None:
+            for layer in np.flatnonzero(plan.writes).tolist():
+                self.store.copy_flat(
+                    plan.copy_src[layer].reshape(-1), plan.copy_dst[layer].reshape(-1)
+                )
+        vocab = int(self.model.get_output_embeddings().out_features)
+        empty = torch.empty((0, vocab), device=self.store.device)
+        return [empty for _ in plan.outputs]
 
     # -- reading the live KV ---------------------------------------------------------------
 

@@ -127,6 +127,10 @@ class PageStore:
             0, rows, values.reshape(-1, self.num_kv_heads, self.head_dim).to(self.dtype)
         )
 
+    def copy_flat(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy rows ``src`` into rows ``dst`` (1-D, same length; ``dst`` holds no ``src``)."""
+        self.flat.index_copy_(0, dst, self.flat.index_select(0, src))
+
     def gather_flat(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (any shape ``S``) as a tensor ``S + (kvh, hd)`` (a copy)."""
         out = self.flat.index_select(0, rows.reshape(-1))

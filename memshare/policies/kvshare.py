@@ -5,12 +5,24 @@ memory is shared: whole blocks identical at the same position). Past it, every w
 ``window`` prompt tokens whose tokens also fill a window of a block still in the cache (live or
 in the LRU free queue) is *matched*: its KV can be copied from there instead of computed.
 KVShare recomputes the matched tokens with the highest deviation too, a fraction
-``recompute`` of them (default 0.15, as in the paper); the rest are *reused*. The policy answers
-``PrefixHit.matched_tokens`` (KVShare's KV hit) and ``reused_tokens`` (prefill compute saved).
+``recompute`` of them (default 0.15, as in the paper); the rest are *reused*: their K and V, in
+every layer, are copied from the cached block (keys are stored before RoPE, so a copy is
+attended at its new position as if computed there). The policy answers
+``PrefixHit.matched_tokens`` (KVShare's KV hit), ``reused_tokens`` (prefill compute saved) and
+``spans``: for each reused run, its positions, source block and offset, which the paged engine
+copies (docs/policies.md).
+
+Which matched tokens to recompute is decided here, from tokens alone, so that the simulator and
+the engine recompute the same ones. KVShare ranks tokens by the deviation of their reused KV,
+which needs the KV this lookup does not have; our proxy is the token's depth in its matched
+run (how many tokens before it were copied consecutively from the same source): the first
+tokens of a run follow a context that differs from the source's, so their KV deviates most.
+The ``ceil(recompute * matched)`` shallowest tokens are recomputed (ties: earlier first).
 
 Windows are indexed per full block (those inside one block), keyed by a 64-bit polynomial hash
-of their tokens and mapped to the chained hash of a block holding them; an entry is valid only
-while that block is still in the pool. Deterministic; no clock.
+of their tokens and mapped to the chained hash of a block holding them and the window's offset
+in it; an entry is valid only while that block is still in the pool. A position takes the first
+matching window that covers it. Deterministic; no clock.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.policies.prefix import PrefixCaching
-from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
+from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo, ReusedSpan
 
 _BASE = np.uint64(0x100000001B3)
 
@@ -49,27 +61,64 @@ class KVShare:
     name: str = "kvshare"
     shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
     _prefix: PrefixCaching = field(default_factory=PrefixCaching, init=False, repr=False)
-    _index: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+    _index: dict[int, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.window < 1 or not 0.0 <= self.recompute <= 1.0:
             raise ValueError("need window >= 1 and 0 <= recompute <= 1")
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
-        """Exact prefix blocks, then matched windows past the prefix."""
+        """Exact prefix blocks, then matched windows past the prefix (see the module doc)."""
         hit = self._prefix.lookup_prefix(req, pool)
         if req.prompt_ids is None or len(req.prompt_ids) < self.window:
             return hit
+        lo = hit.num_tokens
         # the last prompt token is always computed, like the prefix rule
-        rest = np.asarray(req.prompt_ids[hit.num_tokens : req.prompt_len - 1])
-        matched = np.zeros(len(rest), dtype=bool)
-        for start, h in enumerate(window_hashes(rest, self.window).tolist()):
-            owner = self._index.get(h)
-            if owner is not None and pool.cached_block(owner) is not None:
-                matched[start : start + self.window] = True
+        rest = np.asarray(req.prompt_ids[lo : req.prompt_len - 1])
+        src: list[KVBlock | None] = [None] * len(rest)
+        off = np.zeros(len(rest), dtype=np.int64)
+        w = self.window
+        filled = 0  # positions below this are taken by earlier windows (or not coverable)
+        for start, h in enumerate(window_hashes(rest, w).tolist()):
+            entry = self._index.get(h)
+            if entry is None:
+                continue
+            blk = pool.cached_block(entry[0])
+            if blk is None:
+                continue
+            for j in range(max(start, filled), start + w):
+                src[j] = blk
+                off[j] = entry[1] + j - start
+            filled = start + w
+        matched = np.array([b is not None for b in src], dtype=bool)
         n = int(matched.sum())
-        reused = n - math.ceil(self.recompute * n)
-        return PrefixHit(hit.blocks, hit.num_tokens, reused, hit.num_tokens + n)
+        if n == 0:
+            return hit
+        # depth: tokens before it copied consecutively from the same source
+        depth = np.zeros(len(rest), dtype=np.int64)
+        for i in range(1, len(rest)):
+            if matched[i] and src[i] is src[i - 1] and off[i] == off[i - 1] + 1:
+                depth[i] = depth[i - 1] + 1
+        where = np.flatnonzero(matched)
+        order = where[np.lexsort((where, depth[where]))]
+        reuse = matched.copy()
+        reuse[order[: math.ceil(self.recompute * n)]] = False
+        spans: list[ReusedSpan] = []
+        for i in np.flatnonzero(reuse).tolist():
+            blk = src[i]
+            assert blk is not None
+            last = spans[-1] if spans else None
+            if (
+                last is not None
+                and last.source is blk
+                and last.start + last.length == lo + i
+                and last.offset + last.length == int(off[i])
+            ):
+                spans[-1] = ReusedSpan(last.start, last.length + 1, blk, last.offset)
+            else:
+                spans.append(ReusedSpan(lo + i, 1, blk, int(off[i])))
+        reused = int(reuse.sum())
+        return PrefixHit(hit.blocks, hit.num_tokens, reused, hit.num_tokens + n, tuple(spans))
 
     def on_block_full(
         self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
@@ -78,8 +127,8 @@ class KVShare:
         if blk.block_hash is None:
             return ()
         if blk.token_ids is not None:
-            for h in window_hashes(blk.token_ids, self.window).tolist():
-                self._index.setdefault(h, blk.block_hash)
+            for offset, h in enumerate(window_hashes(blk.token_ids, self.window).tolist()):
+                self._index.setdefault(h, (blk.block_hash, offset))
         return self._prefix.on_block_full(blk, table, pool)
 
     def on_request_end(self, req_id: str) -> None:
