@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from memshare.errors import InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from memshare.sim.options import SimOptions
 
 app = typer.Typer(
     name="memshare",
@@ -407,66 +413,111 @@ OutputOpt = Annotated[
 ]
 
 
+SweepOpt = Annotated[
+    str | None, typer.Option(help="Sweep one option: key=a,b,c (e.g. kv_blocks=500,1000).")
+]
+SweepArg = Annotated[str, typer.Argument(metavar="KEY=A,B,C", help="Option and its values.")]
+NO_POLICY_NOTICE = "memshare: no --policy given: ran prefix, the default"
+
+
+@dataclass(frozen=True)
+class SimArgs:
+    """``simulate``'s options, each defined here once (type, flag, help, default); a command
+    given ``args: SimArgs`` under :func:`_sim_command` takes every field as a parameter.
+
+    Field names are :class:`~memshare.sim.options.SimOptions`' (``--policy`` fills
+    ``policies``, ``--set`` fills ``sets``), so :meth:`options` passes each one by name."""
+
+    trace: TraceArg
+    policies: PolicyOpt = None
+    sets: SetOpt = None
+    kv_blocks: KvBlocksOpt = None
+    kv_bytes: KvBytesOpt = None
+    gpu_memory_utilization: GpuUtilOpt = 0.9
+    block_size: BlockSizeOpt = None
+    gpu: GpuOpt = "h100"
+    model_config: ModelOpt = None
+    cost_model: CostOpt = None
+    arrival: ArrivalOpt = "trace"
+    limit: LimitOpt = None
+    time_scale: TimeScaleOpt = 1.0
+    seed: SeedOpt = 0
+    max_num_batched_tokens: MaxTokensOpt = 8192
+    max_num_seqs: MaxSeqsOpt = 256
+    chunked_prefill: ChunkedOpt = True
+    long_prefill_threshold: LongPrefillOpt = 0
+
+    def options(self) -> SimOptions:
+        """The raw :class:`SimOptions` (checked by ``build_configs``); the CLI's one builder."""
+        import dataclasses
+
+        from memshare.sim.options import SimOptions
+
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        raw["policies"] = tuple(self.policies or ("prefix",))
+        raw["sets"] = tuple(self.sets or ())
+        return SimOptions(**raw)
+
+    @property
+    def notice(self) -> str | None:
+        """What to tell a user who named no policy."""
+        return None if self.policies else NO_POLICY_NOTICE
+
+
+def _sim_command(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with its ``SimArgs`` parameter spread into one parameter per field.
+
+    Typer reads a command's parameters from ``inspect.signature``, which honours
+    ``__signature__``: the fields go there, in that parameter's place (so ``--help`` keeps
+    their order), and each call packs them back into one :class:`SimArgs`."""
+    import dataclasses
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(command, include_extras=True)
+    shared = typing.get_type_hints(SimArgs, include_extras=True)
+    (packed,) = [name for name, hint in hints.items() if hint is SimArgs]
+    params: list[inspect.Parameter] = []
+    for p in inspect.signature(command).parameters.values():
+        if p.name in shared:
+            raise TypeError(f"{command.__name__}: parameter {p.name!r} is also a SimArgs field")
+        if p.name != packed:
+            params.append(p.replace(kind=p.KEYWORD_ONLY, annotation=hints[p.name]))
+            continue
+        for f in dataclasses.fields(SimArgs):
+            default = p.empty if f.default is dataclasses.MISSING else f.default
+            kind, hint = p.KEYWORD_ONLY, shared[f.name]
+            params.append(inspect.Parameter(f.name, kind, annotation=hint, default=default))
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        args = SimArgs(**{name: kwargs.pop(name) for name in shared})
+        command(**kwargs, **{packed: args})
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return run
+
+
 @app.command("simulate")
+@_sim_command
 def simulate_cmd(
-    trace: TraceArg,
-    policy: PolicyOpt = None,
-    settings: SetOpt = None,
-    kv_blocks: KvBlocksOpt = None,
-    kv_bytes: KvBytesOpt = None,
-    gpu_memory_utilization: GpuUtilOpt = 0.9,
-    block_size: BlockSizeOpt = None,
-    gpu: GpuOpt = "h100",
-    model_config: ModelOpt = None,
-    cost_model: CostOpt = None,
-    arrival: ArrivalOpt = "trace",
-    limit: LimitOpt = None,
-    time_scale: TimeScaleOpt = 1.0,
-    seed: SeedOpt = 0,
-    max_num_batched_tokens: MaxTokensOpt = 8192,
-    max_num_seqs: MaxSeqsOpt = 256,
-    chunked_prefill: ChunkedOpt = True,
-    long_prefill_threshold: LongPrefillOpt = 0,
-    sweep: Annotated[
-        str | None, typer.Option(help="Sweep one option: key=a,b,c (e.g. kv_blocks=500,1000).")
-    ] = None,
+    args: SimArgs,
+    sweep: SweepOpt = None,
     plot: PlotOpt = False,
     output: OutputOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate serving a trace: vLLM-v1 scheduler, block identity, roofline step times."""
-    from memshare.sim.options import SimOptions, parse_sweep
-
-    notice = None if policy else "memshare: no --policy given: ran prefix, the default"
-    opts = SimOptions(
-        trace=trace,
-        policies=tuple(policy or ["prefix"]),
-        sets=tuple(settings or []),
-        kv_blocks=kv_blocks,
-        kv_bytes=kv_bytes,
-        gpu_memory_utilization=gpu_memory_utilization,
-        block_size=block_size,
-        gpu=gpu,
-        model_config=model_config,
-        cost_model=cost_model,
-        arrival=arrival,
-        limit=limit,
-        time_scale=time_scale,
-        seed=seed,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_num_seqs=max_num_seqs,
-        chunked_prefill=chunked_prefill,
-        long_prefill_threshold=long_prefill_threshold,
-    )
     if sweep is not None:
-        _sweep(opts, parse_sweep(sweep), output, plot, as_json, notice)
+        _sweep(args, sweep, output, plot, as_json)
         return
     from memshare.sim.report import render_study
     from memshare.sim.study import simulate, study_json
 
     with _runs_progress(as_json) as progress:
-        progress.notice = notice
-        result = simulate(opts, output, plot=plot, progress=progress.update, warn=_warn)
+        progress.notice = args.notice
+        result = simulate(args.options(), output, plot=plot, progress=progress.update, warn=_warn)
     if as_json:
         print(json.dumps(study_json(result), indent=2))
     else:
@@ -474,66 +525,30 @@ def simulate_cmd(
 
 
 @app.command("sweep")
+@_sim_command
 def sweep_cmd(
-    trace: TraceArg,
-    param: Annotated[str, typer.Argument(metavar="KEY=A,B,C", help="Option and its values.")],
-    policy: PolicyOpt = None,
-    settings: SetOpt = None,
-    kv_blocks: KvBlocksOpt = None,
-    kv_bytes: KvBytesOpt = None,
-    gpu_memory_utilization: GpuUtilOpt = 0.9,
-    block_size: BlockSizeOpt = None,
-    gpu: GpuOpt = "h100",
-    model_config: ModelOpt = None,
-    cost_model: CostOpt = None,
-    arrival: ArrivalOpt = "trace",
-    limit: LimitOpt = None,
-    time_scale: TimeScaleOpt = 1.0,
-    seed: SeedOpt = 0,
-    max_num_batched_tokens: MaxTokensOpt = 8192,
-    max_num_seqs: MaxSeqsOpt = 256,
-    chunked_prefill: ChunkedOpt = True,
-    long_prefill_threshold: LongPrefillOpt = 0,
+    args: SimArgs,
+    param: SweepArg,
     plot: PlotOpt = False,
     output: OutputOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate over one option's values: one table and one line plot (e.g. hit rate vs KV)."""
-    simulate_cmd(
-        trace,
-        policy,
-        settings,
-        kv_blocks,
-        kv_bytes,
-        gpu_memory_utilization,
-        block_size,
-        gpu,
-        model_config,
-        cost_model,
-        arrival,
-        limit,
-        time_scale,
-        seed,
-        max_num_batched_tokens,
-        max_num_seqs,
-        chunked_prefill,
-        long_prefill_threshold,
-        param,
-        plot,
-        output,
-        as_json,
-    )
+    _sweep(args, param, output, plot, as_json)
 
 
-def _sweep(
-    opts: Any, spec: Any, output: Path | None, plot: bool, as_json: bool, notice: str | None
-) -> None:
+def _sweep(args: SimArgs, sweep: str, output: Path | None, plot: bool, as_json: bool) -> None:
+    from memshare.sim.options import parse_sweep
     from memshare.sim.report import render_sweep
-    from memshare.sim.study import sweep, sweep_json
+    from memshare.sim.study import sweep as run_sweep
+    from memshare.sim.study import sweep_json
 
+    spec = parse_sweep(sweep)
     with _runs_progress(as_json) as progress:
-        progress.notice = notice
-        result = sweep(opts, spec, output, plot=plot, progress=progress.update, warn=_warn)
+        progress.notice = args.notice
+        result = run_sweep(
+            args.options(), spec, output, plot=plot, progress=progress.update, warn=_warn
+        )
     if as_json:
         print(json.dumps(sweep_json(result), indent=2))
     else:

@@ -80,13 +80,15 @@ def build_requests(
     """One :class:`SimRequest` per record, in the order given (trace order).
 
     ``kv_rows`` (request id -> KV rows from :meth:`TraceReader.kv`) attaches sketches; without
-    it the policy sees block hashes only.
+    it the policy sees block hashes and, where the trace has them, token ids (what ``kvshare``
+    and ``token-dedup`` match on).
     """
     out: list[SimRequest] = []
     for i, rec in enumerate(records):
         info = request_info(rec, manifest, block_size)
         rows = kv_rows.get(rec.id) if kv_rows is not None else None
-        fn = _block_source(rec, info, block_size, rows) if rows is not None else None
+        known = rows is not None or rec.prompt_ids is not None
+        fn = _block_source(rec, info, block_size, rows) if known else None
         out.append(
             SimRequest(
                 rec.id,
@@ -101,9 +103,10 @@ def build_requests(
 
 
 def _block_source(
-    rec: RequestRecord, info: RequestInfo, block_size: int, rows: KVRows
+    rec: RequestRecord, info: RequestInfo, block_size: int, rows: KVRows | None
 ) -> BlockInfoFn:
-    """Logical block index -> :class:`FullBlock` with the trace's sketch for that block."""
+    """Logical block index -> :class:`FullBlock` with the trace's tokens and sketch (where it
+    has them) for that block."""
     tokens = None
     if rec.prompt_ids is not None:
         tokens = np.asarray(rec.prompt_ids + (rec.output_ids or []), dtype=np.int64)
@@ -113,15 +116,18 @@ def _block_source(
     def full_block(i: int) -> FullBlock:
         start = i * block_size
         step = bisect.bisect_right(steps, start) - 1 if steps else None
-        has_row = i < len(rows)
+        sketch = norm = None
+        if rows is not None and i < len(rows):
+            sketch = np.asarray(rows["sketch"][i], dtype=np.float32)
+            norm = np.asarray(rows["norm"][i], dtype=np.float32)
         return FullBlock(
             req_id=rec.id,
             index=i,
             block_hash=hashes[i] if i < len(hashes) else None,
             token_ids=tokens[start : start + block_size] if tokens is not None else None,
             step=step if step is None or step >= 0 else None,
-            sketch=np.asarray(rows["sketch"][i], dtype=np.float32) if has_row else None,
-            norm=np.asarray(rows["norm"][i], dtype=np.float32) if has_row else None,
+            sketch=sketch,
+            norm=norm,
         )
 
     return full_block

@@ -52,7 +52,7 @@ def test_generate_writes_outputs_shares_and_metrics(
         assert 1 <= len(r["output_token_ids"]) <= 12 and r["text"]
     assert metrics["kv_store_bytes"] == metrics["kv_pool_bytes"]
     assert metrics["pages_in_use"]["peak"] > 0 and metrics["tokens_generated"] <= 36
-    assert (out / "shares.jsonl").exists()
+    assert (out / "shares.jsonl").exists() and (out / "reuses.jsonl").exists()
     code, _, err = cli(args, capsys)  # the same folder again: refused, nothing overwritten
     assert code == 2 and "already holds a generate run" in err
 
@@ -65,7 +65,7 @@ def test_generate_writes_outputs_shares_and_metrics(
         (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "--device"),
         (["--device", "tpu"], "--device"),
         (["--policy", "nope"], "--policy"),
-        (["--policy", "kvshare"], "--policy kvshare"),
+        (["--policy", "kvshare", "TEXTS"], "--policy kvshare"),
         (["--set", "tau=nan", "--policy", "cf-topk"], "--set"),
         (["--max-tokens", "0"], "--max-tokens"),
         (["BAD_LINE"], ":2"),
@@ -81,11 +81,17 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     prompts = tmp_path / "prompts.jsonl"
     good = json.dumps({"prompt": "What is 2 + 3?"})
     prompts.write_text(good + "\n" + (good[:-3] if "BAD_LINE" in extra else good) + "\n")
+    if "TEXTS" in extra:  # teacher-forced texts instead of the prompts
+        texts = tmp_path / "texts.txt"
+        texts.write_text("Some reasoning text. Then more of it.\n")
+        prompts = texts
+        extra = ["--texts", str(texts)] + [e for e in extra if e != "TEXTS"]
     extra = [e for e in extra if e != "BAD_LINE"]
     if where == "--device" and torch.cuda.is_available() and extra[-1] == "cuda:7":
         pytest.skip("a machine with 8 CUDA devices")
     out = tmp_path / "run"
-    code, _, err = cli(["generate", str(prompts), "-o", str(out), *extra], capsys)
+    given = [] if "--texts" in extra else [str(prompts)]
+    code, _, err = cli(["generate", *given, "-o", str(out), *extra], capsys)
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err and where in err, err
     assert not out.exists() or not any(out.iterdir())

@@ -6,6 +6,7 @@ fixed rule, so every assertion is about the scheduler, the manager and the polic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -151,6 +152,16 @@ def test_random_workload_keeps_every_invariant(policy: str) -> None:
     assert not s.manager.requests and s.manager.pool.pinned_pages == 0
 
 
+def hashed_blocks(r: Request) -> Callable[[int], FullBlock]:
+    """A FullBlock source with the request's chained hashes and tokens (as they arrive)."""
+
+    def info(i: int) -> FullBlock:
+        toks = np.asarray((r.token_ids or [])[i * BS : (i + 1) * BS])
+        return FullBlock(r.rid, i, r.hashes[i], toks)
+
+    return info
+
+
 def test_kvshare_spans_follow_their_chunks_and_hold_sources_until_copied() -> None:
     """Reused spans (KVShare) are split over chunked prefill exactly, each chunk lists the
     positions it copies with their sources, and the sources stay pinned until the step that
@@ -165,11 +176,7 @@ def test_kvshare_spans_follow_their_chunks_and_hold_sources_until_copied() -> No
         head = [int(t) for t in rng.integers(0, 100, size=int(rng.integers(1, 7)))]
         prompt = head + passages[i % 2] + [int(t) for t in rng.integers(0, 100, size=3)]
         r = new_request(f"r{i}", prompt, BS, int(rng.integers(4, 14)))
-        r.block_info = (
-            lambda i, r=r: FullBlock(  # type: ignore[misc]
-                r.rid, i, r.hashes[i], np.asarray((r.token_ids or [])[i * BS : (i + 1) * BS])
-            )
-        )
+        r.block_info = hashed_blocks(r)
         reqs.append(r)
         s.add(r)
     copied: dict[str, int] = {}

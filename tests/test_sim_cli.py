@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import typer
 
+from memshare.cli import SimArgs, app
+from memshare.sim.options import SimOptions
 from memshare.traces.importers import import_workload
 from memshare.traces.schema import Manifest, ModelInfo, RequestRecord, SketchSpec, kv_row_dtype
 from memshare.traces.writer import TraceWriter
@@ -95,6 +100,7 @@ def test_sweep_command_table_and_plot(small: Path, tmp_path: Path) -> None:
         (["--model-config", "gpt-9"], ["--model-config", "unknown preset"]),
         (["--kv-blocks", "lots"], ["--kv-blocks", "not a positive integer"]),
         (["--set", "tau"], ["--set", "not key=value"]),
+        (["--limit", "abc"], ["--limit", "memshare simulate --help"]),
     ],
 )
 def test_bad_options_are_one_line_errors(small: Path, args: list[str], needles: list[str]) -> None:
@@ -104,6 +110,112 @@ def test_bad_options_are_one_line_errors(small: Path, args: list[str], needles: 
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["seed=1,2", "--gpu", "tpu9"], ["--gpu", "unknown preset 'tpu9'"]),
+        (["seed=1,2", "--kv-bytes", "40XB"], ["--kv-bytes", "'40XB' is not a size"]),
+        (["seed=1,2", "--policy", "magic"], ["--policy", "unknown policy 'magic'"]),
+        (["seed=1,2", "--set", "tau"], ["--set", "not key=value"]),
+        (["seed=1,2", "--limit", "abc"], ["--limit", "memshare sweep --help"]),
+        (["seed=1,2", "--sweep", "seed=3,4"], ["No such option: --sweep"]),
+        (["colour=1,2"], ["unknown sweep key 'colour'"]),
+        (["kv_blocks=lots,10"], ["--kv-blocks", "not a positive integer"]),
+        ([], ["Missing argument 'KEY=A,B,C'"]),
+    ],
+)
+def test_sweep_bad_options_are_one_line_errors(
+    small: Path, args: list[str], needles: list[str]
+) -> None:
+    res = memshare("sweep", str(small), *args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def _described(param: Any) -> dict[str, Any]:
+    """A click parameter as comparable values: flags, default, help, type, arity, ..."""
+    public = {k: v for k, v in vars(param).items() if not k.startswith("_")}
+    public.pop("callback")  # typer wraps each command's callbacks anew
+    public["type_descriptor"] = param.type_descriptor.annotation  # its info object is a copy
+    return {"kind": type(param).__name__, **public}
+
+
+def test_sweep_takes_every_simulate_option_with_its_help_and_default() -> None:
+    # sweep = simulate - its --sweep option + the positional KEY=A,B,C, in the same order
+    # and each parameter the same in every respect (a missing option or default drifts here)
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    simulate = [_described(p) for p in commands["simulate"].params]
+    sweep = [_described(p) for p in commands["sweep"].params]
+    assert [p["name"] for p in simulate if p["name"] != "sweep"] == [
+        p["name"] for p in sweep if p["name"] != "param"
+    ]
+    by_name = {p["name"]: p for p in sweep}
+    for p in simulate:
+        if p["name"] != "sweep":
+            assert by_name[p["name"]] == p, p["name"]
+    assert by_name["param"]["kind"] == "TyperArgument" and by_name["param"]["required"]
+    arguments = [p["name"] for p in sweep if p["kind"] == "TyperArgument"]
+    assert arguments == ["trace", "param"]  # TRACE KEY=A,B,C, in that order
+    shared = {f.name for f in fields(SimArgs)}
+    assert shared <= {p["name"] for p in simulate}
+    assert shared == {f.name for f in fields(SimOptions)}
+
+
+def test_cli_defaults_are_the_library_defaults() -> None:
+    # every option left out on the command line means what SimOptions means by default
+    assert SimArgs(trace=Path("t")).options() == SimOptions(trace=Path("t"))
+    given = SimArgs(trace=Path("t"), policies=["none", "prefix"], sets=["k=1"], seed=7)
+    assert given.options() == SimOptions(
+        trace=Path("t"), policies=("none", "prefix"), sets=("k=1",), seed=7
+    )
+    assert SimArgs(trace=Path("t")).notice is not None and given.notice is None
+
+
+def test_sweep_and_simulate_run_the_same_configs(small: Path, tmp_path: Path) -> None:
+    # every simulate option set away from its default, once through sweep, once per value
+    # through simulate: each point's config, metrics and per-request rows are the same files
+    cost = tmp_path / "cost.toml"
+    cost.write_text("[coefficients]\nstep_overhead_s = 0.004\n")
+    common = [
+        "--policy", "none", "--policy", "prefix", "--set", "prefix.publish=all",
+        "--gpu-memory-utilization", "0.8", "--block-size", "256", "--gpu", "h200",
+        "--model-config", "qwen2.5-7b", "--cost-model", str(cost), "--arrival", "poisson:4",
+        "--limit", "60", "--time-scale", "2", "--seed", "3", "--max-num-batched-tokens", "4096",
+        "--max-num-seqs", "16", "--no-chunked-prefill", "--long-prefill-threshold", "128",
+    ]  # fmt: skip
+    swept = tmp_path / "sweep"
+    res = memshare("sweep", str(small), "kv_blocks=150,300", *common, "-o", str(swept), "--json")
+    assert res.returncode == 0, res.stderr
+    for blocks in ("150", "300"):
+        one = tmp_path / f"simulate{blocks}"
+        res = memshare("simulate", str(small), "--kv-blocks", blocks, *common, "-o", str(one))
+        assert res.returncode == 0, res.stderr
+        for policy in ("none", "prefix"):
+            for name in ("config.json", "metrics.json", "requests.csv"):
+                a = swept / f"kv_blocks={blocks}" / policy / name
+                assert a.read_bytes() == (one / policy / name).read_bytes(), (blocks, a)
+        cfg = json.loads((one / "prefix" / "config.json").read_text())["config"]
+        assert cfg["kv"] == {
+            "blocks": int(blocks), "bytes": None, "unlimited": False,
+            "gpu_memory_utilization": 0.8,
+        }  # fmt: skip
+        assert cfg["scheduler"] == {
+            "max_num_batched_tokens": 4096, "max_num_seqs": 16,
+            "enable_chunked_prefill": False, "long_prefill_token_threshold": 128,
+        }  # fmt: skip
+        assert (cfg["policy_params"], cfg["gpu"]["name"], cfg["model"]["name"]) == (
+            {"publish": "all"}, "h200", "qwen2.5-7b"
+        )  # fmt: skip
+        assert cfg["arrival"] == {"mode": "poisson", "rate": 4.0, "clients": None}
+        assert cfg["cost"]["step_overhead_s"] == 0.004
+        assert (cfg["block_size"], cfg["limit"], cfg["time_scale"], cfg["seed"]) == (
+            256, 60, 2.0, 3
+        )  # fmt: skip
 
 
 def test_bad_trace_dir_is_a_one_line_error(tmp_path: Path) -> None:

@@ -38,22 +38,30 @@ def model() -> Any:
     return tiny_model("qwen2", LAYERS)
 
 
-def workload(n: int = 12, seed: int = 0) -> list[RequestRecord]:
+def workload(n: int = 12, seed: int = 0, passages: bool = False) -> list[RequestRecord]:
+    """Shared system prompts; with ``passages``, also a shared passage at shifting positions
+    (what ``kvshare`` reuses)."""
     rng = np.random.default_rng(seed)
     systems = [rng.integers(0, 256, size=48).tolist() for _ in range(3)]
+    passage = rng.integers(0, 256, size=40).tolist()
     out = []
     for i in range(n):
         prompt = systems[i % 3] + rng.integers(0, 256, size=int(rng.integers(3, 40))).tolist()
+        if passages:
+            prompt += passage + rng.integers(0, 256, size=int(rng.integers(1, 9))).tolist()
         output = rng.integers(0, 256, size=int(rng.integers(1, 40))).tolist()
         out.append(RequestRecord(f"r{i}", 0.0, len(prompt), len(output), prompt, output))
     return out
 
 
-@pytest.mark.parametrize(("policy", "blocks"), [("none", 400), ("prefix", 400), ("prefix", 14)])
+@pytest.mark.parametrize(
+    ("policy", "blocks"),
+    [("none", 400), ("prefix", 400), ("prefix", 14), ("kvshare", 400), ("kvshare", 18)],
+)
 def test_simulator_and_engine_take_identical_steps(policy: str, blocks: int, model: Any) -> None:
     from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
 
-    records = workload()
+    records = workload(passages=policy == "kvshare")
     cfg = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=6)
     manifest = Manifest(kind="workload", block_size=BS)
     reqs = build_requests(records, manifest, BS)
@@ -85,9 +93,14 @@ def test_simulator_and_engine_take_identical_steps(policy: str, blocks: int, mod
         EngineOptions(kv_blocks=blocks, scheduler=cfg),
     )
     engine.run()
-    measured = [(s.seqs, s.tokens, s.live_pages, s.used_pages) for s in engine.steps]
+    measured = [(s.seqs, s.computed, s.live_pages, s.used_pages) for s in engine.steps]
     assert measured == predicted
     assert engine.scheduler.num_preemptions == sim.preemptions
-    assert (sim.preemptions > 0) == (blocks == 14)
+    assert (sim.preemptions > 0) == (blocks < 20)
+    if policy == "kvshare":  # spans were copied by the engine, and charged as copies
+        assert len(engine.reuses) > 0
+        reused = sum(x.length for x in engine.reuses)
+        assert reused == mgr.stats.reused_tokens > 0
+        assert sum(s.tokens - s.computed for s in engine.steps) == reused
     assert engine.manager.stats == mgr.stats  # hits, blocks, pages: every counter
     assert [r.output_ids for r in engine.requests] == [r.output_ids for r in records]
