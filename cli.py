@@ -7,10 +7,10 @@ exit status 2 (a traceback only with ``--debug``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -411,8 +411,6 @@ OutputOpt = Annotated[
         "-o", "--output", help="Output directory (default: runs/TRACE).", callback=_out_dir
     ),
 ]
-
-
 SweepOpt = Annotated[
     str | None, typer.Option(help="Sweep one option: key=a,b,c (e.g. kv_blocks=500,1000).")
 ]
@@ -420,7 +418,7 @@ SweepArg = Annotated[str, typer.Argument(metavar="KEY=A,B,C", help="Option and i
 NO_POLICY_NOTICE = "memshare: no --policy given: ran prefix, the default"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SimArgs:
     """``simulate``'s options, each defined here once (type, flag, help, default); a command
     given ``args: SimArgs`` under :func:`_sim_command` takes every field as a parameter.
@@ -449,8 +447,6 @@ class SimArgs:
 
     def options(self) -> SimOptions:
         """The raw :class:`SimOptions` (checked by ``build_configs``); the CLI's one builder."""
-        import dataclasses
-
         from memshare.sim.options import SimOptions
 
         raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -470,7 +466,6 @@ def _sim_command(command: Callable[..., None]) -> Callable[..., None]:
     Typer reads a command's parameters from ``inspect.signature``, which honours
     ``__signature__``: the fields go there, in that parameter's place (so ``--help`` keeps
     their order), and each call packs them back into one :class:`SimArgs`."""
-    import dataclasses
     import inspect
     import typing
 
