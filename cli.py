@@ -939,6 +939,73 @@ def generate_cmd(
     out.print(t)
 
 
+@app.command("validate")
+def validate_cmd(
+    run: Annotated[
+        Path,
+        typer.Argument(help="A simulate run directory, or a folder of them (sweep, study)."),
+    ],
+    limit: Annotated[int | None, typer.Option(help="Only the first N requests.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Local HF model folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    gpu: Annotated[
+        str, typer.Option(help="Cost-model preset for the predicted times (cpu here).")
+    ] = "cpu",
+    fit_cost_model: Annotated[
+        bool,
+        typer.Option(
+            "--fit-cost-model",
+            help="Fit the cost model on the measured steps: RUN/cost_model.toml.",
+        ),
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
+    plot: PlotOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the real model on the paged engine for every simulated run under RUN and report
+    measured memory, fidelity and time beside the simulator's prediction (validation.json)."""
+    from memshare.validate.report import render_validation
+    from memshare.validate.validation import ValidateOptions, validate
+
+    opts = ValidateOptions(
+        run=run,
+        model=model,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        limit=limit,
+        gpu=gpu,
+        fit_cost_model=fit_cost_model,
+        plot=plot,
+    )
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not _live(as_json),
+    )
+    task = bar.add_task("starting", total=None)
+    with bar:
+        report = validate(
+            opts,
+            status=lambda m: bar.update(task, description=m),
+            progress=lambda what, done, total: bar.update(
+                task, description=what, completed=done, total=total
+            ),
+        )
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    render_validation(report, out)
+
+
 @bench_app.command("engine")
 def bench_engine_cmd(
     model: Annotated[str | None, typer.Option(help="Local HF folder or .gguf file.")] = None,

@@ -88,6 +88,7 @@ class Resolved:
     requests: int  # requests simulated (after --limit)
     trace_bytes: int = 0  # committed length of the trace's requests.jsonl (its identity)
     trace_source_sha256: str | None = None  # sha256 of the imported source file, if any
+    trace_sha256: str = ""  # sha256 of the committed requests.jsonl (validate checks it)
 
 
 @dataclass
@@ -151,7 +152,13 @@ def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
             )
     sha = m.source.get("sha256")
     return Resolved(
-        bs, int(n), layers, len(records), m.requests_bytes, sha if isinstance(sha, str) else None
+        bs,
+        int(n),
+        layers,
+        len(records),
+        m.requests_bytes,
+        sha if isinstance(sha, str) else None,
+        m.requests_sha256,
     )
 
 
@@ -249,6 +256,7 @@ def config_json(out: RunOutput) -> dict[str, Any]:
             "requests": res.requests,
             "trace_bytes": res.trace_bytes,
             "trace_source_sha256": res.trace_source_sha256,
+            "trace_sha256": res.trace_sha256,
         },
     }
 

@@ -186,6 +186,10 @@ class PagedEngine:
         self.steps: list[StepRecord] = []
         self._started = False
         self._sampled = 0  # tokens sampled so far
+        self.clock = 0.0  # seconds spent in this engine's own steps (its time line)
+        self.first_token_s: dict[str, float] = {}  # request -> clock at its first token
+        self.finish_s: dict[str, float] = {}  # request -> clock when it finished
+        self.last_plan: StepPlan | None = None  # the plan of the latest step (batch shape)
         self._owner: dict[int, tuple[str, int]] = {}  # page id -> (request, block) that wrote it
         self._sketch_s = 0.0
         seg = segmenter or SegmenterConfig()
@@ -227,16 +231,19 @@ class PagedEngine:
     def run(self, progress: Progress | None = None) -> EngineResult:
         """Run every request to completion."""
         total = sum(r.max_tokens for r in self.requests)
-        t0 = time.perf_counter()
         while self.step():
             if progress is not None:
                 progress(self._sampled, total)
+        return self.result()
+
+    def result(self) -> EngineResult:
+        """What the run produced so far (``wall_s``: the engine's own step time)."""
         return EngineResult(
             self.requests,
             self.shares,
             self.reuses,
             self.steps,
-            time.perf_counter() - t0,
+            self.clock,
             self.scheduler.num_preemptions,
             self.store.page_bytes,
             self.store.nbytes,
@@ -265,8 +272,15 @@ class PagedEngine:
         live, used = self.pool.pinned_pages, self.pool.used_pages  # as the simulator records
         sampled = self._execute(plan)
         t_commit = time.perf_counter()
-        sched.complete(plan, sampled)
+        finished = sched.complete(plan, sampled)
         now = time.perf_counter()
+        self.last_plan = plan
+        self.clock += now - t_step
+        for c in plan.chunks:
+            if c.samples:
+                self.first_token_s.setdefault(c.req.rid, self.clock)
+        for req in finished:
+            self.finish_s[req.rid] = self.clock
         self.steps.append(
             StepRecord(
                 len(plan.chunks),

@@ -255,13 +255,28 @@ def generate(
     if status is not None:
         status("generating")
     result = engine.run(progress)
-    metrics = run_metrics(result, o, backend.source.name, params)
+    metrics = run_metrics(
+        result,
+        model=backend.source.name,
+        policy=o.policy,
+        params=params,
+        device=o.device,
+        dtype=o.dtype,
+        block_size=o.block_size,
+    )
     write_run(o.output, o.policy, result, backend.decode, metrics)
     return metrics
 
 
 def run_metrics(
-    r: EngineResult, o: GenerateOptions, model: str, params: dict[str, Any]
+    r: EngineResult,
+    *,
+    model: str,
+    policy: str,
+    params: dict[str, Any],
+    device: str,
+    dtype: str,
+    block_size: int,
 ) -> dict[str, Any]:
     """``metrics.json``: pages in use, KV bytes, throughput, steps, shares, policy time."""
     live = np.array([s.live_pages for s in r.steps], dtype=np.float64)
@@ -272,12 +287,12 @@ def run_metrics(
     commit_s = float(sum(s.commit_s for s in r.steps))
     return {
         "model": model,
-        "policy": o.policy,
+        "policy": policy,
         "policy_params": params,
-        "device": o.device,
-        "dtype": o.dtype,
+        "device": device,
+        "dtype": dtype,
         "requests": len(r.requests),
-        "block_size": o.block_size,
+        "block_size": block_size,
         "kv_pages_total": r.num_pages,
         "page_bytes": r.page_bytes,
         "kv_store_bytes": r.store_bytes,

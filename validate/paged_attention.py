@@ -14,7 +14,9 @@ Per layer, in this order (write-before-read):
    the step's reused rows (KVShare spans) into theirs;
 2. every sequence reads its context ``[0, start + n)`` from its pages (a shared layer through
    its owner's table column), rotates the keys by their logical positions ``0..ctx-1`` with the
-   modeling module's own ``apply_rotary_pos_emb`` and the model's own cos/sin table, and
+   model's own cos/sin table, by the modeling module's own ``apply_rotary_pos_emb`` or, where
+   that is checked to be the rotate-half form (Llama, Qwen), the same formula in fewer
+   kernels (:func:`rotate_half_form`), and
    attends with its queries: decode sequences together in one padded
    ``scaled_dot_product_attention`` with a key-padding mask, multi-token chunks one by one with
    a causal mask offset by ``start``.
@@ -51,9 +53,13 @@ class PagedStep:
     new_k: list[Any]
     new_v: list[Any]
     apply_rope: Callable[..., Any]  # the modeling module's apply_rotary_pos_emb
+    half_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # see rope_half_tables
 
     def rotate(self, k: torch.Tensor, n: int) -> torch.Tensor:
         """Rotate keys ``[B, n, kvh, hd]`` by positions ``0..n-1`` (the model's RoPE)."""
+        if self.half_tables is not None:
+            cos, sin = self.half_tables
+            return rotate_half_form(k, cos[:, :n], sin[:, :n])
         cos, sin = self.plan.cos[:, :n], self.plan.sin[:, :n]
         # apply_rotary_pos_emb rotates q and k together: pass an empty q (0 heads).
         _, out = self.apply_rope(k[:, :, :0], k, cos, sin, unsqueeze_dim=2)
@@ -112,6 +118,44 @@ class PagedStep:
             scale=scaling,
             enable_gqa=gqa,
         )
+
+
+def rope_half_tables(
+    cos: torch.Tensor, sin: torch.Tensor, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's cos/sin ``[1, n, hd]`` laid out for :func:`rotate_half_form`: expanded over
+    the KV heads, contiguous (broadcasting a head axis is several times slower on CPU), and the
+    sine's first half negated (so the rotate-half needs no negation)."""
+    half = cos.shape[-1] // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    shape = (cos.shape[0], cos.shape[1], kv_heads, cos.shape[-1])
+    return (
+        cos[:, :, None].expand(shape).contiguous(),
+        signed[:, :, None].expand(shape).contiguous(),
+    )
+
+
+def rotate_half_form(k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``k * cos + rotate_half(k) * sin``, the Llama/Qwen RoPE, in three kernels instead of
+    five: ``rotate_half(k) * sin == swap_halves(k) * signed_sin``. Used only where
+    :func:`rope_is_half_form` confirmed the modeling module computes exactly this."""
+    half = k.shape[-1] // 2
+    out = k * cos
+    return out.addcmul_(torch.cat([k[..., half:], k[..., :half]], dim=-1), signed_sin)
+
+
+def rope_is_half_form(apply_rope: Callable[..., Any], head_dim: int) -> bool:
+    """Whether ``apply_rope`` (a modeling module's ``apply_rotary_pos_emb``) rotates keys as
+    :func:`rotate_half_form` does, checked on seeded random keys and angles (1e-5)."""
+    if head_dim % 2:
+        return False
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 5, 3, head_dim, generator=g)
+    ang = torch.randn(1, 5, head_dim, generator=g)
+    cos, sin = ang.cos(), ang.sin()
+    want = apply_rope(k[:, :, :0], k, cos, sin, unsqueeze_dim=2)[1]
+    c, s = rope_half_tables(cos, sin, 3)
+    return bool(torch.allclose(rotate_half_form(k, c, s), want, atol=1e-5, rtol=0))
 
 
 def paged_attention_forward(

@@ -35,6 +35,8 @@ from memshare.validate.paged_attention import (
     STATE_KWARG,
     PagedStep,
     register_attention,
+    rope_half_tables,
+    rope_is_half_form,
 )
 from memshare.validate.paged_batch import SeqChunk, StepPlan, check_layer_map, plan_step
 from memshare.validate.paged_store import PageStore
@@ -83,6 +85,7 @@ class PagedModel:
         self.layer_map = check_layer_map(layer_map, self._num_layers)
         self._rotary = rotary
         self._apply_rope = sys.modules[type(attns[0]).__module__].apply_rotary_pos_emb
+        self._half_form = rope_is_half_form(self._apply_rope, self._head_dim)
         self._dummy = torch.empty(0, dtype=param.dtype, device=param.device)
         self.keys_from = "k_norm" if all(hasattr(a, "k_norm") for a in attns) else "k_proj"
         self._new_k: list[Any] = [None] * self._num_layers
@@ -155,7 +158,12 @@ class PagedModel:
                 return self._copies_only(plan)
             positions = torch.arange(plan.max_ctx, device=self.store.device)[None]
             plan.cos, plan.sin = self._rotary(self._dummy, position_ids=positions)
-            state = PagedStep(plan, self.store, self._new_k, self._new_v, self._apply_rope)
+            half = (
+                rope_half_tables(plan.cos, plan.sin, self._num_kv_heads)
+                if self._half_form
+                else None
+            )
+            state = PagedStep(plan, self.store, self._new_k, self._new_v, self._apply_rope, half)
             try:
                 out = self.model(
                     input_ids=plan.input_ids,

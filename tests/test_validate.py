@@ -1,0 +1,132 @@
+"""``memshare validate``: the simulator's runs measured on the real default model.
+
+One real pipeline, all through the CLI: capture (teacher-forced: two slices of a DeepSeek-R1
+reasoning text and the first again, verbatim, so `exact-dedup` has whole blocks to share) ->
+simulate under `none`, `prefix`, `exact-dedup` and `cf-topk` at a loose and a tight tau ->
+validate. No mocks: the simulator and the paged engine run what they run for users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+
+R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
+CF = "granularity=layer"
+
+
+def memshare(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "memshare.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+
+
+def ok(res: subprocess.CompletedProcess[str]) -> str:
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def trace(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = R1 / "deepseek_r1_aime24_math500.jsonl"
+    if not path.is_file():
+        pytest.skip(f"public data not found: {path}")
+    row = json.loads(path.read_text().splitlines()[1])
+    text = row["reasoning"]
+    folder = tmp_path_factory.mktemp("validate")
+    texts = folder / "texts.jsonl"
+    items = [text[:1100], text[1100:2200], text[:1100]]
+    texts.write_text("".join(json.dumps({"reasoning": t}) + "\n" for t in items))
+    out = folder / "trace"
+    ok(memshare("capture", "-o", str(out), "--texts", str(texts), "--field", "reasoning"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def validated(trace: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    runs = tmp_path_factory.mktemp("runs") / "r1"
+    ok(
+        memshare(
+            "simulate", str(trace), "--model-config", "smollm2-135m",
+            "--policy", "none", "--policy", "prefix", "--policy", "exact-dedup",
+            "--policy", "cf-topk", "-o", str(runs),
+            "--set", "cf-topk.granularity=layer", "--set", "cf-topk.share=k",
+            "--set", "cf-topk.tau=2.0", "--set", "cf-topk.window=1",
+        )
+    )  # fmt: skip
+    ok(memshare("validate", str(runs), "--plot", "--fit-cost-model"))
+    return runs, json.loads((runs / "validation.json").read_text())
+
+
+def test_lossless_policies_take_the_simulators_steps_exactly(
+    validated: tuple[Path, dict[str, Any]],
+) -> None:
+    _, rep = validated
+    pol = rep["policies"]
+    assert set(pol) == {"none", "prefix", "exact-dedup", "cf-topk"}
+    for name in ("none", "prefix", "exact-dedup"):
+        p = pol[name]
+        assert p["steps_identical"], (name, p["first_differing_step"])
+        for key in ("pages_peak", "pages_mean", "kv_saved", "pages_shared", "page_share_rate"):
+            assert p[key]["predicted"] == pytest.approx(p[key]["measured"], abs=1e-12), key
+    # the verbatim repeat: exact-dedup shares its blocks, and exactly (no fidelity lost)
+    ex = pol["exact-dedup"]
+    assert ex["pages_shared"]["measured"] > 0 and ex["kv_saved"]["measured"] > 0.05
+    assert ex["top1_agreement"] == 1.0 and ex["kl_mean"] < 1e-6
+    assert pol["none"]["top1_agreement"] == 1.0 and pol["none"]["kl_mean"] == 0.0
+
+
+def test_lossy_policy_reports_its_gap_and_loss(validated: tuple[Path, dict[str, Any]]) -> None:
+    _, rep = validated
+    cf = rep["policies"]["cf-topk"]
+    # tau 2.0 shares nearly everything it may: the loss must show, and be counted
+    assert cf["kv_saved"]["measured"] > 0.05 and cf["shares"] > 0
+    assert cf["top1_agreement"] < 1.0 and cf["kl_mean"] > 1e-3
+    assert cf["top1_agreement_after_first_share"] <= cf["top1_agreement"] + 1e-9
+    assert cf["ppl"]["shared"] != cf["ppl"]["base"]
+    assert cf["first_share_position"]
+    gap = cf["kv_saved"]["measured"] - cf["kv_saved"]["predicted"]
+    assert abs(gap) < 0.5  # the same policy on nearly the same KV: close, not necessarily equal
+    assert cf["tau"] == 2.0 and cf["shares_exceeding_tau"] is not None
+
+
+def test_outputs_plots_and_cost_fit_are_written(validated: tuple[Path, dict[str, Any]]) -> None:
+    runs, rep = validated
+    for name in rep["policies"]:
+        folder = runs / name / "engine"
+        for f in ("outputs.jsonl", "shares.jsonl", "metrics.json"):
+            assert (folder / f).is_file(), (name, f)
+    assert (runs / "kv_in_use.png").stat().st_size > 10_000
+    fit = rep["cost_model_fit"]
+    assert Path(fit["file"]).is_file() and fit["train_steps"] > fit["test_steps"] > 0
+    assert fit["error_after_pct"] < fit["error_before_pct"]
+    tps = rep["policies"]["none"]["throughput_tok_s"]
+    assert tps["measured"] > 0 and tps["predicted"] > 0 and tps["error_pct"] is not None
+
+
+def test_bad_input_is_one_line(trace: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = memshare("validate", str(empty))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "config.json" in res.stderr
+    runs = tmp_path / "run"
+    ok(memshare("simulate", str(trace), "--model-config", "smollm2-135m", "-o", str(runs)))
+    cfg = json.loads((runs / "config.json").read_text())
+    cfg["resolved"]["trace_sha256"] = "0" * 64  # as if the trace changed since the run
+    (runs / "config.json").write_text(json.dumps(cfg))
+    res = memshare("validate", str(runs))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "changed" in res.stderr
+    assert "Traceback" not in res.stderr

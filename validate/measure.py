@@ -1,0 +1,237 @@
+"""Run a simulator run's workload on the real model, beside the simulator's prediction of the
+very same steps (docs/validate.md).
+
+For a KV trace (``capture --texts`` or ``--dataset``), each request's text (prompt and
+output) runs teacher-forced, block by block, as one prefill of the whole text whose chunks are
+one block long (``long_prefill_token_threshold = block size``), then one forced sampled
+token. Both executors get exactly that workload: the simulator (:func:`~memshare.sim.run.
+run_config`, the run's own config with that workload, all requests at 0 s, the budget capped at
+what every request needs at once) and the paged engine. So for a lossless policy the steps,
+pages and shares must be identical; for a lossy one the engine decides on sketches of its live
+KV, which drifts from the captured KV after the first share: the gap is the prediction error.
+
+The unshared engine (``none``) runs in lockstep with every policy's engine: one step of each in
+turn; logits of the same (request, first position) chunk are compared as soon as all have
+produced them, so at most a few steps' logits are held, never written.
+
+Invariants: every engine and the simulator get the same request order, block size, budget and
+scheduler limits; the ``none`` engine is run once and is also the measured run of a ``none``
+policy; fidelity counts only positions whose logits both runs produced.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from memshare.errors import InputError
+from memshare.kv_manager import blocks_for_all
+from memshare.registry import make_policy
+from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
+from memshare.sim.cost_model import BatchShape, plan_shape
+from memshare.sim.run import LoadedTrace, RunOutput, resolve, run_config
+from memshare.traces.schema import RequestRecord
+from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
+from memshare.validate.fidelity import FidelityAccumulator, next_token_targets
+from memshare.validate.runs import RunDir
+
+Progress = Callable[[str, int, int], None]  # what, done, total
+
+
+@dataclass
+class Workload:
+    """The requests both executors run (see the module docstring)."""
+
+    records: list[RequestRecord]  # simulator form: text as prompt, one forced output token
+    specs: list[EngineSpec]  # engine form of the same
+    texts: dict[str, list[int]]  # request -> its text's tokens (fidelity targets)
+    trace: LoadedTrace  # the trace re-keyed to ``records`` (same KV rows)
+    block_size: int
+    num_blocks: int  # KV budget both run under
+
+
+@dataclass
+class Measured:
+    """One policy's engine run, with its fidelity against ``none``."""
+
+    engine: PagedEngine
+    fidelity: FidelityAccumulator = field(default_factory=FidelityAccumulator)
+    first_share_pos: dict[str, int] = field(default_factory=dict)  # request -> position
+    shapes: list[BatchShape] = field(default_factory=list)  # per step, for the cost fit
+
+
+def teacher_forced_workload(trace: LoadedTrace, run: RunDir, limit: int | None) -> Workload:
+    """The run's requests as teacher-forced texts (refuses a workload-only trace)."""
+    if trace.manifest.kind != "kv" or trace.kv_rows is None:
+        raise InputError(
+            str(trace.path),
+            "a workload-only trace has no tokens or KV to run a sharing policy on",
+            "validate runs of a captured trace (memshare capture)",
+        )
+    cfg = run.config
+    cap = limit or cfg.limit
+    src = trace.records[:cap] if cap else trace.records
+    bs = resolve(cfg, trace).block_size
+    records: list[RequestRecord] = []
+    specs: list[EngineSpec] = []
+    texts: dict[str, list[int]] = {}
+    for rec in src:
+        ids = list(rec.prompt_ids or []) + list(rec.output_ids or [])
+        if not ids:
+            raise InputError(str(trace.path), f"request {rec.id!r} has no token ids", "capture")
+        tok = ids[-1]
+        records.append(
+            replace(
+                rec,
+                arrival_s=0.0,
+                prompt_len=len(ids),
+                output_len=1,
+                prompt_ids=ids,
+                output_ids=[tok],
+                finish_reason="length",
+            )
+        )
+        specs.append(EngineSpec(rec.id, ids, 1, rec.steps, forced=[tok]))
+        texts[rec.id] = ids
+    budget = blocks_for_all((len(t) + 1 for t in texts.values()), bs)
+    recorded = run.recorded.get("num_blocks")
+    if isinstance(recorded, int) and 0 < recorded < budget:
+        budget = recorded
+    tr = LoadedTrace(trace.path, trace.manifest, records, trace.kv_rows)
+    return Workload(records, specs, texts, tr, bs, budget)
+
+
+def predict(cfg: SimConfig, wl: Workload, gpu: str) -> RunOutput:
+    """The simulator's run of ``cfg`` on exactly the engine's workload (timing on ``gpu``)."""
+    sim_cfg = cfg.with_(
+        limit=None,
+        kv=KVBudget(blocks=wl.num_blocks),
+        block_size=wl.block_size,
+        arrival=ArrivalSpec(),
+        scheduler=replace(cfg.scheduler, long_prefill_token_threshold=wl.block_size),
+        gpu=load_gpu(gpu),
+    )
+    return run_config(sim_cfg, wl.trace)
+
+
+def engine_for(model: Any, cfg: SimConfig | None, wl: Workload, sched: Any) -> PagedEngine:
+    """A paged engine for ``cfg``'s policy (``None``: the unshared ``none``) on ``wl``."""
+    policy = make_policy("none") if cfg is None else make_policy(cfg.policy, **cfg.policy_params)
+    sk = wl.trace.manifest.sketch
+    opts = EngineOptions(
+        block_size=wl.block_size,
+        kv_blocks=wl.num_blocks,
+        scheduler=sched,
+        teacher_forced=True,
+        sketch_dim=sk.dim if sk is not None else EngineOptions.sketch_dim,
+        sketch_seed=sk.seed if sk is not None else EngineOptions.sketch_seed,
+    )
+    return PagedEngine(copy.deepcopy(model), policy, wl.specs, opts, eos_ids=frozenset())
+
+
+def run_lockstep(
+    model: Any,
+    configs: Sequence[SimConfig],
+    wl: Workload,
+    progress: Progress | None = None,
+) -> tuple[Measured, list[Measured]]:
+    """The ``none`` engine and one engine per config (``none`` configs share the base), stepped
+    in turn; returns the base run and each config's measurement (in ``configs`` order; a
+    ``none`` config's is the base run itself)."""
+    sched = replace(configs[0].scheduler, long_prefill_token_threshold=wl.block_size)
+    base = engine_for(model, None, wl, sched)
+    runs: list[Measured] = []
+    own: list[Measured] = []  # the engines to step besides the base
+    base_m = Measured(base)
+    for cfg in configs:
+        if cfg.policy == "none" and not cfg.policy_params:
+            runs.append(base_m)
+        else:
+            m = Measured(engine_for(model, cfg, wl, sched))
+            runs.append(m)
+            own.append(m)
+    held: list[dict[tuple[str, int], tuple[Any, bool]]] = [{} for _ in range(len(own) + 1)]
+    engines = [base] + [m.engine for m in own]
+    share_seen = [0] * len(engines)
+    shared_reqs: list[set[str]] = [set() for _ in engines]
+    for j, eng in enumerate(engines):
+        eng.logits_sink = _sink(held[j], shared_reqs[j])
+    total = sum(len(t) for t in wl.texts.values())
+    active = list(range(len(engines)))
+    while active:
+        for j in list(active):
+            eng = engines[j]
+            if not eng.step():
+                active.remove(j)
+                continue
+            for s in eng.shares[share_seen[j] :]:
+                shared_reqs[j].add(s.request)
+            share_seen[j] = len(eng.shares)
+            if eng.last_plan is not None:
+                (base_m if j == 0 else own[j - 1]).shapes.append(plan_shape(eng.last_plan))
+        _pair(held, own, wl)
+        if progress is not None:
+            progress("engines", min(total, _positions(base_m)), total)
+    return base_m, runs
+
+
+def _positions(m: Measured) -> int:
+    return sum(s.computed for s in m.engine.steps)
+
+
+def _sink(
+    held: dict[tuple[str, int], tuple[Any, bool]], shared: set[str]
+) -> Callable[[str, int, Any], None]:
+    """Keep a chunk's logits until the other runs produced theirs; note whether the request
+    had a share applied before this step (shares apply at step ends)."""
+
+    def sink(rid: str, pos: int, logits: Any) -> None:
+        held[(rid, pos)] = (logits, rid in shared)
+
+    return sink
+
+
+def _pair(
+    held: list[dict[tuple[str, int], tuple[Any, bool]]], own: list[Measured], wl: Workload
+) -> None:
+    """Compare every chunk all runs have produced; drop what is compared."""
+    base = held[0]
+    for key in list(base):
+        if not all(key in held[j + 1] for j in range(len(own))):
+            continue
+        rid, pos = key
+        logits, _ = base.pop(key)
+        targets = next_token_targets(wl.texts[rid], pos, int(logits.shape[0]))
+        for j, m in enumerate(own):
+            shared_logits, after = held[j + 1].pop(key)
+            if after:
+                m.first_share_pos.setdefault(rid, pos)
+            mask = np.full(int(logits.shape[0]), after, dtype=bool)
+            m.fidelity.add(rid, pos, logits, shared_logits, targets, mask)
+
+
+def sketch_vs_exact(engine: PagedEngine, tau: float | None) -> dict[str, Any]:
+    """Every confirmed share's exact distance on the live KV against ``tau`` (per share: the
+    largest over its layers, the distance the sketch stood for)."""
+    exact = np.array([max(s.exact_distance) for s in engine.shares if s.exact_distance])
+    out: dict[str, Any] = {"shares": len(engine.shares), "tau": tau}
+    if exact.size == 0:
+        return out | {"exact_distance": None, "exceeding_tau": None, "exceeding_tau_by_10pct": None}
+    q = np.percentile(exact, [50, 90, 99])
+    out["exact_distance"] = {
+        "mean": float(exact.mean()),
+        "p50": float(q[0]),
+        "p90": float(q[1]),
+        "p99": float(q[2]),
+        "max": float(exact.max()),
+    }
+    if tau is None or not math.isfinite(tau):
+        return out | {"exceeding_tau": None, "exceeding_tau_by_10pct": None}
+    out["exceeding_tau"] = float(np.mean(exact > tau))
+    out["exceeding_tau_by_10pct"] = float(np.mean(exact > 1.1 * tau))
+    return out

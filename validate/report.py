@@ -1,0 +1,91 @@
+"""How ``memshare validate`` shows its figures: one rich table (predicted beside measured) and
+PNGs (docs/validate.md). Reads only the ``validation.json`` object and the engines' steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: Any, fmt: str = ",.1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _pair(d: dict[str, Any], fmt: str = ",.1f") -> str:
+    return f"{_num(d.get('predicted'), fmt)} / {_num(d.get('measured'), fmt)}"
+
+
+def render_validation(report: dict[str, Any], console: Console) -> None:
+    """The comparison table: one row per policy, predicted / measured side by side."""
+    t = Table(
+        title=(
+            f"validate: {report['requests']} requests of {report['trace']} on "
+            f"{report['model']} ({report['device']}); predicted / measured"
+        )
+    )
+    for col in (
+        "policy",
+        "steps same",
+        "KV saved",
+        "pages mean",
+        "top-1 agree",
+        "after 1st share",
+        "KL mean",
+        "PPL base -> shared",
+        "shares > tau",
+        f"tok/s ({report['timing_preset']} preset)",
+    ):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for label, p in report["policies"].items():
+        saved = p["kv_saved"]
+        ppl = p["ppl"]
+        tps = p["throughput_tok_s"]
+        t.add_row(
+            label,
+            "yes" if p["steps_identical"] else f"no (step {p['first_differing_step']})",
+            f"{_pct(saved['predicted'])} / {_pct(saved['measured'])}",
+            _pair(p["pages_mean"]),
+            _pct(p["top1_agreement"]),
+            _pct(p["top1_agreement_after_first_share"]),
+            _num(p["kl_mean"], ".4f"),
+            f"{_num(ppl['base'], '.2f')} -> {_num(ppl['shared'], '.2f')}",
+            _pct(p["shares_exceeding_tau"]),
+            f"{_pair(tps)} ({_num(tps['error_pct'], '+.0f')}%)",
+        )
+    console.print(t)
+    fit = report.get("cost_model_fit")
+    if fit:
+        console.print(
+            f"cost model fitted on {fit['train_steps']} steps -> {fit['file']}: held-out error "
+            f"{fit['error_before_pct']:.1f}% -> {fit['error_after_pct']:.1f}% "
+            f"({fit['test_steps']} steps)"
+        )
+
+
+def plot_kv(path: Path, series: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> None:
+    """KV pages in use per step, predicted (dashed) and measured (solid), one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, (label, pred, meas) in enumerate(series):
+        colour = f"C{i % 10}"
+        ax.plot(pred, linestyle="--", color=colour, label=f"{label} predicted")
+        ax.plot(meas, color=colour, label=f"{label} measured", alpha=0.8)
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("KV pages in use (running requests)")
+    ax.set_title("KV in use: simulator vs real engine")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
