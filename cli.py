@@ -159,10 +159,11 @@ def demo_cmd(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """The main job on the embedded default: capture -> simulate -> comparison table + plots.
+    """The main job on the embedded default: capture -> simulate -> validate, tables + plots.
 
     The default model answers 8 bundled GSM8K prompts (the trace: token ids, reasoning steps,
-    K/V sketches); the simulator replays it under none, prefix, exact-dedup and cf-topk.
+    K/V sketches); the simulator replays it under none, prefix, exact-dedup and cf-topk; then
+    validate runs each on the real model and reports measured beside predicted.
     """
     if workload:
         from memshare.demo import demo_workload
@@ -177,9 +178,20 @@ def demo_cmd(
     from memshare.sim.report import render_study
     from memshare.sim.study import study_json
     from memshare.validate.pipeline import run_demo
+    from memshare.validate.report import render_validation
 
-    with _CaptureBar(as_json) as bar, _runs_progress(as_json) as sim_progress:
-        result = run_demo(output, capture_progress=bar.update, sim_progress=sim_progress.update)
+    with (
+        _CaptureBar(as_json) as bar,
+        _runs_progress(as_json) as sim_progress,
+        _StatusBar(as_json) as vbar,
+    ):
+        result = run_demo(
+            output,
+            capture_progress=bar.update,
+            sim_progress=sim_progress.update,
+            status=vbar.status,
+            validate_progress=vbar.progress,
+        )
     if as_json:
         print(
             json.dumps(
@@ -187,6 +199,7 @@ def demo_cmd(
                     "trace": str(result.trace),
                     "capture": result.capture,
                     "simulate": study_json(result.study),
+                    "validate": result.validation,
                     "seconds": result.seconds,
                 },
                 indent=2,
@@ -203,8 +216,11 @@ def demo_cmd(
     else:
         out.print(f"reused the capture in {result.trace}")
     render_study(result.study, out)
+    out.print(f"simulated in {result.seconds['simulate']:.1f} s")
+    render_validation(result.validation, out)
     out.print(
-        f"simulated in {result.seconds['simulate']:.1f} s; next: memshare study {result.trace}"
+        f"validated on the real model in {result.seconds['validate']:.0f} s "
+        f"({result.trace.parent / 'sim' / 'validation.json'}); next: memshare study {result.trace}"
     )
 
 
@@ -831,6 +847,39 @@ class _CaptureBar:
             self.bar.stop()
 
 
+class _StatusBar:
+    """A transient bar on stderr for a long command: a status line and a count (rich)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            disable=not _live(as_json),
+        )
+        self.task = self.bar.add_task("starting", total=None)
+
+    def status(self, message: str) -> None:
+        """Show ``message`` as the stage."""
+        self.bar.update(self.task, description=message)
+
+    def progress(self, what: str, done: int, total: int) -> None:
+        """``done`` of ``total`` (``what``: a new stage name, or "" to keep the current one)."""
+        if what:
+            self.bar.update(self.task, description=what)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __enter__(self) -> _StatusBar:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
 @app.command("generate")
 def generate_cmd(
     output: Annotated[
@@ -908,21 +957,9 @@ def generate_cmd(
         max_num_batched_tokens=max_num_batched_tokens,
         threads=threads,
     )
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=not _live(as_json),
-    )
-    task = bar.add_task("starting", total=None)
-    with bar:
+    with _StatusBar(as_json) as bar:
         metrics = generate(
-            opts,
-            status=lambda m: bar.update(task, description=m),
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            opts, status=bar.status, progress=lambda done, total: bar.progress("", done, total)
         )
     if as_json:
         print(json.dumps(metrics, indent=2))
@@ -982,24 +1019,8 @@ def validate_cmd(
         fit_cost_model=fit_cost_model,
         plot=plot,
     )
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=not _live(as_json),
-    )
-    task = bar.add_task("starting", total=None)
-    with bar:
-        report = validate(
-            opts,
-            status=lambda m: bar.update(task, description=m),
-            progress=lambda what, done, total: bar.update(
-                task, description=what, completed=done, total=total
-            ),
-        )
+    with _StatusBar(as_json) as bar:
+        report = validate(opts, status=bar.status, progress=bar.progress)
     if as_json:
         print(json.dumps(report, indent=2))
         return

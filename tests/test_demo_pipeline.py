@@ -1,4 +1,5 @@
-"""The README's main job, small: real capture of bundled prompts -> simulate four policies."""
+"""The README's main job, small: real capture of bundled prompts -> simulate four policies ->
+validate them on the real model."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def test_demo_captures_then_simulates_the_four_policies(model_cache: Path, tmp_p
         assert m["requests"]["output_tokens"] == sum(r.output_len for r in reader.records())
     assert comparison["none"]["sharing"]["pages_shared"] == 0
     assert (out / "sim" / "kv_blocks.png").is_file()
+    # validated: every simulated run measured on the real model beside its prediction
+    val = json.loads((out / "sim" / "validation.json").read_text())
+    assert val == result.validation and set(val["policies"]) == set(DEMO_POLICIES)
+    for name in ("none", "prefix", "exact-dedup"):
+        assert val["policies"][name]["steps_identical"], name
+    assert (out / "sim" / "kv_in_use.png").is_file() and result.seconds["validate"] > 0
     # a second run reuses the finished capture and gives the same simulation
     again = run_demo(out, DemoSettings(prompts=2, max_new_tokens=24, batch_size=2))
     assert again.capture is None

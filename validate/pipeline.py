@@ -1,4 +1,4 @@
-"""The main job on the embedded default (``memshare demo``): capture -> simulate -> compare.
+"""The main job on the embedded default (``memshare demo``): capture -> simulate -> validate.
 
 1. Capture: the default model (SmolLM2-135M-Instruct) answers the bundled GSM8K prompts
    (greedy); the trace holds token ids, reasoning steps and per-block, per-layer K/V sketches.
@@ -11,8 +11,12 @@
    layer/k at tau 0.5 saves 4.2% of mean KV (7.6% of pages shared, mean distance 0.45);
    tau 0.3 saves 0.1%; every block-granularity setting 0%.
 
-``validate`` joins here when it exists. Everything lands under one folder:
-``OUT/trace`` and ``OUT/sim`` (a run directory per policy, ``comparison.json``, PNGs).
+3. Validate: every simulated run re-run on the real model's paged engine beside the
+   simulator's prediction of the same workload (docs/validate.md): pages, savings, fidelity
+   against the unshared engine, time; ``OUT/sim/validation.json`` and ``kv_in_use.png``.
+
+Everything lands under one folder: ``OUT/trace`` and ``OUT/sim`` (a run directory per policy,
+``comparison.json``, ``validation.json``, PNGs).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from memshare.sim.study import StudyProgress, StudyResult, simulate
 from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
 from memshare.traces.capture.run import ProgressFn
 from memshare.traces.reader import load_manifest
+from memshare.validate.measure import Progress
+from memshare.validate.validation import ValidateOptions, validate
 
 DEMO_POLICIES = ("none", "prefix", "exact-dedup", "cf-topk")
 DEMO_SETS = ("cf-topk.granularity=layer", "cf-topk.share=k", "cf-topk.tau=0.5")
@@ -49,6 +55,7 @@ class DemoResult:
     trace: Path  # the captured trace
     capture: dict[str, Any] | None  # capture summary (None: an earlier capture was reused)
     study: StudyResult  # the simulated comparison
+    validation: dict[str, Any]  # validation.json: the runs measured on the real model
     seconds: dict[str, float]  # wall time per stage
 
 
@@ -59,8 +66,10 @@ def run_demo(
     capture_progress: ProgressFn | None = None,
     sim_progress: StudyProgress | None = None,
     status: Callable[[str], None] | None = None,
+    validate_progress: Progress | None = None,
 ) -> DemoResult:
-    """Capture (or reuse) the embedded default and simulate it under :data:`DEMO_POLICIES`."""
+    """Capture (or reuse) the embedded default, simulate it under :data:`DEMO_POLICIES` and
+    validate the simulated runs on the real model."""
     s = settings or DemoSettings()
     trace = out / "trace"
     seconds: dict[str, float] = {}
@@ -88,4 +97,9 @@ def run_demo(
         progress=sim_progress,
     )
     seconds["simulate"] = time.perf_counter() - t1
-    return DemoResult(trace, summary, study, seconds)
+    t2 = time.perf_counter()
+    report = validate(
+        ValidateOptions(run=out / "sim", plot=True), status=status, progress=validate_progress
+    )
+    seconds["validate"] = time.perf_counter() - t2
+    return DemoResult(trace, summary, study, report, seconds)
