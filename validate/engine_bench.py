@@ -8,8 +8,10 @@ Figures (printed, never asserted by a timed test; docs/layout.md lists the targe
   the longest), and at most ``concurrency`` sequences at a time (HF in static batches of that
   size, each until its longest; the engine refills a slot as soon as a request finishes: where
   continuous batching pays). Both count only the tokens each request asked for. Runs
-  alternate, the median of ``repeats`` counts. Both run on the same weights (the engine on
-  its own copy: it switches its model's attention implementation).
+  alternate, HF then the engine; ``engine_over_hf`` is the median over the repeats of each
+  pair's ratio (a pair runs back to back, so a slow spell of a shared machine slows both),
+  beside the ratio of the two medians. Both run on the same weights (the engine on its own
+  copy: it switches its model's attention implementation).
 - KV bytes: the page tensor's size against the pool's page count x page size (must be equal).
 - peak process RSS.
 - the policy's overhead inside the engine: the share of step time spent committing (sketching
@@ -123,11 +125,14 @@ def bench_engine(
         tokens = sum(lengths)
         hf_tps = tokens / statistics.median(hf_s)
         eng_tps = tokens / statistics.median(eng_s)
+        pairs = [h / e for h, e in zip(hf_s, eng_s, strict=True)]
         out[label] = {
             "tokens": tokens,
             "hf_tokens_per_s": round(hf_tps, 1),
             "engine_tokens_per_s": round(eng_tps, 1),
-            "engine_over_hf": round(eng_tps / hf_tps, 3),
+            "engine_over_hf": round(statistics.median(pairs), 3),
+            "engine_over_hf_pairs": [round(x, 3) for x in pairs],
+            "ratio_of_medians": round(eng_tps / hf_tps, 3),
             "concurrent_seqs": seqs,
             "hf_s": [round(x, 3) for x in hf_s],
             "engine_s": [round(x, 3) for x in eng_s],
