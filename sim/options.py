@@ -191,8 +191,9 @@ SWEEP_KEYS: dict[str, type] = {
 class SweepSpec:
     """One option over several values."""
 
-    key: str  # a SimOptions field name (SWEEP_KEYS)
-    values: tuple[Any, ...]  # typed values, in the order given
+    key: str  # a SimOptions field name (SWEEP_KEYS), or a policy parameter
+    values: tuple[Any, ...]  # typed values, in the order given (policy parameters: text)
+    policy_param: bool = False  # ``key`` is a policy parameter (passed as --set key=value)
 
     def label(self, value: Any) -> str:
         """A directory-safe ``key=value`` name for one point."""
@@ -203,14 +204,18 @@ def parse_sweep(text: str) -> SweepSpec:
     """``key=a,b,c`` -> :class:`SweepSpec` (dashes or underscores in the key)."""
     key, eq, raw = text.partition("=")
     key = key.strip().replace("-", "_").lstrip("_")
-    fix = f"use key=a,b,c with key one of: {', '.join(SWEEP_KEYS)}"
+    fix = f"use key=a,b,c with key one of: {', '.join(SWEEP_KEYS)}, or a policy parameter"
     if not eq:
         raise InputError("--sweep", f"{text!r} is not key=a,b,c", fix)
-    if key not in SWEEP_KEYS:
-        raise InputError("--sweep", f"unknown sweep key {key!r}", fix)
     items = [v.strip() for v in raw.split(",") if v.strip()]
     if len(items) < 2:
         raise InputError("--sweep", f"{text!r} gives fewer than 2 values", fix)
+    if key not in SWEEP_KEYS:  # a policy parameter: checked against the policies by sweep
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.+-]*", key):
+            raise InputError("--sweep", f"unknown sweep key {key!r}", fix)
+        if len(set(items)) != len(items):
+            raise InputError("--sweep", f"{text!r} repeats a value", "give each value once")
+        return SweepSpec(key, tuple(items), policy_param=True)
     kind = SWEEP_KEYS[key]
     try:
         values = tuple(kind(v) for v in items)
@@ -224,7 +229,10 @@ def parse_sweep(text: str) -> SweepSpec:
 
 
 def sweep_options(opts: SimOptions, spec: SweepSpec, value: Any) -> SimOptions:
-    """``opts`` with the swept option set to ``value`` (kv_blocks/kv_bytes exclude the other)."""
+    """``opts`` with the swept option set to ``value`` (kv_blocks/kv_bytes exclude the other;
+    a policy parameter is added to the ``--set`` items)."""
+    if spec.policy_param:
+        return replace(opts, sets=(*opts.sets, f"{spec.key}={value}"))
     changes: dict[str, Any] = {spec.key: value}
     if spec.key == "kv_blocks":
         changes["kv_bytes"] = None

@@ -21,9 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memshare.errors import InputError
 from memshare.sim.config import SimConfig
 from memshare.sim.metrics import flatten
-from memshare.sim.options import SimOptions, SweepSpec, build_configs, sweep_options
+from memshare.sim.options import (
+    SWEEP_KEYS,
+    SimOptions,
+    SweepSpec,
+    build_configs,
+    policy_params,
+    sweep_options,
+)
 from memshare.sim.run import (
     LoadedTrace,
     RunOutput,
@@ -129,6 +137,15 @@ def sweep(
     warn: Warn | None = None,
 ) -> SweepResult:
     """Run every policy at every value of ``spec``; write the points, a table and a plot."""
+    if spec.policy_param:  # one line naming the sweep if no policy takes the parameter
+        try:
+            policy_params(opts.policies, (*opts.sets, f"{spec.key}={spec.values[0]}"))
+        except InputError as e:
+            raise InputError(
+                "--sweep",
+                f"unknown sweep key {spec.key!r}: not a simulate option, and {e.problem}",
+                f"use one of: {', '.join(SWEEP_KEYS)}, or a parameter of the policy",
+            ) from None
     trace = LoadedTrace.load(Path(opts.trace))
     planned = [
         (v, build_configs(sweep_options(opts, spec, v), trace.manifest)) for v in spec.values

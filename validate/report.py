@@ -89,3 +89,36 @@ def plot_kv(path: Path, series: Sequence[tuple[str, Sequence[float], Sequence[fl
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_frontier(path: Path, report: dict[str, Any]) -> None:
+    """KV saved (measured; predicted hollow) against top-1 agreement and, where answers were
+    generated, answer agreement: one point per run, the unshared point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pol = report["policies"]
+    panels = [("top1_agreement", "top-1 agreement with the unshared run")]
+    if any(p.get("answer_agreement") is not None for p in pol.values()):
+        panels.append(("answer_agreement", "answer agreement with the unshared run"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels, strict=True):
+        ax.scatter([0.0], [1.0], marker="*", s=160, color="black", label="unshared", zorder=3)
+        for i, (label, p) in enumerate(pol.items()):
+            y = p.get(key)
+            if y is None:
+                continue
+            saved = p["kv_saved"]
+            colour = f"C{i % 10}"
+            ax.scatter([saved["measured"]], [y], color=colour, label=label, zorder=2)
+            ax.scatter([saved["predicted"]], [y], facecolors="none", edgecolors=colour)
+        ax.set_xlabel("KV saved vs unshared (measured; hollow: predicted)")
+        ax.set_ylabel(name)
+        ax.axhline(0.99, color="grey", linewidth=0.8, linestyle=":")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("sharing frontier: memory saved against fidelity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -2,12 +2,13 @@
 configs, and the trace they ran on, checked unchanged (docs/validate.md).
 
 ``RUN`` is a run directory (``config.json``), or a folder of them (``simulate`` with several
-policies, ``sweep``, ``study``: one level of sub-folders). Every run must name the same trace,
-and the trace must be the one the run read: its ``requests.jsonl`` length and checksum are
-compared with what the trace's manifest says now and with what ``config.json`` recorded.
+policies: ``RUN/<policy>``; ``sweep``: ``RUN/<key=value>/<policy>``). Every run must name the
+same trace, and the trace must be the one the run read: its ``requests.jsonl`` length and
+checksum are compared with what the trace's manifest says now and with what ``config.json``
+recorded.
 
-Invariants: runs are returned in sorted folder order, each with a unique label (its folder
-name, or the policy name for a single run); a trace whose bytes changed, or a run directory
+Invariants: runs are returned in sorted folder order, each with a unique label (its path
+under ``RUN``, or the policy name for a single run); a trace whose bytes changed, or a run directory
 without a config, is an :class:`~memshare.errors.InputError`.
 """
 
@@ -39,8 +40,8 @@ def find_runs(root: Path) -> list[RunDir]:
         raise InputError(str(root), "is not a folder", "pass a simulate/sweep/study output folder")
     if (root / CONFIG).is_file():
         dirs = [root]
-    else:
-        dirs = sorted(p for p in root.iterdir() if (p / CONFIG).is_file())
+    else:  # simulate/study: OUT/<policy>; sweep: OUT/<key=value>/<policy>
+        dirs = sorted({p.parent for p in (*root.glob(f"*/{CONFIG}"), *root.glob(f"*/*/{CONFIG}"))})
     if not dirs:
         raise InputError(
             str(root),
@@ -51,7 +52,7 @@ def find_runs(root: Path) -> list[RunDir]:
     for d in dirs:
         cfg = read_config(d)
         raw = json.loads((d / CONFIG).read_text(encoding="utf-8"))
-        label = cfg.policy if d == root else d.name
+        label = cfg.policy if d == root else d.relative_to(root).as_posix()
         runs.append(RunDir(label, d, cfg, dict(raw.get("resolved") or {})))
     traces = {r.config.trace for r in runs}
     if len(traces) > 1:

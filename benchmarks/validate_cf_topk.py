@@ -1,0 +1,104 @@
+"""cf-topk's predicted and measured savings and fidelity over its four modes and a tau sweep.
+
+For each corpus (DeepSeek-R1 and Sky-T1 reasoning texts from ../shared/data/reasoning): capture
+``--texts`` teacher-forced traces of the first N texts (cut at T tokens), then for each mode
+(block/kv, block/k, layer/kv, layer/k) ``memshare sweep tau=...`` and ``memshare validate`` of
+the sweep (the configurations of a text run side by side, each beside the unshared engine).
+Prints one row per (corpus, mode, tau) and, per mode, the largest measured saving at >= 99%
+top-1 agreement; writes everything as JSON. Figures, never assertions.
+
+    python benchmarks/validate_cf_topk.py OUT [--texts 8] [--tokens 2048] [--taus 0.1,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
+CORPORA = {
+    "r1": (DATA / "deepseek_r1_aime24_math500.jsonl", "reasoning"),
+    "skyt1": (DATA / "skyt1_27b_math500.jsonl", "code[0]"),
+}
+MODES = {"block/kv": ("block", "kv"), "block/k": ("block", "k"), "layer/kv": ("layer", "kv"),
+         "layer/k": ("layer", "k")}  # fmt: skip
+
+
+def memshare(*args: str) -> str:
+    res = subprocess.run(
+        [sys.executable, "-m", "memshare.cli", *args], capture_output=True, text=True, check=False
+    )
+    if res.returncode != 0:
+        sys.exit(f"memshare {' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--texts", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--taus", default="0.1,0.2,0.3,0.4,0.5")
+    ap.add_argument("--corpora", default="r1,skyt1")
+    ap.add_argument("--modes", default=",".join(MODES))
+    a = ap.parse_args()
+    rows = []
+    for corpus in a.corpora.split(","):
+        path, field = CORPORA[corpus]
+        trace = a.out / corpus / "trace"
+        if not (trace / "manifest.json").is_file():
+            memshare("capture", "-o", str(trace), "--texts", str(path), "--field", field,
+                     "--limit", str(a.texts), "--max-tokens", str(a.tokens), "--json")  # fmt: skip
+        for mode in a.modes.split(","):
+            gran, share = MODES[mode]
+            runs = a.out / corpus / mode.replace("/", "-")
+            t0 = time.perf_counter()
+            memshare("sweep", str(trace), f"tau={a.taus}", "--policy", "cf-topk",
+                     "--set", f"granularity={gran}", "--set", f"share={share}",
+                     "--model-config", "smollm2-135m", "-o", str(runs), "--json")  # fmt: skip
+            rep = json.loads(memshare("validate", str(runs), "--json"))
+            secs = time.perf_counter() - t0
+            for label, p in rep["policies"].items():
+                rows.append(
+                    {
+                        "corpus": corpus,
+                        "mode": mode,
+                        "tau": p["policy_params"].get("tau"),
+                        "run": label,
+                        "kv_saved_predicted": p["kv_saved"]["predicted"],
+                        "kv_saved_measured": p["kv_saved"]["measured"],
+                        "top1": p["top1_agreement"],
+                        "top1_after_share": p["top1_agreement_after_first_share"],
+                        "kl_mean": p["kl_mean"],
+                        "ppl_base": p["ppl"]["base"],
+                        "ppl_shared": p["ppl"]["shared"],
+                        "shares": p["shares"],
+                        "shares_exceeding_tau": p["shares_exceeding_tau"],
+                        "requests": rep["requests"],
+                        "seconds": round(secs, 1),
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"{corpus:6} {mode:8} tau {r['tau']:<4} saved pred "
+                    f"{r['kv_saved_predicted']:7.2%} meas {r['kv_saved_measured']:7.2%}  "
+                    f"top1 {r['top1']:7.2%}  KL "
+                    f"{r['kl_mean']:.4f}  PPL {r['ppl_base']:.2f}->{r['ppl_shared']:.2f}  "
+                    f"shares {r['shares']} (>tau {r['shares_exceeding_tau']})",
+                    flush=True,
+                )
+    best = {}
+    for r in rows:
+        key = f"{r['corpus']} {r['mode']}"
+        if r["top1"] >= 0.99 and r["kv_saved_measured"] > best.get(key, {}).get("saved", -1):
+            best[key] = {"saved": r["kv_saved_measured"], "tau": r["tau"]}
+    print("largest measured saving at >= 99% top-1:", json.dumps(best, indent=1))
+    (a.out / "validate_cf_topk.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

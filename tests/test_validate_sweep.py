@@ -1,0 +1,85 @@
+"""A policy parameter swept (``memshare sweep tau=...``) and the whole sweep validated.
+
+Real default model, real R1 text, through the CLI: a tight and a loose ``tau`` of ``cf-topk``
+(per layer, keys only). A fidelity figure must move when it must: the loose run saves more KV
+and agrees less with the unshared run (lower top-1, higher KL). Also the frontier plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+
+R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
+
+
+def memshare(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "memshare.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def swept(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    path = R1 / "deepseek_r1_aime24_math500.jsonl"
+    if not path.is_file():
+        pytest.skip(f"public data not found: {path}")
+    folder = tmp_path_factory.mktemp("vsweep")
+    trace = folder / "trace"
+    res = memshare("capture", "-o", str(trace), "--texts", str(path), "--field", "reasoning",
+                   "--limit", "2", "--max-tokens", "320")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    runs = folder / "runs"
+    res = memshare("sweep", str(trace), "tau=0.1,2.0", "--policy", "cf-topk",
+                   "--set", "granularity=layer", "--set", "share=k", "--set", "window=1",
+                   "--model-config", "smollm2-135m", "-o", str(runs))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    res = memshare("validate", str(runs), "--plot", "--json")
+    assert res.returncode == 0, res.stderr
+    return runs, json.loads(res.stdout)
+
+
+def test_sweep_of_a_policy_parameter_writes_one_run_per_value(swept: tuple[Path, Any]) -> None:
+    runs, _ = swept
+    for tau in ("0.1", "2.0"):
+        cfg = json.loads((runs / f"tau={tau}" / "cf-topk" / "config.json").read_text())
+        assert cfg["config"]["policy_params"]["tau"] == float(tau)
+        assert cfg["config"]["policy_params"]["granularity"] == "layer"
+
+
+def test_a_looser_tau_saves_more_and_agrees_less(swept: tuple[Path, Any]) -> None:
+    runs, rep = swept
+    pol = rep["policies"]
+    assert set(pol) == {"tau=0.1/cf-topk", "tau=2.0/cf-topk"}
+    tight, loose = pol["tau=0.1/cf-topk"], pol["tau=2.0/cf-topk"]
+    assert loose["kv_saved"]["measured"] > tight["kv_saved"]["measured"]
+    assert loose["kv_saved"]["predicted"] > tight["kv_saved"]["predicted"]
+    assert loose["top1_agreement"] < tight["top1_agreement"]
+    assert loose["kl_mean"] > tight["kl_mean"]
+    assert loose["ppl"]["shared"] > tight["ppl"]["shared"]
+    for p in (tight, loose):  # the first decision is the simulator's: same first share step
+        assert p["first_differing_step"] is None or p["first_differing_step"] > 0
+    assert (runs / "frontier.png").stat().st_size > 10_000
+    assert (runs / "kv_in_use.png").is_file()
+
+
+def test_sweeping_a_parameter_no_policy_has_is_one_line(swept: tuple[Path, Any]) -> None:
+    runs, _ = swept
+    trace = runs.parent / "trace"
+    res = memshare("sweep", str(trace), "colour=1,2", "--policy", "cf-topk", "-o",
+                   str(runs.parent / "bad"))  # fmt: skip
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "--sweep" in res.stderr and "colour" in res.stderr
