@@ -1000,11 +1000,21 @@ def validate_cmd(
         ),
     ] = False,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
+    kv_fraction: Annotated[
+        float,
+        typer.Option(
+            "--kv-fraction",
+            help="KV budget of the throughput runs, as a fraction of the blocks every "
+            "request needs at once (at least the largest request).",
+        ),
+    ] = 0.5,
     plot: PlotOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the real model on the paged engine for every simulated run under RUN and report
-    measured memory, fidelity and time beside the simulator's prediction (validation.json)."""
+    measured memory, fidelity and time beside the simulator's prediction (validation.json):
+    teacher-forced texts for fidelity, throughput at a KV budget where none must queue, and
+    answers generated under each policy for a trace captured from a dataset."""
     from memshare.validate.report import render_validation
     from memshare.validate.validation import ValidateOptions, validate
 
@@ -1018,6 +1028,7 @@ def validate_cmd(
         gpu=gpu,
         fit_cost_model=fit_cost_model,
         plot=plot,
+        kv_fraction=kv_fraction,
     )
     with _StatusBar(as_json) as bar:
         report = validate(opts, status=bar.status, progress=bar.progress)

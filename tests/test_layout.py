@@ -16,7 +16,14 @@ CORE_ALLOWED = {"numpy", "memshare"} | set(sys.stdlib_module_names)
 # validate/ files that read or run the simulator: the demo pipeline runs both stages, the cost
 # fit reads the cost model, and `memshare validate` reads a run directory and re-simulates its
 # workload beside the engine. The paged engine itself (engine.py and what it imports) never.
-VALIDATE_READS_SIM = {"pipeline.py", "cost_fit.py", "runs.py", "measure.py", "validation.py"}
+VALIDATE_READS_SIM = {
+    "pipeline.py",
+    "cost_fit.py",
+    "runs.py",
+    "measure.py",
+    "validation.py",
+    "generated.py",
+}
 
 
 def _imports(path: Path, top_level_only: bool) -> set[str]:

@@ -130,3 +130,34 @@ def test_bad_input_is_one_line(trace: Path, tmp_path: Path) -> None:
     res = memshare("validate", str(runs))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "changed" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_teacher_forced_trace_runs_at_the_budget_but_generates_no_answers(
+    validated: tuple[Path, dict[str, Any]],
+) -> None:
+    runs, rep = validated
+    assert rep["generated"] is None
+    budget = rep["budget"]
+    assert 0 < budget["kv_blocks"] < budget["all_at_once_blocks"]
+    for name, p in rep["policies"].items():
+        assert p["answer_agreement"] is None and p["accuracy"] is None, name
+        assert p["token_agreement"] is None
+        for key in ("throughput_tok_s", "ttft_p50_s", "tpot_p50_s"):
+            assert p[key]["measured"] > 0 and p[key]["predicted"] > 0, (name, key)
+        assert p["teacher_forced_time"]["prefill_tok_s"]["measured"] > 0
+        # decisions on token ids: the simulator's steps. (exact-dedup decides on KV bits, and
+        # the engine's KV of the repeated text, decoded beside the original in one batch,
+        # differs from it in the last bits at some layers: fewer pages match than in the
+        # captured KV the simulator reads; docs/validate.md)
+        if name in ("none", "prefix"):
+            b = p["at_budget"]
+            assert b["steps_identical"], (name, b["first_differing_step"])
+            assert b["preemptions"]["predicted"] == b["preemptions"]["measured"]
+            assert b["pages_shared"]["predicted"] == b["pages_shared"]["measured"]
+        rows = [json.loads(x) for x in (runs / name / "engine" / "outputs.jsonl").open()]
+        assert rows and all(r["answer"] is None and "first_share_position" in r for r in rows)
+        assert not (runs / name / "engine" / "teacher_forced").exists()
+    cf = [json.loads(x) for x in (runs / "cf-topk" / "engine" / "outputs.jsonl").open()]
+    firsts = {r["request"]: r["first_share_position"] for r in cf}
+    positioned = {rid: pos for rid, pos in firsts.items() if pos is not None}
+    assert positioned == rep["policies"]["cf-topk"]["first_share_position"] != {}

@@ -4,11 +4,15 @@ For every run directory under ``RUN``: the simulator's prediction of the engine'
 workload (:func:`~memshare.validate.measure.predict`) beside the paged engine's measurement
 (:func:`~memshare.validate.measure.run_lockstep`): KV pages in use (step by step, peak, mean;
 the saving against the unshared run), fidelity against the unshared engine (top-1 agreement,
-KL, perplexity), every share's exact distance on the live KV against ``tau``, and time
-(tokens/s, TTFT) predicted on a cost-model preset and measured. Writes ``RUN/validation.json``
-and, per run, the engine's ``outputs.jsonl`` / ``shares.jsonl`` / ``reuses.jsonl`` under
-``RUN/<run>/engine/``; with ``fit_cost_model``, ``RUN/cost_model.toml`` fitted on the engine's
-steps.
+KL, perplexity), every share's exact distance on the live KV against ``tau``, and the
+teacher-forced run's time. Then (:mod:`~memshare.validate.generated`) throughput, TTFT and
+TPOT at a KV budget where ``none`` must queue or preempt, predicted and measured; and for a
+trace captured from a dataset, answers generated under each policy (agreement with the
+unshared run, accuracy against the gold answer). Writes ``RUN/validation.json`` and, per run,
+the engine's ``outputs.jsonl`` / ``shares.jsonl`` / ``reuses.jsonl`` under
+``RUN/<run>/engine/`` (a dataset trace: the generated run there, the teacher-forced one in
+``engine/teacher_forced/``); with ``fit_cost_model``, ``RUN/cost_model.toml`` fitted on the
+engines' steps.
 
 Invariants: ``validation.json`` is written whole (temporary file, then renamed) after every
 run was measured, so a failed validation leaves no half file; every figure has its predicted
@@ -18,19 +22,42 @@ says at which step the executors parted.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from memshare.sim.run import RunOutput
+from memshare.sim.config import SimConfig
+from memshare.sim.cost_model import BatchShape
+from memshare.sim.run import LoadedTrace, RunOutput
+from memshare.traces.schema import RequestRecord
 from memshare.validate.cost_fit import fit_cost_model, split_steps, write_cost_fit
-from memshare.validate.engine import PagedEngine
-from memshare.validate.generate import run_metrics, write_run
+from memshare.validate.engine import EngineResult, PagedEngine, StepRecord
+from memshare.validate.generate import run_metrics
+from memshare.validate.generated import (
+    DEFAULT_KV_FRACTION,
+    BudgetWorkload,
+    GenRun,
+    answer_report,
+    answer_rows,
+    budget_report,
+    budget_workload,
+    check_fraction,
+    compare_answers,
+    generate_answers,
+    generation_cap,
+    gold_of,
+    is_generated,
+    pme,
+    predict_at_budget,
+    run_at_budget,
+    write_engine,
+)
 from memshare.validate.measure import (
     Measured,
     Progress,
@@ -59,6 +86,7 @@ class ValidateOptions:
     gpu: str = "cpu"  # cost-model preset the predicted times use
     fit_cost_model: bool = False
     plot: bool = False  # RUN/kv_in_use.png
+    kv_fraction: float = DEFAULT_KV_FRACTION  # throughput budget: F x all requests at once
 
 
 def validate(
@@ -70,11 +98,14 @@ def validate(
     from memshare.traces.capture.device import check_device
     from memshare.traces.capture.hf import HFBackend
 
+    check_fraction(o.kv_fraction)
     runs = find_runs(o.run)
     trace = load_checked_trace(runs[0])
     for r in runs[1:]:
         load_checked_trace(r)
     wl = teacher_forced_workload(trace, runs[0], o.limit)
+    bw = budget_workload(trace, runs[0], o.limit, o.kv_fraction)
+    generated = is_generated(trace)
     check_device(o.device)
     if status:
         status("loading the model")
@@ -83,27 +114,31 @@ def validate(
     if status:
         status("simulating")
     predicted = {r.label: predict(r.config, wl, o.gpu) for r in runs}
-    base_pred = predict(runs[0].config.with_(policy="none", policy_params={}), wl, o.gpu)
+    base_cfg = runs[0].config.with_(policy="none", policy_params={})
+    base_pred = predict(base_cfg, wl, o.gpu)
+    budget_pred = {r.label: predict_at_budget(r.config, bw, o.gpu) for r in runs}
+    budget_base_pred = predict_at_budget(base_cfg, bw, o.gpu)
     if status:
         status("running the engines")
-    base_m, measured = run_lockstep(backend.model, [r.config for r in runs], wl, progress)
-    base_ppl = next((m.fidelity.metrics().ppl_base for m in measured if m is not base_m), None)
-    policies: dict[str, Any] = {}
-    for r, m in zip(runs, measured, strict=True):
-        policies[r.label] = policy_report(r, predicted[r.label], base_pred, m, base_m, wl)
-        if m is base_m:  # the unshared run itself: its text's perplexity is the base's
-            policies[r.label]["ppl"] = {"base": base_ppl, "shared": base_ppl}
-        result = m.engine.result()
-        metrics = run_metrics(
-            result,
-            model=backend.source.name,
-            policy=r.config.policy,
-            params=dict(r.config.policy_params),
-            device=o.device,
-            dtype=o.dtype,
-            block_size=wl.block_size,
-        )
-        write_run(r.path / "engine", r.config.policy, result, backend.decode, metrics)
+    # one part at a time: a part's engines (a model copy each) are dropped before the next
+    out = _Writer(backend, o, wl.block_size)
+    tf_sub = Path("engine", "teacher_forced") if generated else Path("engine")
+    policies, series, shaped = _teacher_forced(
+        runs, predicted, base_pred, wl, backend.model, out, tf_sub, progress
+    )
+    gc.collect()
+    budget, budget_shaped = _at_budget(
+        runs, budget_pred, budget_base_pred, bw, backend.model, progress
+    )
+    shaped += budget_shaped
+    for label, entry in budget.items():
+        policies[label] |= entry
+    gc.collect()
+    if generated:
+        answers = _answers(runs, trace, bw, backend, out, progress)
+        for label, entry in answers.items():
+            policies[label] |= entry
+        gc.collect()
     report: dict[str, Any] = {
         "trace": str(trace.path),
         "model": backend.source.name,
@@ -113,25 +148,122 @@ def validate(
         "kv_blocks": wl.num_blocks,
         "timing_preset": o.gpu,
         "workload": "teacher-forced texts, chunks of one block (docs/validate.md)",
+        "budget": {
+            "kv_fraction": bw.fraction,
+            "kv_blocks": bw.num_blocks,
+            "all_at_once_blocks": bw.all_at_once,
+            "workload": "generation with the trace's output tokens forced, all at 0 s",
+        },
+        "generated": None
+        if not generated
+        else {
+            "max_new_tokens": generation_cap(trace),
+            "sampling": "greedy, stop on EOS; every request fits at once",
+        },
         "policies": policies,
     }
     if o.plot:
         from memshare.validate.report import plot_kv
 
-        series = [
-            (
-                r.label,
-                predicted[r.label].result.timeline.live_pages,
-                [s.live_pages for s in m.engine.steps],
-            )
-            for r, m in zip(runs, measured, strict=True)
-        ]
         plot_kv(o.run / "kv_in_use.png", series)
         report["plots"] = [str(o.run / "kv_in_use.png")]
+        if len(runs) > 1:  # several runs: the measured frontier, one point per run
+            from memshare.validate.report import plot_frontier
+
+            plot_frontier(o.run / "frontier.png", report)
+            report["plots"].append(str(o.run / "frontier.png"))
     if o.fit_cost_model:
-        report["cost_model_fit"] = _fit(o, runs[0], wl, measured, predicted[runs[0].label])
+        # the teacher-forced runs (prefill) and the runs at the budget (decode, preemption)
+        report["cost_model_fit"] = _fit(o, shaped, predicted[runs[0].label])
     _write_json(o.run / VALIDATION, report)
     return report
+
+
+Shaped = list[tuple[Sequence[BatchShape], Sequence[StepRecord]]]  # steps for the cost fit
+Series = list[tuple[str, Sequence[float], Sequence[float]]]  # run, predicted, measured pages
+
+
+def _teacher_forced(
+    runs: Sequence[RunDir],
+    predicted: dict[str, RunOutput],
+    base_pred: RunOutput,
+    wl: Workload,
+    model: Any,
+    out: _Writer,
+    sub: Path,
+    progress: Progress | None,
+) -> tuple[dict[str, Any], Series, Shaped]:
+    """The teacher-forced part: each run's ``validation.json`` entry, its engine files under
+    ``RUN/<run>/<sub>``, the pages-in-use series for the plot and the steps for the fit."""
+    base_m, measured = run_lockstep(model, [r.config for r in runs], wl, progress)
+    base_ppl = next((m.fidelity.metrics().ppl_base for m in measured if m is not base_m), None)
+    policies: dict[str, Any] = {}
+    for r, m in zip(runs, measured, strict=True):
+        entry = policy_report(r, predicted[r.label], base_pred, m, base_m, wl)
+        if m is base_m:  # the unshared run itself: its text's perplexity is the base's
+            entry["ppl"] = {"base": base_ppl, "shared": base_ppl}
+        rows = {
+            q.rid: {"answer": None, "first_share_position": m.first_share_pos.get(q.rid)}
+            for q in m.engine.requests
+        }
+        out.write(r.path / sub, r.config, m.engine.result(), rows)
+        policies[r.label] = entry
+    series: Series = [
+        (
+            r.label,
+            predicted[r.label].result.timeline.live_pages,
+            [s.live_pages for s in m.engine.steps],
+        )
+        for r, m in zip(runs, measured, strict=True)
+    ]
+    shaped: Shaped = [(m.shapes, m.engine.steps) for m in measured]
+    return policies, series, shaped
+
+
+def _at_budget(
+    runs: Sequence[RunDir],
+    pred: dict[str, RunOutput],
+    base_pred: RunOutput,
+    bw: BudgetWorkload,
+    model: Any,
+    progress: Progress | None,
+) -> tuple[dict[str, dict[str, Any]], Shaped]:
+    """Throughput at the KV budget: each run's figures, and the steps for the fit."""
+    base, gens = run_at_budget(model, [r.config for r in runs], bw, progress)
+    entries = {
+        r.label: budget_report(pred[r.label], base_pred, g, base)
+        for r, g in zip(runs, gens, strict=True)
+    }
+    shaped: Shaped = [(g.shapes, g.engine.steps) for g in _unique([base, *gens])]
+    return entries, shaped
+
+
+def _answers(
+    runs: Sequence[RunDir],
+    trace: LoadedTrace,
+    bw: BudgetWorkload,
+    backend: Any,
+    out: _Writer,
+    progress: Progress | None,
+) -> dict[str, dict[str, Any]]:
+    """Generated answers: each run's figures; its generated run's files in ``engine/``."""
+    base, gens = generate_answers(
+        backend.model,
+        [r.config for r in runs],
+        trace,
+        bw.records,
+        bw.block_size,
+        context=backend.context_limit,
+        eos_ids=backend.eos_ids,
+        token_starts=backend.token_starts,
+        progress=progress,
+    )
+    answered = _Answers(base, bw.records, out.decode)
+    entries: dict[str, dict[str, Any]] = {}
+    for r, g in zip(runs, gens, strict=True):
+        entries[r.label], rows = answered.of(g)
+        out.write(r.path / "engine", r.config, g.engine.result(), rows)
+    return entries
 
 
 def policy_report(
@@ -190,15 +322,19 @@ def policy_report(
             "base": None if fid is None else fid.ppl_base,
             "shared": None if fid is None else fid.ppl_shared,
         },
-        "answer_agreement": None,  # generated answers: not run on teacher-forced texts
-        "accuracy": None,
+        "answer_agreement": None,  # generated answers (generated.answer_report): dataset
+        "accuracy": None,  # traces only
+        "token_agreement": None,
         "first_share_position": dict(sorted(m.first_share_pos.items())),
-        "throughput_tok_s": _pme(
-            pred.metrics["throughput"]["total_tokens_per_s"],
-            total_tokens / eng.clock if eng.clock > 0 else None,
-        ),
-        "ttft_p50_s": _pme(lat["ttft"]["p50"], float(np.median(ttft)) if ttft else None),
-        "tpot_p50_s": _pme(None, None),  # one sampled token per text: no TPOT
+        # the texts' tokens through the model, chunks of one block (the issue's time keys
+        # are the generation-at-budget figures: generated.budget_report)
+        "teacher_forced_time": {
+            "prefill_tok_s": pme(
+                pred.metrics["throughput"]["total_tokens_per_s"],
+                total_tokens / eng.clock if eng.clock > 0 else None,
+            ),
+            "ttft_p50_s": pme(lat["ttft"]["p50"], float(np.median(ttft)) if ttft else None),
+        },
         "shares": len(eng.shares),
         **_sketch(eng, tau),
     }
@@ -214,14 +350,66 @@ def _sketch(eng: PagedEngine, tau: Any) -> dict[str, Any]:
     }
 
 
-def _fit(
-    o: ValidateOptions, run: RunDir, wl: Workload, measured: list[Measured], pred: RunOutput
-) -> dict[str, Any]:
+class _Answers:
+    """The unshared run's generated answers, against which each policy's are compared."""
+
+    def __init__(
+        self, base: GenRun, records: Sequence[RequestRecord], decode: Callable[[Any], str]
+    ) -> None:
+        self.base = base.engine.result()
+        self.golds = {rec.id: gold_of(rec) for rec in records}
+        self.decode = decode
+        self.base_answers = compare_answers(self.base, self.base, self.golds, decode)
+
+    def of(self, run: GenRun) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """A policy's answer figures (``validation.json``) and ``outputs.jsonl`` fields."""
+        per = compare_answers(run.engine.result(), self.base, self.golds, self.decode)
+        rows = answer_rows(per, self.golds)
+        for rid, row in rows.items():
+            row["first_share_position"] = run.first_share_pos.get(rid)
+        return answer_report(per, self.base_answers), rows
+
+
+class _Writer:
+    """Writes an engine run's files under a run directory (answers in ``outputs.jsonl``)."""
+
+    def __init__(self, backend: Any, o: ValidateOptions, block_size: int) -> None:
+        self.backend = backend
+        self.o = o
+        self.block_size = block_size
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.backend.decode(ids, skip_special=True))
+
+    def write(
+        self,
+        folder: Path,
+        cfg: SimConfig,
+        result: EngineResult,
+        extra: dict[str, dict[str, Any]],
+    ) -> None:
+        metrics = run_metrics(
+            result,
+            model=self.backend.source.name,
+            policy=cfg.policy,
+            params=dict(cfg.policy_params),
+            device=self.o.device,
+            dtype=self.o.dtype,
+            block_size=self.block_size,
+        )
+        write_engine(folder, cfg.policy, result, self.backend.decode, metrics, extra)
+
+
+def _unique(runs: Sequence[GenRun]) -> list[GenRun]:
+    return list({id(g): g for g in runs}.values())
+
+
+def _fit(o: ValidateOptions, shaped: Shaped, pred: RunOutput) -> dict[str, Any]:
     """Fit the cost model on the engines' measured steps; held-out steps give the error."""
     steps = [
         (shape, s.wall_s)
-        for m in measured
-        for shape, s in zip(m.shapes, m.engine.steps, strict=True)
+        for shapes, records in shaped
+        for shape, s in zip(shapes, records, strict=True)
         if s.wall_s > 0
     ]
     train, test = split_steps(steps)
@@ -246,13 +434,6 @@ def _ratio(a: int, b: int) -> float:
 
 def _pm(pred: Any, meas: Any) -> dict[str, Any]:
     return {"predicted": pred, "measured": meas}
-
-
-def _pme(pred: float | None, meas: float | None) -> dict[str, Any]:
-    err = None
-    if pred is not None and meas:
-        err = 100.0 * (pred - meas) / meas
-    return {"predicted": pred, "measured": meas, "error_pct": err}
 
 
 def _write_json(path: Path, obj: Any) -> None:
