@@ -88,8 +88,14 @@ def test_parse_sweep() -> None:
     spec = parse_sweep("kv-blocks=100,200,400")
     assert spec.key == "kv_blocks" and spec.values == ("100", "200", "400")
     assert parse_sweep("max_num_seqs=8,16").values == (8, 16)
+    # a key that is no simulate option is a policy parameter, checked against the policies
+    # when the sweep runs (tests/test_sim_cli.py: one line naming --sweep)
+    colour = parse_sweep("colour=1,2")
+    assert colour.policy_param and colour.values == ("1", "2")
+    assert not spec.policy_param
     for bad, needle in (
-        ("colour=1,2", "unknown sweep key"),
+        ("col our=1,2", "unknown sweep key"),
+        ("tau=0.1,0.1", "repeats a value"),
         ("max_num_seqs=8", "fewer than 2"),
         ("max_num_seqs=a,b", "int values"),
         ("kv_blocks", "not key=a,b,c"),
