@@ -40,14 +40,15 @@ from memshare.errors import InputError
 from memshare.kv_manager import blocks_for_all, cdiv
 from memshare.registry import make_policy
 from memshare.scheduler import SchedulerConfig
-from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
+from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape, plan_shape
-from memshare.sim.run import LoadedTrace, RunOutput, resolve, run_config
+from memshare.sim.run import LoadedTrace, RunOutput, resolve
 from memshare.traces.schema import RequestRecord
 from memshare.validate.answers import Kind, answers_equal, detect_kind, extract_answer, gold_answer
 from memshare.validate.engine import EngineOptions, EngineResult, EngineSpec, PagedEngine
 from memshare.validate.generate import write_run
 from memshare.validate.live_blocks import TokenStarts
+from memshare.validate.measure import first_differing_step, simulate_on
 from memshare.validate.runs import RunDir
 
 Progress = Callable[[str, int, int], None]  # what, done, total
@@ -341,14 +342,7 @@ def budget_workload(
 
 def predict_at_budget(cfg: SimConfig, bw: BudgetWorkload, gpu: str) -> RunOutput:
     """The simulator's run of ``cfg`` on exactly the budget workload (timing on ``gpu``)."""
-    sim_cfg = cfg.with_(
-        limit=None,
-        kv=KVBudget(blocks=bw.num_blocks),
-        block_size=bw.block_size,
-        arrival=ArrivalSpec(),
-        gpu=load_gpu(gpu),
-    )
-    return run_config(sim_cfg, bw.trace)
+    return simulate_on(cfg, bw.trace, bw.num_blocks, bw.block_size, gpu)
 
 
 def run_at_budget(
@@ -375,11 +369,7 @@ def budget_report(
     ``at_budget`` (steps against the simulator's, preemptions, largest batch)."""
     eng = run.engine
     tl = pred.result.timeline
-    want = list(zip(tl.scheduled_seqs, tl.scheduled_tokens, tl.live_pages, strict=True))
-    got = [(s.seqs, s.computed, s.live_pages) for s in eng.steps]
-    first_diff = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), None)
-    if first_diff is None and len(want) != len(got):
-        first_diff = min(len(want), len(got))
+    first_diff = first_differing_step(pred, eng)
     meas = measured_times(eng)
     lat = pred.metrics["latency_s"]
     tps_pred = pred.metrics["throughput"]["output_tokens_per_s"]
@@ -398,7 +388,7 @@ def budget_report(
         "at_budget": {
             "steps_identical": first_diff is None,
             "first_differing_step": first_diff,
-            "steps": {"predicted": len(want), "measured": len(got)},
+            "steps": {"predicted": len(tl.scheduled_seqs), "measured": len(eng.steps)},
             "preemptions": {
                 "predicted": pred.metrics["preemptions"],
                 "measured": eng.scheduler.num_preemptions,

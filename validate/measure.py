@@ -32,6 +32,7 @@ import numpy as np
 from memshare.errors import InputError
 from memshare.kv_manager import blocks_for_all
 from memshare.registry import make_policy
+from memshare.scheduler import SchedulerConfig
 from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
 from memshare.sim.cost_model import BatchShape, plan_shape
 from memshare.sim.run import LoadedTrace, RunOutput, resolve, run_config
@@ -106,17 +107,44 @@ def teacher_forced_workload(trace: LoadedTrace, run: RunDir, limit: int | None) 
     return Workload(records, specs, texts, tr, bs, budget)
 
 
-def predict(cfg: SimConfig, wl: Workload, gpu: str) -> RunOutput:
-    """The simulator's run of ``cfg`` on exactly the engine's workload (timing on ``gpu``)."""
+def simulate_on(
+    cfg: SimConfig,
+    trace: LoadedTrace,
+    num_blocks: int,
+    block_size: int,
+    gpu: str,
+    scheduler: SchedulerConfig | None = None,
+) -> RunOutput:
+    """The simulator's run of ``cfg`` on exactly an engine's workload (``trace``: its records,
+    all at 0 s), budget and block size, timed on the ``gpu`` preset."""
     sim_cfg = cfg.with_(
         limit=None,
-        kv=KVBudget(blocks=wl.num_blocks),
-        block_size=wl.block_size,
+        kv=KVBudget(blocks=num_blocks),
+        block_size=block_size,
         arrival=ArrivalSpec(),
-        scheduler=replace(cfg.scheduler, long_prefill_token_threshold=wl.block_size),
+        scheduler=scheduler or cfg.scheduler,
         gpu=load_gpu(gpu),
     )
-    return run_config(sim_cfg, wl.trace)
+    return run_config(sim_cfg, trace)
+
+
+def predict(cfg: SimConfig, wl: Workload, gpu: str) -> RunOutput:
+    """The simulator's run of ``cfg`` on the teacher-forced workload (chunks of one block)."""
+    sched = replace(cfg.scheduler, long_prefill_token_threshold=wl.block_size)
+    return simulate_on(cfg, wl.trace, wl.num_blocks, wl.block_size, gpu, sched)
+
+
+def first_differing_step(pred: RunOutput, engine: PagedEngine) -> int | None:
+    """The first step whose batch (sequences, computed tokens) or live pages differ between
+    the simulator's run and the engine's (one past the shorter if one ran longer); ``None``
+    when every step is identical."""
+    tl = pred.result.timeline
+    want = list(zip(tl.scheduled_seqs, tl.scheduled_tokens, tl.live_pages, strict=True))
+    got = [(s.seqs, s.computed, s.live_pages) for s in engine.steps]
+    first = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), None)
+    if first is None and len(want) != len(got):
+        first = min(len(want), len(got))
+    return first
 
 
 def engine_for(model: Any, cfg: SimConfig | None, wl: Workload, sched: Any) -> PagedEngine:

@@ -62,6 +62,7 @@ from memshare.validate.measure import (
     Measured,
     Progress,
     Workload,
+    first_differing_step,
     predict,
     run_lockstep,
     sketch_vs_exact,
@@ -277,11 +278,7 @@ def policy_report(
     """One run's ``validation.json`` entry (see docs/validate.md for every field)."""
     eng = m.engine
     tl = pred.result.timeline
-    want = list(zip(tl.scheduled_seqs, tl.scheduled_tokens, tl.live_pages, strict=True))
-    got = [(s.seqs, s.computed, s.live_pages) for s in eng.steps]
-    first_diff = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), None)
-    if first_diff is None and len(want) != len(got):
-        first_diff = min(len(want), len(got))
+    first_diff = first_differing_step(pred, eng)
     live_pred = np.asarray(tl.live_pages, dtype=np.float64)
     live_meas = np.array([s.live_pages for s in eng.steps], dtype=np.float64)
     base_pred_mean = float(np.mean(base_pred.result.timeline.live_pages))
@@ -300,7 +297,7 @@ def policy_report(
         "policy_params": dict(run.config.policy_params),
         "steps_identical": first_diff is None,
         "first_differing_step": first_diff,
-        "steps": {"predicted": len(want), "measured": len(got)},
+        "steps": {"predicted": len(tl.scheduled_seqs), "measured": len(eng.steps)},
         "pages_peak": _pm(float(live_pred.max(initial=0)), float(live_meas.max(initial=0))),
         "pages_mean": _pm(float(live_pred.mean()), float(live_meas.mean())),
         "kv_saved": _pm(
