@@ -1008,6 +1008,30 @@ def validate_cmd(
             "request needs at once (at least the largest request).",
         ),
     ] = 0.5,
+    fidelity_only: Annotated[
+        bool,
+        typer.Option(
+            "--fidelity-only",
+            help="Only the teacher-forced part (memory, fidelity, sketch vs exact): no "
+            "throughput runs at the budget, no generated answers.",
+        ),
+    ] = False,
+    length_scale: Annotated[
+        float,
+        typer.Option(
+            "--length-scale",
+            help="Workload-only traces (Mooncake, Azure, BurstGPT): scale of the synthesized "
+            "prompt and output lengths, in (0, 1].",
+        ),
+    ] = 0.05,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            "--block-size",
+            help="Workload-only traces: the engine's tokens per block (default 16; a captured "
+            "trace's block size is its own).",
+        ),
+    ] = None,
     plot: PlotOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1029,6 +1053,9 @@ def validate_cmd(
         fit_cost_model=fit_cost_model,
         plot=plot,
         kv_fraction=kv_fraction,
+        fidelity_only=fidelity_only,
+        length_scale=length_scale,
+        block_size=block_size,
     )
     with _StatusBar(as_json) as bar:
         report = validate(opts, status=bar.status, progress=bar.progress)

@@ -88,6 +88,9 @@ class ManagerStats:
     shared_distance_sum: float = 0.0  # sum of confirmed share distances (where reported)
     shared_distance_n: int = 0
     layer_pages_shared: np.ndarray | None = None  # (L, 2) shared pages per layer, K/V (or None)
+    # request -> its pages_shared (requests with a share only); the per-request view validate
+    # compares between executors
+    request_pages_shared: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -271,18 +274,25 @@ class KVCacheManager:
             self.pool.free([own])
             state.table[d.index] = target
             st.shared_blocks += 1
-            st.pages_shared += own.pages.size
+            self._count_pages(state, int(own.pages.size))
             self._count_layers(np.ones(own.pages.shape, dtype=bool))
         elif d.share_mask is not None:
             assert d.share_source is not None
             self.pool.share_pages(own, d.share_mask, d.share_source)
-            st.pages_shared += int(d.share_mask.sum())
+            self._count_pages(state, int(d.share_mask.sum()))
             self._count_layers(np.asarray(d.share_mask, dtype=bool))
         if d.shares and d.distance is not None:
             st.shared_distance_sum += d.distance
             st.shared_distance_n += 1
         if d.publish_hash is not None and state.table[d.index].block_hash is None:
             self.pool.publish(state.table[d.index], d.publish_hash)
+
+    def _count_pages(self, state: RequestState, pages: int) -> None:
+        """Add a share's repointed pages to the totals and to its request's."""
+        st = self.stats
+        st.pages_shared += pages
+        rid = state.info.req_id
+        st.request_pages_shared[rid] = st.request_pages_shared.get(rid, 0) + pages
 
     def _count_layers(self, mask: np.ndarray) -> None:
         """Add a share's (L, 2) page mask to the per-layer counters."""

@@ -84,6 +84,7 @@ class EngineResult:
     steps: int  # engine steps
     preemptions: int  # preemptions in all
     pages_per_block: int  # pages of one full block (2 x layers of the pool)
+    request_pages_shared: dict[str, int]  # request -> pages its shares repointed (if any)
 
 
 class Engine:
@@ -158,6 +159,7 @@ class Engine:
             len(self.timeline),
             self.sched.num_preemptions,
             2 * self.pool.num_layers,
+            dict(self.sched.manager.stats.request_pages_shared),
         )
 
     # ----------------------------------------------------------------- arrivals

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from helpers_cli import assert_one_line_error, memshare
 
 from memshare.errors import InputError
 from memshare.traces.reader import TraceReader
@@ -26,20 +27,6 @@ GSM8K = DATA / "problems" / "gsm8k_test.jsonl"
 R1 = DATA / "reasoning" / "deepseek_r1_aime24_math500.jsonl"
 MOONCAKE = DATA / "workloads" / "mooncake_synthetic_trace.jsonl"
 CLI = [sys.executable, "-m", "memshare.cli"]
-
-
-def memshare(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, check=False, timeout=timeout
-    )
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def test_embedded_default_capture_then_inspect_similarity(

@@ -6,33 +6,17 @@ Real files on disk, the real CLI in a subprocess; no mocks.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_cli import assert_one_line_error, memshare
 
 from memshare.registry import policy_names
 from memshare.traces.schema import Manifest, ModelInfo, RequestRecord, SketchSpec, kv_row_dtype
 from memshare.traces.writer import TraceWriter
 
 SMOL = ModelInfo("SmolLM2-135M-Instruct", "LlamaForCausalLM", 30, 3, 64, "bfloat16")
-
-
-def memshare(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "memshare.cli", *args], capture_output=True, text=True, check=False
-    )
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def smol_kv_trace(path: Path, n: int = 6) -> Path:

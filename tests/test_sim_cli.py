@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import typer
+from helpers_cli import memshare
 
 from memshare.cli import SimArgs, app
 from memshare.sim.options import SimOptions
@@ -21,12 +20,6 @@ from memshare.traces.writer import TraceWriter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MOONCAKE = DATA / "workloads" / "mooncake_synthetic_trace.jsonl"
-
-
-def memshare(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "memshare.cli", *args], capture_output=True, text=True, check=False
-    )
 
 
 @pytest.fixture(scope="module")

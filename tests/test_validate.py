@@ -9,34 +9,16 @@ validate. No mocks: the simulator and the paged engine run what they run for use
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_cli import assert_one_line_error, memshare, ok
 
 pytest.importorskip("torch")
 
 R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
 CF = "granularity=layer"
-
-
-def memshare(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "memshare.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-
-
-def ok(res: subprocess.CompletedProcess[str]) -> str:
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +64,7 @@ def test_lossless_policies_take_the_simulators_steps_exactly(
         assert p["steps_identical"], (name, p["first_differing_step"])
         for key in ("pages_peak", "pages_mean", "kv_saved", "pages_shared", "page_share_rate"):
             assert p[key]["predicted"] == pytest.approx(p[key]["measured"], abs=1e-12), key
+        assert p["per_request"]["requests_differing"] == [], name
     # the verbatim repeat: exact-dedup shares its blocks, and exactly (no fidelity lost)
     ex = pol["exact-dedup"]
     assert ex["pages_shared"]["measured"] > 0 and ex["kv_saved"]["measured"] > 0.05
@@ -90,8 +73,19 @@ def test_lossless_policies_take_the_simulators_steps_exactly(
 
 
 def test_lossy_policy_reports_its_gap_and_loss(validated: tuple[Path, dict[str, Any]]) -> None:
-    _, rep = validated
+    runs, rep = validated
     cf = rep["policies"]["cf-topk"]
+    # the first decision is the simulator's: the executors part only after the first share
+    shares = [json.loads(line) for line in (runs / "cf-topk" / "engine" / "shares.jsonl").open()]
+    first_share_step = min(sh["step"] for sh in shares)
+    assert cf["first_differing_step"] is None or cf["first_differing_step"] > first_share_step
+    # the gap, per request and overall, is what the two executors' counts say
+    per = cf["per_request"]["pages_shared"]
+    for side in ("predicted", "measured"):
+        assert sum(pm[side] for pm in per.values()) == cf["pages_shared"][side]
+    assert cf["per_request"]["requests_differing"] == sorted(
+        r for r, pm in per.items() if pm["predicted"] != pm["measured"]
+    )
     # tau 2.0 shares nearly everything it may: the loss must show, and be counted
     assert cf["kv_saved"]["measured"] > 0.05 and cf["shares"] > 0
     assert cf["top1_agreement"] < 1.0 and cf["kl_mean"] > 1e-3
@@ -130,6 +124,21 @@ def test_bad_input_is_one_line(trace: Path, tmp_path: Path) -> None:
     res = memshare("validate", str(runs))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "changed" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_another_model_or_a_block_size_for_a_captured_trace_is_one_line(
+    trace: Path, hf_backend: Any, tmp_path: Path
+) -> None:
+    runs = tmp_path / "run"
+    ok(memshare("simulate", str(trace), "--model-config", "smollm2-135m", "-o", str(runs)))
+    assert_one_line_error(memshare("validate", str(runs), "--block-size", "32"), "--block-size")
+    # the same weights under another name: a model the trace was not captured with
+    other = tmp_path / "OtherLM-135M"
+    other.mkdir()
+    for f in Path(hf_backend.folder).iterdir():
+        (other / f.name).symlink_to(f.resolve())
+    res = memshare("validate", str(runs), "--model", str(other))
+    assert_one_line_error(res, "--model", "OtherLM-135M", "captured with")
 
 
 def test_teacher_forced_trace_runs_at_the_budget_but_generates_no_answers(

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_cli import memshare, ok
 
 pytest.importorskip("torch")
 
@@ -25,22 +23,6 @@ GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems" / "
 PROMPTS = 3
 NEW_TOKENS = 48
 LOSSLESS = ("none", "prefix", "exact-dedup")
-
-
-def memshare(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "memshare.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-
-
-def ok(res: subprocess.CompletedProcess[str]) -> str:
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
 
 
 @pytest.fixture(scope="module")

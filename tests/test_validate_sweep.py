@@ -8,28 +8,15 @@ and agrees less with the unshared run (lower top-1, higher KL). Also the frontie
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_cli import memshare
 
 pytest.importorskip("torch")
 
 R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
-
-
-def memshare(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "memshare.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

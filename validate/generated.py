@@ -405,6 +405,14 @@ def budget_report(
                 "predicted": pred.metrics["sharing"]["pages_shared"],
                 "measured": eng.manager.stats.pages_shared,
             },
+            "prefix_hit_tokens": {
+                "predicted": pred.metrics["prefix_cache"]["all_admissions"]["hit_tokens"],
+                "measured": eng.manager.stats.hit_tokens,
+            },
+            "reused_tokens": {
+                "predicted": pred.metrics["prefix_cache"]["reused_tokens"],
+                "measured": eng.manager.stats.reused_tokens,
+            },
             "output_tokens": meas["output_tokens"],
             "wall_s": eng.clock,
         },

@@ -67,13 +67,8 @@ class Measured:
 
 
 def teacher_forced_workload(trace: LoadedTrace, run: RunDir, limit: int | None) -> Workload:
-    """The run's requests as teacher-forced texts (refuses a workload-only trace)."""
-    if trace.manifest.kind != "kv" or trace.kv_rows is None:
-        raise InputError(
-            str(trace.path),
-            "a workload-only trace has no tokens or KV to run a sharing policy on",
-            "validate runs of a captured trace (memshare capture)",
-        )
+    """The run's requests as teacher-forced texts (a workload-only trace: tokenized first,
+    :func:`~memshare.validate.workload_trace.tokenized`)."""
     cfg = run.config
     cap = limit or cfg.limit
     src = trace.records[:cap] if cap else trace.records

@@ -58,7 +58,7 @@ def render_validation(report: dict[str, Any], console: Console) -> None:
             _num(p["kl_mean"], ".4f"),
             f"{_num(ppl['base'], '.2f')} -> {_num(ppl['shared'], '.2f')}",
             _pct(p["shares_exceeding_tau"]),
-            f"{_pair(tps)} ({_num(tps['error_pct'], '+.0f')}%)",
+            "not measured" if tps is None else f"{_pair(tps)} ({_num(tps['error_pct'], '+.0f')}%)",
         )
     console.print(t)
     fit = report.get("cost_model_fit")

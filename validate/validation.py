@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from memshare.errors import InputError
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape
 from memshare.sim.run import LoadedTrace, RunOutput
@@ -69,9 +70,28 @@ from memshare.validate.measure import (
     teacher_forced_workload,
 )
 from memshare.validate.runs import RunDir, check_model, find_runs, load_checked_trace
+from memshare.validate.workload_tokens import check_block_size, check_scale
+from memshare.validate.workload_trace import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_LENGTH_SCALE,
+    check_policies,
+    for_engine,
+    is_workload,
+    tokenized,
+)
 
 VALIDATION = "validation.json"
 LOSSLESS = ("none", "prefix", "exact-dedup")
+# the budget part's keys, null under ``fidelity_only`` (the throughput runs were not made)
+NOT_MEASURED = (
+    "throughput_tok_s",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "tpot_p50_s",
+    "tpot_p90_s",
+    "throughput_gain",
+    "at_budget",
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,9 @@ class ValidateOptions:
     fit_cost_model: bool = False
     plot: bool = False  # RUN/kv_in_use.png
     kv_fraction: float = DEFAULT_KV_FRACTION  # throughput budget: F x all requests at once
+    fidelity_only: bool = False  # only the teacher-forced part: no budget runs, no answers
+    length_scale: float = DEFAULT_LENGTH_SCALE  # workload-only traces: synthesized lengths
+    block_size: int | None = None  # workload-only traces: the engine's (default 16)
 
 
 def validate(
@@ -104,21 +127,45 @@ def validate(
     trace = load_checked_trace(runs[0])
     for r in runs[1:]:
         load_checked_trace(r)
-    wl = teacher_forced_workload(trace, runs[0], o.limit)
-    bw = budget_workload(trace, runs[0], o.limit, o.kv_fraction)
+    workload = is_workload(trace)
+    block_size = o.block_size or DEFAULT_BLOCK_SIZE
+    if workload:
+        check_policies(runs, trace)
+        check_scale(o.length_scale)
+        check_block_size(block_size)
+    elif o.block_size is not None:
+        raise InputError(
+            "--block-size",
+            f"applies to workload-only traces; {trace.path} is captured, its sketches are per "
+            "block of the size it was captured with",
+            "leave --block-size out",
+        )
+    else:
+        teacher_forced_workload(trace, runs[0], o.limit)  # bad input fails before the model loads
     generated = is_generated(trace)
     check_device(o.device)
     if status:
         status("loading the model")
     backend = HFBackend(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
     check_model(trace, backend.model_info().name)
+    if workload:
+        runs = for_engine(runs, backend.source.name, block_size)
+        trace = tokenized(
+            trace,
+            o.limit or runs[0].config.limit,
+            length_scale=o.length_scale,
+            block_size=block_size,
+            vocab_size=backend.vocab_size,
+            excluded_ids=backend.special_ids,
+            seed=runs[0].config.seed,
+        )
+    wl = teacher_forced_workload(trace, runs[0], o.limit)
+    bw = None if o.fidelity_only else budget_workload(trace, runs[0], o.limit, o.kv_fraction)
     if status:
         status("simulating")
     predicted = {r.label: predict(r.config, wl, o.gpu) for r in runs}
     base_cfg = runs[0].config.with_(policy="none", policy_params={})
     base_pred = predict(base_cfg, wl, o.gpu)
-    budget_pred = {r.label: predict_at_budget(r.config, bw, o.gpu) for r in runs}
-    budget_base_pred = predict_at_budget(base_cfg, bw, o.gpu)
     if status:
         status("running the engines")
     # one part at a time: a part's engines (a model copy each) are dropped before the next
@@ -128,18 +175,24 @@ def validate(
         runs, predicted, base_pred, wl, backend.model, out, tf_sub, progress
     )
     gc.collect()
-    budget, budget_shaped = _at_budget(
-        runs, budget_pred, budget_base_pred, bw, backend.model, progress
-    )
-    shaped += budget_shaped
-    for label, entry in budget.items():
-        policies[label] |= entry
-    gc.collect()
-    if generated:
-        answers = _answers(runs, trace, bw, backend, out, progress)
-        for label, entry in answers.items():
+    if bw is not None:
+        budget_pred = {r.label: predict_at_budget(r.config, bw, o.gpu) for r in runs}
+        budget_base_pred = predict_at_budget(base_cfg, bw, o.gpu)
+        budget, budget_shaped = _at_budget(
+            runs, budget_pred, budget_base_pred, bw, backend.model, progress
+        )
+        shaped += budget_shaped
+        for label, entry in budget.items():
             policies[label] |= entry
         gc.collect()
+        if generated:
+            answers = _answers(runs, trace, bw, backend, out, progress)
+            for label, entry in answers.items():
+                policies[label] |= entry
+            gc.collect()
+    else:
+        for entry in policies.values():
+            entry |= dict.fromkeys(NOT_MEASURED)
     report: dict[str, Any] = {
         "trace": str(trace.path),
         "model": backend.source.name,
@@ -148,15 +201,25 @@ def validate(
         "block_size": wl.block_size,
         "kv_blocks": wl.num_blocks,
         "timing_preset": o.gpu,
+        "workload_tokens": None
+        if not workload
+        else {
+            "length_scale": o.length_scale,
+            "block_size": block_size,
+            "seed": runs[0].config.seed,
+            "rule": "synthesized from the trace's lengths and hash ids (docs/workload-tokens.md)",
+        },
         "workload": "teacher-forced texts, chunks of one block (docs/validate.md)",
-        "budget": {
+        "budget": None
+        if bw is None
+        else {
             "kv_fraction": bw.fraction,
             "kv_blocks": bw.num_blocks,
             "all_at_once_blocks": bw.all_at_once,
             "workload": "generation with the trace's output tokens forced, all at 0 s",
         },
         "generated": None
-        if not generated
+        if not generated or bw is None
         else {
             "max_new_tokens": generation_cap(trace),
             "sampling": "greedy, stop on EOS; every request fits at once",
@@ -305,6 +368,10 @@ def policy_report(
             1.0 - float(live_meas.mean()) / base_meas_mean,
         ),
         "pages_shared": _pm(sharing_pred["pages_shared"], stats.pages_shared),
+        "prefix_hit_tokens": _pm(
+            pred.metrics["prefix_cache"]["all_admissions"]["hit_tokens"], stats.hit_tokens
+        ),
+        "reused_tokens": _pm(pred.metrics["prefix_cache"]["reused_tokens"], stats.reused_tokens),
         "page_share_rate": _pm(
             _ratio(sharing_pred["pages_shared"], sharing_pred["pages_written"]),
             _ratio(stats.pages_shared, stats.pages_written),
@@ -323,6 +390,7 @@ def policy_report(
         "accuracy": None,  # traces only
         "token_agreement": None,
         "first_share_position": dict(sorted(m.first_share_pos.items())),
+        "per_request": _per_request(pred, eng),
         # the texts' tokens through the model, chunks of one block (the issue's time keys
         # are the generation-at-budget figures: generated.budget_report)
         "teacher_forced_time": {
@@ -334,6 +402,23 @@ def policy_report(
         },
         "shares": len(eng.shares),
         **_sketch(eng, tau),
+    }
+
+
+def _per_request(pred: RunOutput, eng: PagedEngine) -> dict[str, Any]:
+    """Pages each request's shares repointed, predicted beside measured, and the requests
+    where the two part (a lossless policy: none; a lossy one: the prediction's error)."""
+    want = pred.result.request_pages_shared
+    got = eng.manager.stats.request_pages_shared
+    rows = {
+        q.rid: _pm(want.get(q.rid, 0), got.get(q.rid, 0))
+        for q in sorted(eng.requests, key=lambda q: q.rid)
+    }
+    return {
+        "pages_shared": rows,
+        "requests_differing": sorted(
+            r for r, pm in rows.items() if pm["predicted"] != pm["measured"]
+        ),
     }
 
 

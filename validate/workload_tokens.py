@@ -21,7 +21,9 @@ The rule (``B``: engine block size, ``H``: the trace's hash block size, ``s``: l
   blocks past the last hash id (a row with too few ids) get tokens unique to the request.
 - Output: ``max(1, rnd(O * T / H))`` for a hashed request, ``max(1, rnd(O * s))`` for one
   without hash ids (so a request's prompt/output balance is kept; the engine needs
-  ``max_tokens >= 1``, as the simulator serves a 0-output request as 1 token).
+  ``max_tokens >= 1``, as the simulator serves a 0-output request as 1 token). Its token ids
+  are a seeded stream of the request's own, apart from its prompt's (validate forces them, so
+  the simulator and the engine replay the same tokens).
 - A request without hash ids (Azure, BurstGPT; also Mooncake rows with an empty list):
   ``L' = max(1, rnd(L * s))`` tokens of its own seeded sequence.
 - Arrival times are NOT scaled: ``arrival_s`` is the trace's. Shrinking prompts does not
@@ -77,6 +79,7 @@ class SynthRequest:
     arrival_s: float  # the trace's arrival time, unscaled
     prompt_ids: list[int]  # scaled prompt (see the module docstring for its length)
     max_tokens: int  # scaled output length, >= 1
+    output_ids: list[int]  # ``max_tokens`` seeded output tokens (forced: both executors replay)
     source_prompt_len: int  # the trace's prompt tokens
     source_output_len: int  # the trace's output tokens (may be 0)
 
@@ -88,8 +91,8 @@ def round_half_up(x: Fraction) -> int:
 
 def hash_block_tokens(length_scale: float, block_size: int, hash_block_size: int) -> int:
     """``T``: tokens per scaled hash block, a whole number of engine blocks (at least one)."""
-    _check_scale(length_scale)
-    _check_block_size(block_size)
+    check_scale(length_scale)
+    check_block_size(block_size)
     _check_hash_block_size(hash_block_size)
     per = round_half_up(Fraction(hash_block_size) * Fraction(length_scale) / block_size)
     return block_size * max(1, per)
@@ -117,8 +120,8 @@ def synthesize_tokens(
     ``manifest.hash_block_size``, needed only when some record has hash ids. The rule and the
     invariants: the module docstring and docs/workload-tokens.md.
     """
-    _check_scale(length_scale)
-    _check_block_size(block_size)
+    check_scale(length_scale)
+    check_block_size(block_size)
     vocab = _usable_ids(vocab_size, excluded_ids)
     scale = Fraction(length_scale)
     draw = _Drawer(vocab, seed, block_size)
@@ -160,6 +163,7 @@ def synthesize_tokens(
                 arrival_s=rec.arrival_s,
                 prompt_ids=prompt.tolist(),
                 max_tokens=max(1, out_len),
+                output_ids=draw.output(rec.id, max(1, out_len)).tolist(),
                 source_prompt_len=rec.prompt_len,
                 source_output_len=rec.output_len,
             )
@@ -202,6 +206,10 @@ class _Drawer:
     def own(self, rid: str, n: int) -> npt.NDArray[np.int64]:
         """``n`` tokens unique to request ``rid``."""
         return self._stream(f"request|{self.seed}|{rid}", n, f"request {rid!r}")
+
+    def output(self, rid: str, n: int) -> npt.NDArray[np.int64]:
+        """``n`` output tokens of request ``rid`` (a stream apart from its prompt's)."""
+        return self._stream(f"output|{self.seed}|{rid}", n, f"request {rid!r}'s output")
 
     def _stream(self, key: str, n: int, what: str) -> npt.NDArray[np.int64]:
         prefix = f"{_TAG}|{key}|".encode()
@@ -247,7 +255,7 @@ def _usable_ids(vocab_size: int, excluded_ids: Collection[int]) -> npt.NDArray[n
     return ids
 
 
-def _check_scale(length_scale: float) -> None:
+def check_scale(length_scale: float) -> None:
     ok = isinstance(length_scale, float | int) and not isinstance(length_scale, bool)
     if not ok or not 0 < length_scale <= 1:  # NaN fails the comparison too
         raise InputError(
@@ -257,7 +265,7 @@ def _check_scale(length_scale: float) -> None:
         )
 
 
-def _check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise InputError(
             "--block-size",
@@ -282,6 +290,8 @@ def _check_hash_block_size(hash_block_size: int) -> None:
 __all__ = [
     "MIN_USABLE_VOCAB",
     "SynthRequest",
+    "check_block_size",
+    "check_scale",
     "hash_block_tokens",
     "round_half_up",
     "scaled_tail",

@@ -333,6 +333,16 @@ class HFBackend:
         """End-of-sequence token ids (generation config, model config, tokenizer)."""
         return self._eos
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the tokenizer and the embedding both know: ``[0, vocab_size)``."""
+        return min(len(self.tok), int(self._cfg.vocab_size))
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The tokenizer's special token ids (never synthesized as text)."""
+        return frozenset(int(i) for i in self.tok.all_special_ids) | self._eos
+
     # -- text ----------------------------------------------------------------------------
 
     def chat_prompt(self, text: str) -> list[int]:
