@@ -309,19 +309,26 @@ def _render_inspect(report: dict[str, Any], title: str) -> None:
     out.print(t)
 
 
+def _bar(*tail: Any, disable: bool = False) -> Progress:
+    """The one progress bar style (stderr, transient): stage, bar, done/total, then ``tail``
+    (elapsed time when none is given)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(tail or (TimeElapsedColumn(),)),
+        console=Console(stderr=True),
+        transient=True,
+        disable=disable,
+    )
+
+
 class _progress:
     """A rich progress bar fed with counts; silent under ``--json``."""
 
     def __init__(self, label: str, quiet: bool) -> None:
         self.label, self.quiet = label, quiet
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
+        self.bar = _bar()
         self.task = self.bar.add_task(label, total=None)
         self.live = _live(quiet)
 
@@ -655,14 +662,7 @@ class _runs_progress:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
+        self.bar = _bar()
         self.tasks: dict[str, Any] = {}
         self.live = _live(quiet)
         self.notice: str | None = None  # said after the runs (an error stays the only line)
@@ -807,16 +807,11 @@ class _CaptureBar:
         from rich.progress import TimeRemainingColumn
 
         self.quiet = quiet
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
+        self.bar = _bar(
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
         )
         self.task = self.bar.add_task("starting", total=None, rate="")
         self.live = _live(quiet)
@@ -851,15 +846,7 @@ class _StatusBar:
     """A transient bar on stderr for a long command: a status line and a count (rich)."""
 
     def __init__(self, as_json: bool) -> None:
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-            disable=not _live(as_json),
-        )
+        self.bar = _bar(disable=not _live(as_json))
         self.task = self.bar.add_task("starting", total=None)
 
     def status(self, message: str) -> None:

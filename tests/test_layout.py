@@ -23,6 +23,7 @@ VALIDATE_READS_SIM = {
     "measure.py",
     "validation.py",
     "generated.py",
+    "workload_trace.py",  # a workload run's model config and the trace type
 }
 
 

@@ -37,10 +37,7 @@ Imports numpy and the simulator's config and cost model only (no simpy, no torch
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -48,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.sim.config import CostCoefficients, GpuSpec, ModelConfig, cost_toml, load_cost
 from memshare.sim.cost_model import BatchShape, CostModel
@@ -169,20 +167,12 @@ def write_cost_fit(fit: CostFit, path: Path, source: str = "") -> None:
             *([f"source: {line}" for line in source.splitlines()]),
         ]
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".toml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(cost_toml(fit.coefficients, comment))
-            f.flush()
-            os.fsync(f.fileno())
-        if load_cost(tmp) != fit.coefficients:
+
+    def loads_back(tmp: Path) -> None:
+        if load_cost(str(tmp)) != fit.coefficients:
             raise RuntimeError(f"{path}: the written coefficients do not load back the same")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path, cost_toml(fit.coefficients, comment), verify=loads_back)
 
 
 # --------------------------------------------------------------------------- internals

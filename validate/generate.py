@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.registry import coerce_params, make_policy, parse_settings
 from memshare.scheduler import SchedulerConfig
@@ -347,17 +347,8 @@ def write_run(
         for q in r.requests
     ]
     shares = [dataclasses.asdict(s) for s in r.shares]
-    _write_atomic(folder / "outputs.jsonl", "".join(json.dumps(x) + "\n" for x in outputs))
-    _write_atomic(folder / "shares.jsonl", "".join(json.dumps(x) + "\n" for x in shares))
+    write_atomic(folder / "outputs.jsonl", "".join(json.dumps(x) + "\n" for x in outputs))
+    write_atomic(folder / "shares.jsonl", "".join(json.dumps(x) + "\n" for x in shares))
     reuses = [dataclasses.asdict(x) for x in r.reuses]
-    _write_atomic(folder / "reuses.jsonl", "".join(json.dumps(x) + "\n" for x in reuses))
-    _write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(folder / "reuses.jsonl", "".join(json.dumps(x) + "\n" for x in reuses))
+    write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape
@@ -239,7 +239,7 @@ def validate(
     if o.fit_cost_model:
         # the teacher-forced runs (prefill) and the runs at the budget (decode, preemption)
         report["cost_model_fit"] = _fit(o, shaped, predicted[runs[0].label])
-    _write_json(o.run / VALIDATION, report)
+    write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
 
 
@@ -516,9 +516,3 @@ def _ratio(a: int, b: int) -> float:
 
 def _pm(pred: Any, meas: Any) -> dict[str, Any]:
     return {"predicted": pred, "measured": meas}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -1,0 +1,32 @@
+"""Whole-file writes: a file is either its old self or the complete new text, never half.
+
+Invariant: the text goes to a temporary file in the same folder, is fsynced, optionally
+checked, then renamed over ``path`` (atomic on POSIX); on any failure the temporary file is
+removed and ``path`` is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str, verify: Callable[[Path], None] | None = None) -> None:
+    """Write ``text`` to ``path`` whole; ``verify(tmp)`` may raise to keep ``path`` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if verify is not None:
+            verify(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
