@@ -26,6 +26,7 @@ from memshare.traces.capture.device import check_device
 from memshare.traces.capture.inputs import InputItem, read_texts
 from memshare.traces.capture.segment import SegmenterConfig, segment_tokens
 from memshare.validate.engine import EngineOptions, EngineResult, EngineSpec, PagedEngine
+from memshare.validate.heap import tame_heap
 
 OUTPUT_FILES = ("outputs.jsonl", "shares.jsonl", "reuses.jsonl", "metrics.json")
 
@@ -213,6 +214,7 @@ def generate(
         )
     params = coerce_params(o.policy, parse_settings(o.sets))
     policy = make_policy(o.policy, **params)
+    tame_heap()  # long engine runs: see validate/heap.py
     check_device(o.device)
     prompts = None
     texts: list[InputItem] = []

@@ -59,6 +59,7 @@ from memshare.validate.generated import (
     run_at_budget,
     write_engine,
 )
+from memshare.validate.heap import tame_heap
 from memshare.validate.measure import (
     Measured,
     Progress,
@@ -123,6 +124,7 @@ def validate(
     from memshare.traces.capture.hf import HFBackend
 
     check_fraction(o.kv_fraction)
+    tame_heap()  # long engine runs: see validate/heap.py
     runs = find_runs(o.run)
     trace = load_checked_trace(runs[0])
     for r in runs[1:]:
