@@ -142,8 +142,8 @@ def validate(
             "block of the size it was captured with",
             "leave --block-size out",
         )
-    else:
-        teacher_forced_workload(trace, runs[0], o.limit)  # bad input fails before the model loads
+    else:  # bad input fails before the model loads
+        wl_captured = teacher_forced_workload(trace, runs[0], o.limit)
     generated = is_generated(trace)
     check_device(o.device)
     if status:
@@ -161,7 +161,7 @@ def validate(
             excluded_ids=backend.special_ids,
             seed=runs[0].config.seed,
         )
-    wl = teacher_forced_workload(trace, runs[0], o.limit)
+    wl = teacher_forced_workload(trace, runs[0], o.limit) if workload else wl_captured
     bw = None if o.fidelity_only else budget_workload(trace, runs[0], o.limit, o.kv_fraction)
     if status:
         status("simulating")
