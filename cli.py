@@ -1003,6 +1003,14 @@ def validate_cmd(
             "throughput runs at the budget, no generated answers.",
         ),
     ] = False,
+    one_pass: Annotated[
+        bool,
+        typer.Option(
+            "--one-pass",
+            help="Teacher-forced part: every run's step in one forward pass over one page "
+            "arena (faster, one model in memory); the runs' own times are then not measured.",
+        ),
+    ] = False,
     length_scale: Annotated[
         float,
         typer.Option(
@@ -1041,6 +1049,7 @@ def validate_cmd(
         plot=plot,
         kv_fraction=kv_fraction,
         fidelity_only=fidelity_only,
+        one_pass=one_pass,
         length_scale=length_scale,
         block_size=block_size,
     )

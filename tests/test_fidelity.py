@@ -14,6 +14,7 @@ import pytest
 from memshare.validate.fidelity import (
     FidelityAccumulator,
     LogitsBuffer,
+    add_pairs,
     after_share_mask,
     next_token_targets,
 )
@@ -69,6 +70,26 @@ def test_kl_matches_torch_kl_div_per_position() -> None:
     # kl_p99 is numpy's default (linear) percentile of the per-position values
     np.testing.assert_allclose(known(pooled.kl_p99), np.percentile(ref, 99), rtol=1e-6)
     assert pooled.kl_p99 != pytest.approx(ref.max())  # not the max under another name
+
+
+def test_several_runs_against_one_base_equal_one_pair_at_a_time() -> None:
+    base = logits(150, 700, 20)  # more rows than one reduction slice
+    shared = [base + logits(150, 700, 21 + i, scale=0.5 * i) for i in range(3)]
+    targets = torch.randint(0, 700, (150,), generator=torch.Generator().manual_seed(5)).numpy()
+    targets[-1] = -1
+    mask = np.arange(150) >= 40
+    alone = [FidelityAccumulator() for _ in shared]
+    for acc, s in zip(alone, shared, strict=True):
+        acc.add("r", 16, base, s, targets, mask)
+    together = [FidelityAccumulator() for _ in shared]
+    add_pairs("r", 16, base, [(a, s, mask) for a, s in zip(together, shared, strict=True)],
+              targets)  # fmt: skip
+    for a, b in zip(alone, together, strict=True):
+        assert a.metrics() == b.metrics()
+    assert together[0].metrics().kl_mean == 0.0
+    assert known(together[2].metrics().kl_mean) > known(together[1].metrics().kl_mean) > 0
+    with pytest.raises(ValueError, match="overlap"):  # a position counts once per request
+        add_pairs("r", 100, base[:4], [(together[1], shared[1][:4], None)])
 
 
 def test_more_noise_means_less_agreement_and_more_kl() -> None:

@@ -182,6 +182,36 @@ def test_tiny_models_match_hf(kind: str) -> None:
         assert g == hf_greedy(model, p, 24)
 
 
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_chunks_of_one_length_attend_as_a_group(kind: str) -> None:
+    """Chunks of one length form a padded group (paged_batch.GroupPlan), even at different
+    starts and context lengths; each position's logits equal a plain HF forward's."""
+    b = 4
+    model = tiny_model(kind)
+    pm, pages = engine(model, block_size=b, num_pages=12 * 3 * 2 * 3)
+    prompts = random_prompts([24, 16, 21], seed=11)
+    ref = [hf_logits(model, p) for p in prompts]
+    tables = [grow(pages.blocks(0).reshape(0, 3, 2), len(p), b, pages) for p in prompts]
+    # step 1: 8 tokens of prompt 0 at 0, 8 of prompt 1 at 0; step 2: prompt 0 and 1 at 8
+    # (equal contexts) and prompt 2's first 8 at 0 (a shorter context in the same group);
+    # step 3: prompt 0 at 16 and prompt 2 at 8 (one group, starts 16 and 8), prompt 2's rest
+    plan = [
+        [(0, 0, 8), (1, 0, 8)],
+        [(0, 8, 8), (1, 8, 8), (2, 0, 8)],
+        [(0, 16, 8), (2, 8, 8)],
+        [(2, 16, 5)],
+    ]
+    got: dict[int, list[Any]] = {0: [], 1: [], 2: []}
+    for step in plan:
+        chunks = [SeqChunk(prompts[i][s : s + n], s, tables[i], all_logits=True)
+                  for i, s, n in step]  # fmt: skip
+        for (i, _, _), lg in zip(step, pm.step(chunks), strict=True):
+            got[i].append(lg)
+    for i in range(len(prompts)):
+        diff = float((torch.cat(got[i]) - ref[i]).abs().max())
+        assert diff < TOL_TINY, (i, diff)
+
+
 # -- re-rotation and write-before-read -------------------------------------------------------
 
 

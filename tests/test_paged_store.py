@@ -24,6 +24,22 @@ def test_rows_roundtrip_and_sizes() -> None:
         store.rows([0], [4])  # offset past the block
 
 
+def test_a_part_is_a_view_of_its_arena_pages() -> None:
+    arena = PageStore(10, 4, 2, 3, dtype=torch.float32)
+    part = arena.part(6, 3)
+    assert (part.num_pages, part.block_size, part.num_kv_heads, part.head_dim) == (3, 4, 2, 3)
+    vals = torch.ones(1, 2, 3)
+    part.write_rows([2], [1], vals * 7)  # page 2 of the part is page 8 of the arena
+    assert torch.equal(arena.data[8, 1], vals[0] * 7)
+    assert torch.count_nonzero(arena.data) == 6
+    arena.write_rows([6], [0], vals * 5)  # and back: arena page 6 is the part's page 0
+    assert torch.equal(part.gather_rows([0], [0]), vals * 5)
+    assert part.nbytes == 3 * arena.page_bytes
+    for first, n in ((-1, 2), (8, 3), (0, 0)):
+        with pytest.raises(ValueError, match="not within"):
+            arena.part(first, n)
+
+
 def test_block_kv_and_exact_distance() -> None:
     store = PageStore(8, 2, 1, 2, dtype=torch.float32)
     store.data[0] = 1.0

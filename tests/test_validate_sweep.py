@@ -70,3 +70,25 @@ def test_sweeping_a_parameter_no_policy_has_is_one_line(swept: tuple[Path, Any])
                    str(runs.parent / "bad"))  # fmt: skip
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "--sweep" in res.stderr and "colour" in res.stderr
+
+
+def test_one_pass_measures_what_each_run_measures_alone(swept: tuple[Path, Any]) -> None:
+    """``--one-pass``: the sweep's engines share each step's forward pass (one arena); each
+    still decides alone, so pages and shares are the same, and fidelity up to rounding."""
+    runs, rep = swept
+    res = memshare("validate", str(runs), "--fidelity-only", "--one-pass", "--json")
+    assert res.returncode == 0, res.stderr
+    one = json.loads(res.stdout)
+    assert one["policies"].keys() == rep["policies"].keys()
+    for label, alone in rep["policies"].items():
+        together = one["policies"][label]
+        for key in ("steps", "pages_peak", "pages_mean", "pages_shared", "first_differing_step"):
+            assert together[key] == alone[key], (label, key)
+        assert together["top1_agreement"] == pytest.approx(alone["top1_agreement"], abs=0.005)
+        assert together["kl_mean"] == pytest.approx(alone["kl_mean"], rel=0.05, abs=1e-6)
+        timed, untimed = alone["teacher_forced_time"], together["teacher_forced_time"]
+        assert timed["prefill_tok_s"]["measured"] > 0 and not timed["one_pass"]
+        assert untimed["prefill_tok_s"]["measured"] is None and untimed["one_pass"]
+    res = memshare("validate", str(runs), "--fidelity-only", "--one-pass", "--fit-cost-model")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "--fit-cost-model" in res.stderr

@@ -8,7 +8,10 @@ PagedModel` computes it, writing each new token's pre-RoPE K and V into the requ
 pages (the manager's page table, ``(blocks, layers, 2)``); the engine samples; then
 :meth:`Scheduler.complete` commits the blocks that filled (the policy decides on sketches of
 the live KV) and takes the sampled tokens. A share repoints a table entry only after its own
-pass wrote it, so no step writes a page another entry reads.
+pass wrote it, so no step writes a page another entry reads. A step is :meth:`PagedEngine.
+begin_step` (schedule, lay out the chunks), a forward pass, and :meth:`PagedEngine.finish_step`
+(sample, commit), so engines whose pages are parts of one arena can share the pass
+(:mod:`~memshare.validate.engine_group`).
 
 Invariants: the store holds ``pool.num_pages`` pages, so the KV bytes the pool accounts
 (pages x page size) are the bytes preallocated in tensors; every share the manager applies is
@@ -118,6 +121,17 @@ class StepRecord:
 
 
 @dataclass
+class PendingStep:
+    """A scheduled step waiting for its forward pass (:meth:`PagedEngine.begin_step`)."""
+
+    plan: StepPlan
+    chunks: list[SeqChunk]  # the pass's work, page ids of this engine's store
+    live_pages: int  # pool pages pinned once scheduled (as the simulator records)
+    used_pages: int  # pool pages held at all, at the same point
+    schedule_s: float  # time spent scheduling and laying out
+
+
+@dataclass
 class EngineResult:
     """What a run produced."""
 
@@ -148,7 +162,10 @@ class PagedEngine:
         token_starts: TokenStarts | None = None,
         logits_sink: LogitsSink | None = None,
         segmenter: SegmenterConfig | None = None,
+        store: PageStore | None = None,
     ) -> None:
+        """``store``: this engine's pages (``pool.num_pages`` of them, e.g. a part of an
+        :class:`~memshare.validate.engine_group.EngineGroup`'s arena); default: its own."""
         import torch
 
         self._torch = torch
@@ -177,7 +194,14 @@ class PagedEngine:
                 )
         self.manager = KVCacheManager(self.pool, policy, bs, observer=self._observe)
         self.scheduler = Scheduler(opts.scheduler, self.manager)
-        self.store = PageStore.for_model(model, self.pool.num_pages, bs)
+        if store is None:
+            store = PageStore.for_model(model, self.pool.num_pages, bs)
+        elif (store.num_pages, store.block_size) != (self.pool.num_pages, bs):
+            raise ValueError(
+                f"store holds {store.num_pages} pages of {store.block_size} tokens, the engine "
+                f"needs {self.pool.num_pages} of {bs}"
+            )
+        self.store = store
         self.model = PagedModel(model, self.store, layer_map=layer_map)
         self.opts = opts
         self.logits_sink = logits_sink
@@ -255,13 +279,26 @@ class PagedEngine:
     def step(self) -> bool:
         """Run one scheduler step (schedule, forward pass, sample, complete); False when
         every request has finished."""
+        pending = self.begin_step()
+        if pending is None:
+            return False
+        t = time.perf_counter()
+        logits = self.model.step(pending.chunks)
+        self.finish_step(pending, logits, time.perf_counter() - t)
+        return True
+
+    def begin_step(self) -> PendingStep | None:
+        """Schedule a step and lay out its forward pass (``None``: every request finished).
+        The caller runs ``chunks`` through the model (this engine's, or one pass shared with
+        other engines whose stores are slices of one arena) and hands the logits, in chunk
+        order, to :meth:`finish_step`."""
         sched = self.scheduler
         if not self._started:
             for req in self.requests:
                 sched.add(req)
             self._started = True
         if sched.idle:
-            return False
+            return None
         t_step = time.perf_counter()
         plan = sched.schedule()
         if plan.empty:
@@ -270,12 +307,21 @@ class PagedEngine:
                 f"{len(sched.waiting)} waiting"
             )
         live, used = self.pool.pinned_pages, self.pool.used_pages  # as the simulator records
-        sampled = self._execute(plan)
+        chunks = self._chunks(plan)
+        return PendingStep(plan, chunks, live, used, time.perf_counter() - t_step)
+
+    def finish_step(self, pending: PendingStep, logits: Sequence[Any], forward_s: float) -> None:
+        """Sample from ``logits`` (one per chunk), complete the step and record it; the step's
+        wall time is its scheduling, ``forward_s`` and its commit."""
+        plan = pending.plan
+        t_sample = time.perf_counter()
+        sampled = self._take(plan, logits)
         t_commit = time.perf_counter()
-        finished = sched.complete(plan, sampled)
+        finished = self.scheduler.complete(plan, sampled)
         now = time.perf_counter()
+        wall = pending.schedule_s + forward_s + (now - t_sample)
         self.last_plan = plan
-        self.clock += now - t_step
+        self.clock += wall
         for c in plan.chunks:
             if c.samples:
                 self.first_token_s.setdefault(c.req.rid, self.clock)
@@ -286,17 +332,16 @@ class PagedEngine:
                 len(plan.chunks),
                 plan.num_tokens,
                 plan.num_tokens - sum(c.reused for c in plan.chunks),
-                now - t_step,
+                wall,
                 now - t_commit,
-                live,
-                used,
+                pending.live_pages,
+                pending.used_pages,
             )
         )
         self._sampled += sum(1 for t in sampled if t is not None)
-        return True
 
-    def _execute(self, plan: StepPlan) -> list[int | None]:
-        """One forward pass for ``plan``; the sampled token per chunk (None: no sample)."""
+    def _chunks(self, plan: StepPlan) -> list[SeqChunk]:
+        """The forward pass's work for ``plan``, one chunk per scheduled request."""
         bs = self.opts.block_size
         chunks: list[SeqChunk] = []
         for c in plan.chunks:
@@ -333,7 +378,10 @@ class PagedEngine:
                         len(self.steps),
                     )
                 )
-        logits = self.model.step(chunks)
+        return chunks
+
+    def _take(self, plan: StepPlan, logits: Sequence[Any]) -> list[int | None]:
+        """Hand the logits to the sink; the sampled token per chunk (None: no sample)."""
         out: list[int | None] = []
         for c, lg in zip(plan.chunks, logits, strict=True):
             if self.logits_sink is not None:

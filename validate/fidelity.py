@@ -104,35 +104,10 @@ class FidelityAccumulator:
         logits of both runs; ``targets[i]`` the true next token of position ``first_pos + i``
         (-1 or ``None``: unknown); ``after_share[i]`` whether that position comes after the
         request's first share (``None``: none does)."""
-        import torch
+        add_pairs(rid, first_pos, base_logits, [(self, shared_logits, after_share)], targets)
 
-        base = torch.as_tensor(base_logits).detach()
-        shared = torch.as_tensor(shared_logits).detach()
-        if base.dim() != 2 or base.shape != shared.shape:
-            raise ValueError(f"logits must be two [n, vocab]: {base.shape} vs {shared.shape}")
-        n, vocab = int(base.shape[0]), int(base.shape[1])
-        tgt = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
-        late = np.zeros(n, bool) if after_share is None else np.asarray(after_share, bool)
-        if tgt.shape != (n,) or late.shape != (n,):
-            raise ValueError(f"targets and after_share need {n} entries a chunk")
-        if tgt.max(initial=-1) >= vocab or tgt.min(initial=-1) < -1:
-            raise ValueError(f"a target is outside the vocabulary [0, {vocab})")
-        for t in (base, shared):
-            if bool((torch.isnan(t) | torch.isposinf(t)).any()):
-                raise ValueError(f"logits of {rid!r} at {first_pos} hold NaN or +inf")
-        tally = self._tallies.setdefault(rid, _Tally())
-        tally.claim(first_pos, first_pos + n)
-        agree = np.empty(n, bool)
-        for s in range(0, n, ROWS):
-            e = min(n, s + ROWS)
-            agree[s:e], kl, nb, ns = _reduce(base[s:e], shared[s:e], tgt[s:e])
-            tally.kl.append(kl)
-            tally.nll_base.append(nb)
-            tally.nll_shared.append(ns)
-        tally.positions += n
-        tally.agree += int(agree.sum())
-        tally.after += int(late.sum())
-        tally.after_agree += int((agree & late).sum())
+    def _tally(self, rid: str) -> _Tally:
+        return self._tallies.setdefault(rid, _Tally())
 
     def requests(self) -> list[str]:
         """Request ids seen, in first-seen order."""
@@ -150,27 +125,95 @@ class FidelityAccumulator:
         return {rid: self.metrics(rid) for rid in self._tallies}
 
 
-def _reduce(
-    base: Any, shared: Any, targets: npt.NDArray[np.int64]
-) -> tuple[
-    npt.NDArray[np.bool_], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]
-]:
-    """Top-1 agreement and KL per position, NLL per position with a target."""
+Mask = Sequence[bool] | npt.NDArray[np.bool_] | None
+
+
+def add_pairs(
+    rid: str,
+    first_pos: int,
+    base_logits: Any,
+    runs: Sequence[tuple[FidelityAccumulator, Any, Mask]],
+    targets: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+) -> None:
+    """:meth:`FidelityAccumulator.add` for several shared runs against one base chunk:
+    ``runs`` holds (accumulator, shared logits, after-share mask) per run. The base's
+    log-softmax is computed once for all of them (the work that dominates)."""
     import torch
 
-    lp = torch.log_softmax(base.to(torch.float64), dim=-1)
-    lq = torch.log_softmax(shared.to(torch.float64), dim=-1)
-    p = lp.exp()
-    kl = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
-    agree = base.argmax(-1) == shared.argmax(-1)
-    known = torch.as_tensor(np.flatnonzero(targets >= 0), device=lp.device)
-    idx = torch.as_tensor(targets[targets >= 0], device=lp.device)
-    nb, ns = -lp[known, idx], -lq[known, idx]
+    base = torch.as_tensor(base_logits).detach()
+    if base.dim() != 2:
+        raise ValueError(f"logits must be [n, vocab], got {tuple(base.shape)}")
+    n, vocab = int(base.shape[0]), int(base.shape[1])
+    tgt = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+    if tgt.shape != (n,):
+        raise ValueError(f"targets need {n} entries a chunk")
+    if tgt.max(initial=-1) >= vocab or tgt.min(initial=-1) < -1:
+        raise ValueError(f"a target is outside the vocabulary [0, {vocab})")
+    _check_finite(rid, first_pos, base)
+    checked: list[tuple[_Tally, Any, npt.NDArray[np.bool_]]] = []
+    for acc, shared_logits, after_share in runs:
+        shared = torch.as_tensor(shared_logits).detach()
+        if base.shape != shared.shape:
+            raise ValueError(f"logits must be two [n, vocab]: {base.shape} vs {shared.shape}")
+        late = np.zeros(n, bool) if after_share is None else np.asarray(after_share, bool)
+        if late.shape != (n,):
+            raise ValueError(f"after_share needs {n} entries a chunk")
+        _check_finite(rid, first_pos, shared)
+        checked.append((acc._tally(rid), shared, late))
+    for tally, _, _ in checked:
+        tally.claim(first_pos, first_pos + n)
+    agree = [np.empty(n, bool) for _ in checked]
+    for s in range(0, n, ROWS):
+        e = min(n, s + ROWS)
+        ref = _BaseRows(base[s:e], tgt[s:e])
+        for (tally, shared, _), ag in zip(checked, agree, strict=True):
+            ag[s:e], kl, ns = ref.against(shared[s:e])
+            tally.kl.append(kl)
+            tally.nll_base.append(ref.nll)
+            tally.nll_shared.append(ns)
+    for (tally, _, late), ag in zip(checked, agree, strict=True):
+        tally.positions += n
+        tally.agree += int(ag.sum())
+        tally.after += int(late.sum())
+        tally.after_agree += int((ag & late).sum())
 
-    def cpu(t: Any) -> Any:
-        return t.detach().cpu().numpy()
 
-    return cpu(agree), cpu(kl), cpu(nb), cpu(ns)
+def _check_finite(rid: str, first_pos: int, t: Any) -> None:
+    import torch
+
+    if bool((torch.isnan(t) | torch.isposinf(t)).any()):
+        raise ValueError(f"logits of {rid!r} at {first_pos} hold NaN or +inf")
+
+
+class _BaseRows:
+    """The base run's rows of one slice, reduced once: float64 log-probabilities, their
+    probabilities, argmax, and the NLL of the known next tokens."""
+
+    def __init__(self, base: Any, targets: npt.NDArray[np.int64]) -> None:
+        import torch
+
+        self.lp = torch.log_softmax(base.to(torch.float64), dim=-1)
+        self.p = self.lp.exp()
+        self.top = base.argmax(-1)
+        self.known = torch.as_tensor(np.flatnonzero(targets >= 0), device=self.lp.device)
+        self.idx = torch.as_tensor(targets[targets >= 0], device=self.lp.device)
+        self.nll: npt.NDArray[np.float64] = _cpu(-self.lp[self.known, self.idx])
+
+    def against(
+        self, shared: Any
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Top-1 agreement and KL(base || shared) per position, NLL of the shared run."""
+        import torch
+
+        lq = torch.log_softmax(shared.to(torch.float64), dim=-1)
+        terms = torch.where(self.p > 0, self.p * (self.lp - lq), torch.zeros_like(self.p))
+        kl = terms.sum(-1).clamp_min(0.0)
+        agree = self.top == shared.argmax(-1)
+        return _cpu(agree), _cpu(kl), _cpu(-lq[self.known, self.idx])
+
+
+def _cpu(t: Any) -> Any:
+    return t.detach().cpu().numpy()
 
 
 def _summarize(tallies: list[_Tally]) -> FidelityMetrics:

@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from memshare.block_pool import BlockPool
 from memshare.errors import InputError
 from memshare.kv_manager import blocks_for_all
+from memshare.policy import Policy, policy_layer_map
 from memshare.registry import make_policy
 from memshare.scheduler import SchedulerConfig
 from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
@@ -38,7 +40,9 @@ from memshare.sim.cost_model import BatchShape, plan_shape
 from memshare.sim.run import LoadedTrace, RunOutput, resolve, run_config
 from memshare.traces.schema import RequestRecord
 from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
-from memshare.validate.fidelity import FidelityAccumulator, next_token_targets
+from memshare.validate.engine_group import EngineGroup
+from memshare.validate.fidelity import FidelityAccumulator, add_pairs, next_token_targets
+from memshare.validate.paged_store import PageStore
 from memshare.validate.runs import RunDir
 
 Progress = Callable[[str, int, int], None]  # what, done, total
@@ -142,9 +146,16 @@ def first_differing_step(pred: RunOutput, engine: PagedEngine) -> int | None:
     return first
 
 
-def engine_for(model: Any, cfg: SimConfig | None, wl: Workload, sched: Any) -> PagedEngine:
-    """A paged engine for ``cfg``'s policy (``None``: the unshared ``none``) on ``wl``."""
-    policy = make_policy("none") if cfg is None else make_policy(cfg.policy, **cfg.policy_params)
+def engine_for(
+    model: Any,
+    cfg: SimConfig | None,
+    wl: Workload,
+    sched: Any,
+    store: PageStore | None = None,
+) -> PagedEngine:
+    """A paged engine for ``cfg``'s policy (``None``: the unshared ``none``) on ``wl``: on a
+    copy of ``model`` with its own pages, or on ``model`` itself over ``store`` (a part of an
+    :class:`EngineGroup`'s arena, whose pass runs the model)."""
     sk = wl.trace.manifest.sketch
     opts = EngineOptions(
         block_size=wl.block_size,
@@ -154,7 +165,12 @@ def engine_for(model: Any, cfg: SimConfig | None, wl: Workload, sched: Any) -> P
         sketch_dim=sk.dim if sk is not None else EngineOptions.sketch_dim,
         sketch_seed=sk.seed if sk is not None else EngineOptions.sketch_seed,
     )
-    return PagedEngine(copy.deepcopy(model), policy, wl.specs, opts, eos_ids=frozenset())
+    own = copy.deepcopy(model) if store is None else model
+    return PagedEngine(own, _policy(cfg), wl.specs, opts, eos_ids=frozenset(), store=store)
+
+
+def _policy(cfg: SimConfig | None) -> Policy:
+    return make_policy("none") if cfg is None else make_policy(cfg.policy, **cfg.policy_params)
 
 
 def run_lockstep(
@@ -162,45 +178,88 @@ def run_lockstep(
     configs: Sequence[SimConfig],
     wl: Workload,
     progress: Progress | None = None,
+    *,
+    one_pass: bool = False,
 ) -> tuple[Measured, list[Measured]]:
     """The ``none`` engine and one engine per config (``none`` configs share the base), stepped
-    in turn; returns the base run and each config's measurement (in ``configs`` order; a
-    ``none`` config's is the base run itself)."""
+    in turn (``one_pass``: every engine's step in one forward pass, engines of one layer map
+    per :class:`EngineGroup`); returns the base run and each config's measurement (in
+    ``configs`` order; a ``none`` config's is the base run itself)."""
     sched = replace(configs[0].scheduler, long_prefill_token_threshold=wl.block_size)
-    base = engine_for(model, None, wl, sched)
+    own_cfgs = [c for c in configs if not (c.policy == "none" and not c.policy_params)]
+    cfgs: list[SimConfig | None] = [None, *own_cfgs]
+    groups: list[tuple[EngineGroup, list[int]]] = []
+    if one_pass:
+        engines = _grouped(model, cfgs, wl, sched, groups)
+    else:
+        engines = [engine_for(model, c, wl, sched) for c in cfgs]
+    measured = [Measured(e) for e in engines]
+    base_m, own = measured[0], measured[1:]
     runs: list[Measured] = []
-    own: list[Measured] = []  # the engines to step besides the base
-    base_m = Measured(base)
+    k = 0
     for cfg in configs:
         if cfg.policy == "none" and not cfg.policy_params:
             runs.append(base_m)
         else:
-            m = Measured(engine_for(model, cfg, wl, sched))
-            runs.append(m)
-            own.append(m)
-    held: list[dict[tuple[str, int], tuple[Any, bool]]] = [{} for _ in range(len(own) + 1)]
-    engines = [base] + [m.engine for m in own]
+            k += 1
+            runs.append(measured[k])
+    held: list[dict[tuple[str, int], tuple[Any, bool]]] = [{} for _ in engines]
     share_seen = [0] * len(engines)
     shared_reqs: list[set[str]] = [set() for _ in engines]
     for j, eng in enumerate(engines):
         eng.logits_sink = _sink(held[j], shared_reqs[j])
     total = sum(len(t) for t in wl.texts.values())
-    active = list(range(len(engines)))
-    while active:
-        for j in list(active):
-            eng = engines[j]
-            if not eng.step():
-                active.remove(j)
+    alive = [True] * len(engines)
+    while any(alive):
+        if groups:
+            stepped = [False] * len(engines)
+            for g, members in groups:
+                for j, flag in zip(members, g.step(), strict=True):
+                    stepped[j] = flag
+        else:
+            stepped = [alive[j] and eng.step() for j, eng in enumerate(engines)]
+        for j, eng in enumerate(engines):
+            alive[j] = stepped[j]
+            if not stepped[j]:
                 continue
             for s in eng.shares[share_seen[j] :]:
                 shared_reqs[j].add(s.request)
             share_seen[j] = len(eng.shares)
             if eng.last_plan is not None:
-                (base_m if j == 0 else own[j - 1]).shapes.append(plan_shape(eng.last_plan))
+                measured[j].shapes.append(plan_shape(eng.last_plan))
         _pair(held, own, wl)
         if progress is not None:
             progress("engines", min(total, _positions(base_m)), total)
     return base_m, runs
+
+
+def _grouped(
+    model: Any,
+    cfgs: Sequence[SimConfig | None],
+    wl: Workload,
+    sched: Any,
+    groups: list[tuple[EngineGroup, list[int]]],
+) -> list[PagedEngine]:
+    """One engine per config, on parts of one arena per layer map; fills ``groups`` with
+    each group and the indices of its engines."""
+    layers = int(model.config.num_hidden_layers)
+    pages = BlockPool(num_blocks=wl.num_blocks, num_layers=layers).num_pages
+    maps: dict[bytes, tuple[Any, list[int]]] = {}
+    for j, cfg in enumerate(cfgs):
+        try:
+            lm = policy_layer_map(_policy(cfg), layers)
+        except ValueError:
+            lm = None  # the engine refuses it, in one line
+        key = b"" if lm is None else np.asarray(lm, np.int64).tobytes()
+        maps.setdefault(key, (lm, []))[1].append(j)
+    engines: list[PagedEngine | None] = [None] * len(cfgs)
+    for lm, members in maps.values():
+        group = EngineGroup(model, [pages] * len(members), wl.block_size, layer_map=lm)
+        for j, store in zip(members, group.stores, strict=True):
+            engines[j] = engine_for(model, cfgs[j], wl, sched, store)
+        group.attach([e for j in members if (e := engines[j]) is not None])
+        groups.append((group, members))
+    return [e for e in engines if e is not None]
 
 
 def _positions(m: Measured) -> int:
@@ -229,13 +288,14 @@ def _pair(
             continue
         rid, pos = key
         logits, _ = base.pop(key)
-        targets = next_token_targets(wl.texts[rid], pos, int(logits.shape[0]))
+        n = int(logits.shape[0])
+        pairs = []
         for j, m in enumerate(own):
             shared_logits, after = held[j + 1].pop(key)
             if after:
                 m.first_share_pos.setdefault(rid, pos)
-            mask = np.full(int(logits.shape[0]), after, dtype=bool)
-            m.fidelity.add(rid, pos, logits, shared_logits, targets, mask)
+            pairs.append((m.fidelity, shared_logits, np.full(n, after, dtype=bool)))
+        add_pairs(rid, pos, logits, pairs, next_token_targets(wl.texts[rid], pos, n))
 
 
 def sketch_vs_exact(engine: PagedEngine, tau: float | None) -> dict[str, Any]:

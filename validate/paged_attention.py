@@ -18,8 +18,9 @@ Per layer, in this order (write-before-read):
    that is checked to be the rotate-half form (Llama, Qwen), the same formula in fewer
    kernels (:func:`rotate_half_form`), and
    attends with its queries: decode sequences together in one padded
-   ``scaled_dot_product_attention`` with a key-padding mask, multi-token chunks one by one with
-   a causal mask offset by ``start``.
+   ``scaled_dot_product_attention`` with a key-padding mask, multi-token chunks of one length
+   likewise with a mask up to each query's position, any other chunk by itself with a causal
+   mask offset by ``start``.
 
 The output has the layout HF's ``eager_attention_forward`` returns: ``[1, T, heads, head_dim]``.
 """
@@ -78,7 +79,12 @@ class PagedStep:
         self.new_k[layer] = self.new_v[layer] = None
         gqa = heads != store.num_kv_heads
         dtype = query.dtype
-        if plan.dec_tok is not None and not plan.chunks and len(plan.dec_tok) == t:
+        if (
+            plan.dec_tok is not None
+            and not plan.chunks
+            and not plan.groups
+            and len(plan.dec_tok) == t
+        ):
             # all decode: the packed row is the decode batch in order
             q = query[0].transpose(0, 1).unsqueeze(2)  # (Bd, heads, 1, hd)
             o = self._decode(layer, q, scaling, gqa, dtype)
@@ -87,6 +93,21 @@ class PagedStep:
         if plan.dec_tok is not None:
             q = query[0, :, plan.dec_tok].transpose(0, 1).unsqueeze(2)
             out[plan.dec_tok] = self._decode(layer, q, scaling, gqa, dtype)[:, :, 0]
+        for g in plan.groups:
+            tok = g.tok.reshape(-1)
+            size, n = g.tok.shape
+            q = query[0, :, tok].view(heads, size, n, hd).transpose(0, 1)  # (G, heads, n, hd)
+            k = self.rotate(store.gather_flat(g.rows[layer, 0]).to(dtype), g.lmax)
+            v = store.gather_flat(g.rows[layer, 1]).to(dtype)
+            o = F.scaled_dot_product_attention(
+                q,
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=g.mask,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            out[tok] = o.transpose(1, 2).reshape(size * n, heads, hd)
         for ch in plan.chunks:
             k = self.rotate(store.gather_flat(ch.rows[layer, 0])[None].to(dtype), ch.ctx)
             v = store.gather_flat(ch.rows[layer, 1])[None].to(dtype)

@@ -18,7 +18,10 @@ Invariants of a :class:`StepPlan`:
   owner layers right after their writes, so a copy may read KV written in the same step.
 * Single-token chunks form one decode group, read with one padded gather: ``dec_rows``
   ``(L, 2, Bd, Lmax)`` (padding points at row 0 and is masked off by ``dec_mask``).
-  Multi-token chunks are attended one by one (:class:`ChunkPlan`).
+  Multi-token chunks of contiguous positions and equal length ``n`` form a prefill group
+  (:class:`GroupPlan`) the same way, each query attending keys up to its own position; a
+  chunk alone of its length, or with gaps (reused spans), is attended by itself
+  (:class:`ChunkPlan`).
 """
 
 from __future__ import annotations
@@ -79,6 +82,16 @@ class ChunkPlan:
 
 
 @dataclass
+class GroupPlan:
+    """Multi-token chunks of one length ``n``, attended together over padded contexts."""
+
+    tok: torch.Tensor  # (G, n) token indices in the packed row
+    rows: torch.Tensor  # (L, 2, G, Lmax) flat store rows, layer map applied; padding: row 0
+    mask: torch.Tensor  # (G, 1, n, Lmax) bool: key position <= the query's own position
+    lmax: int  # longest context in the group
+
+
+@dataclass
 class StepPlan:
     """Index tensors of one step (see the module docstring for the invariants)."""
 
@@ -94,6 +107,7 @@ class StepPlan:
     dec_mask: torch.Tensor | None = None  # (Bd, 1, 1, Lmax) bool or None when all full
     dec_lmax: int = 0
     chunks: list[ChunkPlan] = field(default_factory=list)
+    groups: list[GroupPlan] = field(default_factory=list)
     copy_src: torch.Tensor | None = None  # (L, 2, R) flat rows copied from (KVShare spans)
     copy_dst: torch.Tensor | None = None  # (L, 2, R) flat rows copied into, this step
     cos: Any = None  # (1, max_ctx, head_dim), filled by the engine from the model's rotary
@@ -205,13 +219,7 @@ def plan_step(
         plan.copy_dst = dev(np.concatenate(copy_dst, axis=2))
     if len(dec):
         lmax = int(ctxs[dec].max())
-        nbmax = -(-lmax // B)
-        padded = np.zeros((len(dec), nbmax, L, 2), dtype=np.int64)
-        for j, d in enumerate(dec.tolist()):
-            nb = min(len(tables[d]), nbmax)
-            padded[j, :nb] = tables[d][:nb]
-        rows = padded.transpose(0, 2, 3, 1)[..., None] * B + np.arange(B, dtype=np.int64)
-        rows = rows.reshape(len(dec), L, 2, nbmax * B)[..., :lmax]  # (Bd, L, 2, Lmax)
+        rows = _padded_rows([tables[d] for d in dec.tolist()], lmax, B)  # (Bd, L, 2, Lmax)
         last = ctxs[dec] - 1
         write[:, :, tok0[dec]] = rows[np.arange(len(dec)), :, :, last].transpose(1, 2, 0)
         valid = np.arange(lmax)[None, :] < ctxs[dec][:, None]
@@ -221,7 +229,35 @@ def plan_step(
         plan.dec_lmax = lmax
         if not valid.all():
             plan.dec_mask = torch.as_tensor(valid[:, None, None, :], device=device)
+    by_len: dict[int, list[int]] = {}
+    alone: list[int] = []
     for m in np.flatnonzero(lens > 1).tolist():
+        (by_len.setdefault(int(lens[m]), []) if chunks[m].positions is None else alone).append(m)
+    for n, members in by_len.items():
+        if len(members) == 1:
+            alone.extend(members)
+            continue
+        idx = np.asarray(members, dtype=np.int64)
+        lmax = int(ctxs[idx].max())
+        rows = _padded_rows([tables[m] for m in members], lmax, B)  # (G, L, 2, Lmax)
+        qpos = np.stack([pos[m] for m in members])  # (G, n) the queries' positions
+        tok = tok0[idx][:, None] + np.arange(n, dtype=np.int64)
+        write[:, :, tok.reshape(-1)] = (
+            rows[np.arange(len(members))[:, None], :, :, qpos].transpose(2, 3, 0, 1)
+        ).reshape(L, 2, -1)
+        # (G, n, Lmax): a key is read by queries at or after its position
+        reads = np.asarray(np.arange(lmax)[None, None, :] <= qpos[:, :, None], dtype=np.bool_)
+        in_ctx = np.arange(lmax)[None, :] < ctxs[idx][:, None]  # (G, Lmax)
+        rows = np.where(in_ctx[:, None, None, :], rows, 0)
+        plan.groups.append(
+            GroupPlan(
+                dev(tok),
+                dev(rows[:, layer_map].transpose(1, 2, 0, 3)),
+                torch.as_tensor(reads[:, None], device=device),
+                lmax,
+            )
+        )
+    for m in sorted(alone):
         n, ctx, a = int(lens[m]), int(ctxs[m]), int(tok0[m])
         rows = _context_rows(tables[m], ctx, B)
         write[:, :, a : a + n] = rows[:, :, pos[m]]
@@ -232,3 +268,18 @@ def plan_step(
         plan.chunks.append(ChunkPlan(a, a + n, ctx, dev(rows[layer_map]), mask))
     plan.write_rows = dev(write)
     return plan
+
+
+def _padded_rows(tables: Sequence[IntArray], lmax: int, block_size: int) -> IntArray:
+    """Flat rows ``(G, L, 2, lmax)`` of positions ``0..lmax-1`` under each table; a table
+    shorter than ``lmax`` is padded with page 0 (the caller masks or zeroes those rows)."""
+    B = block_size
+    nbmax = -(-lmax // B)
+    L = tables[0].shape[1]
+    padded = np.zeros((len(tables), nbmax, L, 2), dtype=np.int64)
+    for j, t in enumerate(tables):
+        nb = min(len(t), nbmax)
+        padded[j, :nb] = t[:nb]
+    rows = padded.transpose(0, 2, 3, 1)[..., None] * B + np.arange(B, dtype=np.int64)
+    out: IntArray = rows.reshape(len(tables), L, 2, nbmax * B)[..., :lmax]
+    return out

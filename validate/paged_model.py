@@ -7,13 +7,15 @@ the LM head are the HF model's own modules, run by the HF model's own ``forward`
 hooks in through supported interfaces only:
 
 * forward hooks on each layer's ``self_attn.k_norm`` (architectures that normalise keys, e.g.
-  Qwen3) or ``self_attn.k_proj``, and on ``self_attn.v_proj``, capture the step's pre-RoPE K/V;
+  Qwen3) or ``self_attn.k_proj``, and on ``self_attn.v_proj``, capture the step's pre-RoPE K/V
+  (registered at the first step);
 * the attention function ``memshare_paged`` (``transformers.AttentionInterface``) and a mask
   function that returns ``None`` (``AttentionMaskInterface``), selected with
   ``set_attn_implementation``; the forward runs with ``use_cache=False`` so HF keeps no cache.
 
-The engine owns its model object: the constructor switches its attention implementation and
-registers hooks and restores nothing (``close()`` removes the hooks only). Pass a copy when the
+The engine owns its model object: the constructor switches its attention implementation, the
+first step registers hooks, and nothing is restored (``close()`` removes the hooks only). Pass
+a copy when the
 same model must also run plain HF code.
 
 Supported: Llama-family (Llama, SmolLM2), Qwen2 and Qwen3 layouts in transformers 5.x, full
@@ -90,11 +92,8 @@ class PagedModel:
         self.keys_from = "k_norm" if all(hasattr(a, "k_norm") for a in attns) else "k_proj"
         self._new_k: list[Any] = [None] * self._num_layers
         self._new_v: list[Any] = [None] * self._num_layers
-        self._handles: list[Any] = []
-        for i, a in enumerate(attns):
-            k_mod = a.k_norm if self.keys_from == "k_norm" else a.k_proj
-            self._handles.append(k_mod.register_forward_hook(self._capture(self._new_k, i)))
-            self._handles.append(a.v_proj.register_forward_hook(self._capture(self._new_v, i)))
+        self._attns = attns
+        self._handles: list[Any] = []  # the forward hooks, registered by the first step
         register_attention()
         hf_model.set_attn_implementation(ATTN_NAME)
         if hf_model.config._attn_implementation != ATTN_NAME:
@@ -106,6 +105,14 @@ class PagedModel:
             slot[layer] = out
 
         return hook
+
+    def _hook(self) -> None:
+        """Capture each layer's pre-RoPE K and V (registered once, at the first step, so a
+        model that only reads its store, as an engine in a shared pass does, adds none)."""
+        for i, a in enumerate(self._attns):
+            k_mod = a.k_norm if self.keys_from == "k_norm" else a.k_proj
+            self._handles.append(k_mod.register_forward_hook(self._capture(self._new_k, i)))
+            self._handles.append(a.v_proj.register_forward_hook(self._capture(self._new_v, i)))
 
     def close(self) -> None:
         """Remove the forward hooks (the attention implementation stays switched)."""
@@ -145,6 +152,8 @@ class PagedModel:
         a sequence may read pages another sequence writes (write-before-read per layer); two
         chunks must not write the same token slot in one step.
         """
+        if not self._handles:
+            self._hook()
         with torch.inference_mode():
             plan = plan_step(
                 chunks,

@@ -13,6 +13,8 @@ Invariants:
 * The store knows nothing about layers, K/V or sequences: a page id is only a page id. Which
   page holds what is the caller's block table (``pages[block, layer, 0=K/1=V]``).
 * ``nbytes`` is measured from the tensor itself, ``page_bytes * num_pages``.
+* A :meth:`part` views a contiguous range of another store's pages (one arena for several
+  engines); its ``data`` is that slice of the arena's tensor, never a copy.
 """
 
 from __future__ import annotations
@@ -46,18 +48,34 @@ class PageStore:
     ) -> None:
         if min(num_pages, block_size, num_kv_heads, head_dim) <= 0:
             raise ValueError("num_pages, block_size, num_kv_heads and head_dim must be > 0")
-        self.num_pages = int(num_pages)
-        self.block_size = int(block_size)
-        self.num_kv_heads = int(num_kv_heads)
-        self.head_dim = int(head_dim)
-        self.data: torch.Tensor = torch.zeros(
-            (self.num_pages, self.block_size, self.num_kv_heads, self.head_dim),
-            dtype=dtype,
-            device=device,
+        self._adopt(
+            torch.zeros(
+                (int(num_pages), int(block_size), int(num_kv_heads), int(head_dim)),
+                dtype=dtype,
+                device=device,
+            )
         )
-        self.flat: torch.Tensor = self.data.view(
+
+    def _adopt(self, data: torch.Tensor) -> None:
+        self.num_pages, self.block_size, self.num_kv_heads, self.head_dim = (
+            int(x) for x in data.shape
+        )
+        self.data: torch.Tensor = data
+        self.flat: torch.Tensor = data.view(
             self.num_pages * self.block_size, self.num_kv_heads, self.head_dim
         )
+
+    def part(self, first: int, num_pages: int) -> PageStore:
+        """Pages ``first .. first + num_pages - 1`` as a store of their own: its page ``i`` is
+        page ``first + i`` here, the same memory (nothing is copied). Engines whose stores are
+        parts of one arena can run their steps in one forward pass over the arena."""
+        if first < 0 or num_pages <= 0 or first + num_pages > self.num_pages:
+            raise ValueError(
+                f"pages {first}..{first + num_pages - 1} are not within 0..{self.num_pages - 1}"
+            )
+        out = PageStore.__new__(PageStore)
+        out._adopt(self.data[first : first + num_pages])
+        return out
 
     @classmethod
     def for_model(

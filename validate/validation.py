@@ -110,6 +110,7 @@ class ValidateOptions:
     plot: bool = False  # RUN/kv_in_use.png
     kv_fraction: float = DEFAULT_KV_FRACTION  # throughput budget: F x all requests at once
     fidelity_only: bool = False  # only the teacher-forced part: no budget runs, no answers
+    one_pass: bool = False  # teacher-forced part: all runs' steps in one forward pass
     length_scale: float = DEFAULT_LENGTH_SCALE  # workload-only traces: synthesized lengths
     block_size: int | None = None  # workload-only traces: the engine's (default 16)
 
@@ -124,6 +125,12 @@ def validate(
     from memshare.traces.capture.hf import HFBackend
 
     check_fraction(o.kv_fraction)
+    if o.fit_cost_model and o.one_pass and o.fidelity_only:
+        raise InputError(
+            "--fit-cost-model",
+            "needs timed steps: under --one-pass and --fidelity-only no run is timed on its own",
+            "leave out --one-pass or --fidelity-only",
+        )
     tame_heap()  # long engine runs: see validate/heap.py
     runs = find_runs(o.run)
     trace = load_checked_trace(runs[0])
@@ -174,7 +181,7 @@ def validate(
     out = _Writer(backend, o, wl.block_size)
     tf_sub = Path("engine", "teacher_forced") if generated else Path("engine")
     policies, series, shaped = _teacher_forced(
-        runs, predicted, base_pred, wl, backend.model, out, tf_sub, progress
+        runs, predicted, base_pred, wl, backend.model, out, tf_sub, progress, o.one_pass
     )
     gc.collect()
     if bw is not None:
@@ -258,14 +265,18 @@ def _teacher_forced(
     out: _Writer,
     sub: Path,
     progress: Progress | None,
+    one_pass: bool,
 ) -> tuple[dict[str, Any], Series, Shaped]:
     """The teacher-forced part: each run's ``validation.json`` entry, its engine files under
-    ``RUN/<run>/<sub>``, the pages-in-use series for the plot and the steps for the fit."""
-    base_m, measured = run_lockstep(model, [r.config for r in runs], wl, progress)
+    ``RUN/<run>/<sub>``, the pages-in-use series for the plot and the steps for the fit (none
+    under ``one_pass``: a shared pass times no run on its own)."""
+    base_m, measured = run_lockstep(
+        model, [r.config for r in runs], wl, progress, one_pass=one_pass
+    )
     base_ppl = next((m.fidelity.metrics().ppl_base for m in measured if m is not base_m), None)
     policies: dict[str, Any] = {}
     for r, m in zip(runs, measured, strict=True):
-        entry = policy_report(r, predicted[r.label], base_pred, m, base_m, wl)
+        entry = policy_report(r, predicted[r.label], base_pred, m, base_m, wl, timed=not one_pass)
         if m is base_m:  # the unshared run itself: its text's perplexity is the base's
             entry["ppl"] = {"base": base_ppl, "shared": base_ppl}
         rows = {
@@ -282,7 +293,7 @@ def _teacher_forced(
         )
         for r, m in zip(runs, measured, strict=True)
     ]
-    shaped: Shaped = [(m.shapes, m.engine.steps) for m in measured]
+    shaped: Shaped = [] if one_pass else [(m.shapes, m.engine.steps) for m in measured]
     return policies, series, shaped
 
 
@@ -339,8 +350,11 @@ def policy_report(
     m: Measured,
     base: Measured,
     wl: Workload,
+    *,
+    timed: bool = True,
 ) -> dict[str, Any]:
-    """One run's ``validation.json`` entry (see docs/validate.md for every field)."""
+    """One run's ``validation.json`` entry (see docs/validate.md for every field);
+    ``timed=False``: the engine shared its passes with other runs, its times are null."""
     eng = m.engine
     tl = pred.result.timeline
     first_diff = first_differing_step(pred, eng)
@@ -356,7 +370,8 @@ def policy_report(
     stats = eng.manager.stats
     lat = pred.metrics["latency_s"]
     total_tokens = sum(len(t) for t in wl.texts.values())
-    ttft = list(eng.first_token_s.values())
+    ttft = list(eng.first_token_s.values()) if timed else []
+    clock = eng.clock if timed else 0.0
     return {
         "policy": run.config.policy,
         "policy_params": dict(run.config.policy_params),
@@ -398,9 +413,10 @@ def policy_report(
         "teacher_forced_time": {
             "prefill_tok_s": pme(
                 pred.metrics["throughput"]["total_tokens_per_s"],
-                total_tokens / eng.clock if eng.clock > 0 else None,
+                total_tokens / clock if clock > 0 else None,
             ),
             "ttft_p50_s": pme(lat["ttft"]["p50"], float(np.median(ttft)) if ttft else None),
+            "one_pass": not timed,
         },
         "shares": len(eng.shares),
         **_sketch(eng, tau),
