@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from memshare.errors import InputError
+from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -731,8 +732,8 @@ def capture_cmd(
     ] = None,
     chunk_tokens: Annotated[int, typer.Option(help="Texts: tokens per forward chunk.")] = 512,
     block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
-    sketch_dim: Annotated[int, typer.Option(help="JL sketch dimension d.")] = 64,
-    sketch_seed: Annotated[int, typer.Option(help="JL projection seed.")] = 0,
+    sketch_dim: Annotated[int, typer.Option(help="JL sketch dimension d.")] = DEFAULT_DIM,
+    sketch_seed: Annotated[int, typer.Option(help="JL projection seed.")] = DEFAULT_SEED,
     keys: Annotated[
         str, typer.Option(help="Sketch keys pre_rope (k_proj output) or post_rope (as cached).")
     ] = "pre_rope",

@@ -21,6 +21,7 @@ from memshare.hashing import chain_hashes
 from memshare.kv_manager import KVCacheManager
 from memshare.policy import BlockDecision, FullBlock, Policy, PrefixHit, RequestInfo
 from memshare.registry import make_policy
+from memshare.sketch import DEFAULT_DIM
 
 
 @dataclass
@@ -71,7 +72,7 @@ def bench_policy(
     blocks_per_chain: int = 1_000,
     block_size: int = 16,
     layers: int = 30,
-    sketch_dim: int = 64,
+    sketch_dim: int = DEFAULT_DIM,
     step_blocks: int = 6,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from memshare.sketch import block_vectors, pairwise_distances, sketch_blocks
+from memshare.sketch import DEFAULT_DIM, block_vectors, pairwise_distances, sketch_blocks
 from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
 from memshare.traces.capture.fullkv import read_full_kv, verify_full_kv
 from memshare.traces.capture.model_cache import MARKER, read_marker
@@ -82,7 +82,7 @@ def test_generate_and_teacher_forced_traces_verify_and_round_trip(
     with TraceReader(gen) as reader:  # verifies checksums, counts, ids, refs
         m = reader.manifest
         assert m.complete and m.kind == "kv" and m.sketch is not None
-        assert m.sketch.keys == "pre_rope" and m.sketch.dim == 64 and m.block_size == 16
+        assert m.sketch.keys == "pre_rope" and m.sketch.dim == DEFAULT_DIM and m.block_size == 16
         assert m.capture["mode"] == "generate" and m.source["inputs"]["prompt_field"] == "question"
         for rec, q in zip(reader.records(), questions, strict=True):
             assert rec.prompt_ids is not None and rec.output_ids is not None

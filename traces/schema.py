@@ -30,6 +30,7 @@ import numpy as np
 
 from memshare import __version__
 from memshare.errors import InputError
+from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
 
 SCHEMA_VERSION = 2
 MAX_REQUEST_TOKENS = 1 << 24  # prompt + output tokens of one request (past any real context)
@@ -60,8 +61,8 @@ class SketchSpec:
     """How per-block KV sketches were made (seeded Johnson-Lindenstrauss projection)."""
 
     method: str = "jl"  # projection method
-    dim: int = 64  # d: sketch dimension
-    seed: int = 0  # seed of the projection matrix
+    dim: int = DEFAULT_DIM  # d: sketch dimension
+    seed: int = DEFAULT_SEED  # seed of the projection matrix
     keys: Literal["pre_rope", "post_rope"] = "pre_rope"  # where keys were taken
     dtype: str = "float16"  # storage dtype of the sketch
 

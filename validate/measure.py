@@ -11,8 +11,10 @@ pages and shares must be identical; for a lossy one the engine decides on sketch
 KV, which drifts from the captured KV after the first share: the gap is the prediction error.
 
 The unshared engine (``none``) runs in lockstep with every policy's engine: one step of each in
-turn; logits of the same (request, first position) chunk are compared as soon as all have
-produced them, so at most a few steps' logits are held, never written.
+turn, or (``one_pass``) every engine's step in one forward pass
+(:mod:`~memshare.validate.engine_group`); logits of the same (request, first position) chunk
+are compared as soon as all have produced them, so at most a few steps' logits are held,
+never written.
 
 Invariants: every engine and the simulator get the same request order, block size, budget and
 scheduler limits; the ``none`` engine is run once and is also the measured run of a ``none``
@@ -169,6 +171,11 @@ def engine_for(
     return PagedEngine(own, _policy(cfg), wl.specs, opts, eos_ids=frozenset(), store=store)
 
 
+def _plain_none(cfg: SimConfig) -> bool:
+    """A ``none`` run without parameters: its measurement is the base engine's."""
+    return cfg.policy == "none" and not cfg.policy_params
+
+
 def _policy(cfg: SimConfig | None) -> Policy:
     return make_policy("none") if cfg is None else make_policy(cfg.policy, **cfg.policy_params)
 
@@ -186,7 +193,7 @@ def run_lockstep(
     per :class:`EngineGroup`); returns the base run and each config's measurement (in
     ``configs`` order; a ``none`` config's is the base run itself)."""
     sched = replace(configs[0].scheduler, long_prefill_token_threshold=wl.block_size)
-    own_cfgs = [c for c in configs if not (c.policy == "none" and not c.policy_params)]
+    own_cfgs = [c for c in configs if not _plain_none(c)]
     cfgs: list[SimConfig | None] = [None, *own_cfgs]
     groups: list[tuple[EngineGroup, list[int]]] = []
     if one_pass:
@@ -198,7 +205,7 @@ def run_lockstep(
     runs: list[Measured] = []
     k = 0
     for cfg in configs:
-        if cfg.policy == "none" and not cfg.policy_params:
+        if _plain_none(cfg):
             runs.append(base_m)
         else:
             k += 1

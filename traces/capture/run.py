@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memshare.errors import InputError
-from memshare.sketch import sketch_blocks
+from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED, sketch_blocks
 from memshare.traces.capture.base import (
     KEY_FIELD,
     CaptureBackend,
@@ -92,8 +92,8 @@ class CaptureOptions:
     device: str = "cpu"
     threads: int | None = None
     block_size: int = 16
-    sketch_dim: int = 64
-    sketch_seed: int = 0
+    sketch_dim: int = DEFAULT_DIM
+    sketch_seed: int = DEFAULT_SEED
     keys: KeyMode = "pre_rope"
     full_kv: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)
