@@ -24,6 +24,7 @@ from memshare.block_pool import BlockPool, KVBlock  # noqa: E402
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo  # noqa: E402
 from memshare.registry import make_policy  # noqa: E402
 from memshare.scheduler import SchedulerConfig  # noqa: E402
+from memshare.sketch import DEFAULT_DIM  # noqa: E402
 from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class FixedShares:
     def on_block_full(
         self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
     ) -> Sequence[BlockDecision]:
-        assert blk.sketch is not None and blk.sketch.shape[1:] == (2, 64)  # from live KV
+        assert blk.sketch is not None and blk.sketch.shape[1:] == (2, DEFAULT_DIM)  # live KV
         self.tables[blk.req_id] = table
         src = self.tables.get("r0")
         if blk.req_id != "r1" or src is None or blk.index not in (2, 3):
