@@ -10,6 +10,10 @@ a mode run in one forward pass a step (``validate --one-pass``): 6 engines over 
 2,048 tokens.
 
     python benchmarks/validate_cf_topk.py OUT [--texts 8] [--tokens 2048] [--taus 0.1,...]
+
+Texts are the first N of the corpus that reach T tokens (the model's tokenizer, as capture
+tokenizes them), so every text runs the full T tokens: 8 Sky-T1 answers of 2,048 tokens are
+not the first 8 records (most are shorter). The chosen records go to ``OUT/CORPUS/texts.jsonl``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from memshare.sketch import DEFAULT_DIM
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
 CORPORA = {
@@ -37,6 +43,26 @@ def memshare(*args: str) -> str:
     if res.returncode != 0:
         sys.exit(f"memshare {' '.join(args)}: {res.stderr.strip()}")
     return res.stdout
+
+
+def long_texts(path: Path, field: str, n: int, tokens: int, out: Path) -> Path:
+    """Write the first ``n`` records of ``path`` whose ``field`` has >= ``tokens`` tokens."""
+    from memshare.traces.capture.hf import HFBackend
+    from memshare.traces.capture.inputs import get_path, parse_path
+
+    backend = HFBackend()
+    where = parse_path(field)
+    keep = []
+    for line in path.read_text().splitlines():
+        if line.strip() and len(backend.encode(get_path(json.loads(line), where))[0]) >= tokens:
+            keep.append(line)
+            if len(keep) == n:
+                break
+    if len(keep) < n:
+        sys.exit(f"{path}: only {len(keep)} records of >= {tokens} tokens in {field!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(keep) + "\n")
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -61,9 +87,9 @@ def main() -> None:
         trace = a.out / corpus / "trace"
         dim = [] if a.sketch_dim is None else ["--sketch-dim", str(a.sketch_dim)]
         if not (trace / "manifest.json").is_file():
-            memshare("capture", "-o", str(trace), "--texts", str(path), "--field", field,
-                     "--limit", str(a.texts), "--max-tokens", str(a.tokens), *dim, *threads,
-                     "--json")  # fmt: skip
+            texts = long_texts(path, field, a.texts, a.tokens, a.out / corpus / "texts.jsonl")
+            memshare("capture", "-o", str(trace), "--texts", str(texts), "--field", field,
+                     "--max-tokens", str(a.tokens), *dim, *threads, "--json")  # fmt: skip
         for mode in a.modes.split(","):
             gran, share = MODES[mode]
             runs = a.out / corpus / mode.replace("/", "-")
@@ -97,7 +123,7 @@ def main() -> None:
                         "shares_exceeding_tau": p["shares_exceeding_tau"],
                         "shares_exceeding_tau_by_10pct": p["shares_exceeding_tau_by_10pct"],
                         "exact_distance": p["exact_distance"],
-                        "sketch_dim": a.sketch_dim or 64,
+                        "sketch_dim": a.sketch_dim or DEFAULT_DIM,
                         "requests": rep["requests"],
                         "seconds": round(secs, 1),
                     }
