@@ -10,9 +10,17 @@ Block lifecycle (vLLM v1 ``BlockPool``): ``allocate`` gives blocks with ``ref_cn
 ``touch`` adds a reference (a prefix-cache hit) and takes the block out of the free queue;
 ``free`` drops references, and a block whose count reaches 0 goes to the tail of the LRU free
 queue if it is published under a hash (so a later request may still hit it), or is destroyed at
-once if it is not (nothing could ever find it again). Allocation takes never-held pages first,
-then evicts free-queue blocks from the head (least recently freed first). Callers free a
-request's blocks tail-first, so chain ends are evicted before their prefixes.
+once if it is not (nothing could ever find it again). Callers free a request's blocks
+tail-first, so chain ends are evicted before their prefixes.
+
+Eviction order is vLLM's exactly (docs/policies.md, "Eviction order"). vLLM keeps one free
+queue of blocks: never-used blocks first, then every block whose count reached 0, hashed or
+not, in the order freed; an allocation pops from the head and evicts a popped block that still
+has a hash. So a cached block is evicted as soon as the allocations that come after it in that
+order need room, even while plain free blocks wait behind it. This pool keeps the same order
+in page counts: ``_virgin`` never-used pages, then the free queue of cached blocks and *gaps*
+(pages released by destroyed unhashed blocks and by shares, at the position of their release).
+Page ids are independent of that order: they are names, taken as described below.
 
 Invariants (checked by :meth:`BlockPool.check`, driven by the property tests):
 
@@ -27,8 +35,10 @@ Invariants (checked by :meth:`BlockPool.check`, driven by the property tests):
   increasing order. This is exactly the order of one free stack initialised to all pages, so
   page ids are deterministic; ``holders``/``pins`` cover ids ``< _fresh`` (their capacity
   grows by doubling), so a pool of 10^9 free blocks costs what the blocks in use cost.
-- The hash map maps ``h`` to the one existing block whose ``block_hash == h``, and every block
-  with a hash is that block.
+- The hash map maps ``h`` to the existing blocks whose ``block_hash == h``, in the order they
+  were published; a lookup finds the first (vLLM keeps duplicates: a fully cached, block-aligned
+  prompt recomputes its last block and publishes it again under the same hash).
+- Free pages (``_n_free``) = ``_virgin`` + the pages of every gap in the free queue.
 """
 
 from __future__ import annotations
@@ -53,6 +63,13 @@ class KVBlock:
 
     def __repr__(self) -> str:
         return f"KVBlock(id={self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+
+
+@dataclass(slots=True)
+class _Gap:
+    """Free pages released at one position of the free queue (no block to evict)."""
+
+    pages: int
 
 
 @dataclass
@@ -101,8 +118,14 @@ class BlockPool:
         self._n_pinned = 0
         self._next_id = 0
         self._blocks: dict[int, KVBlock] = {}
-        self._free_queue: OrderedDict[int, KVBlock] = OrderedDict()  # LRU head first
-        self._by_hash: dict[int, KVBlock] = {}
+        # vLLM's free queue after its never-used blocks, head first: cached blocks (key: block
+        # id) and gaps of released pages (key: a negative counter, or the id of the evicted
+        # block whose pages they are), in the order freed
+        self._free_queue: OrderedDict[int, KVBlock | _Gap] = OrderedDict()
+        self._virgin = self.num_pages  # never-used pages: ahead of the whole free queue
+        self._n_cached = 0  # blocks in the free queue
+        self._gap_key = 0
+        self._by_hash: dict[int, dict[int, KVBlock]] = {}  # hash -> blocks, first published first
 
     # ----------------------------------------------------------------- queries
     @property
@@ -128,11 +151,12 @@ class BlockPool:
     @property
     def num_cached_free(self) -> int:
         """Blocks waiting in the LRU free queue."""
-        return len(self._free_queue)
+        return self._n_cached
 
     def cached_block(self, block_hash: int) -> KVBlock | None:
-        """The block published under ``block_hash``, if it still exists."""
-        return self._by_hash.get(block_hash)
+        """The first block published under ``block_hash`` that still exists (vLLM's lookup)."""
+        blocks = self._by_hash.get(block_hash)
+        return next(iter(blocks.values())) if blocks else None
 
     def block(self, block_id: int) -> KVBlock:
         """An existing block by id (KeyError if it was destroyed)."""
@@ -161,8 +185,7 @@ class BlockPool:
         need = n * per
         if need > self.available_pages:
             return None
-        while self._n_free < need:
-            self._evict_one()
+        self._make_room(need)
         taken = self._take(need).reshape(n, per)
         self.holders[taken] += 1
         # fresh pages come off the free stack: distinct and unpinned, so pinning is a count
@@ -196,6 +219,7 @@ class BlockPool:
         for blk in blocks:
             if blk.ref_cnt == 0:
                 del self._free_queue[blk.block_id]
+                self._n_cached -= 1
                 revived.append(blk.distinct)
             blk.ref_cnt += 1
         self.stats.hits += len(blocks)
@@ -220,15 +244,17 @@ class BlockPool:
         for blk in released:
             if blk.block_hash is not None:
                 self._free_queue[blk.block_id] = blk
+                self._n_cached += 1
             else:
-                self._destroy(blk)
+                self._gap(self._destroy(blk))
 
     def publish(self, blk: KVBlock, block_hash: int) -> bool:
-        """Make a live, full block findable under ``block_hash``; False if the hash is taken."""
-        if blk.block_hash is not None or block_hash in self._by_hash:
+        """Make a live, full block findable under ``block_hash`` (after any block already
+        published under it, as vLLM does); False if ``blk`` already has a hash."""
+        if blk.block_hash is not None:
             return False
         blk.block_hash = block_hash
-        self._by_hash[block_hash] = blk
+        self._by_hash.setdefault(block_hash, {})[blk.block_id] = blk
         return True
 
     def share_pages(self, blk: KVBlock, mask: np.ndarray, source: PageMap) -> int:
@@ -253,16 +279,59 @@ class BlockPool:
         self._pin(gained)
         self._unpin(lost)
         self.holders[lost] -= 1
-        self._release(lost)
+        freed = self._release(lost)
+        self._gap(freed)
         blk.pages, blk.distinct = new_pages, new_distinct
-        return int(np.count_nonzero(self.holders[lost] == 0))
+        return freed
 
     def evict_all_cached(self) -> None:
-        """Drop every cached-free block (e.g. a cache reset)."""
-        while self._free_queue:
-            self._evict_one()
+        """Drop every cached-free block (e.g. a cache reset); their pages become gaps."""
+        for key in [k for k, v in self._free_queue.items() if isinstance(v, KVBlock)]:
+            blk = self._free_queue[key]
+            assert isinstance(blk, KVBlock)
+            self.stats.evicted_blocks += 1
+            self._n_cached -= 1
+            freed = self._destroy(blk)
+            if freed:
+                self._free_queue[key] = _Gap(freed)
+            else:
+                del self._free_queue[key]
 
     # ----------------------------------------------------------------- internals
+    def _make_room(self, need: int) -> None:
+        """Take ``need`` pages in vLLM's order: never-used pages, then the free queue from its
+        head, evicting each cached block reached (its pages left over stay at the head). The
+        caller has made sure ``need <= available_pages``; afterwards ``need <= _n_free``."""
+        rest = need - min(need, self._virgin)
+        self._virgin -= need - rest
+        q = self._free_queue
+        while rest > 0:
+            key, item = next(iter(q.items()))
+            if isinstance(item, KVBlock):
+                del q[key]
+                self._n_cached -= 1
+                self.stats.evicted_blocks += 1
+                item = _Gap(self._destroy(item))
+                q[key] = item
+                q.move_to_end(key, last=False)
+            used = min(rest, item.pages)
+            item.pages -= used
+            rest -= used
+            if item.pages == 0:
+                del q[key]
+
+    def _gap(self, pages: int) -> None:
+        """``pages`` just released at the tail of the free queue (merged into a tail gap)."""
+        if pages == 0:
+            return
+        if self._free_queue:
+            tail = next(reversed(self._free_queue.values()))
+            if isinstance(tail, _Gap):
+                tail.pages += pages
+                return
+        self._gap_key -= 1
+        self._free_queue[self._gap_key] = _Gap(pages)
+
     def _take(self, need: int) -> np.ndarray:
         """``need`` free pages: recycled ones (last released first), then fresh ids in
         increasing order. The caller has made sure ``need <= _n_free``."""
@@ -312,12 +381,13 @@ class BlockPool:
         np.subtract.at(self.pins, pages, 1)
         self._n_pinned -= int(np.count_nonzero(self.pins[np.unique(pages)] == 0))
 
-    def _release(self, pages: np.ndarray) -> None:
-        """Push pages whose holder count reached 0 onto the free stack."""
+    def _release(self, pages: np.ndarray) -> int:
+        """Push pages whose holder count reached 0 onto the free stack; returns how many (the
+        caller places them in the free queue's order)."""
         gone = pages[self.holders[pages] == 0]
         k = len(gone)
         if not k:
-            return
+            return 0
         top = self._n_recycled
         if top + k > len(self._recycled):
             grown = np.empty(max(top + k, 2 * len(self._recycled), 1024), dtype=np.int64)
@@ -326,18 +396,18 @@ class BlockPool:
         self._recycled[top : top + k] = gone[::-1]
         self._n_recycled = top + k
         self._n_free += k
+        return k
 
-    def _destroy(self, blk: KVBlock) -> None:
+    def _destroy(self, blk: KVBlock) -> int:
+        """Remove ``blk`` (not in the free queue); returns the pages this released."""
         del self._blocks[blk.block_id]
         if blk.block_hash is not None:
-            del self._by_hash[blk.block_hash]
+            same = self._by_hash[blk.block_hash]
+            del same[blk.block_id]
+            if not same:
+                del self._by_hash[blk.block_hash]
         self.holders[blk.distinct] -= 1
-        self._release(blk.distinct)
-
-    def _evict_one(self) -> None:
-        _, blk = self._free_queue.popitem(last=False)
-        self.stats.evicted_blocks += 1
-        self._destroy(blk)
+        return self._release(blk.distinct)
 
     # ----------------------------------------------------------------- checking
     def check(self, live_refs: dict[int, int] | None = None) -> None:
@@ -360,11 +430,23 @@ class BlockPool:
                 assert blk.block_id in self._free_queue, f"unreferenced block leaked: {blk!r}"
                 assert blk.block_hash is not None, f"unhashed block queued: {blk!r}"
             if blk.block_hash is not None:
-                assert self._by_hash.get(blk.block_hash) is blk, f"hash map misses {blk!r}"
-        for h, blk in self._by_hash.items():
-            assert blk.block_hash == h and self._blocks.get(blk.block_id) is blk, "stale hash"
-        for bid in self._free_queue:
-            assert bid in self._blocks, f"free queue holds destroyed block {bid}"
+                same = self._by_hash.get(blk.block_hash, {})
+                assert same.get(blk.block_id) is blk, f"hash map misses {blk!r}"
+        for h, same in self._by_hash.items():
+            assert same, f"empty hash entry {h}"
+            for bid, blk in same.items():
+                assert blk.block_hash == h and self._blocks.get(bid) is blk, "stale hash"
+        gaps = 0
+        for key, item in self._free_queue.items():
+            if isinstance(item, _Gap):
+                assert item.pages > 0, f"empty gap at {key}"
+                gaps += item.pages
+            else:
+                assert self._blocks.get(key) is item, f"free queue holds destroyed block {key}"
+        assert self._n_cached == len(self._free_queue) - sum(
+            isinstance(v, _Gap) for v in self._free_queue.values()
+        ), "cached block count drifted"
+        assert self._n_free == self._virgin + gaps, "free pages != never-used + gaps"
         assert np.array_equal(holders, self.holders), "holder counts drifted"
         assert np.array_equal(pins, self.pins), "pin counts drifted"
         assert self._n_pinned == int(np.count_nonzero(pins)), "pinned page count drifted"

@@ -13,7 +13,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from memshare.block_pool import BlockPool
+from memshare.block_pool import BlockPool, KVBlock
 from memshare.hashing import chain_hashes
 from memshare.kv_manager import KVCacheManager
 from memshare.policy import RequestInfo
@@ -52,12 +52,70 @@ def test_lru_evicts_chain_tail_first_and_keeps_prefix() -> None:
 def test_prefix_hit_recomputes_last_prompt_token() -> None:
     pool = BlockPool(num_blocks=8)
     mgr = KVCacheManager(pool, make_policy("prefix"), BS)
-    tokens = list(range(8))
-    mgr.admit(info("a", tokens), 8)
+    tokens = list(range(10))  # 2 full blocks and 2 tokens
+    mgr.admit(info("a", tokens), 10)
     mgr.free("a")
-    hit = mgr.admit(info("b", tokens), 8)
-    assert hit is not None and hit.num_tokens == 7 and len(hit.blocks) == 2
-    assert mgr.stats.hit_tokens == 7 and mgr.stats.hit_blocks == 2
+    hit = mgr.admit(info("b", tokens), 10)
+    assert hit is not None and hit.num_tokens == 8 and len(hit.blocks) == 2
+    assert mgr.stats.hit_tokens == 8 and mgr.stats.hit_blocks == 2
+    pool.check(mgr.table_refs())
+
+
+def test_block_aligned_repeat_recomputes_its_last_block_and_caches_it_twice() -> None:
+    """vLLM looks a hit up in whole blocks within the first P - 1 tokens: a fully cached
+    prompt of 3 whole blocks hits 2 (8 tokens, not 11), recomputes the third and publishes it
+    again under the same hash; the pool keeps both, the first published answers lookups."""
+    pool = BlockPool(num_blocks=8)
+    mgr = KVCacheManager(pool, make_policy("prefix"), BS)
+    tokens = list(range(12))
+    hashes = chain_hashes(tokens, BS)
+    mgr.admit(info("a", tokens), 12)
+    first = mgr.requests["a"].table[2]
+    mgr.free("a")
+    hit = mgr.admit(info("b", tokens), 12)
+    assert hit is not None and hit.num_tokens == 8 and len(hit.blocks) == 2
+    second = mgr.requests["b"].table[2]
+    assert second is not first and second.block_hash == first.block_hash == hashes[2]
+    assert pool.cached_block(hashes[2]) is first
+    mgr.free("b")
+    assert pool.num_cached_free == 4  # a's 3 blocks and b's copy of the last one
+    pool.check(mgr.table_refs())
+    pool.evict_all_cached()
+    assert pool.cached_block(hashes[2]) is None and pool.used_pages == 0
+    pool.check(mgr.table_refs())
+
+
+def test_duplicate_hash_lookup_falls_to_the_next_block_when_the_first_is_evicted() -> None:
+    pool = BlockPool(num_blocks=2)
+    a, b = pool.allocate(1), pool.allocate(1)
+    assert a is not None and b is not None
+    assert pool.publish(a[0], 7) and pool.publish(b[0], 7) and not pool.publish(b[0], 8)
+    pool.free(a)
+    pool.free(b)  # free queue: a, then b
+    assert pool.cached_block(7) is a[0]
+    c = pool.allocate(1)  # never-used pages are gone: evicts the head, a
+    assert c is not None and pool.cached_block(7) is b[0]
+    pool.check({c[0].block_id: 1})
+
+
+def test_eviction_follows_vllms_free_queue_not_the_free_pages() -> None:
+    """vLLM's free queue holds every freed block in free order, hashed or not, behind the
+    never-used ones, and an allocation pops its head: a cached block freed before a plain one
+    is evicted first, although the plain one's pages are free."""
+    pool = BlockPool(num_blocks=4)
+    mgr = KVCacheManager(pool, make_policy("prefix"), BS)
+    tokens = list(range(8))
+    mgr.admit(info("a", tokens), 8)  # 2 blocks, both published
+    mgr.free("a")
+    mgr.admit(info("x", [50, 51, 52]), 3)  # 1 block, never full: not published
+    mgr.admit(info("y", [60, 61, 62]), 3)  # the last never-used block
+    mgr.free("x")
+    mgr.free("y")  # queue: a's block 1, a's block 0, x's, y's
+    assert pool.used_pages == 4 and pool.num_cached_free == 2
+    assert mgr.admit(info("z", [70, 71]), 2) is not None  # pops a's block 1: evicted
+    assert pool.stats.evicted_blocks == 1 and pool.num_cached_free == 1
+    hit = make_policy("prefix").lookup_prefix(info("c", tokens), pool)
+    assert len(hit.blocks) == 1 and hit.num_tokens == 4
     pool.check(mgr.table_refs())
 
 
@@ -200,3 +258,114 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestPoolMachine = PoolMachine.TestCase
+
+
+class VllmFreeQueue:
+    """vLLM v1's block pool, block by block, as its source reads (the oracle for the order):
+    one free queue holding never-used blocks in id order, then every block whose count reached
+    0 (hashed or not) in the order freed; an allocation pops the head and evicts a popped
+    block's hash; a hash maps to its blocks in publication order, a lookup takes the first."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.queue: dict[int, None] = dict.fromkeys(range(num_blocks))  # ordered: head first
+        self.ref = [0] * num_blocks
+        self.hash: list[int | None] = [None] * num_blocks
+        self.by_hash: dict[int, dict[int, None]] = {}
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self.queue):
+            return None
+        got = list(self.queue)[:n]
+        for b in got:
+            del self.queue[b]
+            h = self.hash[b]
+            if h is not None:  # evicted as it is reused
+                del self.by_hash[h][b]
+                if not self.by_hash[h]:
+                    del self.by_hash[h]
+                self.hash[b] = None
+            self.ref[b] = 1
+        return got
+
+    def free(self, b: int) -> None:
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            self.queue[b] = None
+
+    def touch(self, b: int) -> None:
+        if self.ref[b] == 0:
+            del self.queue[b]
+        self.ref[b] += 1
+
+    def publish(self, b: int, h: int) -> None:
+        self.hash[b] = h
+        self.by_hash.setdefault(h, {})[b] = None
+
+    def lookup(self, h: int) -> int | None:
+        return next(iter(self.by_hash.get(h, {})), None)
+
+
+class VllmOrderMachine(RuleBasedStateMachine):
+    """The pool against :class:`VllmFreeQueue` under random allocate / publish (duplicate hashes
+    included) / free / hit sequences on a tight budget: every allocation succeeds or fails
+    alike, and after every step the same hashes are cached, the same blocks under each hash in
+    the same order, and a lookup finds the same block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = BlockPool(num_blocks=6, num_layers=2)
+        self.ref = VllmFreeQueue(6)
+        self.live: list[tuple[KVBlock, int]] = []  # one entry per reference held
+        self.tag: dict[int, int] = {}  # pool block id -> publication number
+        self.ref_tag: dict[int, int] = {}  # oracle block id -> publication number (while hashed)
+        self.n = 0
+
+    @rule(n=st.integers(1, 3))
+    def allocate(self, n: int) -> None:
+        got, want = self.pool.allocate(n), self.ref.allocate(n)
+        assert (got is None) == (want is None)
+        if got is not None and want is not None:
+            self.live += list(zip(got, want, strict=True))
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data(), h=st.integers(0, 3))
+    def publish(self, data: st.DataObject, h: int) -> None:
+        blk, b = data.draw(st.sampled_from(self.live))
+        if blk.block_hash is None:
+            self.n += 1
+            assert self.pool.publish(blk, h)
+            self.ref.publish(b, h)
+            self.tag[blk.block_id] = self.ref_tag[b] = self.n
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.live) - 1))
+        blk, b = self.live.pop(i)
+        self.pool.free([blk])
+        self.ref.free(b)
+
+    @rule(h=st.integers(0, 3))
+    def hit(self, h: int) -> None:
+        blk, b = self.pool.cached_block(h), self.ref.lookup(h)
+        assert (blk is None) == (b is None)
+        if blk is not None and b is not None:
+            assert self.tag[blk.block_id] == self.ref_tag[b]
+            self.pool.touch([blk])
+            self.ref.touch(b)
+            self.live.append((blk, b))
+
+    @invariant()
+    def same_cache(self) -> None:
+        self.pool.check()
+        for h in range(4):
+            mine = self.pool._by_hash.get(h, {})
+            theirs = self.ref.by_hash.get(h, {})
+            assert [self.tag[i] for i in mine] == [self.ref_tag[b] for b in theirs]
+        assert self.pool.available_pages == 2 * 2 * len(self.ref.queue)
+
+
+VllmOrderMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=50, deadline=None
+)
+TestVllmOrderMachine = VllmOrderMachine.TestCase

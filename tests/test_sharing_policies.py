@@ -255,7 +255,8 @@ def test_prefix_plus_cf_topk_hits_prompts_and_shares_reasoning() -> None:
     assert table[4] is table[2] and table[5] is table[3]  # the sharer acted on output blocks
     assert table[0].block_hash is not None and table[2].block_hash is None
     hit = mgr.admit(chain.info("b", prompt), prompt, lambda i: chain.block("b", i))
-    assert hit is not None and hit.num_tokens == prompt - 1 and len(hit.blocks) == 2
+    # block-aligned prompt: the hit stops one block short (vLLM recomputes the last block)
+    assert hit is not None and hit.num_tokens == prompt - BS and len(hit.blocks) == 1
     pool.check(mgr.table_refs())
 
 

@@ -221,13 +221,16 @@ def test_other_bad_records() -> None:
 
 
 def _token_hits(reqs: Sequence[SynthRequest], block: int) -> tuple[int, int]:
-    """(hit, prompt) engine blocks with the project's prefix policy and an unlimited pool, each
-    request seeing every earlier one (one client in arrival order, as the simulator's closed:1),
-    over chained token-block hashes; cross-checked against a plain set of seen hashes."""
+    """(cached, prompt) engine blocks with the project's prefix policy and an unlimited pool,
+    each request seeing every earlier one (one client in arrival order, as the simulator's
+    closed:1), over chained token-block hashes; cross-checked against a plain set of seen
+    hashes. ``cached`` counts the longest run of a prompt's blocks found in the pool when it
+    arrives: what is cached, before the lookup leaves out a block-aligned prompt's last block
+    to recompute its last token (vLLM's rule, tested in test_block_pool.py)."""
     pool = BlockPool(num_blocks=blocks_for_all((len(r.prompt_ids) for r in reqs), block))
     mgr = KVCacheManager(pool, PrefixCaching(), block)
     seen: set[int] = set()
-    plain = 0
+    plain = cached = 0
     for r in reqs:
         hashes = chain_hashes(r.prompt_ids, block)
         info = RequestInfo(
@@ -237,13 +240,16 @@ def _token_hits(reqs: Sequence[SynthRequest], block: int) -> tuple[int, int]:
             block_hashes=hashes,
             prompt_ids=np.asarray(r.prompt_ids, dtype=np.int64),
         )
-        assert mgr.admit(info, len(r.prompt_ids)) is not None
+        run = next((i for i, h in enumerate(hashes) if pool.cached_block(h) is None), len(hashes))
+        cached += run
+        hit = mgr.admit(info, len(r.prompt_ids))
+        assert hit is not None and len(hit.blocks) == min(run, (len(r.prompt_ids) - 1) // block)
         mgr.free(r.rid)
         plain += sum(h in seen for h in hashes)
         seen.update(hashes)
     assert pool.stats.evicted_blocks == 0
-    assert plain == mgr.stats.hit_blocks  # chained: any seen block = the cached prefix
-    return mgr.stats.hit_blocks, mgr.stats.prompt_blocks
+    assert plain == cached  # chained: any seen block = the cached prefix
+    return cached, mgr.stats.prompt_blocks
 
 
 def _hash_hits(records: Sequence[RequestRecord], t: int, block: int) -> tuple[int, int, int]:

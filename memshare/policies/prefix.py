@@ -4,10 +4,13 @@ With ``publish="prompt"`` (what compositions with a lossy sharer use) only promp
 published; generated blocks stay private so a sharer may repoint them.
 
 Full blocks are published under their chained hash; an arriving request hits the longest run
-of leading prompt blocks whose hashes are cached (ref count + 1, zero copy). The last prompt
-token is always recomputed (the model needs its logits), so at most ``prompt_len - 1`` tokens
-count as hit. Where a workload's hash ids also cover a partial last block (Mooncake), that
-block may hit too; the manager copies it on the first write past the prompt (copy-on-write).
+of leading prompt blocks whose hashes are cached (ref count + 1, zero copy). As in vLLM, the
+hit is looked up in whole blocks within the first ``prompt_len - 1`` tokens (the model needs
+the last prompt token's logits): a fully cached prompt whose length is a multiple of the block
+size hits all but its last block, recomputes that block and publishes it again under the same
+hash (a second block; the pool keeps both, as vLLM does). Where a workload's hash ids also cover
+a partial last block (Mooncake), that block may hit too (``prompt_len - 1`` tokens); the
+manager copies it on the first write past the prompt (copy-on-write).
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ class PrefixCaching:
         """Walk the prompt's block hashes until the first miss."""
         if self.publish == "prompt":
             self._prompt_blocks[req.req_id] = req.prompt_len // req.block_size
+        whole = req.prompt_len // req.block_size
+        # whole blocks inside the first prompt_len - 1 tokens, plus a hashed partial tail
+        limit = (req.prompt_len - 1) // req.block_size + max(0, req.prompt_blocks - whole)
         hit: list[KVBlock] = []
-        for h in req.block_hashes[: req.prompt_blocks]:
+        for h in req.block_hashes[: min(limit, req.prompt_blocks)]:
             blk = pool.cached_block(h)
             if blk is None:
                 break
