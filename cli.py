@@ -90,19 +90,29 @@ def _root(
 
 @app.command("import")
 def import_cmd(
-    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="mooncake | azure | burstgpt")],
+    fmt: Annotated[
+        str, typer.Argument(metavar="FORMAT", help="mooncake | azure | burstgpt | tokens")
+    ],
     src: Annotated[Path, typer.Argument(metavar="FILE", help="The workload file to import.")],
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Trace directory to create.", callback=_out_dir)
     ],
     limit: Annotated[int | None, typer.Option(help="Import only the first N rows.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="tokens: the tokenizer of text prompts (default: SmolLM2-135M)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import a public serving workload (Mooncake, Azure LLM 2023, BurstGPT) as a trace."""
+    """Import a serving workload (Mooncake, Azure LLM 2023, BurstGPT, or token ids) as a trace."""
     from memshare.traces.importers import import_workload
+    from memshare.traces.importers.tokenizer import LazyTokenizer
 
+    if model is not None and fmt != "tokens":
+        raise InputError("--model", f"applies to the tokens format, not {fmt}", "leave it out")
+    tokenize = LazyTokenizer(model) if fmt == "tokens" else None
     with _progress(f"importing {src.name}", as_json) as tick:
-        manifest = import_workload(fmt, src, output, limit=limit, progress=tick)
+        manifest = import_workload(fmt, src, output, limit=limit, progress=tick, tokenize=tokenize)
     _inspect(output, as_json=as_json, reuse=True, block_size=None, title=f"imported {output}")
     zero = manifest.source.get("zero_output_rows")
     if zero:

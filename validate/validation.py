@@ -77,6 +77,7 @@ from memshare.validate.workload_trace import (
     DEFAULT_LENGTH_SCALE,
     check_policies,
     for_engine,
+    has_token_ids,
     is_workload,
     tokenized,
 )
@@ -138,6 +139,7 @@ def validate(
         load_checked_trace(r)
     workload = is_workload(trace)
     block_size = o.block_size or DEFAULT_BLOCK_SIZE
+    given = workload and has_token_ids(trace)  # memshare import tokens: ids as given
     if workload:
         check_policies(runs, trace)
         check_scale(o.length_scale)
@@ -213,10 +215,12 @@ def validate(
         "workload_tokens": None
         if not workload
         else {
-            "length_scale": o.length_scale,
+            "length_scale": None if given else o.length_scale,
             "block_size": block_size,
             "seed": runs[0].config.seed,
-            "rule": "synthesized from the trace's lengths and hash ids (docs/workload-tokens.md)",
+            "rule": "the trace's token ids, unscaled; seeded outputs where it gave a length"
+            if given
+            else "synthesized from the trace's lengths and hash ids (docs/workload-tokens.md)",
         },
         "workload": "teacher-forced texts, chunks of one block (docs/validate.md)",
         "budget": None

@@ -171,6 +171,50 @@ def synthesize_tokens(
     return out
 
 
+def given_tokens(
+    records: Iterable[RequestRecord],
+    *,
+    block_size: int,
+    vocab_size: int,
+    excluded_ids: Collection[int] = (),
+    seed: int = 0,
+) -> list[SynthRequest]:
+    """The requests of a token-id workload (``memshare import tokens``) as given: prompts
+    unscaled; outputs as given, or ``max(1, output_len)`` seeded tokens (the output rule
+    above) where the trace has only a length. Every id must be in ``[0, vocab_size)``."""
+    check_block_size(block_size)
+    draw = _Drawer(_usable_ids(vocab_size, excluded_ids), seed, block_size)
+    out: list[SynthRequest] = []
+    for rec in records:
+        if rec.prompt_ids is None:
+            raise InputError(
+                f"trace request {rec.id!r}",
+                "has no token ids, where the trace's other requests have them",
+                "re-import the workload with `memshare import tokens`",
+            )
+        outputs = rec.output_ids or draw.output(rec.id, max(1, rec.output_len)).tolist()
+        for name, ids in (("prompt", rec.prompt_ids), ("output", outputs)):
+            bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise InputError(
+                    f"trace request {rec.id!r}",
+                    f"{name} token id {bad} is outside the model's vocabulary of {vocab_size}",
+                    "import token ids of this model's tokenizer, or give --model",
+                )
+        out.append(
+            SynthRequest(
+                rid=rec.id,
+                arrival_s=rec.arrival_s,
+                prompt_ids=list(rec.prompt_ids),
+                max_tokens=len(outputs),
+                output_ids=list(outputs),
+                source_prompt_len=rec.prompt_len,
+                source_output_len=rec.output_len,
+            )
+        )
+    return out
+
+
 def _hashed_prompt(
     rec: RequestRecord, hash_ids: list[int], hbs: int, block_tokens: int, draw: _Drawer
 ) -> npt.NDArray[np.int64]:

@@ -1,4 +1,8 @@
-"""A workload-only trace (Mooncake, Azure, BurstGPT) made runnable for ``memshare validate``.
+"""A workload-only trace (Mooncake, Azure, BurstGPT, token ids) made runnable for ``validate``.
+
+A token-id workload (``memshare import tokens``) already has its ids: they are used as given,
+unscaled (``--length-scale`` does not apply), with seeded outputs only where the file gave a
+length; the rest of this docstring is about the traces without ids.
 
 Such a trace has lengths, arrival times and (Mooncake) chained prefix hash ids, but no token
 ids and no KV. :func:`tokenized` gives every request seeded token ids by the rule of
@@ -27,7 +31,7 @@ from memshare.errors import InputError
 from memshare.sim.config import load_model, match_model_preset, model_presets
 from memshare.sim.run import CONFIG, LoadedTrace
 from memshare.validate.runs import RunDir
-from memshare.validate.workload_tokens import check_block_size, synthesize_tokens
+from memshare.validate.workload_tokens import check_block_size, given_tokens, synthesize_tokens
 
 WORKLOAD_POLICIES = ("none", "prefix", "kvshare")  # decide on tokens alone
 DEFAULT_LENGTH_SCALE = 0.05
@@ -35,8 +39,14 @@ DEFAULT_BLOCK_SIZE = 16  # the engine's block size for a workload trace (vLLM's 
 
 
 def is_workload(trace: LoadedTrace) -> bool:
-    """Whether the trace is workload-only (imported: no token ids, no KV)."""
+    """Whether the trace is workload-only (imported: no KV; token ids only from the tokens
+    format)."""
     return trace.manifest.kind == "workload"
+
+
+def has_token_ids(trace: LoadedTrace) -> bool:
+    """Whether a workload trace gives its token ids (``memshare import tokens``)."""
+    return any(r.prompt_ids is not None for r in trace.records)
 
 
 def check_policies(runs: Sequence[RunDir], trace: LoadedTrace) -> None:
@@ -85,17 +95,23 @@ def tokenized(
     seed: int,
 ) -> LoadedTrace:
     """The first ``limit`` requests (all with ``None``) with synthesized prompt and output
-    ids (docs/workload-tokens.md), in trace order, without hash ids or KV."""
+    ids (docs/workload-tokens.md), in trace order, without hash ids or KV. A token-id workload
+    (``memshare import tokens``) keeps its ids, unscaled; only missing outputs are drawn."""
     src = trace.records[:limit] if limit else trace.records
-    synth = synthesize_tokens(
-        src,
-        length_scale=length_scale,
-        block_size=block_size,
-        vocab_size=vocab_size,
-        excluded_ids=excluded_ids,
-        seed=seed,
-        hash_block_size=trace.manifest.hash_block_size,
-    )
+    if has_token_ids(trace):
+        synth = given_tokens(
+            src, block_size=block_size, vocab_size=vocab_size, excluded_ids=excluded_ids, seed=seed
+        )
+    else:
+        synth = synthesize_tokens(
+            src,
+            length_scale=length_scale,
+            block_size=block_size,
+            vocab_size=vocab_size,
+            excluded_ids=excluded_ids,
+            seed=seed,
+            hash_block_size=trace.manifest.hash_block_size,
+        )
     records = [
         replace(
             rec,

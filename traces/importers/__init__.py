@@ -1,8 +1,9 @@
-"""Workload importers (Mooncake, Azure LLM 2023, BurstGPT) into workload-only traces.
+"""Workload importers (Mooncake, Azure LLM 2023, BurstGPT, token ids) into workload traces.
 
 :func:`import_workload` turns a public serving-workload file into a trace directory whose
 manifest has ``kind="workload"`` and whose requests carry lengths, arrival times and, for
-Mooncake, prefix-block hash ids (docs/traces.md).
+Mooncake, prefix-block hash ids, or (the ``tokens`` format) the token ids themselves
+(docs/traces.md).
 
 Invariants of an imported trace:
 
@@ -33,7 +34,7 @@ from memshare.traces.files import file_sha256
 from ..reader import load_manifest
 from ..schema import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, Manifest, RequestRecord
 from ..writer import TraceWriter
-from . import azure, burstgpt, mooncake
+from . import azure, burstgpt, mooncake, tokens
 from ._source import SourceData, SourceRow, check_source
 
 DEFAULT_BLOCK_SIZE = 16  # KV block size written to the manifest; a simulator may override it
@@ -70,6 +71,13 @@ IMPORTERS: dict[str, WorkloadFormat] = {
         burstgpt.HASH_BLOCK_SIZE,
         burstgpt.read,
     ),
+    "tokens": WorkloadFormat(
+        "tokens",
+        "token ids JSONL: prompt_token_ids (or prompt text), output_token_ids or output_len, "
+        "arrival_s (optional)",
+        tokens.HASH_BLOCK_SIZE,
+        tokens.read,
+    ),
 }
 
 
@@ -80,17 +88,20 @@ def import_workload(
     *,
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
+    tokenize: tokens.Tokenize | None = None,
 ) -> Manifest:
     """Import the first ``limit`` rows (all if None) of ``src`` in format ``fmt`` into ``out``.
 
     ``progress`` is called with the number of requests written so far after every commit
-    and once at the end. Returns the final (complete) manifest of the written trace.
+    and once at the end. ``tokenize``: prompt text -> token ids, for the ``tokens`` format's
+    text prompts (called only for those). Returns the final (complete) manifest of the
+    written trace.
     """
     spec = _format(fmt)
     if limit is not None and limit < 1:
         raise InputError("limit", f"{limit} is not a positive number of requests", "give 1 or more")
     check_source(src, fmt)
-    data = spec.read(src, limit)
+    data = tokens.read(src, limit, tokenize) if spec.name == "tokens" else spec.read(src, limit)
     check_lengths(spec.name, src, data.rows)
     rows, backwards = arrival_order(data.rows)
     check_span(spec.name, src, rows)
@@ -128,6 +139,7 @@ _LENGTH_FIELDS = {
     "mooncake": ("input_length", "output_length"),
     "azure": ("ContextTokens", "GeneratedTokens"),
     "burstgpt": ("Request tokens", "Response tokens"),
+    "tokens": ("prompt_token_ids", "output_len"),
 }
 
 
@@ -184,6 +196,8 @@ def to_records(fmt: str, rows: Sequence[SourceRow]) -> Iterator[RequestRecord]:
             output_len=row.output_len,
             hash_ids=row.hash_ids,
             meta=row.meta,
+            prompt_ids=row.prompt_ids,
+            output_ids=row.output_ids,
         )
 
 

@@ -36,6 +36,8 @@ class SourceRow:
     output_len: int  # >= 0
     hash_ids: list[int] | None = None  # chained prefix-block hashes, if the source has them
     meta: dict[str, Any] | None = None  # source-specific extras kept in RequestRecord.meta
+    prompt_ids: list[int] | None = None  # the prompt's token ids (the tokens format)
+    output_ids: list[int] | None = None  # the output's token ids, where the source gives them
 
 
 @dataclass(frozen=True)
