@@ -10,17 +10,13 @@ Block lifecycle (vLLM v1 ``BlockPool``): ``allocate`` gives blocks with ``ref_cn
 ``touch`` adds a reference (a prefix-cache hit) and takes the block out of the free queue;
 ``free`` drops references, and a block whose count reaches 0 goes to the tail of the LRU free
 queue if it is published under a hash (so a later request may still hit it), or is destroyed at
-once if it is not (nothing could ever find it again). Callers free a request's blocks
-tail-first, so chain ends are evicted before their prefixes.
-
-Eviction order is vLLM's exactly (docs/policies.md, "Eviction order"). vLLM keeps one free
-queue of blocks: never-used blocks first, then every block whose count reached 0, hashed or
-not, in the order freed; an allocation pops from the head and evicts a popped block that still
-has a hash. So a cached block is evicted as soon as the allocations that come after it in that
-order need room, even while plain free blocks wait behind it. This pool keeps the same order
-in page counts: ``_virgin`` never-used pages, then the free queue of cached blocks and *gaps*
-(pages released by destroyed unhashed blocks and by shares, at the position of their release).
-Page ids are independent of that order: they are names, taken as described below.
+once if it is not (nothing could ever find it again). Allocation takes free pages first (the
+last released first, then never-held ones), then evicts free-queue blocks from the head (least
+recently freed first). Callers free a request's blocks tail-first, so chain ends are evicted
+before their prefixes. This is vLLM 0.32's order exactly: its ``free_blocks`` prepends blocks
+without a hash to its free queue (reused first, last freed first), never-used blocks follow,
+and cached blocks are appended, so a cached block is evicted only once no other block is free
+(docs/policies.md, "Eviction order").
 
 Invariants (checked by :meth:`BlockPool.check`, driven by the property tests):
 
@@ -38,7 +34,6 @@ Invariants (checked by :meth:`BlockPool.check`, driven by the property tests):
 - The hash map maps ``h`` to the existing blocks whose ``block_hash == h``, in the order they
   were published; a lookup finds the first (vLLM keeps duplicates: a fully cached, block-aligned
   prompt recomputes its last block and publishes it again under the same hash).
-- Free pages (``_n_free``) = ``_virgin`` + the pages of every gap in the free queue.
 """
 
 from __future__ import annotations
@@ -63,13 +58,6 @@ class KVBlock:
 
     def __repr__(self) -> str:
         return f"KVBlock(id={self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
-
-
-@dataclass(slots=True)
-class _Gap:
-    """Free pages released at one position of the free queue (no block to evict)."""
-
-    pages: int
 
 
 @dataclass
@@ -118,13 +106,7 @@ class BlockPool:
         self._n_pinned = 0
         self._next_id = 0
         self._blocks: dict[int, KVBlock] = {}
-        # vLLM's free queue after its never-used blocks, head first: cached blocks (key: block
-        # id) and gaps of released pages (key: a negative counter, or the id of the evicted
-        # block whose pages they are), in the order freed
-        self._free_queue: OrderedDict[int, KVBlock | _Gap] = OrderedDict()
-        self._virgin = self.num_pages  # never-used pages: ahead of the whole free queue
-        self._n_cached = 0  # blocks in the free queue
-        self._gap_key = 0
+        self._free_queue: OrderedDict[int, KVBlock] = OrderedDict()  # LRU head first
         self._by_hash: dict[int, dict[int, KVBlock]] = {}  # hash -> blocks, first published first
 
     # ----------------------------------------------------------------- queries
@@ -151,7 +133,7 @@ class BlockPool:
     @property
     def num_cached_free(self) -> int:
         """Blocks waiting in the LRU free queue."""
-        return self._n_cached
+        return len(self._free_queue)
 
     def cached_block(self, block_hash: int) -> KVBlock | None:
         """The first block published under ``block_hash`` that still exists (vLLM's lookup)."""
@@ -185,7 +167,8 @@ class BlockPool:
         need = n * per
         if need > self.available_pages:
             return None
-        self._make_room(need)
+        while self._n_free < need:
+            self._evict_one()
         taken = self._take(need).reshape(n, per)
         self.holders[taken] += 1
         # fresh pages come off the free stack: distinct and unpinned, so pinning is a count
@@ -219,7 +202,6 @@ class BlockPool:
         for blk in blocks:
             if blk.ref_cnt == 0:
                 del self._free_queue[blk.block_id]
-                self._n_cached -= 1
                 revived.append(blk.distinct)
             blk.ref_cnt += 1
         self.stats.hits += len(blocks)
@@ -244,9 +226,8 @@ class BlockPool:
         for blk in released:
             if blk.block_hash is not None:
                 self._free_queue[blk.block_id] = blk
-                self._n_cached += 1
             else:
-                self._gap(self._destroy(blk))
+                self._destroy(blk)
 
     def publish(self, blk: KVBlock, block_hash: int) -> bool:
         """Make a live, full block findable under ``block_hash`` (after any block already
@@ -279,59 +260,16 @@ class BlockPool:
         self._pin(gained)
         self._unpin(lost)
         self.holders[lost] -= 1
-        freed = self._release(lost)
-        self._gap(freed)
+        self._release(lost)
         blk.pages, blk.distinct = new_pages, new_distinct
-        return freed
+        return int(np.count_nonzero(self.holders[lost] == 0))
 
     def evict_all_cached(self) -> None:
-        """Drop every cached-free block (e.g. a cache reset); their pages become gaps."""
-        for key in [k for k, v in self._free_queue.items() if isinstance(v, KVBlock)]:
-            blk = self._free_queue[key]
-            assert isinstance(blk, KVBlock)
-            self.stats.evicted_blocks += 1
-            self._n_cached -= 1
-            freed = self._destroy(blk)
-            if freed:
-                self._free_queue[key] = _Gap(freed)
-            else:
-                del self._free_queue[key]
+        """Drop every cached-free block (e.g. a cache reset)."""
+        while self._free_queue:
+            self._evict_one()
 
     # ----------------------------------------------------------------- internals
-    def _make_room(self, need: int) -> None:
-        """Take ``need`` pages in vLLM's order: never-used pages, then the free queue from its
-        head, evicting each cached block reached (its pages left over stay at the head). The
-        caller has made sure ``need <= available_pages``; afterwards ``need <= _n_free``."""
-        rest = need - min(need, self._virgin)
-        self._virgin -= need - rest
-        q = self._free_queue
-        while rest > 0:
-            key, item = next(iter(q.items()))
-            if isinstance(item, KVBlock):
-                del q[key]
-                self._n_cached -= 1
-                self.stats.evicted_blocks += 1
-                item = _Gap(self._destroy(item))
-                q[key] = item
-                q.move_to_end(key, last=False)
-            used = min(rest, item.pages)
-            item.pages -= used
-            rest -= used
-            if item.pages == 0:
-                del q[key]
-
-    def _gap(self, pages: int) -> None:
-        """``pages`` just released at the tail of the free queue (merged into a tail gap)."""
-        if pages == 0:
-            return
-        if self._free_queue:
-            tail = next(reversed(self._free_queue.values()))
-            if isinstance(tail, _Gap):
-                tail.pages += pages
-                return
-        self._gap_key -= 1
-        self._free_queue[self._gap_key] = _Gap(pages)
-
     def _take(self, need: int) -> np.ndarray:
         """``need`` free pages: recycled ones (last released first), then fresh ids in
         increasing order. The caller has made sure ``need <= _n_free``."""
@@ -381,13 +319,12 @@ class BlockPool:
         np.subtract.at(self.pins, pages, 1)
         self._n_pinned -= int(np.count_nonzero(self.pins[np.unique(pages)] == 0))
 
-    def _release(self, pages: np.ndarray) -> int:
-        """Push pages whose holder count reached 0 onto the free stack; returns how many (the
-        caller places them in the free queue's order)."""
+    def _release(self, pages: np.ndarray) -> None:
+        """Push pages whose holder count reached 0 onto the free stack."""
         gone = pages[self.holders[pages] == 0]
         k = len(gone)
         if not k:
-            return 0
+            return
         top = self._n_recycled
         if top + k > len(self._recycled):
             grown = np.empty(max(top + k, 2 * len(self._recycled), 1024), dtype=np.int64)
@@ -396,10 +333,8 @@ class BlockPool:
         self._recycled[top : top + k] = gone[::-1]
         self._n_recycled = top + k
         self._n_free += k
-        return k
 
-    def _destroy(self, blk: KVBlock) -> int:
-        """Remove ``blk`` (not in the free queue); returns the pages this released."""
+    def _destroy(self, blk: KVBlock) -> None:
         del self._blocks[blk.block_id]
         if blk.block_hash is not None:
             same = self._by_hash[blk.block_hash]
@@ -407,7 +342,12 @@ class BlockPool:
             if not same:
                 del self._by_hash[blk.block_hash]
         self.holders[blk.distinct] -= 1
-        return self._release(blk.distinct)
+        self._release(blk.distinct)
+
+    def _evict_one(self) -> None:
+        _, blk = self._free_queue.popitem(last=False)
+        self.stats.evicted_blocks += 1
+        self._destroy(blk)
 
     # ----------------------------------------------------------------- checking
     def check(self, live_refs: dict[int, int] | None = None) -> None:
@@ -436,17 +376,8 @@ class BlockPool:
             assert same, f"empty hash entry {h}"
             for bid, blk in same.items():
                 assert blk.block_hash == h and self._blocks.get(bid) is blk, "stale hash"
-        gaps = 0
-        for key, item in self._free_queue.items():
-            if isinstance(item, _Gap):
-                assert item.pages > 0, f"empty gap at {key}"
-                gaps += item.pages
-            else:
-                assert self._blocks.get(key) is item, f"free queue holds destroyed block {key}"
-        assert self._n_cached == len(self._free_queue) - sum(
-            isinstance(v, _Gap) for v in self._free_queue.values()
-        ), "cached block count drifted"
-        assert self._n_free == self._virgin + gaps, "free pages != never-used + gaps"
+        for bid in self._free_queue:
+            assert bid in self._blocks, f"free queue holds destroyed block {bid}"
         assert np.array_equal(holders, self.holders), "holder counts drifted"
         assert np.array_equal(pins, self.pins), "pin counts drifted"
         assert self._n_pinned == int(np.count_nonzero(pins)), "pinned page count drifted"

@@ -98,10 +98,10 @@ def test_duplicate_hash_lookup_falls_to_the_next_block_when_the_first_is_evicted
     pool.check({c[0].block_id: 1})
 
 
-def test_eviction_follows_vllms_free_queue_not_the_free_pages() -> None:
-    """vLLM's free queue holds every freed block in free order, hashed or not, behind the
-    never-used ones, and an allocation pops its head: a cached block freed before a plain one
-    is evicted first, although the plain one's pages are free."""
+def test_a_cached_block_is_evicted_only_when_no_other_block_is_free() -> None:
+    """vLLM 0.32's free queue: freed blocks without a hash go to its front (reused first),
+    never-used ones follow, cached ones are appended; so a cached block freed before a plain
+    one survives while the plain one's pages are free."""
     pool = BlockPool(num_blocks=4)
     mgr = KVCacheManager(pool, make_policy("prefix"), BS)
     tokens = list(range(8))
@@ -110,11 +110,14 @@ def test_eviction_follows_vllms_free_queue_not_the_free_pages() -> None:
     mgr.admit(info("x", [50, 51, 52]), 3)  # 1 block, never full: not published
     mgr.admit(info("y", [60, 61, 62]), 3)  # the last never-used block
     mgr.free("x")
-    mgr.free("y")  # queue: a's block 1, a's block 0, x's, y's
+    mgr.free("y")
     assert pool.used_pages == 4 and pool.num_cached_free == 2
-    assert mgr.admit(info("z", [70, 71]), 2) is not None  # pops a's block 1: evicted
-    assert pool.stats.evicted_blocks == 1 and pool.num_cached_free == 1
-    hit = make_policy("prefix").lookup_prefix(info("c", tokens), pool)
+    assert mgr.admit(info("z", [70, 71]), 2) is not None  # takes a plain free block
+    assert pool.stats.evicted_blocks == 0 and pool.num_cached_free == 2
+    assert mgr.admit(info("w", [80, 81]), 2) is not None
+    assert mgr.admit(info("v", [90, 91]), 2) is not None  # none left: evicts a's tail
+    assert pool.stats.evicted_blocks == 1
+    hit = make_policy("prefix").lookup_prefix(info("c", tokens + [1]), pool)
     assert len(hit.blocks) == 1 and hit.num_tokens == 4
     pool.check(mgr.table_refs())
 
@@ -261,13 +264,14 @@ TestPoolMachine = PoolMachine.TestCase
 
 
 class VllmFreeQueue:
-    """vLLM v1's block pool, block by block, as its source reads (the oracle for the order):
-    one free queue holding never-used blocks in id order, then every block whose count reached
-    0 (hashed or not) in the order freed; an allocation pops the head and evicts a popped
-    block's hash; a hash maps to its blocks in publication order, a lookup takes the first."""
+    """vLLM 0.32's block pool, block by block, as its source reads (the oracle for the order;
+    vllm/v1/core/block_pool.py): one free queue, never-used blocks in id order at first;
+    ``free_blocks`` prepends a block without a hash (reused first, LIFO) and appends a cached
+    one; an allocation pops the head and evicts a popped block's hash; a hash maps to its
+    blocks in publication order, a lookup takes the first."""
 
     def __init__(self, num_blocks: int) -> None:
-        self.queue: dict[int, None] = dict.fromkeys(range(num_blocks))  # ordered: head first
+        self.queue: list[int] = list(range(num_blocks))  # head first
         self.ref = [0] * num_blocks
         self.hash: list[int | None] = [None] * num_blocks
         self.by_hash: dict[int, dict[int, None]] = {}
@@ -275,9 +279,8 @@ class VllmFreeQueue:
     def allocate(self, n: int) -> list[int] | None:
         if n > len(self.queue):
             return None
-        got = list(self.queue)[:n]
+        got, self.queue = self.queue[:n], self.queue[n:]
         for b in got:
-            del self.queue[b]
             h = self.hash[b]
             if h is not None:  # evicted as it is reused
                 del self.by_hash[h][b]
@@ -290,11 +293,14 @@ class VllmFreeQueue:
     def free(self, b: int) -> None:
         self.ref[b] -= 1
         if self.ref[b] == 0:
-            self.queue[b] = None
+            if self.hash[b] is None:
+                self.queue.insert(0, b)
+            else:
+                self.queue.append(b)
 
     def touch(self, b: int) -> None:
         if self.ref[b] == 0:
-            del self.queue[b]
+            self.queue.remove(b)
         self.ref[b] += 1
 
     def publish(self, b: int, h: int) -> None:

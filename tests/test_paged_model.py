@@ -244,7 +244,7 @@ def test_shared_block_is_rerotated_at_its_new_position(kind: str) -> None:
     # the shared pages hold exactly what C would have computed for s at q
     r_table = pages.blocks(4)
     pm.step([SeqChunk(ref, 0, r_table)])
-    assert np.all(pm.exact_distance(r_table[1], a_table[3]) < 1e-6)
+    assert np.all(pm.store.exact_distance(r_table[1], a_table[3]) < 1e-6)
 
 
 def test_write_before_read_in_one_step() -> None:
@@ -266,9 +266,9 @@ def test_write_before_read_in_one_step() -> None:
     assert float((a_out - want).abs().max()) < TOL_TINY
     assert float((f_out - want[s:]).abs().max()) < TOL_TINY
     # the fork wrote only its own block, the same K/V as the parent's block there
-    kv_a, kv_f = pm.block_kv_numpy(a_table[2]), pm.block_kv_numpy(fork[2])
+    kv_a, kv_f = pm.store.block_kv_numpy(a_table[2]), pm.store.block_kv_numpy(fork[2])
     np.testing.assert_allclose(kv_f[:, :, :3], kv_a[:, :, :3], atol=1e-6)
-    assert np.all(pm.exact_distance(a_table[2], fork[2]) < 1e-5)
+    assert np.all(pm.store.exact_distance(a_table[2], fork[2]) < 1e-5)
 
 
 # -- the KVSharer layer map --------------------------------------------------------------------

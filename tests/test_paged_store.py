@@ -77,9 +77,10 @@ def test_plan_rows_masks_and_layer_map() -> None:
     assert plan.keep.tolist() == [0, 1, 2, 3, 4]
     assert plan.outputs == [(0, 3, True), (3, 4, False), (4, 5, False)]
     # layer 1 reads layer 0's column
-    assert plan.dec_rows is not None and plan.dec_mask is not None
-    assert torch.equal(plan.dec_rows[1], plan.dec_rows[0])
-    assert plan.dec_mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 4, [True] * 7]
+    (dec,) = plan.groups  # the two one-token chunks: one decode group
+    assert dec.tok.tolist() == [[3], [4]] and dec.mask is not None
+    assert torch.equal(dec.rows[1], dec.rows[0])
+    assert dec.mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 4, [True] * 7]
     (ch,) = plan.chunks
     assert ch.ctx == 8 and ch.mask is not None
     assert ch.mask[0, 0].sum(dim=1).tolist() == [6, 7, 8]  # causal, offset by start

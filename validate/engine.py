@@ -202,7 +202,8 @@ class PagedEngine:
                 f"needs {self.pool.num_pages} of {bs}"
             )
         self.store = store
-        self.model = PagedModel(model, self.store, layer_map=layer_map)
+        self._hf_model = model
+        self._model: PagedModel | None = None  # built at the first own forward pass
         self.opts = opts
         self.logits_sink = logits_sink
         self.shares: list[ShareRecord] = []
@@ -250,6 +251,14 @@ class PagedEngine:
                 gen = torch.Generator(device=self.store.device)
                 gen.manual_seed(opts.seed * 1_000_003 + i)
                 self._gens[s.rid] = gen
+
+    @property
+    def model(self) -> PagedModel:
+        """The forward pass over this engine's own store (built on first use: an engine of an
+        :class:`~memshare.validate.engine_group.EngineGroup` never runs its own)."""
+        if self._model is None:
+            self._model = PagedModel(self._hf_model, self.store, layer_map=self.pool.layer_map)
+        return self._model
 
     # ----------------------------------------------------------------- running
     def run(self, progress: Progress | None = None) -> EngineResult:
@@ -431,7 +440,7 @@ class PagedEngine:
 
     def _block_kv(self, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         t = time.perf_counter()
-        kv = self.model.block_kv_numpy(pages)
+        kv = self.store.block_kv_numpy(pages)
         self._sketch_s += time.perf_counter() - t
         return kv
 
@@ -452,7 +461,7 @@ class PagedEngine:
         else:
             assert d.share_source is not None
             target = np.where(mask, d.share_source, own.pages)
-        dist = self.model.exact_distance(own.pages, target)  # (L, 2)
+        dist = self.store.exact_distance(own.pages, target)  # (L, 2)
         groups: dict[tuple[str, int, str], list[tuple[int, float]]] = {}
         for layer in np.flatnonzero(mask.any(axis=1)).tolist():
             owners = [

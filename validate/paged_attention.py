@@ -17,10 +17,10 @@ Per layer, in this order (write-before-read):
    model's own cos/sin table, by the modeling module's own ``apply_rotary_pos_emb`` or, where
    that is checked to be the rotate-half form (Llama, Qwen), the same formula in fewer
    kernels (:func:`rotate_half_form`), and
-   attends with its queries: decode sequences together in one padded
-   ``scaled_dot_product_attention`` with a key-padding mask, multi-token chunks of one length
-   likewise with a mask up to each query's position, any other chunk by itself with a causal
-   mask offset by ``start``.
+   attends with its queries: chunks of one length (decode sequences: length 1) together in
+   one padded ``scaled_dot_product_attention`` with a mask up to each query's position, any
+   other chunk by itself with a causal mask offset by ``start``. A step that is one group
+   (all decode, or a one-pass teacher-forced step) attends without gathering its queries.
 
 The output has the layout HF's ``eager_attention_forward`` returns: ``[1, T, heads, head_dim]``.
 """
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memshare.validate.paged_batch import StepPlan
+from memshare.validate.paged_batch import GroupPlan, StepPlan
 from memshare.validate.paged_store import PageStore
 
 ATTN_NAME = "memshare_paged"
@@ -78,39 +78,22 @@ class PagedStep:
                 store.copy_flat(plan.copy_src[layer].reshape(-1), plan.copy_dst[layer].reshape(-1))
         self.new_k[layer] = self.new_v[layer] = None
         gqa = heads != store.num_kv_heads
-        dtype = query.dtype
-        if (
-            plan.dec_tok is not None
-            and not plan.chunks
-            and not plan.groups
-            and len(plan.dec_tok) == t
-        ):
-            # all decode: the packed row is the decode batch in order
-            q = query[0].transpose(0, 1).unsqueeze(2)  # (Bd, heads, 1, hd)
-            o = self._decode(layer, q, scaling, gqa, dtype)
+        if len(plan.groups) == 1 and not plan.chunks and plan.groups[0].tok.numel() == t:
+            # one group covers the packed row, in order: no gather of queries, no scatter
+            size, n = plan.groups[0].tok.shape
+            q = query[0].reshape(heads, size, n, hd).transpose(0, 1)  # (G, heads, n, hd)
+            o = self._group(layer, plan.groups[0], q, scaling, gqa)
             return o.transpose(1, 2).reshape(1, t, heads, hd)
         out = query.new_empty((t, heads, hd))
-        if plan.dec_tok is not None:
-            q = query[0, :, plan.dec_tok].transpose(0, 1).unsqueeze(2)
-            out[plan.dec_tok] = self._decode(layer, q, scaling, gqa, dtype)[:, :, 0]
         for g in plan.groups:
             tok = g.tok.reshape(-1)
             size, n = g.tok.shape
             q = query[0, :, tok].view(heads, size, n, hd).transpose(0, 1)  # (G, heads, n, hd)
-            k = self.rotate(store.gather_flat(g.rows[layer, 0]).to(dtype), g.lmax)
-            v = store.gather_flat(g.rows[layer, 1]).to(dtype)
-            o = F.scaled_dot_product_attention(
-                q,
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=g.mask,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
+            o = self._group(layer, g, q, scaling, gqa)
             out[tok] = o.transpose(1, 2).reshape(size * n, heads, hd)
         for ch in plan.chunks:
-            k = self.rotate(store.gather_flat(ch.rows[layer, 0])[None].to(dtype), ch.ctx)
-            v = store.gather_flat(ch.rows[layer, 1])[None].to(dtype)
+            k = self.rotate(store.gather_flat(ch.rows[layer, 0])[None].to(query.dtype), ch.ctx)
+            v = store.gather_flat(ch.rows[layer, 1])[None].to(query.dtype)
             o = F.scaled_dot_product_attention(
                 query[:, :, ch.tok_start : ch.tok_end],
                 k.transpose(1, 2),
@@ -123,19 +106,18 @@ class PagedStep:
             out[ch.tok_start : ch.tok_end] = o[0].transpose(0, 1)
         return out[None]
 
-    def _decode(
-        self, layer: int, q: torch.Tensor, scaling: float, gqa: bool, dtype: Any
+    def _group(
+        self, layer: int, g: GroupPlan, q: torch.Tensor, scaling: float, gqa: bool
     ) -> torch.Tensor:
-        """The decode group: one padded gather, rotation and attention -> (Bd, heads, 1, hd)."""
-        plan, store = self.plan, self.store
-        assert plan.dec_rows is not None
-        k = self.rotate(store.gather_flat(plan.dec_rows[layer, 0]).to(dtype), plan.dec_lmax)
-        v = store.gather_flat(plan.dec_rows[layer, 1]).to(dtype)
+        """One group: a padded gather, rotation and attention of its queries ``q``
+        ``(G, heads, n, hd)`` -> the same shape."""
+        k = self.rotate(self.store.gather_flat(g.rows[layer, 0]).to(q.dtype), g.lmax)
+        v = self.store.gather_flat(g.rows[layer, 1]).to(q.dtype)
         return F.scaled_dot_product_attention(
             q,
             k.transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=plan.dec_mask,
+            attn_mask=g.mask,
             scale=scaling,
             enable_gqa=gqa,
         )

@@ -16,12 +16,12 @@ Invariants of a :class:`StepPlan`:
   ``pages[:, layer_map[l]]`` (under memshare's ``BlockPool`` both columns hold the same ids).
 * Copies (KVShare's reused spans): ``copy_src[l, kv, r]`` -> ``copy_dst[l, kv, r]``, done by
   owner layers right after their writes, so a copy may read KV written in the same step.
-* Single-token chunks form one decode group, read with one padded gather: ``dec_rows``
-  ``(L, 2, Bd, Lmax)`` (padding points at row 0 and is masked off by ``dec_mask``).
-  Multi-token chunks of contiguous positions and equal length ``n`` form a prefill group
-  (:class:`GroupPlan`) the same way, each query attending keys up to its own position; a
-  chunk alone of its length, or with gaps (reused spans), is attended by itself
-  (:class:`ChunkPlan`).
+* Chunks of contiguous positions and one length ``n`` form a group (:class:`GroupPlan`), read
+  with one padded gather ``(L, 2, G, Lmax)`` (padding points at row 0 and is masked off), each
+  query attending keys up to its own position. Single-token chunks (decode) always form one
+  group, whatever their number; a multi-token chunk alone of its length, or with gaps (reused
+  spans), is attended by itself (:class:`ChunkPlan`, a causal mask offset by its start).
+  Groups are ordered by ``n``; their tokens are in packed-row order within a group.
 """
 
 from __future__ import annotations
@@ -83,11 +83,11 @@ class ChunkPlan:
 
 @dataclass
 class GroupPlan:
-    """Multi-token chunks of one length ``n``, attended together over padded contexts."""
+    """Chunks of one length ``n`` (1: decode), attended together over padded contexts."""
 
     tok: torch.Tensor  # (G, n) token indices in the packed row
     rows: torch.Tensor  # (L, 2, G, Lmax) flat store rows, layer map applied; padding: row 0
-    mask: torch.Tensor  # (G, 1, n, Lmax) bool: key position <= the query's own position
+    mask: torch.Tensor | None  # (G, 1, n, Lmax) bool: key <= the query's position; None: all
     lmax: int  # longest context in the group
 
 
@@ -102,10 +102,6 @@ class StepPlan:
     max_ctx: int  # longest context of any chunk
     keep: torch.Tensor  # (K,) token indices whose logits are returned
     outputs: list[tuple[int, int, bool]]  # per chunk: slice [a, b) of the kept logits, all?
-    dec_tok: torch.Tensor | None = None  # (Bd,) token index of each decode sequence
-    dec_rows: torch.Tensor | None = None  # (L, 2, Bd, Lmax)
-    dec_mask: torch.Tensor | None = None  # (Bd, 1, 1, Lmax) bool or None when all full
-    dec_lmax: int = 0
     chunks: list[ChunkPlan] = field(default_factory=list)
     groups: list[GroupPlan] = field(default_factory=list)
     copy_src: torch.Tensor | None = None  # (L, 2, R) flat rows copied from (KVShare spans)
@@ -204,7 +200,6 @@ def plan_step(
     ctxs = np.array([int(p[-1]) + 1 if len(p) else 0 for p in pos], dtype=np.int64)
     tok0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
     write = np.empty((L, 2, t), dtype=np.int64)
-    dec = np.flatnonzero(lens == 1)
     plan = StepPlan(
         input_ids=dev(np.array(ids, dtype=np.int64)[None]),
         position_ids=dev(np.concatenate(pos)[None]),
@@ -217,24 +212,13 @@ def plan_step(
     if copy_src:
         plan.copy_src = dev(np.concatenate(copy_src, axis=2))
         plan.copy_dst = dev(np.concatenate(copy_dst, axis=2))
-    if len(dec):
-        lmax = int(ctxs[dec].max())
-        rows = _padded_rows([tables[d] for d in dec.tolist()], lmax, B)  # (Bd, L, 2, Lmax)
-        last = ctxs[dec] - 1
-        write[:, :, tok0[dec]] = rows[np.arange(len(dec)), :, :, last].transpose(1, 2, 0)
-        valid = np.arange(lmax)[None, :] < ctxs[dec][:, None]
-        rows = np.where(valid[:, None, None, :], rows, 0)
-        plan.dec_tok = dev(tok0[dec])
-        plan.dec_rows = dev(rows[:, layer_map].transpose(1, 2, 0, 3))
-        plan.dec_lmax = lmax
-        if not valid.all():
-            plan.dec_mask = torch.as_tensor(valid[:, None, None, :], device=device)
     by_len: dict[int, list[int]] = {}
     alone: list[int] = []
-    for m in np.flatnonzero(lens > 1).tolist():
-        (by_len.setdefault(int(lens[m]), []) if chunks[m].positions is None else alone).append(m)
-    for n, members in by_len.items():
-        if len(members) == 1:
+    for m in np.flatnonzero(lens > 0).tolist():
+        contiguous = chunks[m].positions is None or lens[m] == 1
+        (by_len.setdefault(int(lens[m]), []) if contiguous else alone).append(m)
+    for n, members in sorted(by_len.items()):
+        if len(members) == 1 and n > 1:
             alone.extend(members)
             continue
         idx = np.asarray(members, dtype=np.int64)
@@ -253,7 +237,7 @@ def plan_step(
             GroupPlan(
                 dev(tok),
                 dev(rows[:, layer_map].transpose(1, 2, 0, 3)),
-                torch.as_tensor(reads[:, None], device=device),
+                None if reads.all() else torch.as_tensor(reads[:, None], device=device),
                 lmax,
             )
         )

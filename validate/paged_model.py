@@ -199,16 +199,3 @@ class PagedModel:
         return [empty for _ in plan.outputs]
 
     # -- reading the live KV ---------------------------------------------------------------
-
-    def block_kv_numpy(self, pages: npt.ArrayLike) -> npt.NDArray[np.float32]:
-        """A block's pre-RoPE K/V, float32 ``(L, 2, block_size, kvh, hd)``, from its ``(L, 2)``
-        page ids: the input ``memshare.sketch.sketch_blocks`` takes (per layer, K or V)."""
-        kv: npt.NDArray[np.float32] = self.store.block_kv_numpy(pages)
-        return kv
-
-    def exact_distance(
-        self, pages_a: npt.ArrayLike, pages_b: npt.ArrayLike
-    ) -> npt.NDArray[np.float64]:
-        """``||a - b|| / ||a||`` per layer and K/V ``(L, 2)`` between two blocks' live KV."""
-        dist: npt.NDArray[np.float64] = self.store.exact_distance(pages_a, pages_b)
-        return dist
