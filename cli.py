@@ -437,6 +437,10 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the arrival generator.")]
 MaxTokensOpt = Annotated[int, typer.Option(help="Token budget per step.")]
 MaxSeqsOpt = Annotated[int, typer.Option(help="Running requests at most.")]
 ChunkedOpt = Annotated[bool, typer.Option(help="Split long prompts over steps.")]
+ReserveOpt = Annotated[
+    bool,
+    typer.Option(help="Admit a request only if its whole prompt fits (vLLM 0.32's default)."),
+]
 LongPrefillOpt = Annotated[int, typer.Option(help="Cap one request's prefill chunk (0: no cap).")]
 PlotOpt = Annotated[bool, typer.Option("--plot", help="Write PNG figures beside the runs.")]
 OutputOpt = Annotated[
@@ -478,6 +482,7 @@ class SimArgs:
     max_num_seqs: MaxSeqsOpt = 256
     chunked_prefill: ChunkedOpt = True
     long_prefill_threshold: LongPrefillOpt = 0
+    reserve_full_prompt: ReserveOpt = True
 
     def options(self) -> SimOptions:
         """The raw :class:`SimOptions` (checked by ``build_configs``); the CLI's one builder."""

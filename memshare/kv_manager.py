@@ -119,13 +119,16 @@ class KVCacheManager:
         num_new_tokens: int,
         block_info: BlockInfoFn | None = None,
         hit: PrefixHit | None = None,
+        reserve_tokens: int | None = None,
     ) -> PrefixHit | None:
         """Start (or restart) a request: look up its cached prefix and allocate the blocks for
         ``num_new_tokens`` uncached tokens after it. ``None`` (no change) if that doesn't fit.
 
         The caller computes ``hit.num_tokens`` onwards; ``num_new_tokens`` is clamped to the
         prompt's uncached rest. ``hit``: the answer of :meth:`lookup` for ``info``, taken with
-        no pool change since (the policy is then not asked twice).
+        no pool change since (the policy is then not asked twice). ``reserve_tokens``: admit
+        only if blocks for that many tokens (the whole prompt) would fit, though only the
+        chunk's are allocated (vLLM's ``full_sequence_must_fit`` admission gate).
         """
         if info.req_id in self.requests:
             raise ValueError(f"request {info.req_id!r} is already admitted")
@@ -141,7 +144,10 @@ class KVCacheManager:
         # sources of reused spans (KVShare): held until the request's prompt is computed.
         pins = list({id(sp.source): sp.source for sp in hit.spans}.values())
         revive = self.pool.pages_pinned_by_touch(hit_blocks + pins)
-        if need * self.pool.pages_per_block > self.pool.available_pages - revive:
+        gate = need
+        if reserve_tokens is not None:
+            gate = max(need, cdiv(reserve_tokens, self.block_size) - len(hit_blocks))
+        if gate * self.pool.pages_per_block > self.pool.available_pages - revive:
             return None
         self.pool.touch(hit_blocks)
         self.pool.touch(pins)

@@ -72,6 +72,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # running requests at most
     enable_chunked_prefill: bool = True  # split long prompts over steps
     long_prefill_token_threshold: int = 0  # cap on one request's chunk (0: no cap)
+    # admit a waiting request only if all its tokens so far fit, not just its first chunk
+    # (vLLM 0.32's scheduler_reserve_full_isl, on by default there)
+    reserve_full_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens <= 0:
@@ -187,7 +190,8 @@ class Scheduler:
                 break
             if n > budget:
                 n = budget
-            if mgr.admit(info, n, req.block_info, hit=hit) is None:
+            full = want if cfg.reserve_full_prompt else None
+            if mgr.admit(info, n, req.block_info, hit=hit, reserve_tokens=full) is None:
                 break
             waiting.popleft()
             running.append(req)

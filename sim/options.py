@@ -65,6 +65,7 @@ class SimOptions:
     max_num_seqs: int = 256  # --max-num-seqs
     chunked_prefill: bool = True  # --chunked-prefill / --no-chunked-prefill
     long_prefill_threshold: int = 0  # --long-prefill-threshold (0: off)
+    reserve_full_prompt: bool = True  # --reserve-full-prompt / --no-reserve-full-prompt
 
 
 def policy_params(policies: tuple[str, ...], sets: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -151,6 +152,7 @@ def build_configs(opts: SimOptions, manifest: Manifest | None = None) -> list[Si
             max_num_seqs=opts.max_num_seqs,
             enable_chunked_prefill=opts.chunked_prefill,
             long_prefill_token_threshold=opts.long_prefill_threshold,
+            reserve_full_prompt=opts.reserve_full_prompt,
         ),
         kv=kv,
         block_size=opts.block_size,

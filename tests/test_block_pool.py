@@ -117,7 +117,7 @@ def test_a_cached_block_is_evicted_only_when_no_other_block_is_free() -> None:
     assert mgr.admit(info("w", [80, 81]), 2) is not None
     assert mgr.admit(info("v", [90, 91]), 2) is not None  # none left: evicts a's tail
     assert pool.stats.evicted_blocks == 1
-    hit = make_policy("prefix").lookup_prefix(info("c", tokens + [1]), pool)
+    hit = make_policy("prefix").lookup_prefix(info("c", [*tokens, 1]), pool)
     assert len(hit.blocks) == 1 and hit.num_tokens == 4
     pool.check(mgr.table_refs())
 

@@ -209,3 +209,27 @@ def test_kvshare_spans_follow_their_chunks_and_hold_sources_until_copied() -> No
     assert sum(copied.values()) == mgr.stats.reused_tokens  # every reused token copied once
     assert s.num_preemptions > 0  # the budget was tight: pins released on preemption too
     assert not mgr.requests and pool.pinned_pages == 0
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+def test_admission_waits_until_the_whole_prompt_fits_like_vllm(reserve: bool) -> None:
+    """vLLM 0.32 (``scheduler_reserve_full_isl``, on by default) admits a waiting request only
+    if blocks for its whole prompt are free, though a chunked prefill allocates only the first
+    chunk's; without the gate the second request starts on its first chunk and is preempted."""
+    s = scheduler(blocks=7, max_num_batched_tokens=8, reserve_full_prompt=reserve)
+    a = new_request("a", list(range(16)), BS, 2)  # 4 blocks, then 1 for its output
+    b = new_request("b", list(range(100, 112)), BS, 2)  # 3 blocks
+    s.add(a)
+    s.add(b)
+    first = s.schedule()  # a's first chunk of 8 takes the whole token budget
+    assert [c.req.rid for c in first.chunks] == ["a"]
+    s.complete(first, sampled(first))
+    second = s.schedule()  # a's last 8 tokens (2 more blocks: 4 used of 7)
+    assert [c.req.rid for c in second.chunks] == ["a"]
+    s.complete(second, sampled(second))
+    # a decodes into a 5th block; 2 are left: b's first chunk (7 tokens) fits, its prompt not
+    third = s.schedule()
+    rids = [c.req.rid for c in third.chunks]
+    assert rids == (["a"] if reserve else ["a", "b"])
+    drain(s)
+    assert (s.num_preemptions > 0) is not reserve

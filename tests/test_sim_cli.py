@@ -200,6 +200,7 @@ def test_sweep_and_simulate_run_the_same_configs(small: Path, tmp_path: Path) ->
         assert cfg["scheduler"] == {
             "max_num_batched_tokens": 4096, "max_num_seqs": 16,
             "enable_chunked_prefill": False, "long_prefill_token_threshold": 128,
+            "reserve_full_prompt": True,
         }  # fmt: skip
         assert (cfg["policy_params"], cfg["gpu"]["name"], cfg["model"]["name"]) == (
             {"publish": "all"}, "h200", "qwen2.5-7b"

