@@ -1043,13 +1043,21 @@ def validate_cmd(
             "trace's block size is its own).",
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="torch (memshare's paged engine: every policy) or vllm (real vLLM, CPU "
+            "build: none and prefix; time, prefix hits and blocks).",
+        ),
+    ] = "torch",
     plot: PlotOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the real model on the paged engine for every simulated run under RUN and report
     measured memory, fidelity and time beside the simulator's prediction (validation.json):
     teacher-forced texts for fidelity, throughput at a KV budget where none must queue, and
-    answers generated under each policy for a trace captured from a dataset."""
+    answers generated under each policy for a trace captured from a dataset. With
+    --engine vllm, real vLLM serves the budget run of each none/prefix run instead."""
     from memshare.validate.report import render_validation
     from memshare.validate.validation import ValidateOptions, validate
 
@@ -1068,6 +1076,7 @@ def validate_cmd(
         one_pass=one_pass,
         length_scale=length_scale,
         block_size=block_size,
+        engine=engine,
     )
     with _StatusBar(as_json) as bar:
         report = validate(opts, status=bar.status, progress=bar.progress)

@@ -25,6 +25,9 @@ def _pair(d: dict[str, Any], fmt: str = ",.1f") -> str:
 
 def render_validation(report: dict[str, Any], console: Console) -> None:
     """The comparison table: one row per policy, predicted / measured side by side."""
+    if report.get("engine") == "vllm":
+        render_vllm(report, console)
+        return
     t = Table(
         title=(
             f"validate: {report['requests']} requests of {report['trace']} on "
@@ -122,3 +125,32 @@ def plot_frontier(path: Path, report: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def render_vllm(report: dict[str, Any], console: Console) -> None:
+    """``validate --engine vllm``: one row per run, the simulator's figure / vLLM's."""
+    t = Table(
+        title=(
+            f"validate on vLLM: {report['requests']} requests of {report['trace']}, "
+            f"{report['kv_blocks']} blocks of {report['block_size']}; predicted / measured"
+        )
+    )
+    for col in ("run", "prefix hits", "requests differing", "blocks peak", "steps", "tok/s",
+                "TTFT p50 s", "TPOT p50 s"):  # fmt: skip
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for label, p in report["policies"].items():
+        hits = p["prefix_hit_rate"]
+        row = [label, f"{_pct(hits['predicted'])} / {_pct(hits['measured'])}"]
+        row += [str(len(p["requests_hit_differing"])), _pair(p["blocks_peak"]), _pair(p["steps"])]
+        for key in ("throughput_tok_s", "ttft_p50_s", "tpot_p50_s"):
+            v = p[key]
+            row.append(f"{_pair(v)} ({_num(v['error_pct'], '+.0f')}%)")
+        t.add_row(*row)
+    console.print(t)
+    fit = report.get("cost_model_fit")
+    if fit:
+        console.print(
+            f"cost model fitted on {fit['train_steps']} vLLM steps -> {fit['file']}: held-out "
+            f"error {fit['error_before_pct']:.1f}% -> {fit['error_after_pct']:.1f}% "
+            f"({fit['test_steps']} steps)"
+        )

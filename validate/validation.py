@@ -114,6 +114,10 @@ class ValidateOptions:
     one_pass: bool = False  # teacher-forced part: all runs' steps in one forward pass
     length_scale: float = DEFAULT_LENGTH_SCALE  # workload-only traces: synthesized lengths
     block_size: int | None = None  # workload-only traces: the engine's (default 16)
+    engine: str = "torch"  # torch (the paged engine) or vllm (validate/vllm_validate.py)
+
+
+ENGINES = ("torch", "vllm")
 
 
 def validate(
@@ -126,6 +130,13 @@ def validate(
     from memshare.traces.capture.hf import HFBackend
 
     check_fraction(o.kv_fraction)
+    if o.engine not in ENGINES:
+        raise InputError("--engine", f"must be one of {', '.join(ENGINES)}, got {o.engine!r}",
+                         "e.g. --engine vllm")  # fmt: skip
+    if o.engine == "vllm":
+        from memshare.validate.vllm_validate import validate_vllm
+
+        return validate_vllm(o, status)
     if o.fit_cost_model and o.one_pass and o.fidelity_only:
         raise InputError(
             "--fit-cost-model",

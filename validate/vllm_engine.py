@@ -75,11 +75,12 @@ class VllmRequest:
 
 @dataclass
 class VllmStep:
-    """One ``LLMEngine.step``: its wall time, batch shape and KV blocks holding KV after it."""
+    """One ``LLMEngine.step``: its wall time, batch shape and the KV blocks holding KV once it
+    was scheduled (referenced or cached)."""
 
     wall_s: float
     shape: BatchShape | None  # None for a step that scheduled nothing
-    blocks_in_use: int  # blocks with a reference or a cached hash
+    blocks_in_use: int  # blocks with a reference or a cached hash, after scheduling
 
 
 @dataclass
@@ -89,6 +90,7 @@ class VllmRun:
     requests: list[VllmRequest]
     steps: list[VllmStep]
     clock: float  # sum of the step times
+    preemptions: int  # requests preempted (recomputed), counted per preemption
 
     @property
     def output_tokens(self) -> int:
@@ -100,6 +102,8 @@ def check_vllm() -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # use every core
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays ours
     try:
         import vllm
     except ImportError as e:
@@ -142,7 +146,7 @@ def open_engine(s: VllmSettings) -> Any:
     )
 
 
-def run_engine(llm: Any, specs: Sequence[VllmSpec], block_size: int) -> VllmRun:
+def run_engine(llm: Any, specs: Sequence[VllmSpec]) -> VllmRun:
     """Serve ``specs`` (all at 0 s, in order) to the end; time every step."""
     from vllm import SamplingParams
 
@@ -155,11 +159,15 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec], block_size: int) -> VllmRun:
         params = SamplingParams(max_tokens=s.max_tokens, ignore_eos=True, temperature=0.0)
         eng.add_request(s.rid, {"prompt_token_ids": list(s.prompt_ids)}, params)
     shapes: list[BatchShape | None] = []
+    used: list[int] = []
+    preempted: list[str] = []  # one entry per preemption (vLLM's SchedulerOutput)
     original = sched.schedule
 
-    def schedule() -> Any:
-        out = original()
-        shapes.append(_shape(out, sched, block_size))
+    def schedule(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        shapes.append(_shape(out, sched))
+        preempted.extend(sorted(out.preempted_req_ids or ()))
+        used.append(_blocks_in_use(pool))  # after scheduling, as the simulator's timeline
         return out
 
     sched.schedule = schedule
@@ -172,8 +180,10 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec], block_size: int) -> VllmRun:
             wall = time.perf_counter() - t
             clock += wall
             shape = shapes.pop() if shapes else None
+            in_use = used.pop() if used else _blocks_in_use(pool)
             shapes.clear()
-            steps.append(VllmStep(wall, shape, _blocks_in_use(pool)))
+            used.clear()
+            steps.append(VllmStep(wall, shape, in_use))
             for o in outs:
                 r = reqs[o.request_id]
                 if r.cached_tokens < 0 and o.num_cached_tokens is not None:
@@ -186,7 +196,7 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec], block_size: int) -> VllmRun:
                     r.finish_s = clock
     finally:
         del sched.schedule
-    return VllmRun([reqs[s.rid] for s in specs], steps, clock)
+    return VllmRun([reqs[s.rid] for s in specs], steps, clock, len(preempted))
 
 
 def _blocks_in_use(pool: Any) -> int:
@@ -194,18 +204,17 @@ def _blocks_in_use(pool: Any) -> int:
     return sum(1 for b in pool.blocks if not b.is_null and (b.ref_cnt > 0 or b.block_hash))
 
 
-def _shape(out: Any, sched: Any, block_size: int) -> BatchShape | None:
-    """The step's batch shape from vLLM's ``SchedulerOutput`` (prefill vs decode by whether a
-    request's scheduled tokens end before its prompt does)."""
+def _shape(out: Any, sched: Any) -> BatchShape | None:
+    """The step's batch shape from vLLM's ``SchedulerOutput``, read right after ``schedule()``
+    (which has already advanced each request's ``num_computed_tokens`` by its tokens)."""
     if not out.total_num_scheduled_tokens:
         return None
-    prefill: list[tuple[int, int]] = []  # (new tokens, context after them)
-    decode: list[int] = []  # context lengths
+    shape = BatchShape()
     for rid, n in out.num_scheduled_tokens.items():
         req = sched.requests[rid]
-        done = req.num_computed_tokens  # before this step's tokens (updated after the step)
-        if n == 1 and done >= req.num_prompt_tokens:
-            decode.append(done + 1)
-        else:
-            prefill.append((n, done + n))
-    return BatchShape.of(prefill, decode, block_size)
+        after = int(req.num_computed_tokens)
+        before = after - int(n)
+        shape.add(
+            int(n), before, after >= req.num_tokens, n == 1 and before >= req.num_prompt_tokens
+        )
+    return shape

@@ -1,0 +1,219 @@
+"""``memshare validate RUN --engine vllm``: the simulator's ``none`` and ``prefix`` runs beside
+real vLLM serving the same requests under the same budget (docs/vllm.md).
+
+The workload is validate's run at a KV budget (``--kv-fraction`` of what every request needs at
+once, all requests at 0 s, each generating exactly its trace's output length), so the
+simulator's prediction is :func:`~memshare.validate.generated.predict_at_budget`, the same as
+for the torch engine; vLLM runs it through :mod:`memshare.validate.vllm_engine`. Per policy:
+throughput, TTFT and TPOT percentiles, prefix hit rate (tokens), per-request hits, KV blocks
+in use, steps and preemptions, predicted vs measured; ``--fit-cost-model`` fits the cost model
+to vLLM's measured steps (every 5th step held out).
+
+Invariants: only ``none`` and ``prefix`` run (vLLM has no memshare sharing policy); every run
+uses the budget and block size of the first, and its own scheduler limits; a request's
+predicted hit is the simulator's ``hit_tokens`` at first admission, its measured one vLLM's
+``num_cached_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from memshare.atomic import write_atomic
+from memshare.errors import InputError
+from memshare.sim.run import RunOutput
+from memshare.validate.cost_fit import fit_cost_model, split_steps, write_cost_fit
+from memshare.validate.generated import (
+    BudgetWorkload,
+    budget_workload,
+    pme,
+    predict_at_budget,
+)
+from memshare.validate.runs import RunDir, check_model, find_runs, load_checked_trace
+from memshare.validate.vllm_engine import (
+    VllmRun,
+    VllmSettings,
+    VllmSpec,
+    check_vllm,
+    open_engine,
+    run_engine,
+)
+from memshare.validate.workload_trace import for_engine, is_workload, tokenized
+
+VLLM_POLICIES = ("none", "prefix")
+DEFAULT_VLLM_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
+VALIDATION = "validation.json"
+
+
+def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every ``none``/``prefix`` run under ``o.run`` (a ``ValidateOptions``) on vLLM;
+    returns (and writes) ``validation.json``."""
+    from memshare.traces.capture.hf import HFBackend
+
+    if o.one_pass or o.fidelity_only:
+        raise InputError(
+            "--engine vllm",
+            "measures serving (time, hits, blocks); fidelity needs the torch engine's logits",
+            "leave out --one-pass and --fidelity-only",
+        )
+    runs = find_runs(o.run)
+    trace = load_checked_trace(runs[0])
+    for r in runs:
+        if r.config.policy not in VLLM_POLICIES:
+            raise InputError(
+                f"{r.path / 'config.json'}: policy",
+                f"{r.config.policy} is memshare's own; vLLM runs {' and '.join(VLLM_POLICIES)}",
+                "validate it with the torch engine (leave out --engine vllm)",
+            )
+    check_vllm()  # before the model loads: not installed or another version
+    if status:
+        status("loading the tokenizer")
+    backend = HFBackend(o.model, threads=o.threads)
+    check_model(trace, backend.model_info().name)
+    if is_workload(trace):
+        block_size = o.block_size or DEFAULT_VLLM_BLOCK_SIZE
+        runs = for_engine(runs, backend.source.name, block_size)
+        trace = tokenized(
+            trace,
+            o.limit or runs[0].config.limit,
+            length_scale=o.length_scale,
+            block_size=block_size,
+            vocab_size=backend.vocab_size,
+            excluded_ids=backend.special_ids,
+            seed=runs[0].config.seed,
+        )
+    elif o.block_size is not None:
+        raise InputError(
+            "--block-size", "applies to workload traces", "simulate at the block size to run"
+        )
+    bw = budget_workload(trace, runs[0], o.limit, o.kv_fraction)
+    folder = backend.folder
+    del backend
+    policies: dict[str, dict[str, Any]] = {}
+    steps: list[tuple[Any, float]] = []
+    preds: list[RunOutput] = []
+    for r in runs:
+        if status:
+            status(f"{r.label}: simulating, then vLLM")
+        pred = predict_at_budget(r.config, bw, o.gpu)
+        preds.append(pred)
+        run = _measure(r, bw, folder)
+        policies[r.label] = compare(pred, run)
+        steps += [(s.shape, s.wall_s) for s in run.steps if s.shape is not None]
+    report: dict[str, Any] = {
+        "trace": str(trace.path),
+        "engine": "vllm",
+        "model": str(folder),
+        "requests": len(bw.specs),
+        "block_size": bw.block_size,
+        "kv_blocks": bw.num_blocks,
+        "timing_preset": o.gpu,
+        "budget": {
+            "kv_fraction": bw.fraction,
+            "kv_blocks": bw.num_blocks,
+            "all_at_once_blocks": bw.all_at_once,
+            "workload": "all at 0 s, each request its trace's output length (greedy, no EOS)",
+        },
+        "policies": policies,
+    }
+    if o.fit_cost_model:
+        report["cost_model_fit"] = _fit(o, preds[0], steps)
+    write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def _measure(r: RunDir, bw: BudgetWorkload, folder: Any) -> VllmRun:
+    """One fresh vLLM engine for run ``r``, serving the budget workload."""
+    longest = max(len(s.prompt_ids) + s.max_tokens for s in bw.specs)
+    settings = VllmSettings(
+        folder=folder,
+        block_size=bw.block_size,
+        num_blocks=bw.num_blocks,
+        scheduler=r.config.scheduler,
+        prefix_caching=r.config.policy == "prefix",
+        max_model_len=longest,
+        seed=r.config.seed,
+    )
+    llm = open_engine(settings)
+    try:
+        specs = [VllmSpec(s.rid, s.prompt_ids, s.max_tokens) for s in bw.specs]
+        return run_engine(llm, specs)
+    finally:
+        del llm
+
+
+def compare(pred: RunOutput, run: VllmRun) -> dict[str, Any]:
+    """One policy's ``validation.json`` entry: the simulator's figures beside vLLM's."""
+    lat = pred.metrics["latency_s"]
+    reqs = pred.result.requests
+    hits_pred = {q.rid: max(q.hit_tokens, 0) for q in reqs}
+    hits_meas = {r.rid: max(r.cached_tokens, 0) for r in run.requests}
+    prompt = sum(q.prompt_len for q in reqs)
+    differ = sorted(rid for rid in hits_pred if hits_pred[rid] != hits_meas.get(rid))
+    ttft = [r.first_token_s for r in run.requests]
+    tpot = [
+        (r.finish_s - r.first_token_s) / (len(r.output_ids) - 1)
+        for r in run.requests
+        if len(r.output_ids) > 1
+    ]
+    tl = pred.result.timeline
+    per_block = pred.result.pages_per_block
+    used_pred = [(a + b) / per_block for a, b in zip(tl.live_pages, tl.cached_pages, strict=True)]
+    used_meas = [s.blocks_in_use for s in run.steps]
+    return {
+        "policy": pred.config.policy,
+        "throughput_tok_s": pme(
+            pred.metrics["throughput"]["output_tokens_per_s"],
+            run.output_tokens / run.clock if run.clock > 0 else None,
+        ),
+        "ttft_p50_s": pme(lat["ttft"]["p50"], _pct(ttft, 50)),
+        "ttft_p90_s": pme(lat["ttft"]["p90"], _pct(ttft, 90)),
+        "tpot_p50_s": pme(lat["tpot"]["p50"], _pct(tpot, 50)),
+        "tpot_p90_s": pme(lat["tpot"]["p90"], _pct(tpot, 90)),
+        "prefix_hit_rate": {
+            "predicted": sum(hits_pred.values()) / prompt if prompt else 0.0,
+            "measured": sum(hits_meas.values()) / prompt if prompt else 0.0,
+        },
+        "prefix_hit_tokens": {
+            "predicted": sum(hits_pred.values()),
+            "measured": sum(hits_meas.values()),
+        },
+        "requests_hit_differing": differ,
+        "request_hits": {rid: [hits_pred[rid], hits_meas.get(rid)] for rid in hits_pred},
+        "blocks_peak": {"predicted": max(used_pred, default=0), "measured": max(used_meas)},
+        "blocks_mean": {
+            "predicted": float(np.mean(used_pred)) if used_pred else 0.0,
+            "measured": float(np.mean(used_meas)),
+        },
+        "steps": {"predicted": len(tl.scheduled_seqs), "measured": len(run.steps)},
+        "preemptions": {"predicted": pred.metrics["preemptions"], "measured": run.preemptions},
+        "output_tokens": run.output_tokens,
+        "wall_s": run.clock,
+    }
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def _fit(o: Any, pred: RunOutput, steps: list[tuple[Any, float]]) -> dict[str, Any]:
+    """The cost model fitted on vLLM's measured steps (on the timing preset the predictions
+    used); held-out steps give the error."""
+    train, test = split_steps(steps)
+    cfg = pred.config
+    fit = fit_cost_model(train, test, cfg.model, cfg.gpu, prior=cfg.cost)
+    path = o.run / "cost_model.toml"
+    write_cost_fit(fit, path, source=f"memshare validate {o.run} --engine vllm")
+    return {
+        "file": str(path),
+        "fitted": list(fit.fitted),
+        "not_fitted": list(fit.not_fitted),
+        "error_before_pct": fit.before.mape_pct,
+        "error_after_pct": fit.after.mape_pct,
+        "train_steps": len(train),
+        "test_steps": len(test),
+    }
