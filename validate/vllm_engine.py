@@ -91,6 +91,7 @@ class VllmRun:
     steps: list[VllmStep]
     clock: float  # sum of the step times
     preemptions: int  # requests preempted (recomputed), counted per preemption
+    evicted_blocks: int  # cached blocks evicted from the prefix cache
 
     @property
     def output_tokens(self) -> int:
@@ -170,7 +171,16 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec]) -> VllmRun:
         used.append(_blocks_in_use(pool))  # after scheduling, as the simulator's timeline
         return out
 
+    evict = pool._maybe_evict_cached_block
+    evicted = [0]
+
+    def maybe_evict(block: Any) -> bool:
+        gone = bool(evict(block))
+        evicted[0] += gone
+        return gone
+
     sched.schedule = schedule
+    pool._maybe_evict_cached_block = maybe_evict
     steps: list[VllmStep] = []
     clock = 0.0
     try:
@@ -196,7 +206,8 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec]) -> VllmRun:
                     r.finish_s = clock
     finally:
         del sched.schedule
-    return VllmRun([reqs[s.rid] for s in specs], steps, clock, len(preempted))
+        del pool._maybe_evict_cached_block
+    return VllmRun([reqs[s.rid] for s in specs], steps, clock, len(preempted), evicted[0])
 
 
 def _blocks_in_use(pool: Any) -> int:

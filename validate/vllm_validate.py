@@ -191,6 +191,10 @@ def compare(pred: RunOutput, run: VllmRun) -> dict[str, Any]:
         },
         "steps": {"predicted": len(tl.scheduled_seqs), "measured": len(run.steps)},
         "preemptions": {"predicted": pred.metrics["preemptions"], "measured": run.preemptions},
+        "evicted_blocks": {
+            "predicted": pred.metrics["kv"]["evicted_blocks"],
+            "measured": run.evicted_blocks,
+        },
         "output_tokens": run.output_tokens,
         "wall_s": run.clock,
     }
