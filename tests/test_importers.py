@@ -207,7 +207,7 @@ def test_burstgpt_blank_lines_crlf_and_extra_columns(tmp_path: Path) -> None:
 
 
 def test_registry() -> None:
-    assert set(IMPORTERS) == {"mooncake", "azure", "burstgpt"}
+    assert set(IMPORTERS) == {"mooncake", "azure", "burstgpt", "tokens"}
     assert IMPORTERS["mooncake"].hash_block_size == 512
 
 

@@ -24,6 +24,8 @@ VALIDATE_READS_SIM = {
     "validation.py",
     "generated.py",
     "workload_trace.py",  # a workload run's model config and the trace type
+    "vllm_engine.py",  # the batch shape of vLLM's steps (the cost fit's input)
+    "vllm_validate.py",  # the simulator's prediction beside vLLM's measurement
 }
 
 
