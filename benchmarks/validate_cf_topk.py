@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _memshare import memshare  # benchmarks/_memshare.py
 
 from memshare.sketch import DEFAULT_DIM
 
@@ -34,15 +35,6 @@ CORPORA = {
 }
 MODES = {"block/kv": ("block", "kv"), "block/k": ("block", "k"), "layer/kv": ("layer", "kv"),
          "layer/k": ("layer", "k")}  # fmt: skip
-
-
-def memshare(*args: str) -> str:
-    res = subprocess.run(
-        [sys.executable, "-m", "memshare.cli", *args], capture_output=True, text=True, check=False
-    )
-    if res.returncode != 0:
-        sys.exit(f"memshare {' '.join(args)}: {res.stderr.strip()}")
-    return res.stdout
 
 
 def long_texts(path: Path, field: str, n: int, tokens: int, out: Path) -> Path:

@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from _memshare import memshare  # benchmarks/_memshare.py
+
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems" / "gsm8k_test.jsonl"
 TIMES = ("throughput_tok_s", "ttft_p50_s", "tpot_p50_s")
-
-
-def memshare(*args: str) -> str:
-    res = subprocess.run(
-        [sys.executable, "-m", "memshare.cli", *args], capture_output=True, text=True, check=False
-    )
-    if res.returncode != 0:
-        sys.exit(f"memshare {' '.join(args)}: {res.stderr.strip()}")
-    return res.stdout
 
 
 def problems(first: int, count: int, out: Path) -> Path:

@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from _memshare import memshare  # benchmarks/_memshare.py
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems" / "gsm8k_test.jsonl"
 SHOTS = 4
 FIELDS = ("throughput_tok_s", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s")
-
-
-def memshare(*args: str) -> str:
-    res = subprocess.run(
-        [sys.executable, "-m", "memshare.cli", *args], capture_output=True, text=True, check=False
-    )
-    if res.returncode != 0:
-        sys.exit(f"memshare {' '.join(args)}: {res.stderr.strip()[-2000:]}")
-    return res.stdout
 
 
 def workload(out: Path, first: int, count: int, output_len: int) -> Path:

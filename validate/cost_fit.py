@@ -41,6 +41,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,8 @@ from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.sim.config import CostCoefficients, GpuSpec, ModelConfig, cost_toml, load_cost
 from memshare.sim.cost_model import BatchShape, CostModel
+
+COST_TOML = "cost_model.toml"  # what validate --fit-cost-model writes into the run directory
 
 Step = tuple[BatchShape, float]  # a batch shape and its measured seconds
 Array = npt.NDArray[np.float64]
@@ -287,3 +290,27 @@ def _from_x(x: Array, fitted: Sequence[int], prior: CostCoefficients) -> CostCoe
     for i in fitted:
         values[NAMES[i]] = min(1.0, 1.0 / float(x[i])) if i < 3 else float(x[i])
     return CostCoefficients(**values)
+
+
+def fit_and_write(
+    steps: Sequence[Step],
+    model: ModelConfig,
+    gpu: GpuSpec,
+    prior: CostCoefficients,
+    path: Path,
+    source: str,
+) -> dict[str, Any]:
+    """Fit on every 5th step held out (:func:`split_steps`), write the TOML at ``path`` and
+    return validate's ``cost_model_fit`` entry (error before / after on the held-out steps)."""
+    train, test = split_steps(steps)
+    fit = fit_cost_model(train, test, model, gpu, prior=prior)
+    write_cost_fit(fit, path, source=source)
+    return {
+        "file": str(path),
+        "fitted": list(fit.fitted),
+        "not_fitted": list(fit.not_fitted),
+        "error_before_pct": fit.before.mape_pct,
+        "error_after_pct": fit.after.mape_pct,
+        "train_steps": len(train),
+        "test_steps": len(test),
+    }

@@ -64,13 +64,7 @@ def render_validation(report: dict[str, Any], console: Console) -> None:
             "not measured" if tps is None else f"{_pair(tps)} ({_num(tps['error_pct'], '+.0f')}%)",
         )
     console.print(t)
-    fit = report.get("cost_model_fit")
-    if fit:
-        console.print(
-            f"cost model fitted on {fit['train_steps']} steps -> {fit['file']}: held-out error "
-            f"{fit['error_before_pct']:.1f}% -> {fit['error_after_pct']:.1f}% "
-            f"({fit['test_steps']} steps)"
-        )
+    _print_fit(report, console, "steps")
 
 
 def plot_kv(path: Path, series: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> None:
@@ -147,10 +141,15 @@ def render_vllm(report: dict[str, Any], console: Console) -> None:
             row.append(f"{_pair(v)} ({_num(v['error_pct'], '+.0f')}%)")
         t.add_row(*row)
     console.print(t)
+    _print_fit(report, console, "vLLM steps")
+
+
+def _print_fit(report: dict[str, Any], console: Console, what: str) -> None:
+    """The cost-fit line, where ``--fit-cost-model`` ran."""
     fit = report.get("cost_model_fit")
     if fit:
         console.print(
-            f"cost model fitted on {fit['train_steps']} vLLM steps -> {fit['file']}: held-out "
-            f"error {fit['error_before_pct']:.1f}% -> {fit['error_after_pct']:.1f}% "
+            f"cost model fitted on {fit['train_steps']} {what} -> {fit['file']}: held-out error "
+            f"{fit['error_before_pct']:.1f}% -> {fit['error_after_pct']:.1f}% "
             f"({fit['test_steps']} steps)"
         )

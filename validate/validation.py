@@ -37,7 +37,7 @@ from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape
 from memshare.sim.run import LoadedTrace, RunOutput
 from memshare.traces.schema import RequestRecord
-from memshare.validate.cost_fit import fit_cost_model, split_steps, write_cost_fit
+from memshare.validate.cost_fit import COST_TOML, fit_and_write
 from memshare.validate.engine import EngineResult, PagedEngine, StepRecord
 from memshare.validate.generate import run_metrics
 from memshare.validate.generated import (
@@ -527,20 +527,9 @@ def _fit(o: ValidateOptions, shaped: Shaped, pred: RunOutput) -> dict[str, Any]:
         for shape, s in zip(shapes, records, strict=True)
         if s.wall_s > 0
     ]
-    train, test = split_steps(steps)
     cfg = pred.config
-    fit = fit_cost_model(train, test, cfg.model, cfg.gpu, prior=cfg.cost)
-    path = o.run / "cost_model.toml"
-    write_cost_fit(fit, path, source=f"memshare validate {o.run} on {o.device}")
-    return {
-        "file": str(path),
-        "fitted": list(fit.fitted),
-        "not_fitted": list(fit.not_fitted),
-        "error_before_pct": fit.before.mape_pct,
-        "error_after_pct": fit.after.mape_pct,
-        "train_steps": len(train),
-        "test_steps": len(test),
-    }
+    source = f"memshare validate {o.run} on {o.device}"
+    return fit_and_write(steps, cfg.model, cfg.gpu, cfg.cost, o.run / COST_TOML, source)
 
 
 def _ratio(a: int, b: int) -> float:

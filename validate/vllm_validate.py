@@ -26,7 +26,7 @@ import numpy as np
 from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.sim.run import RunOutput
-from memshare.validate.cost_fit import fit_cost_model, split_steps, write_cost_fit
+from memshare.validate.cost_fit import COST_TOML, fit_and_write
 from memshare.validate.generated import (
     BudgetWorkload,
     budget_workload,
@@ -207,17 +207,6 @@ def _pct(values: Sequence[float], q: float) -> float | None:
 def _fit(o: Any, pred: RunOutput, steps: list[tuple[Any, float]]) -> dict[str, Any]:
     """The cost model fitted on vLLM's measured steps (on the timing preset the predictions
     used); held-out steps give the error."""
-    train, test = split_steps(steps)
     cfg = pred.config
-    fit = fit_cost_model(train, test, cfg.model, cfg.gpu, prior=cfg.cost)
-    path = o.run / "cost_model.toml"
-    write_cost_fit(fit, path, source=f"memshare validate {o.run} --engine vllm")
-    return {
-        "file": str(path),
-        "fitted": list(fit.fitted),
-        "not_fitted": list(fit.not_fitted),
-        "error_before_pct": fit.before.mape_pct,
-        "error_after_pct": fit.after.mape_pct,
-        "train_steps": len(train),
-        "test_steps": len(test),
-    }
+    source = f"memshare validate {o.run} --engine vllm"
+    return fit_and_write(steps, cfg.model, cfg.gpu, cfg.cost, o.run / COST_TOML, source)
