@@ -33,3 +33,10 @@ def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) 
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def simulate_default_model(trace: object, out: object, *args: str) -> str:
+    """``memshare simulate TRACE ARGS`` of the default model (a token workload names none),
+    into ``out``; its stdout, after checking it succeeded."""
+    cmd = ("simulate", str(trace), *args, "--model-config", "smollm2-135m", "-o", str(out))
+    return ok(memshare(*cmd))

@@ -7,7 +7,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from helpers_cli import assert_one_line_error, memshare, ok
+from helpers_cli import assert_one_line_error, memshare, ok, simulate_default_model
 
 
 @pytest.fixture
@@ -16,21 +16,8 @@ def runs(tmp_path: Path) -> Path:
     src.write_text(json.dumps({"prompt_token_ids": list(range(40)), "output_len": 4}) + "\n")
     ok(memshare("import", "tokens", str(src), "-o", str(tmp_path / "tr")))
     out = tmp_path / "runs"
-    ok(
-        memshare(
-            "simulate",
-            str(tmp_path / "tr"),
-            "--policy",
-            "none",
-            "--policy",
-            "prefix",
-            "--block-size",
-            "32",
-            "--model-config",
-            "smollm2-135m",
-            "-o",
-            str(out),
-        )
+    simulate_default_model(
+        tmp_path / "tr", out, "--policy", "none", "--policy", "prefix", "--block-size", "32"
     )
     return out
 

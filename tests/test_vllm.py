@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_cli import memshare, ok
+from helpers_cli import memshare, ok, simulate_default_model
 
 pytestmark = pytest.mark.vllm
 
@@ -65,23 +65,8 @@ def trace(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _validate(trace: Path, tmp: Path, fraction: str) -> dict[str, Any]:
     runs = tmp / f"runs-{fraction}"
-    ok(
-        memshare(
-            "simulate",
-            str(trace),
-            "--policy",
-            "none",
-            "--policy",
-            "prefix",
-            "--block-size",
-            "32",
-            "--model-config",
-            "smollm2-135m",
-            "--gpu",
-            "cpu",
-            "-o",
-            str(runs),
-        )
+    simulate_default_model(
+        trace, runs, "--policy", "none", "--policy", "prefix", "--block-size", "32", "--gpu", "cpu"
     )
     out = ok(
         memshare("validate", str(runs), "--engine", "vllm", "--kv-fraction", fraction, "--json")
@@ -119,20 +104,7 @@ def test_vllm_prefix_hits_equal_the_simulators_request_by_request(
 
 def test_vllm_runs_only_none_and_prefix_in_one_line(trace: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    ok(
-        memshare(
-            "simulate",
-            str(trace),
-            "--policy",
-            "kvshare",
-            "--block-size",
-            "32",
-            "--model-config",
-            "smollm2-135m",
-            "-o",
-            str(runs),
-        )
-    )
+    simulate_default_model(trace, runs, "--policy", "kvshare", "--block-size", "32")
     res = memshare("validate", str(runs), "--engine", "vllm")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "kvshare" in res.stderr
@@ -140,20 +112,7 @@ def test_vllm_runs_only_none_and_prefix_in_one_line(trace: Path, tmp_path: Path)
 
 def test_vllm_refuses_a_block_size_its_cpu_attention_lacks(trace: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs16"
-    ok(
-        memshare(
-            "simulate",
-            str(trace),
-            "--policy",
-            "prefix",
-            "--block-size",
-            "16",
-            "--model-config",
-            "smollm2-135m",
-            "-o",
-            str(runs),
-        )
-    )
+    simulate_default_model(trace, runs, "--policy", "prefix", "--block-size", "16")
     res = memshare("validate", str(runs), "--engine", "vllm", "--block-size", "16")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "--block-size" in res.stderr and "32" in res.stderr

@@ -76,10 +76,9 @@ from memshare.validate.workload_trace import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LENGTH_SCALE,
     check_policies,
-    for_engine,
     has_token_ids,
     is_workload,
-    tokenized,
+    on_engine,
 )
 
 VALIDATION = "validation.json"
@@ -171,15 +170,13 @@ def validate(
     backend = HFBackend(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
     check_model(trace, backend.model_info().name)
     if workload:
-        runs = for_engine(runs, backend.source.name, block_size)
-        trace = tokenized(
+        runs, trace = on_engine(
+            runs,
             trace,
-            o.limit or runs[0].config.limit,
-            length_scale=o.length_scale,
+            backend,
             block_size=block_size,
-            vocab_size=backend.vocab_size,
-            excluded_ids=backend.special_ids,
-            seed=runs[0].config.seed,
+            limit=o.limit,
+            length_scale=o.length_scale,
         )
     wl = teacher_forced_workload(trace, runs[0], o.limit) if workload else wl_captured
     bw = None if o.fidelity_only else budget_workload(trace, runs[0], o.limit, o.kv_fraction)

@@ -20,6 +20,7 @@ vLLM reported at its first scheduling.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -199,7 +200,7 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec]) -> VllmRun:
                 if r.cached_tokens < 0 and o.num_cached_tokens is not None:
                     r.cached_tokens = int(o.num_cached_tokens)
                 ids = list(o.outputs[0].token_ids) if o.outputs else []
-                if ids and r.first_token_s != r.first_token_s:  # NaN: first token now
+                if ids and math.isnan(r.first_token_s):  # its first token came this step
                     r.first_token_s = clock
                 r.output_ids = ids
                 if o.finished:

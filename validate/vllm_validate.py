@@ -42,7 +42,7 @@ from memshare.validate.vllm_engine import (
     open_engine,
     run_engine,
 )
-from memshare.validate.workload_trace import for_engine, is_workload, tokenized
+from memshare.validate.workload_trace import is_workload, on_engine
 
 VLLM_POLICIES = ("none", "prefix")
 DEFAULT_VLLM_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
@@ -75,16 +75,13 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
     backend = HFBackend(o.model, threads=o.threads)
     check_model(trace, backend.model_info().name)
     if is_workload(trace):
-        block_size = o.block_size or DEFAULT_VLLM_BLOCK_SIZE
-        runs = for_engine(runs, backend.source.name, block_size)
-        trace = tokenized(
+        runs, trace = on_engine(
+            runs,
             trace,
-            o.limit or runs[0].config.limit,
+            backend,
+            block_size=o.block_size or DEFAULT_VLLM_BLOCK_SIZE,
+            limit=o.limit,
             length_scale=o.length_scale,
-            block_size=block_size,
-            vocab_size=backend.vocab_size,
-            excluded_ids=backend.special_ids,
-            seed=runs[0].config.seed,
         )
     elif o.block_size is not None:
         raise InputError(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import replace
+from typing import Any
 
 from memshare.errors import InputError
 from memshare.sim.config import load_model, match_model_preset, model_presets
@@ -124,3 +125,27 @@ def tokenized(
         for rec, s in zip(src, synth, strict=True)
     ]
     return LoadedTrace(trace.path, trace.manifest, records, None)
+
+
+def on_engine(
+    runs: Sequence[RunDir],
+    trace: LoadedTrace,
+    backend: Any,
+    *,
+    block_size: int,
+    limit: int | None,
+    length_scale: float,
+) -> tuple[list[RunDir], LoadedTrace]:
+    """A workload trace's runs and requests as an engine runs them (``backend``: the loaded
+    model's tokenizer facts): :func:`for_engine` runs, :func:`tokenized` requests."""
+    engine_runs = for_engine(runs, backend.source.name, block_size)
+    tokens = tokenized(
+        trace,
+        limit or engine_runs[0].config.limit,
+        length_scale=length_scale,
+        block_size=block_size,
+        vocab_size=backend.vocab_size,
+        excluded_ids=backend.special_ids,
+        seed=engine_runs[0].config.seed,
+    )
+    return engine_runs, tokens
