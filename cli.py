@@ -750,8 +750,15 @@ def capture_cmd(
     sketch_dim: Annotated[int, typer.Option(help="JL sketch dimension d.")] = DEFAULT_DIM,
     sketch_seed: Annotated[int, typer.Option(help="JL projection seed.")] = DEFAULT_SEED,
     keys: Annotated[
-        str, typer.Option(help="Sketch keys pre_rope (k_proj output) or post_rope (as cached).")
-    ] = "pre_rope",
+        str | None,
+        typer.Option(
+            help="Sketch keys pre_rope (k_proj output) or post_rope (as cached); default "
+            "pre_rope on hf, post_rope on vllm (its cache holds rotated keys)."
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="hf (transformers) or vllm (vLLM's CPU build, in-process).")
+    ] = "hf",
     full_kv: Annotated[
         bool, typer.Option("--full-kv", help="Also store every token's full K/V (float32).")
     ] = False,
@@ -783,6 +790,7 @@ def capture_cmd(
     if min_step_tokens < 1:
         raise InputError("--min-step-tokens", f"must be >= 1, got {min_step_tokens}", "e.g. 32")
     cues = DEFAULT_CUES if step_cues is None else tuple(c for c in step_cues.split(",") if c)
+    default_keys = "post_rope" if backend == "vllm" else "pre_rope"
     opts = CaptureOptions(
         output=output,
         dataset=dataset,
@@ -791,13 +799,14 @@ def capture_cmd(
         prompt_field=prompt_field,
         limit=limit,
         model=model,
+        backend=backend,
         dtype=dtype,
         device=device,
         threads=threads,
         block_size=block_size,
         sketch_dim=sketch_dim,
         sketch_seed=sketch_seed,
-        keys=keys,  # type: ignore[arg-type]  # checked by capture()
+        keys=keys or default_keys,  # type: ignore[arg-type]  # checked by capture()
         full_kv=full_kv,
         generation=GenerationSettings(max_new_tokens, temperature, top_p, seed, batch_size),
         chunk_tokens=chunk_tokens,
@@ -1135,6 +1144,7 @@ def bench_capture_cmd(
     ] = 3,
     max_tokens: Annotated[int | None, typer.Option(help="Cap on tokens per text.")] = None,
     model: Annotated[str | None, typer.Option(help="Local HF folder or .gguf file.")] = None,
+    backend: Annotated[str, typer.Option(help="hf or vllm (vLLM's CPU build).")] = "hf",
     repeats: Annotated[int, typer.Option(help="Alternating runs; the median counts.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1154,6 +1164,7 @@ def bench_capture_cmd(
         texts_limit=texts_limit or None,
         max_tokens=max_tokens,
         model=model,
+        backend_name=backend,
         repeats=repeats,
         status=None if as_json else lambda m: console.print(f"[dim]{m}[/dim]"),
     )

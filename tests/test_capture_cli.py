@@ -73,6 +73,18 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     assert_one_line_error(
         memshare("capture", "-o", out, "--dataset", str(GSM8K), "--keys", "middle"), "--keys"
     )
+    # the vllm backend's options are checked before vLLM is even imported
+    assert_one_line_error(memshare("capture", "-o", out, "--backend", "sglang"), "--backend", "hf")
+    assert_one_line_error(
+        memshare("capture", "-o", out, "--backend", "vllm", "--keys", "pre_rope"),
+        "--keys pre_rope",
+        "post_rope",
+    )
+    assert_one_line_error(
+        memshare("capture", "-o", out, "--backend", "vllm", "--device", "cuda"),
+        "--device",
+        "CPU build",
+    )
     wl = tmp_path / "wl"
     assert (
         memshare("import", "mooncake", str(MOONCAKE), "-o", str(wl), "--limit", "5").returncode == 0

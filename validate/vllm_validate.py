@@ -26,6 +26,7 @@ import numpy as np
 from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.sim.run import RunOutput
+from memshare.traces.capture.vllm import check_vllm, kv_bytes_per_token
 from memshare.validate.cost_fit import COST_TOML, fit_and_write
 from memshare.validate.generated import (
     BudgetWorkload,
@@ -34,14 +35,7 @@ from memshare.validate.generated import (
     predict_at_budget,
 )
 from memshare.validate.runs import RunDir, check_model, find_runs, load_checked_trace
-from memshare.validate.vllm_engine import (
-    VllmRun,
-    VllmSettings,
-    VllmSpec,
-    check_vllm,
-    open_engine,
-    run_engine,
-)
+from memshare.validate.vllm_engine import VllmRun, VllmSettings, VllmSpec, open_engine, run_engine
 from memshare.validate.workload_trace import is_workload, on_engine
 
 VLLM_POLICIES = ("none", "prefix")
@@ -88,7 +82,7 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
             "--block-size", "applies to workload traces", "simulate at the block size to run"
         )
     bw = budget_workload(trace, runs[0], o.limit, o.kv_fraction)
-    folder = backend.folder
+    folder, token_bytes = backend.folder, kv_bytes_per_token(backend.model_info())
     del backend
     policies: dict[str, dict[str, Any]] = {}
     steps: list[tuple[Any, float]] = []
@@ -98,7 +92,7 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
             status(f"{r.label}: simulating, then vLLM")
         pred = predict_at_budget(r.config, bw, o.gpu)
         preds.append(pred)
-        run = _measure(r, bw, folder)
+        run = _measure(r, bw, folder, token_bytes)
         policies[r.label] = compare(pred, run)
         steps += [(s.shape, s.wall_s) for s in run.steps if s.shape is not None]
     report: dict[str, Any] = {
@@ -123,7 +117,7 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
     return report
 
 
-def _measure(r: RunDir, bw: BudgetWorkload, folder: Any) -> VllmRun:
+def _measure(r: RunDir, bw: BudgetWorkload, folder: Any, token_bytes: int) -> VllmRun:
     """One fresh vLLM engine for run ``r``, serving the budget workload."""
     longest = max(len(s.prompt_ids) + s.max_tokens for s in bw.specs)
     settings = VllmSettings(
@@ -133,6 +127,7 @@ def _measure(r: RunDir, bw: BudgetWorkload, folder: Any) -> VllmRun:
         scheduler=r.config.scheduler,
         prefix_caching=r.config.policy == "prefix",
         max_model_len=longest,
+        kv_bytes_per_token=token_bytes,
         seed=r.config.seed,
     )
     llm = open_engine(settings)

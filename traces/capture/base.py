@@ -5,8 +5,9 @@ prompts), and runs requests, returning per request the token ids and the token-l
 every layer as numpy float32 arrays. Everything else (step segmentation, sketches, the trace
 format, resume) lives in :mod:`memshare.traces.capture.run` and is shared by all backends.
 
-The HF backend (:mod:`~memshare.traces.capture.hf`) is the reference; a vLLM backend
-implements the same protocol (it may expose only post-RoPE keys: ``key_modes``).
+The HF backend (:mod:`~memshare.traces.capture.hf`) is the reference; the vLLM backend
+(:mod:`~memshare.traces.capture.vllm`) implements the same protocol with post-RoPE keys only
+(``key_modes``).
 
 Shapes: ``k``, ``k_rope`` and ``v`` are ``(layers, tokens, kv_heads, head_dim)`` float32 over
 prompt then output tokens; a field the caller did not ask for is ``None``.
@@ -77,7 +78,7 @@ class CapturedRequest:
 
 
 class CaptureBackend(Protocol):
-    """What a capture backend provides (HF now, vLLM later)."""
+    """What a capture backend provides (HF transformers; vLLM's CPU build)."""
 
     name: str  # "hf", "vllm"
     key_modes: tuple[KeyMode, ...]  # which keys it can return, preferred first
@@ -140,4 +141,11 @@ class CaptureBackend(Protocol):
         chunk_tokens: int = 512,
     ) -> CapturedRequest:
         """Run prompt plus output through the model in chunks, KV carried over."""
+        ...
+
+    def plain_generate(
+        self, prompts: Sequence[list[int]], settings: GenerationSettings
+    ) -> list[list[int]]:
+        """The runtime's own generation, nothing captured: output ids (the benchmark's
+        baseline)."""
         ...

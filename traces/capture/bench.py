@@ -2,8 +2,9 @@
 
 Figures (printed, never asserted by a timed test):
 
-- generate mode: wall time of ``model.generate`` (HF, greedy, the same left-padded batches,
-  nothing captured) against a full capture of the same prompts (hooks, sketches, trace
+- generate mode: wall time of plain generation (HF: ``model.generate``, greedy, the same
+  left-padded batches; vLLM: the engine's own generation, pass 1 of its capture), nothing
+  captured, against a full capture of the same prompts (hooks, sketches, trace
   writing with fsync per request); overhead in percent (target <= 20%, docs/layout.md). The
   backend's own decode loop without capture is timed too, to separate loop cost from capture
   cost. Runs alternate and the median of ``repeats`` is reported.
@@ -23,9 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from memshare.traces.capture.base import GenerationSettings
+from memshare.traces.capture.base import KEY_FIELD, GenerationSettings
 from memshare.traces.capture.inputs import bundled_prompts, read_problems
-from memshare.traces.capture.run import CaptureOptions, capture
+from memshare.traces.capture.run import CaptureOptions, capture, open_backend
 from memshare.traces.schema import FULL_KV_FIELDS, full_kv_row_dtype
 
 
@@ -39,18 +40,21 @@ def bench_capture(
     texts_limit: int | None = 3,
     max_tokens: int | None = None,
     model: str | None = None,
+    backend_name: str = "hf",
     repeats: int = 3,
     status: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the capture benchmark; return its figures."""
-    from memshare.traces.capture.hf import HFBackend
 
     def say(msg: str) -> None:
         if status is not None:
             status(msg)
 
     say("loading model")
-    backend = HFBackend(model, status=say)
+    base = CaptureOptions(output=Path("."), model=model, backend=backend_name)
+    backend = open_backend(base, say)
+    base = replace(base, keys=backend.key_modes[0])
+    want = frozenset({KEY_FIELD[base.keys], "v"})
     path = dataset if dataset is not None else bundled_prompts()
     items = read_problems(path, limit=limit).items
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -61,7 +65,7 @@ def bench_capture(
         say("warming up")
         warm = replace(settings, max_new_tokens=4)
         backend.plain_generate(batches[0], warm)
-        backend.generate(batches[0], warm, frozenset({"k", "v"}))
+        backend.generate(batches[0], warm, want)
 
         plain_s: list[float] = []
         loop_s: list[float] = []
@@ -82,7 +86,7 @@ def bench_capture(
             loop_s.append(time.perf_counter() - t)
             say(f"repeat {r + 1}/{repeats}: capture")
             out_dir = work / f"gen-{r}"
-            opts = CaptureOptions(output=out_dir, dataset=path, limit=limit, generation=settings)
+            opts = replace(base, output=out_dir, dataset=path, limit=limit, generation=settings)
             t = time.perf_counter()
             summary = capture(opts, backend=backend)
             cap_s.append(time.perf_counter() - t)
@@ -95,7 +99,8 @@ def bench_capture(
         tokens_total = summary["prompt_tokens"] + summary["output_tokens"]
         result: dict[str, Any] = {
             "model": backend.model_info().name,
-            "device": backend.device,
+            "backend": backend.name,
+            "device": getattr(backend, "device", "cpu"),
             "prompts": len(items),
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
@@ -120,8 +125,8 @@ def bench_capture(
         if texts is not None:
             say("teacher-forced capture of the texts")
             out_dir = work / "texts"
-            opts = CaptureOptions(
-                output=out_dir, texts=texts, limit=texts_limit, max_tokens=max_tokens
+            opts = replace(
+                base, output=out_dir, texts=texts, limit=texts_limit, max_tokens=max_tokens
             )
             tf = capture(opts, backend=backend)
             tokens = tf["prompt_tokens"] + tf["output_tokens"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import inspect
 import io
 import os
 import time
@@ -166,6 +167,21 @@ def convert_gguf(gguf: Path, folder: Path) -> dict[str, Any]:
     }
 
 
+def _cache_keyword(model: Any) -> str:
+    """The name under which this transformers' forward takes the KV cache: ``cache`` from
+    5.2x on, ``past_key_values`` before (an unknown keyword is swallowed by ``**kwargs``, so
+    a wrong name would silently run without a cache)."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise InputError(
+        "--model",
+        f"{type(model).__name__}.forward takes no KV cache argument (cache or past_key_values)",
+        "use a causal LM of the Llama family with transformers >= 5",
+    )
+
+
 def _to_numpy(t: Any) -> npt.NDArray[np.float32]:
     arr: npt.NDArray[np.float32] = t.detach().to("cpu").float().contiguous().numpy()
     return arr
@@ -236,6 +252,7 @@ class HFBackend:
             ) from None
         self.model.eval()
         self.model.to(device)
+        self._cache_kw = _cache_keyword(self.model)
         self.device = device
         self.dtype = dtype
         self.load_s = time.perf_counter() - self._t_load
@@ -503,9 +520,9 @@ class HFBackend:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
-                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kw: cache},
             )
             nxt = self._pick(out.logits[:, -1, :], settings, gen)
             prefill_s = time.perf_counter() - t0
@@ -533,9 +550,9 @@ class HFBackend:
                     input_ids=feed,
                     attention_mask=mask,
                     position_ids=pos,
-                    cache=cache,
                     use_cache=True,
                     logits_to_keep=1,
+                    **{self._cache_kw: cache},
                 )
                 if all_done:
                     break
@@ -587,9 +604,9 @@ class HFBackend:
             for s in range(0, len(tokens), chunk_tokens):
                 self.model(
                     input_ids=ids[:, s : s + chunk_tokens],
-                    cache=cache,
                     use_cache=True,
                     logits_to_keep=1,
+                    **{self._cache_kw: cache},
                 )
                 if self.token_progress is not None:
                     self.token_progress(min(s + chunk_tokens, len(tokens)))

@@ -68,6 +68,7 @@ from memshare.traces.schema import (
 )
 
 Mode = Literal["generate", "teacher_forced"]
+BACKENDS = ("hf", "vllm")
 BLOCKS_NOTE = "ceil(tokens / block_size) rows per request; the last block zero-padded"
 ARRIVAL_NOTE = "all requests arrive at 0 s (a capture has no arrival process)"
 TRUNCATION_NOTE = (
@@ -94,7 +95,7 @@ class CaptureOptions:
     block_size: int = 16
     sketch_dim: int = DEFAULT_DIM
     sketch_seed: int = DEFAULT_SEED
-    keys: KeyMode = "pre_rope"
+    keys: KeyMode = "pre_rope"  # the vllm backend has post-RoPE keys only
     full_kv: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     chunk_tokens: int = 512
@@ -141,10 +142,22 @@ def _check_options(o: CaptureOptions) -> None:
             "e.g. --keys pre_rope",
         ),
         (
-            o.backend == "hf",
+            o.backend in BACKENDS,
             "--backend",
             f"unknown backend {o.backend!r}",
-            "use --backend hf (vllm comes later)",
+            f"use one of {', '.join(BACKENDS)}",
+        ),
+        (
+            o.backend != "vllm" or o.keys == "post_rope",
+            f"--keys {o.keys}",
+            "the vllm backend reads vLLM's KV cache, which holds post-RoPE keys only",
+            "use --keys post_rope (the default with --backend vllm)",
+        ),
+        (
+            o.backend != "vllm" or o.device == "cpu",
+            "--device",
+            f"the vllm backend runs vLLM's CPU build, got --device {o.device}",
+            "use --device cpu, or --backend hf on CUDA",
         ),
     ]
     if o.max_tokens is not None:
@@ -495,6 +508,17 @@ def _run_teacher_forced(run: _Run, items: list[InputItem]) -> None:
         run.add(it, res, text, starts, meta)
 
 
+def open_backend(o: CaptureOptions, status: Callable[[str], None]) -> CaptureBackend:
+    """The backend ``o.backend`` names, loaded."""
+    if o.backend == "vllm":
+        from memshare.traces.capture.vllm import VllmBackend
+
+        return VllmBackend(o.model, dtype=o.dtype, threads=o.threads, status=status)
+    from memshare.traces.capture.hf import HFBackend
+
+    return HFBackend(o.model, dtype=o.dtype, device=o.device, threads=o.threads, status=status)
+
+
 def dir_bytes(path: Path) -> int:
     """Bytes of the regular files directly in ``path``."""
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
@@ -520,11 +544,7 @@ def capture(
     t_load = time.perf_counter()
     if backend is None:
         status("loading model")
-        from memshare.traces.capture.hf import HFBackend
-
-        backend = HFBackend(
-            o.model, dtype=o.dtype, device=o.device, threads=o.threads, status=status
-        )
+        backend = open_backend(o, status)
     load_s = time.perf_counter() - t_load
     if o.keys not in backend.key_modes:
         raise InputError(
