@@ -1059,6 +1059,15 @@ def validate_cmd(
             "build: none and prefix; time, prefix hits and blocks).",
         ),
     ] = "torch",
+    replay_arrivals: Annotated[
+        bool,
+        typer.Option(
+            "--replay-arrivals",
+            help="--engine vllm: requests arrive as the run's --arrival says (trace times, "
+            "poisson, closed:N) on vLLM's engine clock, and in the prediction; default: all "
+            "at 0 s.",
+        ),
+    ] = False,
     plot: PlotOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1086,6 +1095,7 @@ def validate_cmd(
         length_scale=length_scale,
         block_size=block_size,
         engine=engine,
+        replay_arrivals=replay_arrivals,
     )
     with _StatusBar(as_json) as bar:
         report = validate(opts, status=bar.status, progress=bar.progress)

@@ -116,3 +116,53 @@ def test_vllm_refuses_a_block_size_its_cpu_attention_lacks(trace: Path, tmp_path
     res = memshare("validate", str(runs), "--engine", "vllm", "--block-size", "16")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "--block-size" in res.stderr and "32" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def spaced(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 of the few-shot questions, arriving 4 s apart."""
+    folder = tmp_path_factory.mktemp("spaced")
+    src = folder / "w.jsonl"
+    rows = [{**r, "arrival_s": 4.0 * i} for i, r in enumerate(_rows()[:12])]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ok(memshare("import", "tokens", str(src), "-o", str(folder / "trace")))
+    return folder / "trace"
+
+
+@pytest.mark.parametrize("arrival", ["trace", "closed:3"])
+def test_vllm_replays_the_runs_arrivals(spaced: Path, tmp_path: Path, arrival: str) -> None:
+    runs = tmp_path / "runs"
+    simulate_default_model(
+        spaced, runs, "--policy", "none", "--policy", "prefix", "--block-size", "32",
+        "--arrival", arrival,
+    )  # fmt: skip
+    rep = json.loads(
+        ok(memshare("validate", str(runs), "--engine", "vllm", "--replay-arrivals", "--json"))
+    )
+    assert rep["budget"]["arrivals"] == {"none": arrival, "prefix": arrival}
+    prefix = rep["policies"]["prefix"]
+    for p in rep["policies"].values():
+        assert p["output_tokens"] == sum(12 + i % 7 for i in range(12))
+        assert p["ttft_p50_s"]["measured"] > 0
+    if arrival == "trace":
+        # 4 s apart, each request is done before the next arrives (here and in the model):
+        # every later one hits the cached preamble, and the clock spans the idle gaps
+        assert prefix["requests_hit_differing"] == [], prefix["request_hits"]
+        assert all(p["wall_s"] >= 44.0 for p in rep["policies"].values())
+        assert all(p["ttft_p90_s"]["measured"] < 4.0 for p in rep["policies"].values())
+    else:
+        # a closed loop is timing-free: the same steps and hits as the simulator's
+        for p in rep["policies"].values():
+            assert p["requests_hit_differing"] == [], p["request_hits"]
+            assert p["steps"]["predicted"] == p["steps"]["measured"]
+            assert p["preemptions"]["predicted"] == p["preemptions"]["measured"]
+        assert prefix["prefix_hit_tokens"]["measured"] > 0
+        assert rep["policies"]["none"]["wall_s"] < 44.0  # nothing waits for a timestamp
+
+
+def test_replay_arrivals_needs_the_vllm_engine(spaced: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    simulate_default_model(spaced, runs, "--policy", "none", "--block-size", "32")
+    res = memshare("validate", str(runs), "--replay-arrivals")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--replay-arrivals" in res.stderr and "--engine vllm" in res.stderr

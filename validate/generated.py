@@ -40,7 +40,7 @@ from memshare.errors import InputError
 from memshare.kv_manager import blocks_for_all, cdiv
 from memshare.registry import make_policy
 from memshare.scheduler import SchedulerConfig
-from memshare.sim.config import SimConfig
+from memshare.sim.config import ArrivalSpec, SimConfig
 from memshare.sim.cost_model import BatchShape, plan_shape
 from memshare.sim.run import LoadedTrace, RunOutput, resolve
 from memshare.traces.schema import RequestRecord
@@ -283,7 +283,7 @@ def answer_rows(per: dict[str, RequestAnswer], golds: dict[str, Gold]) -> dict[s
 class BudgetWorkload:
     """The requests of the throughput run and the budget both executors run them under."""
 
-    records: list[RequestRecord]  # simulator form: arrival 0, the trace's output forced
+    records: list[RequestRecord]  # simulator form: the trace's output forced, arrival 0 (or kept)
     specs: list[EngineSpec]  # engine form of the same
     trace: LoadedTrace  # the trace re-keyed to ``records`` (same KV rows)
     block_size: int
@@ -303,10 +303,16 @@ def check_fraction(fraction: float) -> None:
 
 
 def budget_workload(
-    trace: LoadedTrace, run: RunDir, limit: int | None, fraction: float
+    trace: LoadedTrace,
+    run: RunDir,
+    limit: int | None,
+    fraction: float,
+    *,
+    keep_arrivals: bool = False,
 ) -> BudgetWorkload:
     """The run's requests as forced generation under ``fraction`` x the all-at-once budget
-    (a record without prompt tokens is served with its first output token as its prompt)."""
+    (a record without prompt tokens is served with its first output token as its prompt);
+    every request at 0 s unless ``keep_arrivals`` (then the trace's ``arrival_s``)."""
     check_fraction(fraction)
     cap = limit or run.config.limit
     src = trace.records[:cap] if cap else trace.records
@@ -324,7 +330,7 @@ def budget_workload(
         records.append(
             replace(
                 rec,
-                arrival_s=0.0,
+                arrival_s=rec.arrival_s if keep_arrivals else 0.0,
                 prompt_len=len(prompt),
                 output_len=len(out),
                 prompt_ids=prompt,
@@ -340,9 +346,12 @@ def budget_workload(
     return BudgetWorkload(records, specs, tr, bs, blocks, full, fraction)
 
 
-def predict_at_budget(cfg: SimConfig, bw: BudgetWorkload, gpu: str) -> RunOutput:
-    """The simulator's run of ``cfg`` on exactly the budget workload (timing on ``gpu``)."""
-    return simulate_on(cfg, bw.trace, bw.num_blocks, bw.block_size, gpu)
+def predict_at_budget(
+    cfg: SimConfig, bw: BudgetWorkload, gpu: str, *, arrival: ArrivalSpec | None = None
+) -> RunOutput:
+    """The simulator's run of ``cfg`` on exactly the budget workload (timing on ``gpu``;
+    requests as they are in ``bw``, under ``arrival``: all at once by default)."""
+    return simulate_on(cfg, bw.trace, bw.num_blocks, bw.block_size, gpu, arrival=arrival)
 
 
 def run_at_budget(

@@ -115,14 +115,17 @@ def simulate_on(
     block_size: int,
     gpu: str,
     scheduler: SchedulerConfig | None = None,
+    *,
+    arrival: ArrivalSpec | None = None,
 ) -> RunOutput:
     """The simulator's run of ``cfg`` on exactly an engine's workload (``trace``: its records,
-    all at 0 s), budget and block size, timed on the ``gpu`` preset."""
+    at their ``arrival_s``, all 0 s unless kept; or under ``arrival``), budget and block size,
+    timed on the ``gpu`` preset."""
     sim_cfg = cfg.with_(
         limit=None,
         kv=KVBudget(blocks=num_blocks),
         block_size=block_size,
-        arrival=ArrivalSpec(),
+        arrival=arrival or ArrivalSpec(),
         scheduler=scheduler or cfg.scheduler,
         gpu=load_gpu(gpu),
     )

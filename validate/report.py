@@ -132,9 +132,12 @@ def render_vllm(report: dict[str, Any], console: Console) -> None:
     for col in ("run", "prefix hits", "requests differing", "blocks peak", "steps", "tok/s",
                 "TTFT p50 s", "TPOT p50 s"):  # fmt: skip
         t.add_column(col, justify="left" if col == "run" else "right")
+    arrivals = report["budget"].get("arrivals", {})
     for label, p in report["policies"].items():
         hits = p["prefix_hit_rate"]
-        row = [label, f"{_pct(hits['predicted'])} / {_pct(hits['measured'])}"]
+        how = arrivals.get(label, "all at 0 s")
+        run = label if how == "all at 0 s" else f"{label} ({how})"
+        row = [run, f"{_pct(hits['predicted'])} / {_pct(hits['measured'])}"]
         row += [str(len(p["requests_hit_differing"])), _pair(p["blocks_peak"]), _pair(p["steps"])]
         for key in ("throughput_tok_s", "ttft_p50_s", "tpot_p50_s"):
             v = p[key]

@@ -114,6 +114,7 @@ class ValidateOptions:
     length_scale: float = DEFAULT_LENGTH_SCALE  # workload-only traces: synthesized lengths
     block_size: int | None = None  # workload-only traces: the engine's (default 16)
     engine: str = "torch"  # torch (the paged engine) or vllm (validate/vllm_validate.py)
+    replay_arrivals: bool = False  # vllm: requests arrive as the run's --arrival (else at 0 s)
 
 
 ENGINES = ("torch", "vllm")
@@ -132,6 +133,12 @@ def validate(
     if o.engine not in ENGINES:
         raise InputError("--engine", f"must be one of {', '.join(ENGINES)}, got {o.engine!r}",
                          "e.g. --engine vllm")  # fmt: skip
+    if o.replay_arrivals and o.engine != "vllm":
+        raise InputError(
+            "--replay-arrivals",
+            "the torch engine runs every request at 0 s",
+            "add --engine vllm, or leave out --replay-arrivals",
+        )
     if o.engine == "vllm":
         from memshare.validate.vllm_validate import validate_vllm
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,12 @@ class VllmSettings:
 
 @dataclass(frozen=True)
 class VllmSpec:
-    """One request: its prompt ids and how many tokens to generate."""
+    """One request: its prompt ids, how many tokens to generate, and when it arrives."""
 
     rid: str
     prompt_ids: Sequence[int]
     max_tokens: int
+    arrival_s: float = 0.0  # open loop: engine-clock time it is added (ignored in closed loop)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class VllmRequest:
 
     rid: str
     prompt_len: int
+    arrival_s: float = 0.0  # when it was added (engine clock)
     output_ids: list[int] = field(default_factory=list)
     cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: never reported)
     first_token_s: float = float("nan")
@@ -126,8 +129,14 @@ def open_engine(s: VllmSettings) -> Any:
     )
 
 
-def run_engine(llm: Any, specs: Sequence[VllmSpec]) -> VllmRun:
-    """Serve ``specs`` (all at 0 s, in order) to the end; time every step."""
+def run_engine(llm: Any, specs: Sequence[VllmSpec], clients: int | None = None) -> VllmRun:
+    """Serve ``specs`` to the end; time every step.
+
+    Open loop (``clients`` None): each request is added once the engine clock (the sum of the
+    step times, plus idle gaps: with nothing to run, the clock jumps to the next arrival)
+    reaches its ``arrival_s``; ties in order. Closed loop: the first ``clients`` requests at 0
+    s, then the next (in order) each time one finishes, at the clock of that step's end.
+    """
     from vllm import SamplingParams
 
     eng = llm.llm_engine
@@ -135,9 +144,16 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec]) -> VllmRun:
     sched = core.scheduler
     pool = sched.kv_cache_manager.block_pool
     reqs = {s.rid: VllmRequest(s.rid, len(s.prompt_ids)) for s in specs}
-    for s in specs:
+    order = list(specs) if clients else sorted(specs, key=lambda s: s.arrival_s)
+    waiting = deque(order)
+
+    def add(s: VllmSpec, at: float) -> None:
+        reqs[s.rid].arrival_s = at
         params = SamplingParams(max_tokens=s.max_tokens, ignore_eos=True, temperature=0.0)
         eng.add_request(s.rid, {"prompt_token_ids": list(s.prompt_ids)}, params)
+
+    for _ in range(min(clients or 0, len(waiting))):
+        add(waiting.popleft(), 0.0)
     shapes: list[BatchShape | None] = []
     used: list[int] = []
     preempted: list[str] = []  # one entry per preemption (vLLM's SchedulerOutput)
@@ -163,7 +179,13 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec]) -> VllmRun:
     steps: list[VllmStep] = []
     clock = 0.0
     try:
-        while eng.has_unfinished_requests():
+        while waiting or eng.has_unfinished_requests():
+            if not clients:
+                if waiting and not eng.has_unfinished_requests():
+                    clock = max(clock, waiting[0].arrival_s)  # idle until the next arrival
+                while waiting and waiting[0].arrival_s <= clock:
+                    s = waiting.popleft()
+                    add(s, s.arrival_s)
             t = time.perf_counter()
             outs = eng.step()
             wall = time.perf_counter() - t
@@ -183,6 +205,8 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec]) -> VllmRun:
                 r.output_ids = ids
                 if o.finished:
                     r.finish_s = clock
+                    if clients and waiting:
+                        add(waiting.popleft(), clock)
     finally:
         del sched.schedule
         del pool._maybe_evict_cached_block

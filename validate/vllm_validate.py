@@ -2,7 +2,9 @@
 real vLLM serving the same requests under the same budget (docs/vllm.md).
 
 The workload is validate's run at a KV budget (``--kv-fraction`` of what every request needs at
-once, all requests at 0 s, each generating exactly its trace's output length), so the
+once, all requests at 0 s, each generating exactly its trace's output length; with
+``--replay-arrivals`` requests arrive as the run's ``--arrival`` says, on vLLM's engine clock
+and in the simulator alike), so the
 simulator's prediction is :func:`~memshare.validate.generated.predict_at_budget`, the same as
 for the torch engine; vLLM runs it through :mod:`memshare.validate.vllm_engine`. Per policy:
 throughput, TTFT and TPOT percentiles, prefix hit rate (tokens), per-request hits, KV blocks
@@ -81,7 +83,8 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
         raise InputError(
             "--block-size", "applies to workload traces", "simulate at the block size to run"
         )
-    bw = budget_workload(trace, runs[0], o.limit, o.kv_fraction)
+    replay = bool(o.replay_arrivals)
+    bw = budget_workload(trace, runs[0], o.limit, o.kv_fraction, keep_arrivals=replay)
     folder, token_bytes = backend.folder, kv_bytes_per_token(backend.model_info())
     del backend
     policies: dict[str, dict[str, Any]] = {}
@@ -90,9 +93,9 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
     for r in runs:
         if status:
             status(f"{r.label}: simulating, then vLLM")
-        pred = predict_at_budget(r.config, bw, o.gpu)
+        pred = predict_at_budget(r.config, bw, o.gpu, arrival=r.config.arrival if replay else None)
         preds.append(pred)
-        run = _measure(r, bw, folder, token_bytes)
+        run = _measure(r, bw, folder, token_bytes, replay)
         policies[r.label] = compare(pred, run)
         steps += [(s.shape, s.wall_s) for s in run.steps if s.shape is not None]
     report: dict[str, Any] = {
@@ -107,7 +110,8 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
             "kv_fraction": bw.fraction,
             "kv_blocks": bw.num_blocks,
             "all_at_once_blocks": bw.all_at_once,
-            "workload": "all at 0 s, each request its trace's output length (greedy, no EOS)",
+            "workload": "each request its trace's output length (greedy, no EOS)",
+            "arrivals": _arrivals(runs, replay),
         },
         "policies": policies,
     }
@@ -117,7 +121,32 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
     return report
 
 
-def _measure(r: RunDir, bw: BudgetWorkload, folder: Any, token_bytes: int) -> VllmRun:
+def _arrivals(runs: Sequence[RunDir], replay: bool) -> dict[str, str]:
+    """How requests arrived on each run (its simulate ``--arrival`` when replayed)."""
+    return {r.label: str(r.config.arrival) if replay else "all at 0 s" for r in runs}
+
+
+def _specs(r: RunDir, bw: BudgetWorkload, replay: bool) -> tuple[list[VllmSpec], int | None]:
+    """vLLM's requests for run ``r`` and, for a closed loop, its clients. Replayed open-loop
+    times are the simulator's own (:func:`~memshare.sim.arrivals.arrival_times` of the run's
+    ``--arrival``, ``--time-scale`` and seed)."""
+    from memshare.sim.arrivals import arrival_times
+
+    cfg = r.config
+    times = [0.0] * len(bw.specs)
+    clients = None
+    if replay and cfg.arrival.mode == "closed":
+        clients = cfg.arrival.clients
+    elif replay:
+        trace_times = [rec.arrival_s for rec in bw.records]
+        times = arrival_times(cfg.arrival, trace_times, cfg.time_scale, cfg.seed).tolist()
+    specs = [
+        VllmSpec(s.rid, s.prompt_ids, s.max_tokens, t) for s, t in zip(bw.specs, times, strict=True)
+    ]
+    return specs, clients
+
+
+def _measure(r: RunDir, bw: BudgetWorkload, folder: Any, token_bytes: int, replay: bool) -> VllmRun:
     """One fresh vLLM engine for run ``r``, serving the budget workload."""
     longest = max(len(s.prompt_ids) + s.max_tokens for s in bw.specs)
     settings = VllmSettings(
@@ -132,8 +161,8 @@ def _measure(r: RunDir, bw: BudgetWorkload, folder: Any, token_bytes: int) -> Vl
     )
     llm = open_engine(settings)
     try:
-        specs = [VllmSpec(s.rid, s.prompt_ids, s.max_tokens) for s in bw.specs]
-        return run_engine(llm, specs)
+        specs, clients = _specs(r, bw, replay)
+        return run_engine(llm, specs, clients)
     finally:
         del llm
 
@@ -146,7 +175,7 @@ def compare(pred: RunOutput, run: VllmRun) -> dict[str, Any]:
     hits_meas = {r.rid: max(r.cached_tokens, 0) for r in run.requests}
     prompt = sum(q.prompt_len for q in reqs)
     differ = sorted(rid for rid in hits_pred if hits_pred[rid] != hits_meas.get(rid))
-    ttft = [r.first_token_s for r in run.requests]
+    ttft = [r.first_token_s - r.arrival_s for r in run.requests]
     tpot = [
         (r.finish_s - r.first_token_s) / (len(r.output_ids) - 1)
         for r in run.requests
