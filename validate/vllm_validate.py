@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,7 @@ from memshare.validate.workload_trace import is_workload, on_engine
 VLLM_POLICIES = ("none", "prefix")
 DEFAULT_VLLM_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
 VALIDATION = "validation.json"
+STEPS = "vllm_steps.jsonl"  # per run directory: vLLM's steps as measured (the fit's data)
 
 
 def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -96,6 +99,7 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
         pred = predict_at_budget(r.config, bw, o.gpu, arrival=r.config.arrival if replay else None)
         preds.append(pred)
         run = _measure(r, bw, folder, token_bytes, replay)
+        write_steps(r.path / STEPS, run)
         policies[r.label] = compare(pred, run)
         steps += [(s.shape, s.wall_s) for s in run.steps if s.shape is not None]
     report: dict[str, Any] = {
@@ -119,6 +123,23 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
         report["cost_model_fit"] = _fit(o, preds[0], steps)
     write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
+
+
+def write_steps(path: Path, run: VllmRun) -> None:
+    """One JSON line per vLLM step: its wall time, KV blocks in use and batch shape (every
+    :class:`~memshare.sim.cost_model.BatchShape` field; null for a step that ran nothing)."""
+    lines = [
+        json.dumps(
+            {
+                "step": i,
+                "wall_s": st.wall_s,
+                "blocks_in_use": st.blocks_in_use,
+                "shape": None if st.shape is None else asdict(st.shape),
+            }
+        )
+        for i, st in enumerate(run.steps)
+    ]
+    write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _arrivals(runs: Sequence[RunDir], replay: bool) -> dict[str, str]:
