@@ -116,6 +116,7 @@ class Engine:
         self._times: list[float] = []  # open loop: arrival times in order (closed loop: none)
         self._next = 0  # open loop: index of the next arrival
         self._resubmit_at = -math.inf  # closed loop: when a client last got its answer
+        self._answered = False  # closed loop: a client got its answer since the last yield
         pool = self.pool
         self._capacity = pool.num_pages // pool.pages_per_block  # blocks the pool can hold
         self._chunked = scheduler.cfg.enable_chunked_prefill
@@ -205,6 +206,7 @@ class Engine:
         if req.done is not None:
             req.done.succeed()
             self._resubmit_at = self.env.now  # its client sends the next once we yield
+            self._answered = True
 
     # ----------------------------------------------------------------- decode bursts
     def _burst_times(self, k: int, kv: int, now: float) -> list[float]:
@@ -265,6 +267,10 @@ class Engine:
         for step in itertools.count():
             if self.n_done >= n_total:
                 return
+            if self._answered:  # let the clients answered by the last step send their next
+                self._answered = False  # request now, so that the next step sees it (a
+                yield env.timeout(0)  # server schedules what has arrived by its start)
+                continue
             if sched.idle:
                 self._wake = env.event()
                 yield self._wake
