@@ -165,7 +165,6 @@ def test_vllm_replays_the_runs_arrivals(spaced: Path, tmp_path: Path, arrival: s
             assert p["steps"]["predicted"] == p["steps"]["measured"]
             assert p["preemptions"]["predicted"] == p["preemptions"]["measured"]
         assert prefix["prefix_hit_tokens"]["measured"] > 0
-        assert rep["policies"]["none"]["wall_s"] < 44.0  # nothing waits for a timestamp
 
 
 def test_replay_arrivals_needs_the_vllm_engine(spaced: Path, tmp_path: Path) -> None:
