@@ -17,11 +17,13 @@ exactly is used, and none matching is a one-line error. These are engine interna
 is pinned and any other is refused.
 
 Generate mode runs in two passes: (1) plain vLLM generation of the batch (sampling as asked;
-nothing is hooked, so it is also the baseline of the capture-overhead figure); (2) a KV pass:
+nothing is read, so it is also the baseline of the capture-overhead figure); (2) a KV pass:
 each request's prompt plus output as a prompt with ``max_tokens=1``, whose cache is copied at
 free time. So every token of the trace has its KV, as in the HF backend, which feeds the last
-tokens once more. Teacher-forced mode is the KV pass alone. Prefix caching is off: every KV
-pass computes every token.
+tokens once more. Prefix caching is on (vLLM's default): the KV pass hits the full blocks that
+generation cached, so it reads the KV vLLM computed while serving and computes only the
+partial last block (and the last full block when the sequence is block-aligned: vLLM
+recomputes it). Teacher-forced mode is the KV pass alone.
 
 Invariant: a returned request's arrays cover exactly ``prompt_ids + output_ids``, in order.
 """
@@ -92,18 +94,23 @@ class BlockLayout:
 LAYOUTS = (BlockLayout("k-transposed", True), BlockLayout("k-rows", False))
 
 
-def read_blocks(
-    caches: Sequence[Any], block_ids: Sequence[int], tokens: int, layout: BlockLayout
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """K and V of the first ``tokens`` tokens held in ``block_ids``, every layer:
-    ``(layers, tokens, kv_heads, head_dim)`` float32 each."""
+def copy_blocks(caches: Sequence[Any], block_ids: Sequence[int]) -> Any:
+    """A copy of blocks ``block_ids`` of every layer's cache: ``(L, n, kv_heads, block,
+    2 * head_dim)``, as stored."""
     import torch
 
     ids = torch.tensor(list(block_ids), dtype=torch.long)
-    stacked = torch.stack([c.index_select(0, ids) for c in caches])  # (L, n, H, B, 2D)
-    L, n, H, B, D2 = stacked.shape
+    return torch.stack([c.index_select(0, ids) for c in caches])
+
+
+def unpack(
+    raw: Any, tokens: int, layout: BlockLayout
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """K and V of the first ``tokens`` tokens of :func:`copy_blocks`' blocks under ``layout``:
+    ``(layers, tokens, kv_heads, head_dim)`` float32 each."""
+    L, n, H, B, D2 = raw.shape
     D = D2 // 2
-    halves = stacked.reshape(L, n, H, 2 * B, D)
+    halves = raw.reshape(L, n, H, 2 * B, D)
     k_raw, v = halves[:, :, :, :B], halves[:, :, :, B:]
     if layout.k_transposed:
         k = k_raw.reshape(L, n, H, D, B).permute(0, 1, 4, 2, 3)  # (L, n, B, H, D)
@@ -148,7 +155,7 @@ class VllmBackend:
             model=str(self.text.folder),
             dtype=dtype,
             block_size=ENGINE_BLOCK,
-            enable_prefix_caching=False,
+            enable_prefix_caching=True,
             max_model_len=self.text.context_limit,
             seed=0,
             enforce_eager=True,
@@ -196,8 +203,9 @@ class VllmBackend:
             keys_from="vllm kv cache (post-RoPE)",
             engine_block_size=ENGINE_BLOCK,
             kv_layout=self.layout.name,
-            prefix_caching=False,
-            generate_kv="second pass: prompt + output as a prompt, max_tokens=1",
+            prefix_caching=True,
+            generate_kv="second pass: prompt + output as a prompt, max_tokens=1, hitting the "
+            "blocks generation cached",
         )
         d.pop("attn_implementation", None)
         return d
@@ -235,18 +243,18 @@ class VllmBackend:
         return f"m{self._seq}"
 
     @contextmanager
-    def _kept_at_free(self, tokens: dict[str, int]) -> Iterator[dict[str, Any]]:
-        """While open, a request of ``tokens`` (our id -> tokens to keep) has its KV blocks
-        copied (K and V as :func:`read_blocks` gives them) when vLLM frees it."""
+    def _kept_at_free(self, ours: set[str]) -> Iterator[dict[str, Any]]:
+        """While open, a request whose id is in ``ours`` has its KV blocks copied
+        (:func:`copy_blocks`) when vLLM frees it."""
         kept: dict[str, Any] = {}
         kvm = self._sched.kv_cache_manager
         free = kvm.free
 
         def keep(request: Any) -> None:
-            ours = str(request.request_id).rsplit("-", 1)[0]
-            if ours in tokens and ours not in kept:
+            rid = str(request.request_id).rsplit("-", 1)[0]
+            if rid in ours and rid not in kept:
                 (ids,) = kvm.get_block_ids(request.request_id)
-                kept[ours] = read_blocks(self._caches, ids, tokens[ours], self.layout)
+                kept[rid] = copy_blocks(self._caches, ids)
             free(request)
 
         kvm.free = keep
@@ -278,11 +286,18 @@ class VllmBackend:
 
     def _kv_pass(self, seqs: Sequence[list[int]]) -> list[tuple[Any, Any]]:
         """Each token list as a prompt (``max_tokens=1``); its K and V, copied at free."""
+        return [
+            unpack(raw, len(s), self.layout)
+            for raw, s in zip(self._raw_pass(seqs), seqs, strict=True)
+        ]
+
+    def _raw_pass(self, seqs: Sequence[list[int]]) -> list[Any]:
+        """Each token list as a prompt (``max_tokens=1``); its cache blocks as stored."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0)
         rids = [self._rid() for _ in seqs]
-        with self._kept_at_free({r: len(s) for r, s in zip(rids, seqs, strict=True)}) as kept:
+        with self._kept_at_free(set(rids)) as kept:
             self._run({r: (list(s), params) for r, s in zip(rids, seqs, strict=True)})
         return [kept[r] for r in rids]
 
@@ -306,21 +321,20 @@ class VllmBackend:
 
         impl.forward = spy
         try:
-            for layout in LAYOUTS:
-                self.layout = layout
-                seen.clear()
-                ((k, v),) = self._kv_pass([probe])
-                if not seen:
-                    break
-                k_in = torch.cat([s[0] for s in seen])[: len(probe)].float().numpy()
-                v_in = torch.cat([s[1] for s in seen])[: len(probe)].float().numpy()
-                H, D = k.shape[2], k.shape[3]
-                if np.array_equal(k[0], k_in.reshape(-1, H, D)) and np.array_equal(
-                    v[0], v_in.reshape(-1, H, D)
-                ):
-                    return layout
+            (raw,) = self._raw_pass([probe])  # the engine's first request: nothing cached yet
         finally:
             del impl.forward
+        if seen:
+            k_in = torch.cat([s[0] for s in seen])[: len(probe)].float().numpy()
+            v_in = torch.cat([s[1] for s in seen])[: len(probe)].float().numpy()
+            for layout in LAYOUTS:
+                k, v = unpack(raw, len(probe), layout)
+                H, D = k.shape[2], k.shape[3]
+                if len(k_in) == len(probe) and (
+                    np.array_equal(k[0], k_in.reshape(-1, H, D))
+                    and np.array_equal(v[0], v_in.reshape(-1, H, D))
+                ):
+                    return layout
         raise InputError(
             "--backend vllm",
             "vLLM's KV cache layout is none memshare knows (a probe prompt's keys and values "
