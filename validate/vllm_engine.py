@@ -4,14 +4,15 @@
 One in-process ``LLM`` per policy (``enable_prefix_caching`` on for ``prefix``), sized to the
 run's budget exactly (``num_gpu_blocks_override``: the budget plus vLLM's null block), its
 block size and scheduler limits. Every request is added at 0 s in trace order, as validate's
-torch engine runs them; the engine is stepped by hand and each step timed, so a request's
-first-token and finish times are on the same clock as the torch engine's (the sum of its own
-steps), and the step times with each step's batch shape feed the cost-model fit.
+torch engine runs them, or at its replayed arrival (:func:`run_engine`); the engine is stepped
+by hand and each step timed, so a request's first-token and finish times are on the same clock
+as the torch engine's (the sum of its own steps, plus idle gaps between arrivals), and the
+step times with each step's batch shape feed the cost-model fit.
 
 What is read from vLLM: ``RequestOutput.num_cached_tokens`` (the prefix hit, public), the
 sampled tokens, and, for KV blocks in use and batch shapes, the engine core's scheduler and
 block pool (``llm_engine.engine_core.engine_core.scheduler``): internals, so the version is
-pinned (:data:`VLLM_VERSION`) and any other is refused in one line.
+pinned (:data:`memshare.traces.capture.vllm.VLLM_VERSION`) and any other is refused in one line.
 
 Invariants: outputs are greedy with ``ignore_eos`` and exactly the trace's output length, so
 the simulator and vLLM schedule the same token counts; a request's ``cached_tokens`` is what
