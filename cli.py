@@ -785,7 +785,7 @@ def capture_cmd(
     Texts over the context limit (or --max-tokens) are cut there: finish_reason "length".
     """
     from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
-    from memshare.traces.capture.segment import DEFAULT_CUES, SegmenterConfig
+    from memshare.traces.segment import DEFAULT_CUES, SegmenterConfig
 
     if min_step_tokens < 1:
         raise InputError("--min-step-tokens", f"must be >= 1, got {min_step_tokens}", "e.g. 32")
@@ -946,7 +946,7 @@ def generate_cmd(
     Writes outputs.jsonl (tokens and text per request), shares.jsonl (every confirmed share,
     with its exact distance on the live KV) and metrics.json (pages, KV bytes, tokens/s).
     """
-    from memshare.validate.generate import GenerateOptions, generate
+    from memshare.validate.engine.generate import GenerateOptions, generate
 
     opts = GenerateOptions(
         output=output,
@@ -1119,7 +1119,7 @@ def bench_engine_cmd(
 ) -> None:
     """Paged engine vs HF generate tokens/s (batch 1; a mixed batch), KV bytes, peak RSS,
     cf-topk overhead in the engine."""
-    from memshare.validate.engine_bench import bench_engine
+    from memshare.validate.engine.bench import bench_engine
 
     if min(repeats, batch, max_new_tokens, concurrency) < 1:
         raise InputError(
@@ -1258,7 +1258,7 @@ def calibrate_cmd(
     """KVSharer calibration on the real model: the layer map the kvsharer policy uses."""
     from memshare.traces.capture.hf import HFBackend
     from memshare.traces.capture.inputs import bundled_prompts, read_problems, read_texts
-    from memshare.validate.calibrate import calibrate, write_calibration
+    from memshare.validate.engine.calibrate import calibrate, write_calibration
 
     if not 0.0 < target < 1.0:
         raise InputError("--target", f"must lie in (0, 1), got {target}", "e.g. 0.125, 0.25")

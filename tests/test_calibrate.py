@@ -22,7 +22,7 @@ R1 = DATA / "reasoning" / "deepseek_r1_aime24_math500.jsonl"
 def test_calibrate_accepts_pairs_that_keep_the_cosine_when_rerun(
     hf_backend: HFBackend, tmp_path: Path
 ) -> None:
-    from memshare.validate.calibrate import _ids, calibrate, map_cosine, write_calibration
+    from memshare.validate.engine.calibrate import _ids, calibrate, map_cosine, write_calibration
 
     texts = [json.loads(line)["reasoning"] for line in R1.read_text().splitlines()[:3]]
     cal = calibrate(hf_backend, texts, max_tokens=96, target=0.125, threshold=0.5)

@@ -18,7 +18,7 @@ import pytest
 from memshare.sketch import DEFAULT_DIM, block_vectors, pairwise_distances, sketch_blocks
 from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
 from memshare.traces.capture.fullkv import read_full_kv, verify_full_kv
-from memshare.traces.capture.model_cache import MARKER, read_marker
+from memshare.traces.model.gguf_cache import MARKER, read_marker
 from memshare.traces.reader import TraceReader
 
 if TYPE_CHECKING:

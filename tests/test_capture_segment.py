@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memshare.traces.capture.segment import (
+from memshare.traces.segment import (
     SegmenterConfig,
     chars_to_tokens,
     enforce_min_length,

@@ -18,7 +18,7 @@ import pytest
 from test_hardening import smol_kv_trace
 
 from memshare.cli import main
-from memshare.traces.capture.device import resolve_threads
+from memshare.traces.model.device import resolve_threads
 
 MOONCAKE_DEMO = Path(__file__).resolve().parents[1] / "memshare" / "data" / "mooncake_demo.jsonl"
 

@@ -1,4 +1,4 @@
-"""The real executor (memshare.validate.engine): the simulator's scheduler, manager and
+"""The real executor (memshare.validate.engine.paged_engine): the simulator's scheduler, manager and
 registry policies driving real forward passes of the default model over paged KV.
 
 No mocks: the default model (SmolLM2-135M-Instruct), real HF ``generate`` as the reference,
@@ -25,7 +25,7 @@ from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo  # 
 from memshare.registry import make_policy  # noqa: E402
 from memshare.scheduler import SchedulerConfig  # noqa: E402
 from memshare.sketch import DEFAULT_DIM  # noqa: E402
-from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
+from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
 
 if TYPE_CHECKING:
     from memshare.traces.capture.hf import HFBackend

@@ -1,4 +1,4 @@
-"""Engines in one forward pass (memshare.validate.engine_group) decide and compute what each
+"""Engines in one forward pass (memshare.validate.engine.group) decide and compute what each
 engine decides and computes alone: same steps, pages and shares, the same logits up to the
 floating-point order of a larger matrix product.
 
@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 
 from memshare.block_pool import BlockPool  # noqa: E402
 from memshare.registry import make_policy  # noqa: E402
-from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
-from memshare.validate.engine_group import EngineGroup  # noqa: E402
+from memshare.validate.engine.group import EngineGroup  # noqa: E402
+from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
 
 BS = 8
 POLICIES: list[tuple[str, dict[str, Any]]] = [

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 
 from memshare.registry import make_policy  # noqa: E402
 from memshare.scheduler import SchedulerConfig  # noqa: E402
-from memshare.validate.engine import (  # noqa: E402
+from memshare.validate.engine.paged_engine import (  # noqa: E402
     EngineOptions,
     EngineSpec,
     PagedEngine,

@@ -24,8 +24,8 @@ torch = pytest.importorskip("torch")
 
 from memshare.registry import make_policy  # noqa: E402
 from memshare.traces.capture.inputs import InputItem  # noqa: E402
-from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
-from memshare.validate.generate import teacher_forced_inputs  # noqa: E402
+from memshare.validate.engine.generate import teacher_forced_inputs  # noqa: E402
+from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
 
 if TYPE_CHECKING:
     from memshare.traces.capture.hf import HFBackend

@@ -103,7 +103,7 @@ def test_engine_on_qwen_matches_hf_generate(kind: str) -> None:
     through the whole engine: scheduler, manager, a budget that preempts, and `prefix`."""
     from memshare.registry import make_policy
     from memshare.scheduler import SchedulerConfig
-    from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
+    from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 
     model = tiny_model(kind)
     g = torch.Generator().manual_seed(1)

@@ -1,4 +1,4 @@
-"""validate/heap.py: the allocator settings take on glibc and change nothing computed."""
+"""validate/engine/heap.py: the allocator settings take on glibc and change nothing computed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from memshare.validate.heap import tame_heap
+from memshare.validate.engine.heap import tame_heap
 
 
 @pytest.mark.skipif(

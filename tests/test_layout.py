@@ -23,9 +23,9 @@ VALIDATE_READS_SIM = {
     "measure.py",
     "validation.py",
     "generated.py",
-    "workload_trace.py",  # a workload run's model config and the trace type
-    "vllm_engine.py",  # the batch shape of vLLM's steps (the cost fit's input)
-    "vllm_validate.py",  # the simulator's prediction beside vLLM's measurement
+    "trace.py",  # a workload run's model config and the trace type
+    "engine.py",  # vllm/engine.py  # the batch shape of vLLM's steps (the cost fit's input)
+    "validate.py",  # the simulator's prediction beside vLLM's measurement
 }
 
 

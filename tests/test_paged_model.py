@@ -1,4 +1,4 @@
-"""The paged KV engine's model side (memshare.validate.paged_model) against plain HF runs.
+"""The paged KV engine's model side (memshare.validate.engine.model) against plain HF runs.
 
 No mocks: the default model (SmolLM2-135M-Instruct, loaded once per session by the
 ``hf_backend`` fixture) and tiny seeded random-weight Qwen2 / Qwen3 / Llama models, compared
@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 from helpers_models import tiny_model  # noqa: E402
 
-from memshare.validate.paged_model import PagedModel, SeqChunk  # noqa: E402
-from memshare.validate.paged_store import PageStore  # noqa: E402
+from memshare.validate.engine.model import PagedModel, SeqChunk  # noqa: E402
+from memshare.validate.engine.store import PageStore  # noqa: E402
 
 if TYPE_CHECKING:
     from memshare.traces.capture.hf import HFBackend

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from memshare.validate.paged_batch import SeqChunk, check_layer_map, plan_step  # noqa: E402
-from memshare.validate.paged_store import PageStore  # noqa: E402
+from memshare.validate.engine.batch import SeqChunk, check_layer_map, plan_step  # noqa: E402
+from memshare.validate.engine.store import PageStore  # noqa: E402
 
 
 def test_rows_roundtrip_and_sizes() -> None:

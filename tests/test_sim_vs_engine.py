@@ -71,7 +71,7 @@ def test_simulator_and_engine_take_identical_steps(
 ) -> None:
     """``reserve``: admit only whole prompts (vLLM 0.32's default); without it a tight budget
     admits first chunks it cannot finish, and preempts."""
-    from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
+    from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 
     records = workload(passages=policy == "kvshare")
     cfg = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=6, reserve_full_prompt=reserve)

@@ -45,9 +45,14 @@ from memshare.sim.cost_model import BatchShape, plan_shape
 from memshare.sim.run import LoadedTrace, RunOutput, resolve
 from memshare.traces.schema import RequestRecord
 from memshare.validate.answers import Kind, answers_equal, detect_kind, extract_answer, gold_answer
-from memshare.validate.engine import EngineOptions, EngineResult, EngineSpec, PagedEngine
-from memshare.validate.generate import write_run
-from memshare.validate.live_blocks import TokenStarts
+from memshare.validate.engine.generate import write_run
+from memshare.validate.engine.live_blocks import TokenStarts
+from memshare.validate.engine.paged_engine import (
+    EngineOptions,
+    EngineResult,
+    EngineSpec,
+    PagedEngine,
+)
 from memshare.validate.measure import first_differing_step, simulate_on
 from memshare.validate.runs import RunDir
 
@@ -470,7 +475,7 @@ def write_engine(
     metrics: dict[str, Any],
     extra: dict[str, dict[str, Any]],
 ) -> None:
-    """The engine's files (:func:`~memshare.validate.generate.write_run`), with each
+    """The engine's files (:func:`~memshare.validate.engine.generate.write_run`), with each
     ``outputs.jsonl`` line extended by ``extra[request]`` (answer, first-share position)."""
     write_run(folder, policy, result, decode, metrics)
     path = folder / "outputs.jsonl"

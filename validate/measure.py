@@ -12,7 +12,7 @@ KV, which drifts from the captured KV after the first share: the gap is the pred
 
 The unshared engine (``none``) runs in lockstep with every policy's engine: one step of each in
 turn, or (``one_pass``) every engine's step in one forward pass
-(:mod:`~memshare.validate.engine_group`); logits of the same (request, first position) chunk
+(:mod:`~memshare.validate.engine.group`); logits of the same (request, first position) chunk
 are compared as soon as all have produced them, so at most a few steps' logits are held,
 never written.
 
@@ -41,10 +41,10 @@ from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
 from memshare.sim.cost_model import BatchShape, plan_shape
 from memshare.sim.run import LoadedTrace, RunOutput, resolve, run_config
 from memshare.traces.schema import RequestRecord
-from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
-from memshare.validate.engine_group import EngineGroup
+from memshare.validate.engine.group import EngineGroup
+from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
+from memshare.validate.engine.store import PageStore
 from memshare.validate.fidelity import FidelityAccumulator, add_pairs, next_token_targets
-from memshare.validate.paged_store import PageStore
 from memshare.validate.runs import RunDir
 
 Progress = Callable[[str, int, int], None]  # what, done, total
@@ -74,7 +74,7 @@ class Measured:
 
 def teacher_forced_workload(trace: LoadedTrace, run: RunDir, limit: int | None) -> Workload:
     """The run's requests as teacher-forced texts (a workload-only trace: tokenized first,
-    :func:`~memshare.validate.workload_trace.tokenized`)."""
+    :func:`~memshare.validate.workload.trace.tokenized`)."""
     cfg = run.config
     cap = limit or cfg.limit
     src = trace.records[:cap] if cap else trace.records

@@ -38,8 +38,9 @@ from memshare.sim.cost_model import BatchShape
 from memshare.sim.run import LoadedTrace, RunOutput
 from memshare.traces.schema import RequestRecord
 from memshare.validate.cost_fit import COST_TOML, fit_and_write
-from memshare.validate.engine import EngineResult, PagedEngine, StepRecord
-from memshare.validate.generate import run_metrics
+from memshare.validate.engine.generate import run_metrics
+from memshare.validate.engine.heap import tame_heap
+from memshare.validate.engine.paged_engine import EngineResult, PagedEngine, StepRecord
 from memshare.validate.generated import (
     DEFAULT_KV_FRACTION,
     BudgetWorkload,
@@ -59,7 +60,6 @@ from memshare.validate.generated import (
     run_at_budget,
     write_engine,
 )
-from memshare.validate.heap import tame_heap
 from memshare.validate.measure import (
     Measured,
     Progress,
@@ -71,8 +71,8 @@ from memshare.validate.measure import (
     teacher_forced_workload,
 )
 from memshare.validate.runs import RunDir, check_model, find_runs, load_checked_trace
-from memshare.validate.workload_tokens import check_block_size, check_scale
-from memshare.validate.workload_trace import (
+from memshare.validate.workload.tokens import check_block_size, check_scale
+from memshare.validate.workload.trace import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LENGTH_SCALE,
     check_policies,
@@ -113,7 +113,7 @@ class ValidateOptions:
     one_pass: bool = False  # teacher-forced part: all runs' steps in one forward pass
     length_scale: float = DEFAULT_LENGTH_SCALE  # workload-only traces: synthesized lengths
     block_size: int | None = None  # workload-only traces: the engine's (default 16)
-    engine: str = "torch"  # torch (the paged engine) or vllm (validate/vllm_validate.py)
+    engine: str = "torch"  # torch (the paged engine) or vllm (validate/vllm/validate.py)
     replay_arrivals: bool = False  # vllm: requests arrive as the run's --arrival (else at 0 s)
 
 
@@ -126,8 +126,8 @@ def validate(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure every run under ``o.run``; returns (and writes) the ``validation.json`` object."""
-    from memshare.traces.capture.device import check_device
     from memshare.traces.capture.hf import HFBackend
+    from memshare.traces.model.device import check_device
 
     check_fraction(o.kv_fraction)
     if o.engine not in ENGINES:
@@ -140,7 +140,7 @@ def validate(
             "add --engine vllm, or leave out --replay-arrivals",
         )
     if o.engine == "vllm":
-        from memshare.validate.vllm_validate import validate_vllm
+        from memshare.validate.vllm.validate import validate_vllm
 
         return validate_vllm(o, status)
     if o.fit_cost_model and o.one_pass and o.fidelity_only:
@@ -149,7 +149,7 @@ def validate(
             "needs timed steps: under --one-pass and --fidelity-only no run is timed on its own",
             "leave out --one-pass or --fidelity-only",
         )
-    tame_heap()  # long engine runs: see validate/heap.py
+    tame_heap()  # long engine runs: see validate/engine/heap.py
     runs = find_runs(o.run)
     trace = load_checked_trace(runs[0])
     for r in runs[1:]:

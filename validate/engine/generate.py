@@ -22,11 +22,16 @@ from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.registry import coerce_params, make_policy, parse_settings
 from memshare.scheduler import SchedulerConfig
-from memshare.traces.capture.device import check_device
 from memshare.traces.capture.inputs import InputItem, read_texts
-from memshare.traces.capture.segment import SegmenterConfig, segment_tokens
-from memshare.validate.engine import EngineOptions, EngineResult, EngineSpec, PagedEngine
-from memshare.validate.heap import tame_heap
+from memshare.traces.model.device import check_device
+from memshare.traces.segment import SegmenterConfig, segment_tokens
+from memshare.validate.engine.heap import tame_heap
+from memshare.validate.engine.paged_engine import (
+    EngineOptions,
+    EngineResult,
+    EngineSpec,
+    PagedEngine,
+)
 
 OUTPUT_FILES = ("outputs.jsonl", "shares.jsonl", "reuses.jsonl", "metrics.json")
 
@@ -214,7 +219,7 @@ def generate(
         )
     params = coerce_params(o.policy, parse_settings(o.sets))
     policy = make_policy(o.policy, **params)
-    tame_heap()  # long engine runs: see validate/heap.py
+    tame_heap()  # long engine runs: see validate/engine/heap.py
     check_device(o.device)
     prompts = None
     texts: list[InputItem] = []

@@ -6,7 +6,7 @@ the block's pre-RoPE K and V read from its pages, and is rounded exactly as a tr
 (a :func:`~memshare.traces.schema.kv_row_dtype` record: float16 sketches, float32 norms), so a
 policy sees the same numbers from a live block as the simulator reads from a trace of the
 same KV. Token ids and the chained hash come from the request's tokens; the reasoning step is
-that of the block's first token, from :func:`~memshare.traces.capture.segment.segment_tokens`
+that of the block's first token, from :func:`~memshare.traces.segment.segment_tokens`
 over the text known when the block fills (a teacher-forced text is known whole, as capture
 knows it; a generated answer only up to the block, since the engine cannot see the future).
 """
@@ -23,8 +23,8 @@ import numpy.typing as npt
 from memshare.policy import FullBlock
 from memshare.request import Request
 from memshare.sketch import sketch_blocks
-from memshare.traces.capture.segment import SegmenterConfig, segment_tokens
 from memshare.traces.schema import kv_row_dtype
+from memshare.traces.segment import SegmenterConfig, segment_tokens
 
 TokenStarts = Callable[[Sequence[int]], tuple[str, list[int]]]  # ids -> (text, char starts)
 BlockKV = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.float32]]  # (L, 2) pages -> KV

@@ -31,7 +31,7 @@ from typing import Any
 
 from memshare.registry import make_policy
 from memshare.scheduler import SchedulerConfig
-from memshare.validate.engine import EngineOptions, EngineSpec, PagedEngine
+from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 
 CF_TOPK: dict[str, Any] = {"granularity": "layer", "share": "k", "tau": 0.5, "window": 1}
 

@@ -6,7 +6,7 @@ once, all requests at 0 s, each generating exactly its trace's output length; wi
 ``--replay-arrivals`` requests arrive as the run's ``--arrival`` says, on vLLM's engine clock
 and in the simulator alike), so the
 simulator's prediction is :func:`~memshare.validate.generated.predict_at_budget`, the same as
-for the torch engine; vLLM runs it through :mod:`memshare.validate.vllm_engine`. Per policy:
+for the torch engine; vLLM runs it through :mod:`memshare.validate.vllm.engine`. Per policy:
 throughput, TTFT and TPOT percentiles, prefix hit rate (tokens), per-request hits, KV blocks
 in use, steps and preemptions, predicted vs measured; ``--fit-cost-model`` fits the cost model
 to vLLM's measured steps (every 5th step held out).
@@ -39,8 +39,8 @@ from memshare.validate.generated import (
     predict_at_budget,
 )
 from memshare.validate.runs import RunDir, check_model, find_runs, load_checked_trace
-from memshare.validate.vllm_engine import VllmRun, VllmSettings, VllmSpec, open_engine, run_engine
-from memshare.validate.workload_trace import is_workload, on_engine
+from memshare.validate.vllm.engine import VllmRun, VllmSettings, VllmSpec, open_engine, run_engine
+from memshare.validate.workload.trace import is_workload, on_engine
 
 VLLM_POLICIES = ("none", "prefix")
 DEFAULT_VLLM_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes

@@ -5,7 +5,7 @@ engine keeps its own scheduler, manager, policy and pages, so its decisions are 
 own; only the forward pass is shared, as continuous batching shares it between requests. The
 engines' page stores are consecutive parts of one arena (:meth:`PageStore.part`); a step
 gathers every engine's chunks, shifts their page ids by the engine's first arena page, runs
-them through one :class:`~memshare.validate.paged_model.PagedModel` over the arena, and hands
+them through one :class:`~memshare.validate.engine.model.PagedModel` over the arena, and hands
 each engine its own chunks' logits.
 
 Invariants: a chunk reads and writes only pages of its own engine's part (ids shifted by that
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from memshare.validate.engine import PagedEngine
-from memshare.validate.paged_model import PagedModel, SeqChunk
-from memshare.validate.paged_store import PageStore
+from memshare.validate.engine.model import PagedModel, SeqChunk
+from memshare.validate.engine.paged_engine import PagedEngine
+from memshare.validate.engine.store import PageStore
 
 
 class EngineGroup:

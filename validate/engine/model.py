@@ -1,5 +1,5 @@
 """The paged KV engine's model side: batched varlen forward passes of an HF causal LM whose KV
-lives in a :class:`~memshare.validate.paged_store.PageStore` (design: ``docs/paged-kv.md``).
+lives in a :class:`~memshare.validate.engine.store.PageStore` (design: ``docs/paged-kv.md``).
 
 Only attention's KV storage and lookup are ours. Embeddings, norms, projections, the rotary
 tables (the model's ``rotary_emb`` and its modeling module's ``apply_rotary_pos_emb``), MLPs and
@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from memshare.validate.paged_attention import (
+from memshare.validate.engine.attention import (
     ATTN_NAME,
     STATE_KWARG,
     PagedStep,
@@ -40,8 +40,8 @@ from memshare.validate.paged_attention import (
     rope_half_tables,
     rope_is_half_form,
 )
-from memshare.validate.paged_batch import SeqChunk, StepPlan, check_layer_map, plan_step
-from memshare.validate.paged_store import PageStore
+from memshare.validate.engine.batch import SeqChunk, StepPlan, check_layer_map, plan_step
+from memshare.validate.engine.store import PageStore
 
 __all__ = ["PagedModel", "SeqChunk"]
 

@@ -3,7 +3,7 @@ over paged KV (docs/scheduler.md, docs/paged-kv.md).
 
 The loop is the simulator's with the cost model replaced by the model: the same
 :class:`~memshare.scheduler.Scheduler`, :class:`~memshare.kv_manager.KVCacheManager` and
-registry policy plan a step and reserve its blocks; :class:`~memshare.validate.paged_model.
+registry policy plan a step and reserve its blocks; :class:`~memshare.validate.engine.model.
 PagedModel` computes it, writing each new token's pre-RoPE K and V into the request's own
 pages (the manager's page table, ``(blocks, layers, 2)``); the engine samples; then
 :meth:`Scheduler.complete` commits the blocks that filled (the policy decides on sketches of
@@ -11,7 +11,7 @@ the live KV) and takes the sampled tokens. A share repoints a table entry only a
 pass wrote it, so no step writes a page another entry reads. A step is :meth:`PagedEngine.
 begin_step` (schedule, lay out the chunks), a forward pass, and :meth:`PagedEngine.finish_step`
 (sample, commit), so engines whose pages are parts of one arena can share the pass
-(:mod:`~memshare.validate.engine_group`).
+(:mod:`~memshare.validate.engine.group`).
 
 Invariants: the store holds ``pool.num_pages`` pages, so the KV bytes the pool accounts
 (pages x page size) are the bytes preallocated in tensors; every share the manager applies is
@@ -38,10 +38,10 @@ from memshare.policy import BlockDecision, Policy, policy_layer_map
 from memshare.request import Request, new_request
 from memshare.scheduler import Chunk, Scheduler, SchedulerConfig, StepPlan
 from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
-from memshare.traces.capture.segment import SegmenterConfig
-from memshare.validate.live_blocks import StepBoundaries, TokenStarts, live_block_source
-from memshare.validate.paged_model import PagedModel, SeqChunk
-from memshare.validate.paged_store import PageStore
+from memshare.traces.segment import SegmenterConfig
+from memshare.validate.engine.live_blocks import StepBoundaries, TokenStarts, live_block_source
+from memshare.validate.engine.model import PagedModel, SeqChunk
+from memshare.validate.engine.store import PageStore
 
 # request id, first position, [n, vocab] logits: teacher-forced, every position of a chunk;
 # generating, a chunk's last position only (n = 1)
@@ -165,7 +165,7 @@ class PagedEngine:
         store: PageStore | None = None,
     ) -> None:
         """``store``: this engine's pages (``pool.num_pages`` of them, e.g. a part of an
-        :class:`~memshare.validate.engine_group.EngineGroup`'s arena); default: its own."""
+        :class:`~memshare.validate.engine.group.EngineGroup`'s arena); default: its own."""
         import torch
 
         self._torch = torch
@@ -255,7 +255,7 @@ class PagedEngine:
     @property
     def model(self) -> PagedModel:
         """The forward pass over this engine's own store (built on first use: an engine of an
-        :class:`~memshare.validate.engine_group.EngineGroup` never runs its own)."""
+        :class:`~memshare.validate.engine.group.EngineGroup` never runs its own)."""
         if self._model is None:
             self._model = PagedModel(self._hf_model, self.store, layer_map=self.pool.layer_map)
         return self._model

@@ -4,7 +4,7 @@ transformers 5.x looks up ``config._attn_implementation`` in ``AttentionInterfac
 the function with ``(module, query, key, value, attention_mask, scaling=..., **kwargs)``,
 where ``query`` is ``[1, heads, T, head_dim]`` after the rotary embedding and ``key``/``value``
 are this step's post-RoPE keys and values. Ours ignores ``key``/``value``: the step's pre-RoPE
-K/V arrive through forward hooks (:mod:`memshare.validate.paged_model`) and the step's plan
+K/V arrive through forward hooks (:mod:`memshare.validate.engine.model`) and the step's plan
 arrives through the forward kwargs (``memshare_step``), which the HF modeling code passes
 through unchanged down to the attention function. See ``docs/paged-kv.md``.
 
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memshare.validate.paged_batch import GroupPlan, StepPlan
-from memshare.validate.paged_store import PageStore
+from memshare.validate.engine.batch import GroupPlan, StepPlan
+from memshare.validate.engine.store import PageStore
 
 ATTN_NAME = "memshare_paged"
 STATE_KWARG = "memshare_step"

@@ -32,7 +32,7 @@ from memshare.errors import InputError
 from memshare.sim.config import load_model, match_model_preset, model_presets
 from memshare.sim.run import CONFIG, LoadedTrace
 from memshare.validate.runs import RunDir
-from memshare.validate.workload_tokens import check_block_size, given_tokens, synthesize_tokens
+from memshare.validate.workload.tokens import check_block_size, given_tokens, synthesize_tokens
 
 WORKLOAD_POLICIES = ("none", "prefix", "kvshare")  # decide on tokens alone
 DEFAULT_LENGTH_SCALE = 0.05

@@ -1,0 +1,1 @@
+"""Loading a real model: GGUF conversion cache, HF folders, tokenizer, device, dtype, threads."""

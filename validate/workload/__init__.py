@@ -1,0 +1,1 @@
+"""Workload-only traces (Mooncake, Azure, BurstGPT, token ids) made runnable on the real engine."""
