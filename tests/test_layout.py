@@ -6,78 +6,188 @@ import ast
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = {"torch", "transformers", "vllm", "accelerate", "gguf"}
-CORE_ALLOWED = {"numpy", "memshare"} | set(sys.stdlib_module_names)
-# validate/ files that read or run the simulator: the demo pipeline runs both stages, the cost
-# fit reads the cost model, and `memshare validate` reads a run directory and re-simulates its
-# workload beside the engine. The paged engine itself (engine.py and what it imports) never.
-VALIDATE_READS_SIM = {
-    "pipeline.py",
-    "cost_fit.py",
-    "runs.py",
-    "measure.py",
-    "validation.py",
-    "generated.py",
-    "trace.py",  # a workload run's model config and the trace type
-    "engine.py",  # vllm/engine.py  # the batch shape of vLLM's steps (the cost fit's input)
-    "validate.py",  # the simulator's prediction beside vLLM's measurement
-}
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+LAZILY = " (lazily)"
 
 
-def _imports(path: Path, top_level_only: bool) -> set[str]:
-    """Top-level module names imported by a file (module-level statements only if asked)."""
+@dataclass(frozen=True)
+class Row:
+    """One row of docs/layout.md's table: a package and what its modules may import."""
+
+    folder: str  # "traces/model/", or "cli.py" for the one top-level module
+    name: str  # the import name, "memshare.traces.model"
+    eager: frozenset[str]  # packages (memshare.*) and third-party names allowed anywhere
+    lazy: frozenset[str]  # those allowed inside functions only
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+
+
+def _layout_rows() -> list[Row]:
+    """The table in docs/layout.md, parsed; it is the only source of the import rules."""
+    lines = (ROOT / "docs" / "layout.md").read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| folder |"))
+    rows: list[Row] = []
+    for line in lines[head + 2 :]:
+        if not line.startswith("|"):
+            break
+        folder, name, _, may = _cells(line)
+        allowed = [t.strip() for t in may.split(",")]
+        eager = {t for t in allowed if not t.endswith(LAZILY)}
+        lazy = {t.removesuffix(LAZILY) for t in allowed if t.endswith(LAZILY)}
+        rows.append(Row(folder, name, frozenset(eager), frozenset(lazy)))
+    return rows
+
+
+ROWS = _layout_rows()
+PACKAGES = {r.name: r for r in ROWS}
+
+
+def _row_of(path: Path) -> Row:
+    """The row that owns a source file: the deepest folder of the table that holds it."""
+    rel = path.relative_to(ROOT).as_posix()
+    owners = [
+        r for r in ROWS if rel == r.folder or (r.folder.endswith("/") and rel.startswith(r.folder))
+    ]
+    assert owners, f"{rel}: no row of docs/layout.md holds it (add one)"
+    return max(owners, key=lambda r: len(r.folder))
+
+
+def _package_of(module: str) -> str | None:
+    """The table package a ``memshare.*`` module belongs to (the longest matching name)."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        name = ".".join(parts[:n])
+        if name in PACKAGES and (n == len(parts) or name != module):
+            return name
+    return None
+
+
+def _imports_of(path: Path) -> list[tuple[str, bool]]:
+    """Every absolute import of a file as (module, at module level)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
-    names: set[str] = set()
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def _py_files(folder: str) -> list[Path]:
-    return [p for p in (ROOT / folder).rglob("*.py") if not p.is_symlink()]
-
-
-@pytest.mark.parametrize("path", _py_files("memshare"), ids=lambda p: p.name)
-def test_core_imports_only_numpy_and_stdlib(path: Path) -> None:
-    bad = _imports(path, top_level_only=False) - CORE_ALLOWED
-    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
-
-
-def _memshare_subpackages(path: Path) -> set[str]:
-    """``memshare.X`` modules a file imports (anywhere in it), as ``X``."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
+    top = {id(n) for n in tree.body}
+    found: list[tuple[str, bool]] = []
     for node in ast.walk(tree):
-        mods: list[str] = []
         if isinstance(node, ast.Import):
-            mods = [a.name for a in node.names]
+            found += [(a.name, id(node) in top) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        names |= {m.split(".")[1] for m in mods if m.startswith("memshare.")}
-    return names
+            # `from memshare.validate import engine` names a package: resolve the names too
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            named = [m for m in subs if m in PACKAGES or _module_file(m) is not None]
+            found += [(m, id(node) in top) for m in (named or [node.module])]
+    return found
 
 
-@pytest.mark.parametrize("path", _py_files("memshare"), ids=lambda p: p.name)
-def test_core_imports_none_of_the_executors(path: Path) -> None:
-    """The core (pool, manager, policies, scheduler) sits below sim/, traces/ and validate/."""
-    bad = _memshare_subpackages(path) & {"sim", "traces", "validate", "cli"}
-    assert not bad, f"{path.relative_to(ROOT)} imports memshare.{sorted(bad)}"
+def _source_files() -> list[Path]:
+    files = [ROOT / "cli.py"]
+    for folder in ("memshare", "traces", "sim", "validate", "commands"):
+        files += [p for p in (ROOT / folder).rglob("*.py") if not p.is_symlink()]
+    return sorted(files)
 
 
-@pytest.mark.parametrize("path", _py_files("validate"), ids=lambda p: p.name)
-def test_validate_imports_no_simpy(path: Path) -> None:
-    """The paged engine is the second executor: it stands beside the simulator, not on it."""
-    assert "simpy" not in _imports(path, top_level_only=False), path.name
-    assert "sim" not in _memshare_subpackages(path) or path.name in VALIDATE_READS_SIM, path.name
+def _module_name(path: Path) -> str:
+    """``memshare.traces.model.loader`` for traces/model/loader.py."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    mapped = {"memshare": [], "traces": ["traces"], "sim": ["sim"], "validate": ["validate"]}
+    mapped |= {"commands": ["commands"], "cli": ["cli"]}
+    names = ["memshare", *mapped[parts[0]], *parts[1:]]
+    return ".".join(names[:-1] if names[-1] == "__init__" else names)
+
+
+def _module_file(module: str) -> Path | None:
+    return MODULES.get(module)
+
+
+MODULES: dict[str, Path] = {}
+MODULES.update({_module_name(p): p for p in _source_files()})
+
+
+def test_every_package_has_a_row() -> None:
+    """Each installed package (a folder with __init__.py) is a row of its own, or a part of
+    the row above it; each row's folder exists and installs as its import name."""
+    for row in ROWS:
+        assert (ROOT / row.folder).exists(), row.folder
+        if row.folder.endswith("/"):
+            assert _module_name(ROOT / row.folder / "__init__.py") == row.name, row
+
+
+@pytest.mark.parametrize("path", _source_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_module_imports_what_its_row_allows(path: Path) -> None:
+    row = _row_of(path)
+    where = path.relative_to(ROOT).as_posix()
+    for module, at_top in _imports_of(path):
+        top = module.split(".")[0]
+        if top in STDLIB:
+            continue
+        name = _package_of(module) if top == "memshare" else top
+        assert name is not None, f"{where}: {module} is in no row of docs/layout.md"
+        if name == row.name:
+            continue
+        allowed = row.eager if at_top else row.eager | row.lazy
+        assert name in allowed, (
+            f"{where} imports {module}{'' if at_top else ' (in a function)'}: docs/layout.md "
+            f"lets {row.name} import {sorted(row.eager)} and lazily {sorted(row.lazy)}"
+        )
+
+
+def test_the_table_has_no_circle() -> None:
+    graph = {r.name: {p for p in r.eager | r.lazy if p.startswith("memshare")} for r in ROWS}
+    assert not _circles(graph), _circles(graph)
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """No circle among the modules, counting imports inside functions too."""
+    graph: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        graph[name] = {m for m, _ in _imports_of(path) if m in MODULES and m != name}
+    assert not _circles(graph), _circles(graph)
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.parametrize("path", _source_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_module_docstring_says_what_it_holds(path: Path) -> None:
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert doc and doc.strip(), f"{path.relative_to(ROOT)} has no module docstring"
 
 
 def _assert_import_loads_none(modules: str, banned: set[str]) -> None:
@@ -91,18 +201,6 @@ def test_scheduler_pulls_in_neither_simpy_nor_torch() -> None:
         "memshare.scheduler, memshare.request, memshare.kv_manager",
         {"torch", "simpy", "transformers", "memshare.sim", "memshare.validate"},
     )
-
-
-@pytest.mark.parametrize("path", _py_files("sim"), ids=lambda p: p.name)
-def test_sim_imports_no_torch(path: Path) -> None:
-    bad = _imports(path, top_level_only=False) & HEAVY
-    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
-
-
-@pytest.mark.parametrize("path", _py_files("traces"), ids=lambda p: p.name)
-def test_traces_import_heavy_stacks_lazily(path: Path) -> None:
-    bad = _imports(path, top_level_only=True) & (HEAVY | {"simpy"})
-    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)} at module level"
 
 
 def test_core_and_cli_load_without_torch_or_simpy() -> None:
