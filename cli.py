@@ -1256,8 +1256,8 @@ def calibrate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """KVSharer calibration on the real model: the layer map the kvsharer policy uses."""
-    from memshare.traces.capture.hf import HFBackend
     from memshare.traces.capture.inputs import bundled_prompts, read_problems, read_texts
+    from memshare.traces.model.loader import load_model
     from memshare.validate.engine.calibrate import calibrate, write_calibration
 
     if not 0.0 < target < 1.0:
@@ -1270,7 +1270,7 @@ def calibrate_cmd(
         items = [i.prompt for i in read_problems(bundled_prompts(), limit=limit).items]
     else:
         items = [i.text or "" for i in read_texts(texts, field=field, limit=limit).items]
-    backend = HFBackend(model, device=device, threads=threads)
+    backend = load_model(model, device=device, threads=threads)
     with _progress("calibrating (layers shared)", as_json) as tick:
         cal = calibrate(
             backend,

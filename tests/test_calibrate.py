@@ -13,19 +13,19 @@ from memshare.policy import policy_layer_map
 from memshare.registry import make_policy
 
 if TYPE_CHECKING:
-    from memshare.traces.capture.hf import HFBackend
+    from memshare.traces.model.loader import LoadedModel
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 R1 = DATA / "reasoning" / "deepseek_r1_aime24_math500.jsonl"
 
 
 def test_calibrate_accepts_pairs_that_keep_the_cosine_when_rerun(
-    hf_backend: HFBackend, tmp_path: Path
+    loaded_model: LoadedModel, tmp_path: Path
 ) -> None:
     from memshare.validate.engine.calibrate import _ids, calibrate, map_cosine, write_calibration
 
     texts = [json.loads(line)["reasoning"] for line in R1.read_text().splitlines()[:3]]
-    cal = calibrate(hf_backend, texts, max_tokens=96, target=0.125, threshold=0.5)
+    cal = calibrate(loaded_model, texts, max_tokens=96, target=0.125, threshold=0.5)
     lm = np.asarray(cal.layer_map)
     assert cal.num_layers == 30 and cal.shared_layers == round(0.125 * 30) == 4
     assert np.all(lm <= np.arange(30)) and np.all(lm[lm] == lm)  # owners keep their own KV
@@ -37,7 +37,7 @@ def test_calibrate_accepts_pairs_that_keep_the_cosine_when_rerun(
     distances = [t.distance for t in cal.trials]
     assert distances == sorted(distances, reverse=True)
     # rerun the model for real with the whole map: the criterion still holds
-    rerun = map_cosine(hf_backend, _ids(hf_backend, texts, 96), lm)
+    rerun = map_cosine(loaded_model, _ids(loaded_model, texts, 96), lm)
     assert rerun >= 0.5
     assert abs(rerun - cal.final_cosine) < 1e-4
     # sharing a layer for real changes the output: the check can fail

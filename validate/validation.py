@@ -126,8 +126,8 @@ def validate(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure every run under ``o.run``; returns (and writes) the ``validation.json`` object."""
-    from memshare.traces.capture.hf import HFBackend
     from memshare.traces.model.device import check_device
+    from memshare.traces.model.loader import load_model
 
     check_fraction(o.kv_fraction)
     if o.engine not in ENGINES:
@@ -174,7 +174,7 @@ def validate(
     check_device(o.device)
     if status:
         status("loading the model")
-    backend = HFBackend(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
+    backend = load_model(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
     check_model(trace, backend.model_info().name)
     if workload:
         runs, trace = on_engine(

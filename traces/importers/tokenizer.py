@@ -20,8 +20,8 @@ class LazyTokenizer:
 
     def __call__(self, text: str) -> list[int]:
         if self._tok is None:
-            from memshare.traces.capture.hf import HFBackend
+            from memshare.traces.model.loader import load_model
 
-            backend = HFBackend(self.model)
-            self._tok, self.name = backend.tok, backend.model_info().name
+            loaded = load_model(self.model)
+            self._tok, self.name = loaded.tokenizer, loaded.model_info().name
         return [int(t) for t in self._tok(text)["input_ids"]]

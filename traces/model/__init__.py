@@ -1,1 +1,1 @@
-"""Loading a real model: GGUF conversion cache, HF folders, tokenizer, device, dtype, threads."""
+"""Loading a real model: where it comes from, GGUF conversion cache, device, threads, loader."""

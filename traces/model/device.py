@@ -1,7 +1,7 @@
 """Where a real model runs: ``--device`` and ``--threads``, checked once for every command.
 
-Every command that loads a model (capture, calibrate, generate, the benchmarks) goes through
-:class:`~memshare.traces.capture.hf.HFBackend`, which calls :func:`check_device` and
+Every command that loads a model (capture, calibrate, generate, validate, the benchmarks) goes
+through :func:`~memshare.traces.model.loader.load_model`, which calls :func:`check_device` and
 :func:`resolve_threads` before it loads anything, so a bad device or thread count is one
 line naming the option, never a torch traceback. torch is imported lazily.
 """

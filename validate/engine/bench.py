@@ -100,11 +100,11 @@ def bench_engine(
     status: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns its figures."""
-    from memshare.traces.capture.hf import HFBackend
+    from memshare.traces.model.loader import load_model
 
     if status:
         status("loading the model")
-    backend = HFBackend(model, threads=threads)
+    backend = load_model(model, threads=threads)
     mine = copy.deepcopy(backend.model)
     out: dict[str, Any] = {"repeats": repeats, "max_new_tokens": max_new_tokens}
     one = _prompts(backend, 1)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from memshare.atomic import write_atomic
-from memshare.traces.capture.hf import HFBackend
+from memshare.traces.model.loader import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,11 @@ class Calibration:
         return json.dumps(asdict(self), indent=2) + "\n"
 
 
-def _ids(backend: HFBackend, texts: Sequence[str], max_tokens: int) -> list[Any]:
-    torch = backend._torch
+def _ids(backend: LoadedModel, texts: Sequence[str], max_tokens: int) -> list[Any]:
+    torch = backend.torch
     out = []
     for text in texts:
-        ids = backend.tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        ids = backend.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
         if ids:
             out.append(torch.tensor([ids], device=backend.device))
     return out
@@ -76,12 +76,12 @@ def _ids(backend: HFBackend, texts: Sequence[str], max_tokens: int) -> list[Any]
 
 @contextlib.contextmanager
 def _kv_hooks(
-    backend: HFBackend, layer_map: np.ndarray, record: list[list[Any]] | None = None
+    backend: LoadedModel, layer_map: np.ndarray, record: list[list[Any]] | None = None
 ) -> Iterator[None]:
     """Substitute K/V projections per ``layer_map``; optionally record every layer's."""
     seen: dict[tuple[int, int], Any] = {}
     handles = []
-    for which, modules in enumerate((backend._k_modules, backend._v_modules)):
+    for which, modules in enumerate((backend.k_modules, backend.v_modules)):
         for layer, module in enumerate(modules):
 
             def hook(_m: Any, _i: Any, out: Any, layer: int = layer, which: int = which) -> Any:
@@ -101,15 +101,15 @@ def _kv_hooks(
             h.remove()
 
 
-def _final_hidden(backend: HFBackend, ids: Any, layer_map: np.ndarray) -> Any:
-    with backend._torch.inference_mode(), _kv_hooks(backend, layer_map):
+def _final_hidden(backend: LoadedModel, ids: Any, layer_map: np.ndarray) -> Any:
+    with backend.torch.inference_mode(), _kv_hooks(backend, layer_map):
         return backend.model.model(input_ids=ids).last_hidden_state[0]
 
 
-def map_cosine(backend: HFBackend, batches: Sequence[Any], layer_map: np.ndarray) -> float:
+def map_cosine(backend: LoadedModel, batches: Sequence[Any], layer_map: np.ndarray) -> float:
     """Mean over texts and tokens of the final hidden state's cosine similarity between the
     model run with ``layer_map`` and the unshared model (the acceptance criterion)."""
-    torch = backend._torch
+    torch = backend.torch
     identity = np.arange(backend.num_layers)
     sims = []
     for ids in batches:
@@ -119,7 +119,7 @@ def map_cosine(backend: HFBackend, batches: Sequence[Any], layer_map: np.ndarray
     return float(np.mean(sims))
 
 
-def layer_means(backend: HFBackend, batches: Sequence[Any]) -> np.ndarray:
+def layer_means(backend: LoadedModel, batches: Sequence[Any]) -> np.ndarray:
     """(L, 2 * kv_dim): per layer, mean K and mean V over all calibration tokens."""
     L = backend.num_layers
     sums: np.ndarray | None = None
@@ -127,7 +127,7 @@ def layer_means(backend: HFBackend, batches: Sequence[Any]) -> np.ndarray:
     identity = np.arange(L)
     for ids in batches:
         record: list[list[Any]] = [[None, None] for _ in range(L)]
-        with backend._torch.inference_mode(), _kv_hooks(backend, identity, record):
+        with backend.torch.inference_mode(), _kv_hooks(backend, identity, record):
             backend.model.model(input_ids=ids)
         rows = np.stack(
             [
@@ -142,7 +142,7 @@ def layer_means(backend: HFBackend, batches: Sequence[Any]) -> np.ndarray:
 
 
 def calibrate(
-    backend: HFBackend,
+    backend: LoadedModel,
     texts: Sequence[str],
     *,
     max_tokens: int = 256,

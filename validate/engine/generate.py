@@ -228,11 +228,11 @@ def generate(
     else:
         assert o.texts is not None
         texts = read_texts(o.texts, field=o.field, limit=o.limit).items
-    from memshare.traces.capture.hf import HFBackend
+    from memshare.traces.model.loader import load_model
 
     if status is not None:
         status("loading the model")
-    backend = HFBackend(o.model, dtype=o.dtype, device=o.device, threads=o.threads)
+    backend = load_model(o.model, dtype=o.dtype, device=o.device, threads=o.threads)
     if prompts is not None:
         tokenize(prompts, backend.chat_prompt, int(backend.model.config.vocab_size))
         inputs = prompts

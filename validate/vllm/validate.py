@@ -51,7 +51,7 @@ STEPS = "vllm_steps.jsonl"  # per run directory: vLLM's steps as measured (the f
 def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure every ``none``/``prefix`` run under ``o.run`` (a ``ValidateOptions``) on vLLM;
     returns (and writes) ``validation.json``."""
-    from memshare.traces.capture.hf import HFBackend
+    from memshare.traces.model.loader import load_model
 
     if o.one_pass or o.fidelity_only:
         raise InputError(
@@ -71,7 +71,7 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
     check_vllm()  # before the model loads: not installed or another version
     if status:
         status("loading the tokenizer")
-    backend = HFBackend(o.model, threads=o.threads)
+    backend = load_model(o.model, threads=o.threads)
     check_model(trace, backend.model_info().name)
     if is_workload(trace):
         runs, trace = on_engine(
