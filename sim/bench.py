@@ -23,7 +23,7 @@ from memshare.traces.schema import Manifest, RequestRecord
 
 
 @dataclass(frozen=True)
-class StepCost:
+class StepWallCost:
     """Wall cost of engine steps with ``running`` requests decoding."""
 
     running: int  # requests decoding side by side
@@ -50,7 +50,7 @@ def trace_bench(opts: SimOptions) -> dict[str, Any]:
     }
 
 
-def step_cost(running: int, steps: int = 400, prompt_len: int = 32) -> StepCost:
+def step_cost(running: int, steps: int = 400, prompt_len: int = 32) -> StepWallCost:
     """Wall cost per step with ``running`` requests decoding ``steps`` tokens each."""
     # prompt lengths 32..47: block boundaries (where the manager allocates) are staggered
     records = [
@@ -67,7 +67,7 @@ def step_cost(running: int, steps: int = 400, prompt_len: int = 32) -> StepCost:
     )
     out = run_config(cfg, trace)
     r = out.result
-    return StepCost(
+    return StepWallCost(
         running,
         r.steps,
         r.wall_s,
@@ -76,7 +76,7 @@ def step_cost(running: int, steps: int = 400, prompt_len: int = 32) -> StepCost:
     )
 
 
-def step_costs(sizes: Sequence[int] = (10, 100, 1000), steps: int = 400) -> list[StepCost]:
+def step_costs(sizes: Sequence[int] = (10, 100, 1000), steps: int = 400) -> list[StepWallCost]:
     """:func:`step_cost` for each size (a small warm-up run first)."""
     step_cost(4, steps=20)
     return [step_cost(n, steps=steps) for n in sizes]

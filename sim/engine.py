@@ -26,7 +26,7 @@ import simpy
 from memshare.block_pool import BlockPool
 from memshare.kv_manager import cdiv
 from memshare.request import Request
-from memshare.scheduler import Scheduler
+from memshare.scheduler import Scheduler, StepPlan
 from memshare.sim.arrivals import arrival_times, closed_loop_client, open_loop
 from memshare.sim.config import ArrivalSpec
 from memshare.sim.cost_model import BatchShape, CostModel, plan_shape
@@ -261,6 +261,23 @@ class Engine:
             pool.check(sched.manager.table_refs())
 
     # ----------------------------------------------------------------- steps
+    def _row(self, now: float, dt: float, shape: BatchShape, plan: StepPlan) -> None:
+        """Append a step's timeline row (all columns but ``finished``), before it runs."""
+        sched, tl = self.sched, self.timeline
+        tl.time_s.append(now)
+        tl.dt_s.append(dt)
+        tl.running.append(len(sched.running))
+        tl.waiting.append(len(sched.waiting))
+        tl.scheduled_seqs.append(shape.num_seqs)
+        tl.scheduled_tokens.append(shape.num_tokens)
+        tl.prefill_tokens.append(shape.prefill_tokens)
+        tl.decode_seqs.append(shape.decode_seqs)
+        tl.admitted.append(plan.admitted)
+        tl.preempted.append(plan.preempted)
+        live = self.pool.pinned_pages
+        tl.live_pages.append(live)
+        tl.cached_pages.append(self.pool.used_pages - live)
+
     def _loop(self) -> Generator[Any, Any, None]:
         env, sched, cost, pool, tl = self.env, self.sched, self.cost, self.pool, self.timeline
         n_total = len(self.requests)
@@ -295,19 +312,7 @@ class Engine:
                     req.first_scheduled = now
             shape = plan_shape(plan)
             dt = cost.step_time(shape)
-            tl.time_s.append(now)
-            tl.dt_s.append(dt)
-            tl.running.append(len(sched.running))
-            tl.waiting.append(len(sched.waiting))
-            tl.scheduled_seqs.append(shape.num_seqs)
-            tl.scheduled_tokens.append(shape.num_tokens)
-            tl.prefill_tokens.append(shape.prefill_tokens)
-            tl.decode_seqs.append(shape.decode_seqs)
-            tl.admitted.append(plan.admitted)
-            tl.preempted.append(plan.preempted)
-            live = pool.pinned_pages
-            tl.live_pages.append(live)
-            tl.cached_pages.append(pool.used_pages - live)
+            self._row(now, dt, shape, plan)
             yield env.timeout(dt)
             finished = sched.complete(plan)
             end = env.now

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from memshare.sim.study import LabeledRun, SweepResult
+from memshare.sim.results import LabeledRun, SweepResult
 from memshare.sim.workload import SimRequest
 
 

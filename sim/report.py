@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from memshare.sim.metrics import flatten
+from memshare.sim.results import StudyResult, SweepResult
 from memshare.sim.run import perf
-from memshare.sim.study import SWEEP_METRICS, StudyResult, SweepResult, presets_used, sweep_rows
+from memshare.sim.study import SWEEP_METRICS, presets_used, sweep_rows
 
 Fmt = Callable[[Any], str]
 

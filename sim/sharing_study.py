@@ -57,6 +57,9 @@ class StudyRow:
         return f"{self.policy} {self.granularity}/{self.share} tau={self.tau:g}"
 
 
+Setting = tuple[str | None, str | None, float | None]  # cf-topk's granularity, share, tau
+
+
 def run_study(
     base: SimOptions,
     *,
@@ -73,12 +76,7 @@ def run_study(
             "has no KV sketches (a workload-only trace), so no similarity policy can act",
             "study a trace made by `memshare capture`",
         )
-    plan: list[tuple[str, tuple[str, ...], tuple[str | None, str | None, float | None]]] = [
-        (name, (), (None, None, None)) for name in BASELINES
-    ]
-    for g, sh in options:
-        for t in taus:
-            plan.append(("cf-topk", (f"granularity={g}", f"share={sh}", f"tau={t}"), (g, sh, t)))
+    plan = _plan(taus, options)
     configs = [
         build_configs(
             replace(base, policies=(name,), sets=_applicable(base.sets, name) + sets),
@@ -89,35 +87,55 @@ def run_study(
     warn_budgets(configs, trace, warn)
     rows: list[StudyRow] = []
     none_mean = none_peak = 0.0
-    for n, ((name, _, (granularity, share, tau)), cfg) in enumerate(
-        zip(plan, configs, strict=True)
-    ):
+    for n, ((name, _, setting), cfg) in enumerate(zip(plan, configs, strict=True)):
+        granularity, share, tau = setting
         if progress is not None:
             progress(
                 name if tau is None else f"cf-topk {granularity}/{share} tau={tau:g}", n, len(plan)
             )
         m = run_config(cfg, trace).metrics
-        mean, peak = float(m["kv"]["mean_bytes_in_use"]), float(m["kv"]["peak_bytes_in_use"])
         if name == "none":
-            none_mean, none_peak = mean, peak
-        rows.append(
-            StudyRow(
-                policy=name,
-                granularity=granularity,
-                share=share,
-                tau=tau,
-                mean_kv_bytes=mean,
-                peak_kv_bytes=peak,
-                saved_mean=1.0 - mean / none_mean if none_mean else 0.0,
-                saved_peak=1.0 - peak / none_peak if none_peak else 0.0,
-                page_share_rate=float(m["sharing"]["page_share_rate"] or 0.0),
-                mean_shared_distance=m["sharing"]["mean_shared_distance"],
-                prefix_token_hit_rate=float(m["prefix_cache"]["token_hit_rate"] or 0.0),
-            )
-        )
+            none_mean = float(m["kv"]["mean_bytes_in_use"])
+            none_peak = float(m["kv"]["peak_bytes_in_use"])
+        rows.append(_row(name, setting, m, none_mean, none_peak))
     if progress is not None:
         progress("done", len(plan), len(plan))
     return rows
+
+
+def _plan(
+    taus: Sequence[float], options: Sequence[tuple[str, str]]
+) -> list[tuple[str, tuple[str, ...], Setting]]:
+    """The runs in order: each baseline, then cf-topk per option and tau, with their
+    ``--set`` items."""
+    plan: list[tuple[str, tuple[str, ...], Setting]] = [
+        (name, (), (None, None, None)) for name in BASELINES
+    ]
+    for g, sh in options:
+        for t in taus:
+            plan.append(("cf-topk", (f"granularity={g}", f"share={sh}", f"tau={t}"), (g, sh, t)))
+    return plan
+
+
+def _row(
+    name: str, setting: Setting, m: dict[str, Any], none_mean: float, none_peak: float
+) -> StudyRow:
+    """One run's row from its metrics; savings against ``none``'s mean and peak (0 if unset)."""
+    granularity, share, tau = setting
+    mean, peak = float(m["kv"]["mean_bytes_in_use"]), float(m["kv"]["peak_bytes_in_use"])
+    return StudyRow(
+        policy=name,
+        granularity=granularity,
+        share=share,
+        tau=tau,
+        mean_kv_bytes=mean,
+        peak_kv_bytes=peak,
+        saved_mean=1.0 - mean / none_mean if none_mean else 0.0,
+        saved_peak=1.0 - peak / none_peak if none_peak else 0.0,
+        page_share_rate=float(m["sharing"]["page_share_rate"] or 0.0),
+        mean_shared_distance=m["sharing"]["mean_shared_distance"],
+        prefix_token_hit_rate=float(m["prefix_cache"]["token_hit_rate"] or 0.0),
+    )
 
 
 def _applicable(sets: Sequence[str], policy: str) -> tuple[str, ...]:

@@ -17,7 +17,6 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ from memshare.sim.options import (
     policy_params,
     sweep_options,
 )
+from memshare.sim.results import LabeledRun, StudyResult, SweepResult
 from memshare.sim.run import (
     LoadedTrace,
-    RunOutput,
     budget_warning,
     perf,
     resolve,
@@ -59,34 +58,6 @@ SWEEP_METRICS = (
     "preemptions",
     "sharing.share_rate",
 )
-
-
-@dataclass
-class LabeledRun:
-    """One run of a study with where it was written."""
-
-    label: str  # the policy name (a sweep adds nothing: the point is in SweepPoint)
-    out: RunOutput  # config, metrics, engine result
-    directory: Path  # its run directory
-
-
-@dataclass
-class StudyResult:
-    """The runs of one ``simulate`` call and the files written."""
-
-    runs: list[LabeledRun]  # in --policy order
-    output: Path  # OUT
-    plots: list[Path] = field(default_factory=list)  # PNGs written (--plot)
-
-
-@dataclass
-class SweepResult:
-    """A sweep: per value, the runs of every policy."""
-
-    spec: SweepSpec  # key and values
-    points: list[tuple[Any, list[LabeledRun]]]  # (value, runs in --policy order)
-    output: Path  # OUT
-    plots: list[Path] = field(default_factory=list)  # PNGs written (--plot)
 
 
 def default_output(opts: SimOptions, spec: SweepSpec | None = None) -> Path:

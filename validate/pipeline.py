@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from memshare.sim.options import SimOptions
-from memshare.sim.study import StudyProgress, StudyResult, simulate
+from memshare.sim.results import StudyResult
+from memshare.sim.study import StudyProgress, simulate
 from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
 from memshare.traces.capture.run import ProgressFn
 from memshare.traces.reader import load_manifest
