@@ -1,5 +1,6 @@
-"""A vLLM-v1-like scheduler over :class:`~memshare.kv_manager.KVCacheManager`: the one
-scheduler both executors drive (docs/scheduler.md).
+"""The one scheduler both executors drive: vLLM-v1-like, over the KV cache manager.
+
+It plans steps over :class:`~memshare.kv_manager.KVCacheManager` (docs/scheduler.md).
 
 The simulator (``memshare.sim``) charges its cost model for each step this scheduler plans;
 the paged engine (``memshare.validate``) runs one batched forward pass of the real model for
@@ -141,14 +142,18 @@ class Scheduler:
 
     # ----------------------------------------------------------------- one step
     def schedule(self) -> StepPlan:
-        """Choose this step's requests and tokens; reserve their blocks (see module doc)."""
-        cfg = self.cfg
-        mgr = self.manager
-        budget = cfg.max_num_batched_tokens
-        thr = cfg.long_prefill_token_threshold
+        """Choose this step's requests and tokens; reserve their blocks (see module doc):
+        running requests first, then (if none was preempted) waiting ones."""
         plan = StepPlan()
-        running = self.running
+        budget = self._schedule_running(plan, self.cfg.max_num_batched_tokens)
+        self._schedule_waiting(plan, budget)
+        return plan
 
+    def _schedule_running(self, plan: StepPlan, budget: int) -> int:
+        """Step 1: the running requests' chunks, in order, preempting the newest where the
+        blocks do not fit; returns the token budget left."""
+        thr = self.cfg.long_prefill_token_threshold
+        running = self.running
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -175,7 +180,16 @@ class Scheduler:
             self._add_chunk(plan, req, c, n, want)
             budget -= n
             i += 1
+        return budget
 
+    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+        """Step 2: admit waiting requests FCFS (prefix lookup at admission) while nothing was
+        preempted this step and budget and ``max_num_seqs`` allow; stop at the first that
+        does not fit (head-of-line blocking)."""
+        cfg = self.cfg
+        mgr = self.manager
+        thr = cfg.long_prefill_token_threshold
+        running = self.running
         waiting = self.waiting
         while not plan.preempted and waiting and budget > 0 and len(running) < cfg.max_num_seqs:
             req = waiting[0]
@@ -205,8 +219,6 @@ class Scheduler:
             self._add_chunk(plan, req, c, n, want)
             budget -= n
             plan.admitted += 1
-
-        return plan
 
     def _add_chunk(self, plan: StepPlan, req: Request, c: int, n: int, want: int) -> None:
         """Schedule ``n`` tokens of ``req`` after its ``c`` computed ones into ``plan``."""
