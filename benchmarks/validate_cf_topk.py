@@ -39,7 +39,7 @@ MODES = {"block/kv": ("block", "kv"), "block/k": ("block", "k"), "layer/kv": ("l
 
 def long_texts(path: Path, field: str, n: int, tokens: int, out: Path) -> Path:
     """Write the first ``n`` records of ``path`` whose ``field`` has >= ``tokens`` tokens."""
-    from memshare.traces.capture.inputs import get_path, parse_path
+    from memshare.traces.inputs import get_path, parse_path
     from memshare.traces.model.loader import load_model
 
     backend = load_model()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memshare.errors import InputError
-from memshare.traces.capture.inputs import (
+from memshare.traces.inputs import (
     bundled_prompts,
     get_path,
     parse_path,

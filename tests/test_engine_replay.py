@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from memshare.registry import make_policy  # noqa: E402
-from memshare.traces.capture.inputs import InputItem  # noqa: E402
+from memshare.traces.inputs import InputItem  # noqa: E402
 from memshare.validate.engine.generate import teacher_forced_inputs  # noqa: E402
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
 

@@ -1,1 +1,1 @@
-"""Trace format v1: schema, reader, writer, capture backends and workload importers."""
+"""Trace format v2: schema, reader, writer, summary, steps; model loading, capture, importers."""

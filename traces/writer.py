@@ -28,15 +28,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from memshare import __version__
 from memshare.errors import InputError
 from memshare.traces.files import fsync_dir
-from memshare.traces.reader import (
-    KVRows,
-    TraceReader,
-    checked_shard_hash,
-    has_leftovers,
-    hash_prefix,
-    load_manifest,
-    row_dtype,
-)
+from memshare.traces.manifest_file import has_leftovers, load_manifest, row_dtype
+from memshare.traces.reader import TraceReader
 from memshare.traces.schema import (
     MANIFEST,
     MANIFEST_TMP,
@@ -50,6 +43,7 @@ from memshare.traces.schema import (
     ShardInfo,
     shard_name,
 )
+from memshare.traces.shards import KVRows, checked_shard_hash, hash_prefix
 
 if TYPE_CHECKING:
     from _hashlib import HASH

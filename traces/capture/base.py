@@ -3,7 +3,8 @@
 A backend loads a model, turns text into token ids (with the model's chat template for
 prompts), and runs requests, returning per request the token ids and the token-level K/V of
 every layer as numpy float32 arrays. Everything else (step segmentation, sketches, the trace
-format, resume) lives in :mod:`memshare.traces.capture.run` and is shared by all backends.
+format, resume) lives in :mod:`memshare.traces.capture.run` and the modules beside it, and
+is shared by all backends.
 
 The HF backend (:mod:`~memshare.traces.capture.hf`) is the reference; the vLLM backend
 (:mod:`~memshare.traces.capture.vllm`) implements the same protocol with post-RoPE keys only

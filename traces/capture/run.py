@@ -33,324 +33,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from memshare.errors import InputError
-from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED, sketch_blocks
-from memshare.traces.capture.base import (
-    KEY_FIELD,
-    CaptureBackend,
-    CapturedRequest,
-    GenerationSettings,
-    KeyMode,
-    KVField,
+from memshare.traces.capture.base import KEY_FIELD, CaptureBackend, CapturedRequest, KVField
+from memshare.traces.capture.fullkv import FullKVWriter, full_kv_dtype
+from memshare.traces.capture.options import (
+    CaptureOptions,
+    CaptureProgress,
+    Mode,
+    ProgressFn,
+    check_options,
+    read_inputs,
 )
-from memshare.traces.capture.fullkv import FullKVWriter
-from memshare.traces.capture.inputs import (
-    InputItem,
-    InputSet,
-    bundled_prompts,
-    read_problems,
-    read_texts,
-)
-from memshare.traces.schema import (
-    FULL_KV_FIELDS,
-    FULL_KV_GLOB,
-    MANIFEST,
-    Manifest,
-    RequestRecord,
-    SketchSpec,
-    kv_row_dtype,
-)
-from memshare.traces.segment import SegmenterConfig, segment_tokens
+from memshare.traces.capture.resume import check_output, check_resume_matches
+from memshare.traces.capture.rows import full_kv_rows, kv_rows, step_starts
+from memshare.traces.capture.template import make_template
+from memshare.traces.inputs import InputItem
+from memshare.traces.schema import MANIFEST, Counts, RequestRecord
 
-Mode = Literal["generate", "teacher_forced"]
-BACKENDS = ("hf", "vllm")
-BLOCKS_NOTE = "ceil(tokens / block_size) rows per request; the last block zero-padded"
-ARRIVAL_NOTE = "all requests arrive at 0 s (a capture has no arrival process)"
-TRUNCATION_NOTE = (
-    "texts over the context limit (or max_tokens) are cut there: finish_reason 'length', "
-    "meta.text_tokens = full length"
-)
-
-
-@dataclass(frozen=True)
-class CaptureOptions:
-    """Everything ``memshare capture`` takes (CLI flags map one to one)."""
-
-    output: Path
-    dataset: Path | None = None  # generate mode: problem set
-    texts: Path | None = None  # teacher-forced mode: reasoning texts
-    field_path: str | None = None  # --field: prompt (dataset) or text (texts) field; dotted
-    prompt_field: str | None = None  # teacher-forced: the problem field (auto-detected)
-    limit: int | None = None
-    model: str | None = None
-    backend: str = "hf"
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None
-    block_size: int = 16
-    sketch_dim: int = DEFAULT_DIM
-    sketch_seed: int = DEFAULT_SEED
-    keys: KeyMode = "pre_rope"  # the vllm backend has post-RoPE keys only
-    full_kv: bool = False
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    chunk_tokens: int = 512
-    max_tokens: int | None = None  # teacher-forced: cap on prompt + output tokens
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    resume: bool = False
-
-
-@dataclass(frozen=True)
-class CaptureProgress:
-    """What a progress callback receives after each event."""
-
-    phase: str  # "loading", "status", "capturing", "done"
-    message: str = ""
-    requests_done: int = 0  # committed in the trace, including earlier runs
-    requests_total: int = 0
-    tokens_done: int = 0  # tokens captured by this run
-    elapsed_s: float = 0.0  # since capturing started (model loaded)
-
-
-ProgressFn = Callable[[CaptureProgress], None]
-
-
-def _check_options(o: CaptureOptions) -> None:
-    g = o.generation
-    checks: list[tuple[bool, str, str, str]] = [
-        (o.block_size >= 1, "--block-size", f"must be >= 1, got {o.block_size}", "e.g. 16"),
-        (o.sketch_dim >= 1, "--sketch-dim", f"must be >= 1, got {o.sketch_dim}", "e.g. 64"),
-        (o.sketch_seed >= 0, "--sketch-seed", f"must be >= 0, got {o.sketch_seed}", "e.g. 0"),
-        (o.chunk_tokens >= 1, "--chunk-tokens", f"must be >= 1, got {o.chunk_tokens}", "e.g. 512"),
-        (
-            g.max_new_tokens >= 1,
-            "--max-new-tokens",
-            f"must be >= 1, got {g.max_new_tokens}",
-            "e.g. 256",
-        ),
-        (g.batch_size >= 1, "--batch-size", f"must be >= 1, got {g.batch_size}", "e.g. 4"),
-        (g.temperature >= 0, "--temperature", f"must be >= 0, got {g.temperature}", "0 is greedy"),
-        (0 < g.top_p <= 1, "--top-p", f"must be in (0, 1], got {g.top_p}", "e.g. 0.95"),
-        (
-            o.keys in ("pre_rope", "post_rope"),
-            "--keys",
-            f"must be pre_rope or post_rope, got {o.keys!r}",
-            "e.g. --keys pre_rope",
-        ),
-        (
-            o.backend in BACKENDS,
-            "--backend",
-            f"unknown backend {o.backend!r}",
-            f"use one of {', '.join(BACKENDS)}",
-        ),
-        (
-            o.backend != "vllm" or o.keys == "post_rope",
-            f"--keys {o.keys}",
-            "the vllm backend reads vLLM's KV cache, which holds post-RoPE keys only",
-            "use --keys post_rope (the default with --backend vllm)",
-        ),
-        (
-            o.backend != "vllm" or o.device == "cpu",
-            "--device",
-            f"the vllm backend runs vLLM's CPU build, got --device {o.device}",
-            "use --device cpu, or --backend hf on CUDA",
-        ),
-    ]
-    if o.max_tokens is not None:
-        checks.append(
-            (o.max_tokens >= 2, "--max-tokens", f"must be >= 2, got {o.max_tokens}", "e.g. 4096")
-        )
-    if o.dataset is not None and o.texts is not None:
-        checks.append(
-            (
-                False,
-                "--dataset/--texts",
-                "both given",
-                "pass one: --dataset generates, --texts teacher-forces",
-            )
-        )
-    for ok, where, problem, fix in checks:
-        if not ok:
-            raise InputError(where, problem, fix)
-
-
-def read_inputs(o: CaptureOptions) -> tuple[Mode, InputSet]:
-    """The input items and the mode they imply (bundled GSM8K prompts by default)."""
-    if o.texts is not None:
-        return "teacher_forced", read_texts(
-            o.texts, field=o.field_path, prompt_field=o.prompt_field, limit=o.limit
-        )
-    if o.prompt_field is not None:
-        raise InputError("--prompt-field", "only applies to --texts", "use --field with --dataset")
-    path = o.dataset if o.dataset is not None else bundled_prompts()
-    inputs = read_problems(path, field=o.field_path, limit=o.limit)
-    if o.dataset is None:
-        inputs.source["bundled"] = True
-    return "generate", inputs
-
-
-def _has_trace_files(path: Path) -> bool:
-    names = ("manifest.json", "manifest.json.tmp", "requests.jsonl")
-    return (
-        any((path / n).exists() for n in names)
-        or any(path.glob("kv-*.bin"))
-        or any(path.glob(FULL_KV_GLOB))
-    )
-
-
-def _check_output(o: CaptureOptions) -> Manifest | None:
-    """Fail early on a bad output directory; the existing manifest when resuming one."""
-    from memshare.traces.reader import load_manifest
-
-    out = o.output
-    if out.exists() and not out.is_dir():
-        raise InputError(str(out), "exists and is not a directory", "choose another -o")
-    if not o.resume:
-        if out.is_dir() and _has_trace_files(out):
-            raise InputError(
-                str(out),
-                "already holds a trace (or leftovers of one)",
-                "pass --resume to continue that capture, or choose another -o, or delete it",
-            )
-        return None
-    if not out.is_dir():
-        return None  # nothing to resume yet: a fresh capture
-    if not (out / MANIFEST).is_file():
-        if any(out.iterdir()) and not _has_trace_files(out):
-            raise InputError(
-                str(out),
-                "--resume: not a capture (no manifest.json, and files that are not a trace's)",
-                "pass the directory of an interrupted capture, or drop --resume",
-            )
-        return None  # killed before its first commit: start over
-    manifest = load_manifest(out)
-    if manifest.kind != "kv" or manifest.capture.get("tool") != "memshare capture":
-        raise InputError(
-            str(out / MANIFEST),
-            f"--resume: not a capture (a {manifest.kind!r} trace written by "
-            f"{manifest.capture.get('tool') or manifest.source.get('format') or 'an importer'})",
-            "resume only directories written by `memshare capture`",
-        )
-    return manifest
-
-
-_IGNORED_ON_RESUME = ("limit",)
-
-
-def _check_resume_matches(old: Manifest, new: Manifest, where: str) -> None:
-    fix = "resume with the options of the interrupted capture, or capture into a new -o"
-    pairs: list[tuple[str, Any, Any]] = [
-        ("block_size", old.block_size, new.block_size),
-        ("model", old.model, new.model),
-        ("sketch", old.sketch, new.sketch),
-    ]
-    for key in sorted(set(old.capture) | set(new.capture)):
-        if key not in _IGNORED_ON_RESUME:
-            pairs.append((f"capture.{key}", old.capture.get(key), new.capture.get(key)))
-    oi, ni = old.source.get("inputs", {}), new.source.get("inputs", {})
-    for key in ("mode", "sha256", "prompt_field", "text_field"):
-        pairs.append((f"inputs.{key}", oi.get(key), ni.get(key)))
-    om, nm = old.source.get("model", {}), new.source.get("model", {})
-    for key in ("model", "model_format", "model_sha256"):
-        pairs.append((f"model.{key}", om.get(key), nm.get(key)))
-    for name, a, b in pairs:
-        if a != b:
-            raise InputError(
-                where,
-                f"--resume: setting {name} was {_short(a)} in the interrupted capture, now "
-                f"{_short(b)}",
-                fix,
-            )
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def make_template(
-    o: CaptureOptions, mode: Mode, inputs: InputSet, backend: CaptureBackend
-) -> Manifest:
-    """The manifest template of this capture (settings and provenance)."""
-    capture: dict[str, Any] = {
-        "tool": "memshare capture",
-        "backend": backend.name,
-        "mode": mode,
-        "keys": o.keys,
-        "dtype": o.dtype,
-        "limit": o.limit,
-        "steps": o.segmenter.to_dict(),
-        "blocks": BLOCKS_NOTE,
-        "arrival": ARRIVAL_NOTE,
-        "full_kv": None,
-    }
-    if mode == "generate":
-        capture["generation"] = o.generation.to_dict()
-    else:
-        capture["chunk_tokens"] = o.chunk_tokens
-        capture["max_tokens"] = o.max_tokens
-        capture["truncation"] = TRUNCATION_NOTE
-    if o.full_kv:
-        fields = [f for f in FULL_KV_FIELDS if f != "k" or "pre_rope" in backend.key_modes]
-        capture["full_kv"] = {"fields": fields, "dtype": "<f4", "files": FULL_KV_GLOB}
-    versions = getattr(backend, "versions", None)
-    source: dict[str, Any] = {
-        "inputs": inputs.source,
-        "model": backend.describe(),
-        "versions": versions() if callable(versions) else {},
-    }
-    return Manifest(
-        kind="kv",
-        block_size=o.block_size,
-        model=backend.model_info(),
-        sketch=SketchSpec(method="jl", dim=o.sketch_dim, seed=o.sketch_seed, keys=o.keys),
-        source=source,
-        capture=capture,
-    )
-
-
-def kv_rows(
-    captured: CapturedRequest, keys: KeyMode, block_size: int, dim: int, seed: int
-) -> npt.NDArray[Any]:
-    """The trace's KV rows of one request: per block and layer, sketches and norms."""
-    k = captured.get(KEY_FIELD[keys])
-    v = captured.get("v")
-    sk, nk = sketch_blocks(k, block_size, dim, seed)  # (L, blocks, d), (L, blocks)
-    sv, nv = sketch_blocks(v, block_size, dim, seed)
-    layers, blocks = nk.shape
-    rows = np.zeros(blocks, dtype=kv_row_dtype(layers, dim))
-    rows["sketch"][:, :, 0, :] = sk.transpose(1, 0, 2)
-    rows["sketch"][:, :, 1, :] = sv.transpose(1, 0, 2)
-    rows["norm"][:, :, 0] = nk.T
-    rows["norm"][:, :, 1] = nv.T
-    return rows
-
-
-def full_kv_rows(captured: CapturedRequest, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
-    """Every token's K/V as full-KV records (``(tokens,)`` of ``dtype``)."""
-    rows = np.zeros(captured.tokens, dtype=dtype)
-    for name in dtype.names or ():
-        rows[name] = captured.get(name).transpose(1, 0, 2, 3)  # type: ignore[arg-type]
-    return rows
-
-
-def _steps(
-    backend: CaptureBackend,
-    captured: CapturedRequest,
-    seg: SegmenterConfig,
-    text: str | None,
-    starts: list[int] | None,
-) -> tuple[str, list[int]]:
-    """Output text and step starts (token offsets from the first prompt token)."""
-    if text is None or starts is None:
-        text, starts = backend.token_starts(captured.output_ids)
-    out_steps = segment_tokens(text, starts, seg)
-    p = len(captured.prompt_ids)
-    return text, [0, *(p + s for s in out_steps if p + s > 0)]
+__all__ = ["CaptureOptions", "CaptureProgress", "ProgressFn", "capture", "open_backend"]
 
 
 @dataclass
@@ -412,7 +116,7 @@ class _Run:
     ) -> None:
         t = time.perf_counter()
         o = self.o
-        out_text, steps = _steps(self.backend, captured, o.segmenter, text, starts)
+        out_text, steps = step_starts(self.backend, captured, o.segmenter, text, starts)
         rows = kv_rows(captured, o.keys, o.block_size, o.sketch_dim, o.sketch_seed)
         full_ref = None
         if self.full is not None and self.full_dtype is not None:
@@ -530,12 +234,11 @@ def capture(
     backend: CaptureBackend | None = None,
 ) -> dict[str, Any]:
     """Capture (or resume) a trace; return a summary. Bad input raises :class:`InputError`."""
-    from memshare.traces.reader import TraceReader
     from memshare.traces.writer import TraceWriter
 
-    _check_options(o)
+    check_options(o)
     mode, inputs = read_inputs(o)
-    old = _check_output(o)
+    old = check_output(o)
 
     def status(message: str) -> None:
         if progress is not None:
@@ -554,25 +257,15 @@ def capture(
         )
     template = make_template(o, mode, inputs, backend)
     if old is not None:
-        _check_resume_matches(old, template, str(o.output / MANIFEST))
+        check_resume_matches(old, template, str(o.output / MANIFEST))
     writer = (
         TraceWriter.resume(o.output, template=template)
         if o.resume
         else TraceWriter(o.output, template)
     )
     with writer:
-        with TraceReader(o.output, verify=False) as reader:
-            committed = list(reader.records())
-            manifest = reader.manifest
-        from memshare.traces.capture.fullkv import full_kv_dtype
-
-        full_dtype = full_kv_dtype(manifest)
-        full = FullKVWriter(o.output, full_dtype, committed) if full_dtype is not None else None
-        done = {r.id for r in committed}
-        run = _Run(o, backend, writer, full, full_dtype, progress, len(inputs.items), done)
-        if hasattr(backend, "token_progress"):
-            backend.token_progress = run.tokens_running
-        skipped = len(done & {it.id for it in inputs.items})
+        run = _start(o, backend, writer, progress, len(inputs.items))
+        skipped = len(run.done_ids & {it.id for it in inputs.items})
         run.tell("capturing", f"{skipped} requests already captured" if skipped else "")
         try:
             if mode == "generate":
@@ -580,19 +273,50 @@ def capture(
             else:
                 _run_teacher_forced(run, inputs.items)
         finally:
-            if full is not None:
-                full.close()
+            if run.full is not None:
+                run.full.close()
         counts = writer.counts
+    summary = _summary(o, mode, run, counts, skipped, load_s)
+    run.tell("done")
+    return summary
+
+
+def _start(
+    o: CaptureOptions,
+    backend: CaptureBackend,
+    writer: Any,
+    progress: ProgressFn | None,
+    total: int,
+) -> _Run:
+    """The run state on an open writer: the committed ids, and the full-KV writer if the
+    trace has full KV; the backend reports its tokens to the run."""
+    from memshare.traces.reader import TraceReader
+
+    with TraceReader(o.output, verify=False) as reader:
+        committed = list(reader.records())
+        manifest = reader.manifest
+    full_dtype = full_kv_dtype(manifest)
+    full = FullKVWriter(o.output, full_dtype, committed) if full_dtype is not None else None
+    done = {r.id for r in committed}
+    run = _Run(o, backend, writer, full, full_dtype, progress, total, done)
+    if hasattr(backend, "token_progress"):
+        backend.token_progress = run.tokens_running
+    return run
+
+
+def _summary(
+    o: CaptureOptions, mode: Mode, run: _Run, counts: Counts, skipped: int, load_s: float
+) -> dict[str, Any]:
+    """What :func:`capture` returns: the trace's counts and this run's figures."""
     elapsed = time.perf_counter() - run.t0
     total_tokens = counts.prompt_tokens + counts.output_tokens
     size = dir_bytes(o.output)
-    run.tell("done")
     return {
         "trace": str(o.output),
         "mode": mode,
-        "model": backend.model_info().name,
+        "model": run.backend.model_info().name,
         "keys": o.keys,
-        "full_kv": full_dtype is not None,
+        "full_kv": run.full_dtype is not None,
         "requests": counts.requests,
         "captured_now": run.captured,
         "resumed_skipped": skipped,
@@ -601,7 +325,7 @@ def capture(
         "output_tokens": counts.output_tokens,
         "kv_rows": counts.kv_rows,
         "tokens_now": run.tokens,
-        "threads": getattr(backend, "threads", None),
+        "threads": getattr(run.backend, "threads", None),
         "load_s": round(load_s, 3),
         "capture_s": round(elapsed, 3),
         "model_s": round(run.model_s, 3),

@@ -31,7 +31,7 @@ from typing import Any
 from memshare.errors import InputError
 from memshare.traces.files import file_sha256
 
-from ..reader import load_manifest
+from ..manifest_file import load_manifest
 from ..schema import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, Manifest, RequestRecord
 from ..writer import TraceWriter
 from . import azure, burstgpt, mooncake, tokens

@@ -22,7 +22,7 @@ from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.registry import coerce_params, make_policy, parse_settings
 from memshare.scheduler import SchedulerConfig
-from memshare.traces.capture.inputs import InputItem, read_texts
+from memshare.traces.inputs import InputItem, read_texts
 from memshare.traces.model.device import check_device
 from memshare.traces.segment import SegmenterConfig, segment_tokens
 from memshare.validate.engine.heap import tame_heap

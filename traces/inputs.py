@@ -1,4 +1,4 @@
-"""Capture inputs: problem sets (generate mode) and reasoning texts (teacher-forced mode).
+"""Model inputs: problem sets (generate mode) and reasoning texts (teacher-forced mode).
 
 Both are JSONL files, one object per line (a ``.txt`` file is one text). Field names are
 auto-detected from the first record (GSM8K ``question``, MATH-500 ``problem``, AIME
