@@ -22,7 +22,9 @@ Our precise version of MemShare (docs/policies.md), per request:
    that are not exclusively owned (prefix hits, published blocks) are left alone. Shared
    pages are read-only: full blocks are never written again.
 
-Deterministic: ties break towards the earlier step and the lower block id.
+Deterministic: ties break towards the earlier step and the lower block id. This module holds
+the policy (recording filled blocks, confirming and making shares); the per-request state and
+the candidates of step 2 are :mod:`~memshare.policies.cf_topk_index`'s.
 """
 
 from __future__ import annotations
@@ -30,106 +32,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
-from memshare.minhash import EMPTY, SIG_DTYPE, MinHasher
+from memshare.minhash import MinHasher
+from memshare.policies.cf_topk_index import Chain, Limits, NeighbourIndex, Rows, link
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
-NO_CANDIDATES: list[int] = []
 _TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
-
-
-class _Rows:
-    """A growable array of rows (amortised O(1) append; ``view()`` is the filled part)."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: type[np.generic], fill: object = 0) -> None:
-        self._a = np.full((16, *shape), fill, dtype=dtype)
-        self._fill = fill
-        self.n = 0
-
-    def put(self, i: int, row: np.ndarray) -> None:
-        """Set row ``i`` (growing to hold it)."""
-        a = self._a
-        if i >= len(a):
-            grown = np.full((max(2 * len(a), i + 1), *a.shape[1:]), self._fill, dtype=a.dtype)
-            grown[: len(a)] = a
-            a = self._a = grown
-        a[i] = row
-        if i >= self.n:
-            self.n = i + 1
-
-    def view(self) -> np.ndarray:
-        """Rows ``0 .. n-1``."""
-        return self._a[: self.n]
-
-
-class _Limits(NamedTuple):
-    """Constants of one model depth: probe layers, layers allowed to fail, layers needed."""
-
-    probe: np.ndarray  # up to four layers spread over the depth, checked first
-    allowed: int  # layers allowed to fail tau (block granularity)
-    need: int  # layers that must confirm
-    tau: float  # tau as a float32 (numpy compares float32 distances in float32)
-
-
-@dataclass(slots=True)
-class _Cands:
-    """A step's candidates: its neighbour steps' blocks (``base``, fixed), the blocks whose
-    content those hold (``held``) and, for layer granularity, the blocks linked to them by a
-    share (``extra``), brought up to date from the chain's link log."""
-
-    base: list[int]  # the neighbours' blocks, sorted
-    base_set: set[int]
-    held: list[int]  # the blocks whose content the base blocks hold (themselves, or owners)
-    held_set: set[int]
-    extra: set[int]  # blocks shared with a base block, not in it
-    seen: int  # entries of the link log already folded into ``extra``
-    probe_rows: np.ndarray | None = None  # (held, probe layers, [2,] d) float32, when used
-
-
-_NO_CANDS = _Cands([], set(), [], set(), set(), 0)  # never mutated: every use checks ``base``
-
-
-@dataclass
-class _Chain:
-    """Per-request state; logical block indices key everything. Sketches are kept by
-    reference (a trace's memory map, or live KV sketches), never copied, except the few
-    probe layers used to drop hopeless candidates early."""
-
-    phys: dict[int, int] = field(default_factory=dict)  # logical -> physical id seen at fill
-    step_of: dict[int, int] = field(default_factory=dict)  # logical -> step, where known
-    sketch: dict[int, np.ndarray] = field(default_factory=dict)  # logical -> (L, 2, d)
-    norm: dict[int, np.ndarray] = field(default_factory=dict)  # logical -> (L, 2)
-    # (n, probe layers, 2, d) float32 copy of the probe layers (cast once here rather than
-    # at every comparison: float16 casts are slow)
-    probe: _Rows | None = None
-    limits: _Limits | None = None  # the constants of the chain's depth (block granularity)
-    step_ids: list[int] = field(default_factory=list)  # steps in order of first appearance
-    step_pos: dict[int, int] = field(default_factory=dict)  # step -> position in step_ids
-    step_blocks: list[list[int]] = field(default_factory=list)  # by position: blocks
-    step_tokens: list[list[np.ndarray]] = field(default_factory=list)  # by position: tokens
-    sigs: list[np.ndarray | None] = field(default_factory=list)  # (P,) MinHash by position
-    sig_final: list[bool] = field(default_factory=list)  # signature of a closed step is done
-    sig_done: int = 0  # every position below this has its final signature
-    sig_parts: list[int] = field(default_factory=list)  # token arrays in each signature
-    sig_len: list[int] = field(default_factory=list)  # tokens hashed into each signature
-    # final signatures as rows by position (compared all at once), and which are non-empty
-    sig_rows: _Rows | None = None
-    sig_live: list[bool] = field(default_factory=list)
-    neighbours: dict[int, _Cands] = field(default_factory=dict)  # by position
-    links: list[tuple[int, int]] = field(default_factory=list)  # shares (a, b), in order
-    linked: dict[int, set[int]] = field(default_factory=dict)  # logical -> shared with
-    # logical -> the earlier block whose sketch is its content, for blocks whose compared
-    # part (K and V, or K) was shared whole with that block (block granularity)
-    content: dict[int, int] = field(default_factory=dict)
-    # logical -> (L,) the block whose content each layer holds (layer granularity shares)
-    layer_content: dict[int, np.ndarray] = field(default_factory=dict)
-    # float32 casts of candidates' held sketches for step position ``f32_pos`` (layer mode)
-    f32_pos: int = -1
-    f32: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,10 +58,10 @@ class CfTopK:
     num_perm: int = 32  # MinHash signature length
     seed: int = 0
     name: str = "cf-topk"
-    _hasher: MinHasher = field(init=False, repr=False)
-    _chains: dict[str, _Chain] = field(init=False, repr=False, default_factory=dict)
+    _index: NeighbourIndex = field(init=False, repr=False)
+    _chains: dict[str, Chain] = field(init=False, repr=False, default_factory=dict)
     # model depth (layers) -> its constants (probe layers, layers allowed/needed, tau)
-    _consts: dict[int, _Limits] = field(init=False, repr=False, default_factory=dict)
+    _consts: dict[int, Limits] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("block", "layer"):
@@ -158,7 +70,10 @@ class CfTopK:
             raise ValueError(f"share must be 'kv' or 'k', got {self.share!r}")
         if self.k < 1 or self.window < 0 or not 0 < self.min_layers <= 1 or self.tau < 0:
             raise ValueError("need k >= 1, window >= 0, 0 < min_layers <= 1, tau >= 0")
-        self._hasher = MinHasher(self.num_perm, self.ngram, self.seed)
+        hasher = MinHasher(self.num_perm, self.ngram, self.seed)
+        self._index = NeighbourIndex(
+            self.k, self.ngram, self.num_perm, self.granularity == "layer", hasher
+        )
 
     # ------------------------------------------------------------------ protocol
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
@@ -171,7 +86,7 @@ class CfTopK:
         """Record the block; decide on the block that just left the recent window."""
         chain = self._chains.get(blk.req_id)
         if chain is None:
-            chain = self._chains[blk.req_id] = _Chain()
+            chain = self._chains[blk.req_id] = Chain()
         self._record(chain, blk, table[blk.index])
         j = blk.index - self.window
         if j < 1 or j not in chain.phys:
@@ -184,7 +99,7 @@ class CfTopK:
         self._chains.pop(req_id, None)
 
     # ------------------------------------------------------------------ recording
-    def _record(self, chain: _Chain, blk: FullBlock, block: KVBlock) -> None:
+    def _record(self, chain: Chain, blk: FullBlock, block: KVBlock) -> None:
         i = blk.index
         chain.phys[i] = block.block_id
         sketch, step = blk.sketch, blk.step
@@ -195,7 +110,7 @@ class CfTopK:
                 if store is None or limits is None:
                     limits = chain.limits = self._limits(len(sketch))
                     shape = (len(limits.probe), *sketch.shape[1:])
-                    store = chain.probe = _Rows(shape, np.float32)
+                    store = chain.probe = Rows(shape, np.float32)
                 store.put(i, sketch.take(limits.probe, axis=0))  # exact: float16 fits float32
         if step is None:
             return
@@ -215,120 +130,15 @@ class CfTopK:
         if blk.token_ids is not None:
             chain.step_tokens[pos].append(np.asarray(blk.token_ids))
 
-    def _signatures(self, chain: _Chain, upto: int) -> None:
-        """Bring the MinHash rows of step positions ``0..upto`` up to date (closed steps are
-        computed once and then enter ``sig_rows``). A row only ever gains tokens, so only the
-        n-grams ending in new tokens are hashed (the min is the same)."""
-        if chain.sig_rows is None:
-            chain.sig_rows = _Rows((self.num_perm,), SIG_DTYPE, EMPTY)
-        last = len(chain.step_ids) - 1
-        todo = [p for p in range(chain.sig_done, upto + 1) if not chain.sig_final[p]]
-        sigs: list[np.ndarray] = []
-        runs: list[np.ndarray] = []
-        for pos in todo:
-            parts = chain.step_tokens[pos]
-            sig = chain.sigs[pos]
-            if chain.sig_parts[pos] != len(parts):  # new tokens since the last signature
-                if sig is None:
-                    sig = chain.sigs[pos] = self._hasher.empty()
-                if parts:
-                    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
-                    start = max(0, chain.sig_len[pos] - self.ngram + 1)
-                    sigs.append(sig)
-                    runs.append(tokens[start:])
-                    chain.sig_len[pos] = len(tokens)
-                chain.sig_parts[pos] = len(parts)
-        if sigs:
-            self._hasher.update_many(sigs, runs)
-        for pos in todo:
-            sig = chain.sigs[pos]
-            if pos < last:  # a later step exists: this one is closed
-                chain.sig_final[pos] = True
-                assert sig is not None
-                chain.sig_rows.put(pos, sig)
-                chain.sig_live[pos] = bool(sig[0] != EMPTY)  # an empty one matches nothing
-        while chain.sig_done <= upto and chain.sig_final[chain.sig_done]:
-            chain.sig_done += 1
-
     # ------------------------------------------------------------------ deciding
-    def _candidates(self, chain: _Chain, j: int) -> list[int]:
-        """Logical indices of candidate blocks for block ``j``, sorted. The step's neighbours
-        are fixed at its first decision (its signature then covers ``window + 1`` blocks)."""
-        step = chain.step_of.get(j)
-        if step is None:
-            return NO_CANDIDATES
-        pos = chain.step_pos[step]
-        cands = chain.neighbours.get(pos)
-        if cands is None:
-            cands = chain.neighbours[pos] = self._new_cands(chain, pos)
-        if self.granularity == "block":
-            # every share moved a whole block to an owner: a block linked to a neighbour's
-            # block holds that block's owner (or is it), so the owners are all candidates
-            return cands.held
-        if not cands.base:
-            return NO_CANDIDATES
-        log = chain.links
-        if cands.seen < len(log):  # links only grow: fold in the new ones
-            inside, extra = cands.base_set, cands.extra
-            for a, b in log[cands.seen :]:
-                if b in inside and a not in inside:
-                    extra.add(a)
-                if a in inside and b not in inside:
-                    extra.add(b)
-            cands.seen = len(log)
-        if not cands.extra:
-            return cands.held
-        content = chain.content
-        new = {content.get(x, x) for x in cands.extra if 1 <= x < j}
-        new.difference_update(cands.held_set)
-        return sorted(cands.held + list(new)) if new else cands.held
-
-    def _new_cands(self, chain: _Chain, pos: int) -> _Cands:
-        """Step ``pos``'s candidates at its first decision. Every earlier block has been
-        decided by then, so what the neighbours' blocks hold is final."""
-        base = self._neighbour_blocks(chain, pos)
-        if not base:
-            return _NO_CANDS  # most steps: one shared empty record (fewer live objects)
-        inside = set(base)
-        linked = chain.linked
-        extra = {x for b in base if b in linked for x in linked[b]} - inside
-        content = chain.content
-        held = sorted({content.get(b, b) for b in base}) if content else base
-        return _Cands(base, inside, held, set(held), extra, len(chain.links))
-
-    def _neighbour_blocks(self, chain: _Chain, pos: int) -> list[int]:
-        if pos == 0:
-            return NO_CANDIDATES
-        self._signatures(chain, pos)
-        sig = chain.sigs[pos]
-        assert sig is not None
-        if sig[0] == EMPTY:
-            return NO_CANDIDATES
-        # estimated Jaccard = shared MinHash values / P over the earlier (all final) rows,
-        # non-empty ones only; best first, earlier on ties, zero dropped
-        assert chain.sig_rows is not None
-        flat = np.flatnonzero(chain.sig_rows.view()[:pos] == sig).tolist()
-        live = chain.sig_live
-        per = self.num_perm
-        counts: dict[int, int] = {}
-        for f in flat:  # row-major: position f // P matched one more value
-            p = f // per
-            if live[p]:
-                counts[p] = counts.get(p, 0) + 1
-        if not counts:
-            return NO_CANDIDATES
-        order = sorted(counts, key=lambda p: (-counts[p], p))
-        blocks = [b for p in order[: self.k] for b in chain.step_blocks[p]]
-        return sorted({b for b in blocks if b >= 1 and b in chain.sketch})
-
-    def _decide(self, chain: _Chain, j: int, table: Sequence[KVBlock]) -> BlockDecision | None:
+    def _decide(self, chain: Chain, j: int, table: Sequence[KVBlock]) -> BlockDecision | None:
         own = table[j]
         if own.ref_cnt != 1 or own.block_hash is not None:
             return None  # not exclusively ours: a prefix hit or a published block
         xs = chain.sketch.get(j)
         if xs is None or own.block_id != chain.phys[j]:
             return None
-        cands = self._candidates(chain, j)
+        cands = self._index.candidates(chain, j)
         if not cands:
             return None
         norm = np.maximum(chain.norm[j], _TINY, dtype=np.float32)
@@ -358,7 +168,7 @@ class CfTopK:
             return self._block_share(chain, j, cands, dist, limits, cols, table)
         return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table)
 
-    def _step_f32(self, chain: _Chain, j: int, c: int) -> np.ndarray:
+    def _step_f32(self, chain: Chain, j: int, c: int) -> np.ndarray:
         """Candidate ``c``'s held sketch (K and V, or K only) as float32, kept while block
         ``j``'s step is being decided (a step's blocks are decided one after another, and what
         a decided block holds no longer changes)."""
@@ -372,13 +182,13 @@ class CfTopK:
         return got
 
     @staticmethod
-    def _owners(chain: _Chain, c: int, layers: int) -> np.ndarray:
+    def _owners(chain: Chain, c: int, layers: int) -> np.ndarray:
         """(L,) the block whose content each layer of block ``c`` holds."""
         got = chain.layer_content.get(c)
         return np.full(layers, c, dtype=np.int64) if got is None else got
 
     @staticmethod
-    def _held(chain: _Chain, c: int) -> np.ndarray:
+    def _held(chain: Chain, c: int) -> np.ndarray:
         """The sketch of what block ``c``'s entry holds now: its own, except layers shared
         with another block (layer granularity), which hold that block's content."""
         own: np.ndarray = chain.sketch[c]
@@ -390,18 +200,18 @@ class CfTopK:
             held[layer] = chain.sketch[int(owners[layer])][layer]
         return held
 
-    def _limits(self, layers: int) -> _Limits:
+    def _limits(self, layers: int) -> Limits:
         """The per-depth constants for ``layers`` (computed once per depth)."""
         got = self._consts.get(layers)
         if got is None:
             need = math.ceil(self.min_layers * layers - 1e-9)
             probe = np.unique(np.linspace(0, layers - 1, min(4, layers)).round().astype(np.int64))
             tau = float(np.float32(self.tau))
-            got = self._consts[layers] = _Limits(probe, layers - need, need, tau)
+            got = self._consts[layers] = Limits(probe, layers - need, need, tau)
         return got
 
     def _probe_pass(
-        self, chain: _Chain, j: int, cands: list[int], norm: np.ndarray, limits: _Limits
+        self, chain: Chain, j: int, cands: list[int], norm: np.ndarray, limits: Limits
     ) -> list[int]:
         """Candidates (in order) whose probe layers fail ``tau`` at most ``allowed`` times:
         the full check's own arithmetic on those layers, from the float32 probe rows."""
@@ -442,11 +252,11 @@ class CfTopK:
 
     def _block_share(
         self,
-        chain: _Chain,
+        chain: Chain,
         j: int,
         cands: list[int],
         dist: np.ndarray,
-        limits: _Limits,
+        limits: Limits,
         cols: list[int],
         table: Sequence[KVBlock],
     ) -> BlockDecision | None:
@@ -480,7 +290,7 @@ class CfTopK:
 
     def _layer_share(
         self,
-        chain: _Chain,
+        chain: Chain,
         j: int,
         cands: list[int],
         dist: np.ndarray,
@@ -506,18 +316,12 @@ class CfTopK:
             source[layers, col] = pages[at, layers, col]
         held[layers] = owners[at, layers]
         for r in rows:
-            self._link(chain, j, cands[r])
+            link(chain, j, cands[r])
         chain.layer_content[j] = held
         d = float(dist[best[layers], layers].mean())
         return BlockDecision(
             j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
         )
-
-    @staticmethod
-    def _link(chain: _Chain, a: int, b: int) -> None:
-        chain.links.append((a, b))
-        chain.linked.setdefault(a, set()).add(b)
-        chain.linked.setdefault(b, set()).add(a)
 
 
 def _lowest_total(dist: np.ndarray, eligible: list[int]) -> tuple[int, float]:
