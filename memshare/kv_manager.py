@@ -1,7 +1,7 @@
 """Per-request block tables over a :class:`BlockPool`, driven by one :class:`Policy`.
 
 This is the one place where a policy's answers are carried out, so the simulator and the
-validator, which both call it, execute exactly the same decisions.
+paged engine, which both call it, execute exactly the same decisions.
 
 Invariants:
 - ``len(table) == ceil(num_tokens / block_size)`` after every successful call (a prefix hit may

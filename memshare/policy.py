@@ -1,4 +1,4 @@
-"""The seam between drivers (simulator, validator) and sharing policies.
+"""The seam between drivers (simulator, paged engine) and sharing policies.
 
 The driver owns time, batching and the :class:`~memshare.block_pool.BlockPool` (through
 :class:`~memshare.kv_manager.KVCacheManager`); the policy owns every reuse decision and sees
@@ -15,7 +15,7 @@ only plain data: block ids, hashes, token ids, step ids and KV sketches. It is t
 
 A policy never imports SimPy or torch, never reads a clock, and given the same calls in the
 same order makes the same decisions: that is what makes the simulator's block counts and the
-validator's identical by construction.
+paged engine's identical by construction.
 """
 
 from __future__ import annotations

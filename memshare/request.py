@@ -1,7 +1,7 @@
 """The request the scheduler schedules: engine-neutral, typed, no clock and no event.
 
 Both executors (the simulator in ``memshare.sim`` and the paged engine in
-``memshare.validate``) hand the :class:`~memshare.scheduler.Scheduler` requests of this class
+``memshare.validate.engine``) hand the :class:`~memshare.scheduler.Scheduler` requests of this class
 (or a subclass that adds the executor's own fields: the simulator's arrival times and SimPy
 event live in ``memshare.sim.workload.SimRequest``). See docs/scheduler.md.
 

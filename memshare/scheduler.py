@@ -3,9 +3,9 @@
 It plans steps over :class:`~memshare.kv_manager.KVCacheManager` (docs/scheduler.md).
 
 The simulator (``memshare.sim``) charges its cost model for each step this scheduler plans;
-the paged engine (``memshare.validate``) runs one batched forward pass of the real model for
-it. Neither changes a decision: the step plan, every allocation, hit, share and free come from
-here and from the manager, so a difference between the two is a measured fact.
+the paged engine (``memshare.validate.engine``) runs one batched forward pass of the real
+model for it. Neither changes a decision: the step plan, every allocation, hit, share and free
+come from here and from the manager, so a difference between the two is a measured fact.
 
 One :meth:`Scheduler.schedule` call plans one engine step, as in vLLM v1's
 ``Scheduler.schedule``: there is no prefill or decode phase, each request has

@@ -1,4 +1,4 @@
-"""PNG figures (matplotlib, Agg backend: no display needed).
+"""PNG figures of ``simulate`` runs and sweeps (matplotlib, Agg backend: no display needed).
 
 Per ``simulate`` call, one figure each, every policy in it: KV blocks in use over time,
 TTFT CDF, TPOT CDF, throughput per policy. Per sweep: one line plot of the prefix hit rate
