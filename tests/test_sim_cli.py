@@ -12,7 +12,8 @@ import pytest
 import typer
 from helpers_cli import memshare
 
-from memshare.cli import SimArgs, app
+from memshare.cli import app
+from memshare.commands.options import SimArgs
 from memshare.sim.options import SimOptions
 from memshare.traces.importers import import_workload
 from memshare.traces.schema import Manifest, ModelInfo, RequestRecord, SketchSpec, kv_row_dtype

@@ -1,0 +1,141 @@
+"""The simulator's commands: ``simulate``, ``sweep``, ``study`` (KV memory saved per policy)
+and ``policies`` (the registry), with their tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from memshare.commands.options import (
+    JsonOpt,
+    KvBlocksOpt,
+    PlotOpt,
+    RequestsLimitOpt,
+    SetOpt,
+    SimArgs,
+    output_option,
+    spread,
+)
+from memshare.commands.progress import Bar, warn
+from memshare.commands.render import out, print_json
+from memshare.errors import InputError
+
+SimOutputOpt = Annotated[Path | None, output_option("Output directory (default: runs/TRACE).")]
+SweepOpt = Annotated[
+    str | None, typer.Option(help="Sweep one option: key=a,b,c (e.g. kv_blocks=500,1000).")
+]
+SweepArg = Annotated[str, typer.Argument(metavar="KEY=A,B,C", help="Option and its values.")]
+
+
+@spread
+def simulate_cmd(
+    args: SimArgs,
+    sweep: SweepOpt = None,
+    plot: PlotOpt = False,
+    output: SimOutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate serving a trace: vLLM-v1 scheduler, block identity, roofline step times."""
+    if sweep is not None:
+        _sweep(args, sweep, output, plot, as_json)
+        return
+    from memshare.sim.report import render_study
+    from memshare.sim.study import simulate, study_json
+
+    with Bar(as_json, None) as bar:
+        bar.notice = args.notice
+        result = simulate(args.options(), output, plot=plot, progress=bar.run, warn=warn)
+    if as_json:
+        print_json(study_json(result))
+    else:
+        render_study(result, out)
+
+
+@spread
+def sweep_cmd(
+    args: SimArgs,
+    param: SweepArg,
+    plot: PlotOpt = False,
+    output: SimOutputOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate over one option's values: one table and one line plot (e.g. hit rate vs KV)."""
+    _sweep(args, param, output, plot, as_json)
+
+
+def _sweep(args: SimArgs, sweep: str, output: Path | None, plot: bool, as_json: bool) -> None:
+    from memshare.sim.options import parse_sweep
+    from memshare.sim.report import render_sweep
+    from memshare.sim.study import sweep as run_sweep
+    from memshare.sim.study import sweep_json
+
+    spec = parse_sweep(sweep)
+    with Bar(as_json, None) as bar:
+        bar.notice = args.notice
+        result = run_sweep(args.options(), spec, output, plot=plot, progress=bar.run, warn=warn)
+    if as_json:
+        print_json(sweep_json(result))
+    else:
+        render_sweep(result, out)
+
+
+def study_cmd(
+    trace: Annotated[Path, typer.Argument(metavar="TRACE", help="A trace with KV sketches.")],
+    output: Annotated[Path, output_option("Output directory.")] = Path("runs/study"),
+    tau: Annotated[list[float] | None, typer.Option(help="cf-topk tau values (repeat).")] = None,
+    kv_blocks: KvBlocksOpt = "unlimited",
+    settings: SetOpt = None,
+    limit: RequestsLimitOpt = None,
+    plot: Annotated[bool, typer.Option(help="Write saved_vs_tau.png.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """KV memory saved by none/prefix/exact-dedup/token-dedup and cf-topk over tau, per option."""
+    from memshare.sim.options import SimOptions
+    from memshare.sim.sharing_study import TAUS, rows_json, run_study, write_study
+
+    taus = tuple(tau) if tau else TAUS
+    if any(t < 0 for t in taus):
+        raise InputError("--tau", f"must be >= 0, got {taus}", "e.g. --tau 0.2")
+    base = SimOptions(trace=trace, kv_blocks=kv_blocks, sets=tuple(settings or ()), limit=limit)
+    with Bar(as_json, "study") as bar:
+        rows = run_study(base, taus=taus, progress=lambda _l, n, _t: bar.tick(n), warn=warn)
+    write_study(rows, output, plot=plot)
+    if as_json:
+        print_json(rows_json(rows))
+        return
+    t = Table(title=f"KV memory saved on {trace} (vs none, same budget and arrivals)")
+    t.add_column("policy", no_wrap=True)
+    for col in ("mean KV", "saved (mean)", "saved (peak)", "share rate", "distance"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        dist = "-" if r.mean_shared_distance is None else f"{r.mean_shared_distance:.3f}"
+        t.add_row(
+            r.label,
+            f"{r.mean_kv_bytes / 2**20:,.1f} MiB",
+            f"{r.saved_mean:.2%}",
+            f"{r.saved_peak:.2%}",
+            f"{r.page_share_rate:.2%}",
+            dist,
+        )
+    out.print(t)
+    out.print(f"-> {output}")
+
+
+def policies_cmd(as_json: JsonOpt = False) -> None:
+    """List the registered policies (the --policy choices) and their --set parameters."""
+    from memshare.registry import param_defaults, policy_names
+
+    table = {name: param_defaults(name) for name in policy_names()}
+    if as_json:
+        print(json.dumps({"policies": list(table), "parameters": table}, default=str))
+        return
+    t = Table(title="policies (--policy NAME --set key=value)")
+    t.add_column("policy")
+    t.add_column("parameters (defaults)")
+    for name, params in table.items():
+        t.add_row(name, ", ".join(f"{k}={v}" for k, v in params.items()) or "-")
+    out.print(t)
