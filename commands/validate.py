@@ -116,10 +116,14 @@ def validate_cmd(args: ValidateArgs, as_json: JsonOpt = False) -> None:
     --engine vllm, real vLLM serves the budget run of each none/prefix run instead."""
     from memshare.validate.report import render_validation
     from memshare.validate.validation import ValidateOptions, validate
+    from memshare.validate.vllm.validate import validate_vllm
 
     with Bar(as_json) as bar:
         opts = ValidateOptions(**fields_of(args))
-        report = validate(opts, status=bar.status, progress=bar.progress)
+        if opts.engine == "vllm":
+            report = validate_vllm(opts, status=bar.status)
+        else:
+            report = validate(opts, status=bar.status, progress=bar.progress)
     if as_json:
         print_json(report)
         return

@@ -25,8 +25,8 @@ from memshare.validate.engine.paged_engine import (  # noqa: E402
     EngineOptions,
     EngineSpec,
     PagedEngine,
-    ReuseRecord,
 )
+from memshare.validate.engine.records import ReuseRecord  # noqa: E402
 
 if TYPE_CHECKING:
     from memshare.traces.capture.hf import HFBackend

@@ -1,4 +1,4 @@
-"""Synthesized token ids for workload traces (validate/workload/tokens.py): the scaling rule,
+"""Synthesized token ids for workload traces (validate/runs/tokens.py): the scaling rule,
 the invariants of its docstring, and the prefix hit rate surviving the scaling on the real
 Mooncake trace, measured with the project's own prefix policy over chained token hashes."""
 
@@ -20,7 +20,7 @@ from memshare.policy import RequestInfo
 from memshare.traces.importers import import_workload
 from memshare.traces.reader import TraceReader
 from memshare.traces.schema import Manifest, RequestRecord
-from memshare.validate.workload.tokens import (
+from memshare.validate.runs.tokens import (
     SynthRequest,
     hash_block_tokens,
     synthesize_tokens,

@@ -1,34 +1,24 @@
-"""The parts of ``memshare validate`` that generate (docs/validate.md): answers generated under
-each policy, and throughput at a fixed KV budget.
+"""Engines stepped in turn (:func:`run_each`), and the answers ``memshare validate`` generates
+under each policy (docs/validate.md).
 
 *Generated answers* (traces captured with ``--dataset``): the paged engine generates every
 prompt greedily, up to the trace's own cap (``manifest.capture.generation.max_new_tokens``),
 stopping on EOS as capture did, under each run's policy and once unshared (``none``, shared by
 all runs). Per policy: answer agreement with the unshared run, accuracy against the gold answer
-(``meta.answer``) of both, and token agreement up to the first divergence.
-
-*Throughput at a fixed KV budget* (every KV trace): the same requests, all at 0 s, run as
-generation with the trace's output tokens forced, so every executor serves the same lengths,
-under a budget of ``fraction`` x the blocks every request needs at once (at least the largest
-request and its spare block), at which ``none`` must queue or preempt. The engine runs ``none``
-and each policy; the simulator predicts each on exactly that workload and budget (the run's
-scheduler limits, the ``--gpu`` preset). Measured: output tokens / engine clock, TTFT and TPOT
-from the engine's per-request clocks, preemptions; each beside its prediction.
+(``meta.answer``) of both, and token agreement up to the first divergence. The throughput runs
+at a KV budget (:mod:`~memshare.validate.budget`) step their engines the same way.
 
 The engines of a part are stepped in turn, one step each (each engine's clock counts its own
 steps only), so a machine whose load changes during the runs slows every policy alike.
 
 Invariants: the unshared engine runs once per part and is also the measured run of a ``none``
-policy; the engine and the simulator get the same records, block size, budget and limits, so a
-lossless policy's steps at the budget are the simulator's (``steps_identical``); no function
-here writes anything but the engine folders :func:`write_engine` is given.
+policy; no function here writes anything but the engine folders :func:`write_engine` is given.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,29 +27,19 @@ from typing import Any
 import numpy as np
 
 from memshare.errors import InputError
-from memshare.kv_manager import blocks_for_all, cdiv
 from memshare.registry import make_policy
-from memshare.scheduler import SchedulerConfig
-from memshare.sim.config import ArrivalSpec, SimConfig
+from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape, plan_shape
-from memshare.sim.run import LoadedTrace, RunOutput, resolve
+from memshare.sim.run import LoadedTrace
 from memshare.traces.schema import RequestRecord
 from memshare.validate.answers import Kind, answers_equal, detect_kind, extract_answer, gold_answer
-from memshare.validate.engine.generate import write_run
+from memshare.validate.engine.generate import run_metrics, write_run
 from memshare.validate.engine.live_blocks import TokenStarts
-from memshare.validate.engine.paged_engine import (
-    EngineOptions,
-    EngineResult,
-    EngineSpec,
-    PagedEngine,
-)
-from memshare.validate.measure import first_differing_step, simulate_on
-from memshare.validate.runs import RunDir
+from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
+from memshare.validate.engine.records import PagedRunResult
+from memshare.validate.measure import Progress
 
-Progress = Callable[[str, int, int], None]  # what, done, total
 Decode = Callable[[Sequence[int]], str]
-
-DEFAULT_KV_FRACTION = 0.5
 
 
 @dataclass
@@ -94,7 +74,7 @@ def is_generated(trace: LoadedTrace) -> bool:
     return trace.manifest.capture.get("mode") == "generate"
 
 
-def _engine(
+def make_engine(
     model: Any,
     cfg: SimConfig | None,
     specs: Sequence[EngineSpec],
@@ -140,7 +120,6 @@ def run_each(
     return base, runs
 
 
-# --------------------------------------------------------------------- generated answers
 @dataclass(frozen=True)
 class Gold:
     """A request's answer kind and gold answer (``None`` when its row gave none)."""
@@ -202,7 +181,9 @@ def generate_answers(
     def make(cfg: SimConfig | None) -> PagedEngine:
         sched = (cfg or configs[0]).scheduler
         opts = EngineOptions(block_size=block_size, scheduler=sched, stop_on_eos=True)
-        return _engine(model, cfg, specs, trace, opts, eos_ids=eos_ids, token_starts=token_starts)
+        return make_engine(
+            model, cfg, specs, trace, opts, eos_ids=eos_ids, token_starts=token_starts
+        )
 
     return run_each(make, configs, "generating answers", progress)
 
@@ -219,7 +200,7 @@ class RequestAnswer:
 
 
 def compare_answers(
-    run: EngineResult, base: EngineResult, golds: dict[str, Gold], decode: Decode
+    run: PagedRunResult, base: PagedRunResult, golds: dict[str, Gold], decode: Decode
 ) -> dict[str, RequestAnswer]:
     """Per request: its answer and how it compares (see :class:`RequestAnswer`)."""
     base_ids = {q.rid: q.output_ids for q in base.requests}
@@ -283,194 +264,60 @@ def answer_rows(per: dict[str, RequestAnswer], golds: dict[str, Gold]) -> dict[s
     }
 
 
-# --------------------------------------------------------------------- throughput at a budget
-@dataclass
-class BudgetWorkload:
-    """The requests of the throughput run and the budget both executors run them under."""
+class AnswerComparer:
+    """The unshared run's generated answers, against which each policy's are compared."""
 
-    records: list[RequestRecord]  # simulator form: the trace's output forced, arrival 0 (or kept)
-    specs: list[EngineSpec]  # engine form of the same
-    trace: LoadedTrace  # the trace re-keyed to ``records`` (same KV rows)
-    block_size: int
-    num_blocks: int  # the budget
-    all_at_once: int  # blocks every request needs at once (the unlimited budget)
-    fraction: float
+    def __init__(self, base: GenRun, records: Sequence[RequestRecord], decode: Decode) -> None:
+        self.base = base.engine.result()
+        self.golds = {rec.id: gold_of(rec) for rec in records}
+        self.decode = decode
+        self.base_answers = compare_answers(self.base, self.base, self.golds, decode)
+
+    def of(self, run: GenRun) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """A policy's answer figures (``validation.json``) and ``outputs.jsonl`` fields."""
+        per = compare_answers(run.engine.result(), self.base, self.golds, self.decode)
+        rows = answer_rows(per, self.golds)
+        for rid, row in rows.items():
+            row["first_share_position"] = run.first_share_pos.get(rid)
+        return answer_report(per, self.base_answers), rows
 
 
-def check_fraction(fraction: float) -> None:
-    """``--kv-fraction`` is in (0, 1]."""
-    if not (math.isfinite(fraction) and 0 < fraction <= 1):
-        raise InputError(
-            "--kv-fraction",
-            f"must be in (0, 1], got {fraction}",
-            f"e.g. {DEFAULT_KV_FRACTION} (the budget as a fraction of all requests at once)",
+class EngineWriter:
+    """Writes an engine run's files under a run directory (answers in ``outputs.jsonl``)."""
+
+    def __init__(self, backend: Any, device: str, dtype: str, block_size: int) -> None:
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.backend.decode(ids, skip_special=True))
+
+    def write(
+        self,
+        folder: Path,
+        cfg: SimConfig,
+        result: PagedRunResult,
+        extra: dict[str, dict[str, Any]],
+    ) -> None:
+        """``folder``'s engine files and ``metrics.json`` for a run of ``cfg``'s policy."""
+        metrics = run_metrics(
+            result,
+            model=self.backend.source.name,
+            policy=cfg.policy,
+            params=dict(cfg.policy_params),
+            device=self.device,
+            dtype=self.dtype,
+            block_size=self.block_size,
         )
+        write_engine(folder, cfg.policy, result, self.backend.decode, metrics, extra)
 
 
-def budget_workload(
-    trace: LoadedTrace,
-    run: RunDir,
-    limit: int | None,
-    fraction: float,
-    *,
-    keep_arrivals: bool = False,
-) -> BudgetWorkload:
-    """The run's requests as forced generation under ``fraction`` x the all-at-once budget
-    (a record without prompt tokens is served with its first output token as its prompt);
-    every request at 0 s unless ``keep_arrivals`` (then the trace's ``arrival_s``)."""
-    check_fraction(fraction)
-    cap = limit or run.config.limit
-    src = trace.records[:cap] if cap else trace.records
-    bs = resolve(run.config, trace).block_size
-    records: list[RequestRecord] = []
-    specs: list[EngineSpec] = []
-    for rec in src:
-        prompt, out = list(rec.prompt_ids or []), list(rec.output_ids or [])
-        if not prompt:
-            prompt, out = out[:1], out[1:]
-        if not out:
-            prompt, out = prompt[:-1], prompt[-1:]
-        if not prompt:
-            raise InputError(str(trace.path), f"request {rec.id!r} has under 2 tokens", "capture")
-        records.append(
-            replace(
-                rec,
-                arrival_s=rec.arrival_s if keep_arrivals else 0.0,
-                prompt_len=len(prompt),
-                output_len=len(out),
-                prompt_ids=prompt,
-                output_ids=out,
-                finish_reason="length",
-            )
-        )
-        specs.append(EngineSpec(rec.id, prompt, len(out), rec.steps, forced=out))
-    lengths = [r.prompt_len + r.output_len for r in records]
-    full = blocks_for_all(lengths, bs)
-    blocks = max(math.ceil(fraction * full), max(cdiv(n, bs) for n in lengths) + 1)
-    tr = LoadedTrace(trace.path, trace.manifest, records, trace.kv_rows)
-    return BudgetWorkload(records, specs, tr, bs, blocks, full, fraction)
-
-
-def predict_at_budget(
-    cfg: SimConfig, bw: BudgetWorkload, gpu: str, *, arrival: ArrivalSpec | None = None
-) -> RunOutput:
-    """The simulator's run of ``cfg`` on exactly the budget workload (timing on ``gpu``;
-    requests as they are in ``bw``, under ``arrival``: all at once by default)."""
-    return simulate_on(cfg, bw.trace, bw.num_blocks, bw.block_size, gpu, arrival=arrival)
-
-
-def run_at_budget(
-    model: Any,
-    configs: Sequence[SimConfig],
-    bw: BudgetWorkload,
-    progress: Progress | None = None,
-) -> tuple[GenRun, list[GenRun]]:
-    """The unshared engine and one per config at the budget (stepped in turn)."""
-
-    def make(cfg: SimConfig | None) -> PagedEngine:
-        sched: SchedulerConfig = (cfg or configs[0]).scheduler
-        opts = EngineOptions(block_size=bw.block_size, kv_blocks=bw.num_blocks, scheduler=sched)
-        return _engine(model, cfg, bw.specs, bw.trace, opts)
-
-    return run_each(make, configs, "at the KV budget", progress)
-
-
-def budget_report(
-    pred: RunOutput, base_pred: RunOutput, run: GenRun, base: GenRun
-) -> dict[str, Any]:
-    """A policy's throughput figures at the budget (``validation.json``): the issue's
-    ``throughput_tok_s``, ``ttft_p50_s``, ``tpot_p50_s`` (and p90s), ``throughput_gain``, and
-    ``at_budget`` (steps against the simulator's, preemptions, largest batch)."""
-    eng = run.engine
-    tl = pred.result.timeline
-    first_diff = first_differing_step(pred, eng)
-    meas = measured_times(eng)
-    lat = pred.metrics["latency_s"]
-    tps_pred = pred.metrics["throughput"]["output_tokens_per_s"]
-    base_tps_pred = base_pred.metrics["throughput"]["output_tokens_per_s"]
-    base_tps = measured_times(base.engine)["tok_s"]
-    return {
-        "throughput_tok_s": pme(tps_pred, meas["tok_s"]),
-        "ttft_p50_s": pme(lat["ttft"]["p50"], meas["ttft_p50"]),
-        "ttft_p90_s": pme(lat["ttft"]["p90"], meas["ttft_p90"]),
-        "tpot_p50_s": pme(lat["tpot"]["p50"], meas["tpot_p50"]),
-        "tpot_p90_s": pme(lat["tpot"]["p90"], meas["tpot_p90"]),
-        "throughput_gain": {
-            "predicted": tps_pred / base_tps_pred if tps_pred and base_tps_pred else None,
-            "measured": meas["tok_s"] / base_tps if meas["tok_s"] and base_tps else None,
-        },
-        "at_budget": {
-            "steps_identical": first_diff is None,
-            "first_differing_step": first_diff,
-            "steps": {"predicted": len(tl.scheduled_seqs), "measured": len(eng.steps)},
-            "preemptions": {
-                "predicted": pred.metrics["preemptions"],
-                "measured": eng.scheduler.num_preemptions,
-            },
-            "max_batch": {
-                "predicted": max(tl.scheduled_seqs, default=0),
-                "measured": max((s.seqs for s in eng.steps), default=0),
-            },
-            "pages_peak": {
-                "predicted": max(tl.live_pages, default=0),
-                "measured": max((s.live_pages for s in eng.steps), default=0),
-            },
-            "pages_shared": {
-                "predicted": pred.metrics["sharing"]["pages_shared"],
-                "measured": eng.manager.stats.pages_shared,
-            },
-            "prefix_hit_tokens": {
-                "predicted": pred.metrics["prefix_cache"]["all_admissions"]["hit_tokens"],
-                "measured": eng.manager.stats.hit_tokens,
-            },
-            "reused_tokens": {
-                "predicted": pred.metrics["prefix_cache"]["reused_tokens"],
-                "measured": eng.manager.stats.reused_tokens,
-            },
-            "output_tokens": meas["output_tokens"],
-            "wall_s": eng.clock,
-        },
-    }
-
-
-def measured_times(eng: PagedEngine) -> dict[str, Any]:
-    """Output tokens / engine clock, and TTFT / TPOT percentiles from its per-request clocks
-    (every request arrives at 0 on the engine's clock)."""
-    out = sum(r.num_output for r in eng.requests)
-    ttft = [eng.first_token_s[r.rid] for r in eng.requests if r.rid in eng.first_token_s]
-    tpot = [
-        (eng.finish_s[r.rid] - eng.first_token_s[r.rid]) / (r.num_output - 1)
-        for r in eng.requests
-        if r.num_output > 1 and r.rid in eng.finish_s and r.rid in eng.first_token_s
-    ]
-    return {
-        "output_tokens": out,
-        "tok_s": out / eng.clock if eng.clock > 0 else None,
-        "ttft_p50": _pct(ttft, 50),
-        "ttft_p90": _pct(ttft, 90),
-        "tpot_p50": _pct(tpot, 50),
-        "tpot_p90": _pct(tpot, 90),
-    }
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def pme(pred: float | None, meas: float | None) -> dict[str, Any]:
-    """``{"predicted", "measured", "error_pct"}``: the prediction's error relative to the
-    measurement, in percent (``None`` where either is missing)."""
-    err = None
-    if pred is not None and meas:
-        err = 100.0 * (pred - meas) / meas
-    return {"predicted": pred, "measured": meas, "error_pct": err}
-
-
-# --------------------------------------------------------------------- files
 def write_engine(
     folder: Path,
     policy: str,
-    result: EngineResult,
+    result: PagedRunResult,
     decode: Decode,
     metrics: dict[str, Any],
     extra: dict[str, dict[str, Any]],

@@ -45,7 +45,7 @@ from memshare.validate.engine.group import EngineGroup
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.store import PageStore
 from memshare.validate.fidelity import FidelityAccumulator, add_pairs, next_token_targets
-from memshare.validate.runs import RunDir
+from memshare.validate.runs.folders import RunDir
 
 Progress = Callable[[str, int, int], None]  # what, done, total
 
@@ -74,7 +74,7 @@ class Measured:
 
 def teacher_forced_workload(trace: LoadedTrace, run: RunDir, limit: int | None) -> Workload:
     """The run's requests as teacher-forced texts (a workload-only trace: tokenized first,
-    :func:`~memshare.validate.workload.trace.tokenized`)."""
+    :func:`~memshare.validate.runs.workload.tokenized`)."""
     cfg = run.config
     cap = limit or cfg.limit
     src = trace.records[:cap] if cap else trace.records

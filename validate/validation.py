@@ -5,9 +5,10 @@ workload (:func:`~memshare.validate.measure.predict`) beside the paged engine's 
 (:func:`~memshare.validate.measure.run_lockstep`): KV pages in use (step by step, peak, mean;
 the saving against the unshared run), fidelity against the unshared engine (top-1 agreement,
 KL, perplexity), every share's exact distance on the live KV against ``tau``, and the
-teacher-forced run's time. Then (:mod:`~memshare.validate.generated`) throughput, TTFT and
-TPOT at a KV budget where ``none`` must queue or preempt, predicted and measured; and for a
-trace captured from a dataset, answers generated under each policy (agreement with the
+teacher-forced run's time (:mod:`~memshare.validate.policy_entry`). Then
+(:mod:`~memshare.validate.budget`) throughput, TTFT and TPOT at a KV budget where ``none``
+must queue or preempt, predicted and measured; and for a trace captured from a dataset,
+answers generated under each policy (:mod:`~memshare.validate.generated`: agreement with the
 unshared run, accuracy against the gold answer). Writes ``RUN/validation.json`` and, per run,
 the engine's ``outputs.jsonl`` / ``shares.jsonl`` / ``reuses.jsonl`` under
 ``RUN/<run>/engine/`` (a dataset trace: the generated run there, the teacher-forced one in
@@ -29,50 +30,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape
 from memshare.sim.run import LoadedTrace, RunOutput
-from memshare.traces.schema import RequestRecord
-from memshare.validate.cost_fit import COST_TOML, fit_and_write
-from memshare.validate.engine.generate import run_metrics
-from memshare.validate.engine.heap import tame_heap
-from memshare.validate.engine.paged_engine import EngineResult, PagedEngine, StepRecord
-from memshare.validate.generated import (
+from memshare.validate.budget import (
     DEFAULT_KV_FRACTION,
     BudgetWorkload,
-    GenRun,
-    answer_report,
-    answer_rows,
     budget_report,
     budget_workload,
     check_fraction,
-    compare_answers,
-    generate_answers,
-    generation_cap,
-    gold_of,
-    is_generated,
-    pme,
     predict_at_budget,
     run_at_budget,
-    write_engine,
+)
+from memshare.validate.cost_fit import COST_TOML, fit_and_write
+from memshare.validate.engine.heap import tame_heap
+from memshare.validate.engine.records import StepRecord
+from memshare.validate.generated import (
+    AnswerComparer,
+    EngineWriter,
+    GenRun,
+    generate_answers,
+    generation_cap,
+    is_generated,
 )
 from memshare.validate.measure import (
-    Measured,
     Progress,
     Workload,
-    first_differing_step,
     predict,
     run_lockstep,
-    sketch_vs_exact,
     teacher_forced_workload,
 )
-from memshare.validate.runs import RunDir, check_model, find_runs, load_checked_trace
-from memshare.validate.workload.tokens import check_block_size, check_scale
-from memshare.validate.workload.trace import (
+from memshare.validate.policy_entry import policy_report
+from memshare.validate.runs.folders import RunDir, check_model, find_runs, load_checked_trace
+from memshare.validate.runs.tokens import check_block_size, check_scale
+from memshare.validate.runs.workload import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LENGTH_SCALE,
     check_policies,
@@ -113,7 +106,7 @@ class ValidateOptions:
     one_pass: bool = False  # teacher-forced part: all runs' steps in one forward pass
     length_scale: float = DEFAULT_LENGTH_SCALE  # workload-only traces: synthesized lengths
     block_size: int | None = None  # workload-only traces: the engine's (default 16)
-    engine: str = "torch"  # torch (the paged engine) or vllm (validate/vllm/validate.py)
+    engine: str = "torch"  # torch (validate) or vllm (validate/vllm/validate.py: validate_vllm)
     replay_arrivals: bool = False  # vllm: requests arrive as the run's --arrival (else at 0 s)
 
 
@@ -125,10 +118,57 @@ def validate(
     status: Callable[[str], None] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Measure every run under ``o.run``; returns (and writes) the ``validation.json`` object."""
+    """Measure every run under ``o.run`` on the torch engine; returns (and writes) the
+    ``validation.json`` object (``--engine vllm``:
+    :func:`~memshare.validate.vllm.validate.validate_vllm`)."""
     from memshare.traces.model.device import check_device
     from memshare.traces.model.loader import load_model
 
+    check_options(o)
+    if o.engine != "torch":  # vLLM sits above the study: the command picks the executor
+        raise ValueError("--engine vllm runs memshare.validate.vllm.validate.validate_vllm")
+    tame_heap()  # long engine runs: see validate/engine/heap.py
+    st = _study(o)  # bad input fails before the model loads
+    check_device(o.device)
+    if status:
+        status("loading the model")
+    backend = load_model(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
+    check_model(st.trace, backend.model_info().name)
+    runs, trace, wl = _on_engine(o, st, backend)
+    bw = None if o.fidelity_only else budget_workload(trace, runs[0], o.limit, o.kv_fraction)
+    if status:
+        status("simulating")
+    predicted = {r.label: predict(r.config, wl, o.gpu) for r in runs}
+    base_cfg = runs[0].config.with_(policy="none", policy_params={})
+    base_pred = predict(base_cfg, wl, o.gpu)
+    if status:
+        status("running the engines")
+    # one part at a time: a part's engines (a model copy each) are dropped before the next
+    out = EngineWriter(backend, o.device, o.dtype, wl.block_size)
+    tf_sub = Path("engine", "teacher_forced") if st.generated else Path("engine")
+    policies, series, shaped = _teacher_forced(
+        runs, predicted, base_pred, wl, backend.model, out, tf_sub, progress, o.one_pass
+    )
+    gc.collect()
+    if bw is None:
+        for entry in policies.values():
+            entry |= dict.fromkeys(NOT_MEASURED)
+    else:
+        shaped += _budget_parts(
+            o, runs, trace, bw, base_cfg, backend, out, progress, policies, generated=st.generated
+        )
+    report = _report(o, st, runs, trace, wl, bw, backend.source.name) | {"policies": policies}
+    if o.plot:
+        _plot(o, len(runs), series, report)
+    if o.fit_cost_model:
+        # the teacher-forced runs (prefill) and the runs at the budget (decode, preemption)
+        report["cost_model_fit"] = _fit(o, shaped, predicted[runs[0].label])
+    write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def check_options(o: ValidateOptions) -> None:
+    """The options that fail before any run is read (a torch-only clash only for torch)."""
     check_fraction(o.kv_fraction)
     if o.engine not in ENGINES:
         raise InputError("--engine", f"must be one of {', '.join(ENGINES)}, got {o.engine!r}",
@@ -139,24 +179,36 @@ def validate(
             "the torch engine runs every request at 0 s",
             "add --engine vllm, or leave out --replay-arrivals",
         )
-    if o.engine == "vllm":
-        from memshare.validate.vllm.validate import validate_vllm
-
-        return validate_vllm(o, status)
-    if o.fit_cost_model and o.one_pass and o.fidelity_only:
+    if o.engine != "vllm" and o.fit_cost_model and o.one_pass and o.fidelity_only:
         raise InputError(
             "--fit-cost-model",
             "needs timed steps: under --one-pass and --fidelity-only no run is timed on its own",
             "leave out --one-pass or --fidelity-only",
         )
-    tame_heap()  # long engine runs: see validate/engine/heap.py
+
+
+@dataclass
+class _Study:
+    """The runs to validate and their trace, checked before the model loads."""
+
+    runs: list[RunDir]
+    trace: LoadedTrace
+    workload: bool  # a workload-only trace: its tokens are made on the engine's tokenizer
+    given: bool  # a workload trace with token ids (``memshare import tokens``): ids as given
+    generated: bool  # a trace captured with ``--dataset``: answers are generated
+    block_size: int
+    captured: Workload | None  # a captured trace's teacher-forced workload
+
+
+def _study(o: ValidateOptions) -> _Study:
+    """Every run under ``o.run`` and its trace, checked (a workload trace's options too)."""
     runs = find_runs(o.run)
     trace = load_checked_trace(runs[0])
     for r in runs[1:]:
         load_checked_trace(r)
     workload = is_workload(trace)
     block_size = o.block_size or DEFAULT_BLOCK_SIZE
-    given = workload and has_token_ids(trace)  # memshare import tokens: ids as given
+    captured = None
     if workload:
         check_policies(runs, trace)
         check_scale(o.length_scale)
@@ -168,73 +220,87 @@ def validate(
             "block of the size it was captured with",
             "leave --block-size out",
         )
-    else:  # bad input fails before the model loads
-        wl_captured = teacher_forced_workload(trace, runs[0], o.limit)
-    generated = is_generated(trace)
-    check_device(o.device)
-    if status:
-        status("loading the model")
-    backend = load_model(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
-    check_model(trace, backend.model_info().name)
-    if workload:
-        runs, trace = on_engine(
-            runs,
-            trace,
-            backend,
-            block_size=block_size,
-            limit=o.limit,
-            length_scale=o.length_scale,
-        )
-    wl = teacher_forced_workload(trace, runs[0], o.limit) if workload else wl_captured
-    bw = None if o.fidelity_only else budget_workload(trace, runs[0], o.limit, o.kv_fraction)
-    if status:
-        status("simulating")
-    predicted = {r.label: predict(r.config, wl, o.gpu) for r in runs}
-    base_cfg = runs[0].config.with_(policy="none", policy_params={})
-    base_pred = predict(base_cfg, wl, o.gpu)
-    if status:
-        status("running the engines")
-    # one part at a time: a part's engines (a model copy each) are dropped before the next
-    out = _Writer(backend, o, wl.block_size)
-    tf_sub = Path("engine", "teacher_forced") if generated else Path("engine")
-    policies, series, shaped = _teacher_forced(
-        runs, predicted, base_pred, wl, backend.model, out, tf_sub, progress, o.one_pass
+    else:
+        captured = teacher_forced_workload(trace, runs[0], o.limit)
+    given = workload and has_token_ids(trace)
+    return _Study(runs, trace, workload, given, is_generated(trace), block_size, captured)
+
+
+def _on_engine(
+    o: ValidateOptions, st: _Study, backend: Any
+) -> tuple[list[RunDir], LoadedTrace, Workload]:
+    """The runs, trace and teacher-forced workload the engine runs (a workload trace's tokens
+    made on the model's tokenizer)."""
+    if not st.workload:
+        assert st.captured is not None
+        return st.runs, st.trace, st.captured
+    runs, trace = on_engine(
+        st.runs,
+        st.trace,
+        backend,
+        block_size=st.block_size,
+        limit=o.limit,
+        length_scale=o.length_scale,
     )
+    return runs, trace, teacher_forced_workload(trace, runs[0], o.limit)
+
+
+def _budget_parts(
+    o: ValidateOptions,
+    runs: Sequence[RunDir],
+    trace: LoadedTrace,
+    bw: BudgetWorkload,
+    base_cfg: SimConfig,
+    backend: Any,
+    out: EngineWriter,
+    progress: Progress | None,
+    policies: dict[str, Any],
+    *,
+    generated: bool,
+) -> Shaped:
+    """The parts on the budget workload: throughput at the budget, then (``generated``: a
+    dataset trace) generated answers; each run's figures merged into ``policies``. Returns
+    the steps for the fit."""
+    budget_pred = {r.label: predict_at_budget(r.config, bw, o.gpu) for r in runs}
+    budget_base_pred = predict_at_budget(base_cfg, bw, o.gpu)
+    budget, shaped = _at_budget(runs, budget_pred, budget_base_pred, bw, backend.model, progress)
+    for label, entry in budget.items():
+        policies[label] |= entry
     gc.collect()
-    if bw is not None:
-        budget_pred = {r.label: predict_at_budget(r.config, bw, o.gpu) for r in runs}
-        budget_base_pred = predict_at_budget(base_cfg, bw, o.gpu)
-        budget, budget_shaped = _at_budget(
-            runs, budget_pred, budget_base_pred, bw, backend.model, progress
-        )
-        shaped += budget_shaped
-        for label, entry in budget.items():
+    if generated:
+        answers = _answers(runs, trace, bw, backend, out, progress)
+        for label, entry in answers.items():
             policies[label] |= entry
         gc.collect()
-        if generated:
-            answers = _answers(runs, trace, bw, backend, out, progress)
-            for label, entry in answers.items():
-                policies[label] |= entry
-            gc.collect()
-    else:
-        for entry in policies.values():
-            entry |= dict.fromkeys(NOT_MEASURED)
-    report: dict[str, Any] = {
+    return shaped
+
+
+def _report(
+    o: ValidateOptions,
+    st: _Study,
+    runs: Sequence[RunDir],
+    trace: LoadedTrace,
+    wl: Workload,
+    bw: BudgetWorkload | None,
+    model: str,
+) -> dict[str, Any]:
+    """``validation.json``'s keys before ``policies``: what was validated, and how."""
+    return {
         "trace": str(trace.path),
-        "model": backend.source.name,
+        "model": model,
         "device": o.device,
         "requests": len(wl.specs),
         "block_size": wl.block_size,
         "kv_blocks": wl.num_blocks,
         "timing_preset": o.gpu,
         "workload_tokens": None
-        if not workload
+        if not st.workload
         else {
-            "length_scale": None if given else o.length_scale,
-            "block_size": block_size,
+            "length_scale": None if st.given else o.length_scale,
+            "block_size": st.block_size,
             "seed": runs[0].config.seed,
             "rule": "the trace's token ids, unscaled; seeded outputs where it gave a length"
-            if given
+            if st.given
             else "synthesized from the trace's lengths and hash ids (docs/workload-tokens.md)",
         },
         "workload": "teacher-forced texts, chunks of one block (docs/validate.md)",
@@ -247,28 +313,26 @@ def validate(
             "workload": "generation with the trace's output tokens forced, all at 0 s",
         },
         "generated": None
-        if not generated or bw is None
+        if not st.generated or bw is None
         else {
             "max_new_tokens": generation_cap(trace),
             "sampling": "greedy, stop on EOS; every request fits at once",
         },
-        "policies": policies,
     }
-    if o.plot:
-        from memshare.validate.report import plot_kv
 
-        plot_kv(o.run / "kv_in_use.png", series)
-        report["plots"] = [str(o.run / "kv_in_use.png")]
-        if len(runs) > 1:  # several runs: the measured frontier, one point per run
-            from memshare.validate.report import plot_frontier
 
-            plot_frontier(o.run / "frontier.png", report)
-            report["plots"].append(str(o.run / "frontier.png"))
-    if o.fit_cost_model:
-        # the teacher-forced runs (prefill) and the runs at the budget (decode, preemption)
-        report["cost_model_fit"] = _fit(o, shaped, predicted[runs[0].label])
-    write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return report
+def _plot(o: ValidateOptions, num_runs: int, series: Series, report: dict[str, Any]) -> None:
+    """``RUN/kv_in_use.png`` and, for several runs, the measured frontier (one point per
+    run); their paths under ``report["plots"]``."""
+    from memshare.validate.report import plot_kv
+
+    plot_kv(o.run / "kv_in_use.png", series)
+    report["plots"] = [str(o.run / "kv_in_use.png")]
+    if num_runs > 1:  # several runs: the measured frontier, one point per run
+        from memshare.validate.report import plot_frontier
+
+        plot_frontier(o.run / "frontier.png", report)
+        report["plots"].append(str(o.run / "frontier.png"))
 
 
 Shaped = list[tuple[Sequence[BatchShape], Sequence[StepRecord]]]  # steps for the cost fit
@@ -281,7 +345,7 @@ def _teacher_forced(
     base_pred: RunOutput,
     wl: Workload,
     model: Any,
-    out: _Writer,
+    out: EngineWriter,
     sub: Path,
     progress: Progress | None,
     one_pass: bool,
@@ -339,7 +403,7 @@ def _answers(
     trace: LoadedTrace,
     bw: BudgetWorkload,
     backend: Any,
-    out: _Writer,
+    out: EngineWriter,
     progress: Progress | None,
 ) -> dict[str, dict[str, Any]]:
     """Generated answers: each run's figures; its generated run's files in ``engine/``."""
@@ -354,169 +418,12 @@ def _answers(
         token_starts=backend.token_starts,
         progress=progress,
     )
-    answered = _Answers(base, bw.records, out.decode)
+    answered = AnswerComparer(base, bw.records, out.decode)
     entries: dict[str, dict[str, Any]] = {}
     for r, g in zip(runs, gens, strict=True):
         entries[r.label], rows = answered.of(g)
         out.write(r.path / "engine", r.config, g.engine.result(), rows)
     return entries
-
-
-def policy_report(
-    run: RunDir,
-    pred: RunOutput,
-    base_pred: RunOutput,
-    m: Measured,
-    base: Measured,
-    wl: Workload,
-    *,
-    timed: bool = True,
-) -> dict[str, Any]:
-    """One run's ``validation.json`` entry (see docs/validate.md for every field);
-    ``timed=False``: the engine shared its passes with other runs, its times are null."""
-    eng = m.engine
-    tl = pred.result.timeline
-    first_diff = first_differing_step(pred, eng)
-    live_pred = np.asarray(tl.live_pages, dtype=np.float64)
-    live_meas = np.array([s.live_pages for s in eng.steps], dtype=np.float64)
-    base_pred_mean = float(np.mean(base_pred.result.timeline.live_pages))
-    base_meas_mean = float(np.mean([s.live_pages for s in base.engine.steps]))
-    tau = run.config.policy_params.get("tau")
-    if tau is None and run.config.policy in ("cf-topk",):
-        tau = 0.2
-    fid = m.fidelity.metrics() if m is not base else None
-    sharing_pred = pred.metrics["sharing"]
-    stats = eng.manager.stats
-    lat = pred.metrics["latency_s"]
-    total_tokens = sum(len(t) for t in wl.texts.values())
-    ttft = list(eng.first_token_s.values()) if timed else []
-    clock = eng.clock if timed else 0.0
-    return {
-        "policy": run.config.policy,
-        "policy_params": dict(run.config.policy_params),
-        "steps_identical": first_diff is None,
-        "first_differing_step": first_diff,
-        "steps": {"predicted": len(tl.scheduled_seqs), "measured": len(eng.steps)},
-        "pages_peak": _pm(float(live_pred.max(initial=0)), float(live_meas.max(initial=0))),
-        "pages_mean": _pm(float(live_pred.mean()), float(live_meas.mean())),
-        "kv_saved": _pm(
-            1.0 - float(live_pred.mean()) / base_pred_mean,
-            1.0 - float(live_meas.mean()) / base_meas_mean,
-        ),
-        "pages_shared": _pm(sharing_pred["pages_shared"], stats.pages_shared),
-        "prefix_hit_tokens": _pm(
-            pred.metrics["prefix_cache"]["all_admissions"]["hit_tokens"], stats.hit_tokens
-        ),
-        "reused_tokens": _pm(pred.metrics["prefix_cache"]["reused_tokens"], stats.reused_tokens),
-        "page_share_rate": _pm(
-            _ratio(sharing_pred["pages_shared"], sharing_pred["pages_written"]),
-            _ratio(stats.pages_shared, stats.pages_written),
-        ),
-        "top1_agreement": 1.0 if fid is None else fid.top1_agreement,
-        "top1_agreement_after_first_share": None
-        if fid is None
-        else fid.top1_agreement_after_first_share,
-        "kl_mean": 0.0 if fid is None else fid.kl_mean,
-        "kl_p99": 0.0 if fid is None else fid.kl_p99,
-        "ppl": {
-            "base": None if fid is None else fid.ppl_base,
-            "shared": None if fid is None else fid.ppl_shared,
-        },
-        "answer_agreement": None,  # generated answers (generated.answer_report): dataset
-        "accuracy": None,  # traces only
-        "token_agreement": None,
-        "first_share_position": dict(sorted(m.first_share_pos.items())),
-        "per_request": _per_request(pred, eng),
-        # the texts' tokens through the model, chunks of one block (the issue's time keys
-        # are the generation-at-budget figures: generated.budget_report)
-        "teacher_forced_time": {
-            "prefill_tok_s": pme(
-                pred.metrics["throughput"]["total_tokens_per_s"],
-                total_tokens / clock if clock > 0 else None,
-            ),
-            "ttft_p50_s": pme(lat["ttft"]["p50"], float(np.median(ttft)) if ttft else None),
-            "one_pass": not timed,
-        },
-        "shares": len(eng.shares),
-        **_sketch(eng, tau),
-    }
-
-
-def _per_request(pred: RunOutput, eng: PagedEngine) -> dict[str, Any]:
-    """Pages each request's shares repointed, predicted beside measured, and the requests
-    where the two part (a lossless policy: none; a lossy one: the prediction's error)."""
-    want = pred.result.request_pages_shared
-    got = eng.manager.stats.request_pages_shared
-    rows = {
-        q.rid: _pm(want.get(q.rid, 0), got.get(q.rid, 0))
-        for q in sorted(eng.requests, key=lambda q: q.rid)
-    }
-    return {
-        "pages_shared": rows,
-        "requests_differing": sorted(
-            r for r, pm in rows.items() if pm["predicted"] != pm["measured"]
-        ),
-    }
-
-
-def _sketch(eng: PagedEngine, tau: Any) -> dict[str, Any]:
-    rep = sketch_vs_exact(eng, float(tau) if isinstance(tau, int | float) else None)
-    return {
-        "shares_exceeding_tau": rep["exceeding_tau"],
-        "shares_exceeding_tau_by_10pct": rep["exceeding_tau_by_10pct"],
-        "exact_distance": rep["exact_distance"],
-        "tau": rep["tau"],
-    }
-
-
-class _Answers:
-    """The unshared run's generated answers, against which each policy's are compared."""
-
-    def __init__(
-        self, base: GenRun, records: Sequence[RequestRecord], decode: Callable[[Any], str]
-    ) -> None:
-        self.base = base.engine.result()
-        self.golds = {rec.id: gold_of(rec) for rec in records}
-        self.decode = decode
-        self.base_answers = compare_answers(self.base, self.base, self.golds, decode)
-
-    def of(self, run: GenRun) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """A policy's answer figures (``validation.json``) and ``outputs.jsonl`` fields."""
-        per = compare_answers(run.engine.result(), self.base, self.golds, self.decode)
-        rows = answer_rows(per, self.golds)
-        for rid, row in rows.items():
-            row["first_share_position"] = run.first_share_pos.get(rid)
-        return answer_report(per, self.base_answers), rows
-
-
-class _Writer:
-    """Writes an engine run's files under a run directory (answers in ``outputs.jsonl``)."""
-
-    def __init__(self, backend: Any, o: ValidateOptions, block_size: int) -> None:
-        self.backend = backend
-        self.o = o
-        self.block_size = block_size
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.backend.decode(ids, skip_special=True))
-
-    def write(
-        self,
-        folder: Path,
-        cfg: SimConfig,
-        result: EngineResult,
-        extra: dict[str, dict[str, Any]],
-    ) -> None:
-        metrics = run_metrics(
-            result,
-            model=self.backend.source.name,
-            policy=cfg.policy,
-            params=dict(cfg.policy_params),
-            device=self.o.device,
-            dtype=self.o.dtype,
-            block_size=self.block_size,
-        )
-        write_engine(folder, cfg.policy, result, self.backend.decode, metrics, extra)
 
 
 def _unique(runs: Sequence[GenRun]) -> list[GenRun]:
@@ -534,11 +441,3 @@ def _fit(o: ValidateOptions, shaped: Shaped, pred: RunOutput) -> dict[str, Any]:
     cfg = pred.config
     source = f"memshare validate {o.run} on {o.device}"
     return fit_and_write(steps, cfg.model, cfg.gpu, cfg.cost, o.run / COST_TOML, source)
-
-
-def _ratio(a: int, b: int) -> float:
-    return a / b if b else 0.0
-
-
-def _pm(pred: Any, meas: Any) -> dict[str, Any]:
-    return {"predicted": pred, "measured": meas}

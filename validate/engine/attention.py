@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memshare.validate.engine.batch import GroupPlan, StepPlan
+from memshare.validate.engine.batch import BatchPlan, GroupPlan
 from memshare.validate.engine.store import PageStore
 
 ATTN_NAME = "memshare_paged"
@@ -49,7 +49,7 @@ class PagedStep:
     (set by the forward hooks just before the attention function runs, cleared after it).
     """
 
-    plan: StepPlan
+    plan: BatchPlan
     store: PageStore
     new_k: list[Any]
     new_v: list[Any]

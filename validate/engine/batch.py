@@ -6,7 +6,7 @@ logical ones (``start .. start + n - 1``). :func:`plan_step` turns the chunks in
 tensors **once per step**; every layer's attention then only slices them (see
 ``docs/paged-kv.md``).
 
-Invariants of a :class:`StepPlan`:
+Invariants of a :class:`BatchPlan`:
 
 * ``write_rows[l, kv, t]`` is the flat store row (``page * block_size + offset``) that token
   ``t`` of the step writes for layer ``l``, K (``kv=0``) or V (``kv=1``): position ``p`` goes
@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+
+from memshare.scheduler import Chunk
 
 IntArray = npt.NDArray[np.int64]
 
@@ -92,7 +94,7 @@ class GroupPlan:
 
 
 @dataclass
-class StepPlan:
+class BatchPlan:
     """Index tensors of one step (see the module docstring for the invariants)."""
 
     input_ids: torch.Tensor  # (1, T) long
@@ -108,6 +110,29 @@ class StepPlan:
     copy_dst: torch.Tensor | None = None  # (L, 2, R) flat rows copied into, this step
     cos: Any = None  # (1, max_ctx, head_dim), filled by the engine from the model's rotary
     sin: Any = None
+
+
+def reusing_chunk(
+    token_ids: list[int], c: Chunk, pages: npt.NDArray[np.int64], block_size: int
+) -> SeqChunk:
+    """The work of a chunk with reused spans: its other tokens computed at their positions,
+    the spans' K/V copied from their source blocks' token slots (every layer)."""
+    copy_pos = np.concatenate([np.arange(sp.start, sp.start + sp.length) for sp in c.spans])
+    computed = np.setdiff1d(np.arange(c.start, c.start + c.num_tokens), copy_pos)
+    src = np.concatenate(
+        [
+            sp.source.pages[None] * block_size + (sp.offset + np.arange(sp.length))[:, None, None]
+            for sp in c.spans
+        ]
+    )
+    return SeqChunk(
+        [token_ids[p] for p in computed.tolist()],
+        c.start,
+        pages,
+        positions=computed.tolist(),
+        copy_pos=copy_pos.tolist(),
+        copy_src=src,
+    )
 
 
 def check_layer_map(layer_map: npt.ArrayLike | None, num_layers: int) -> IntArray:
@@ -143,115 +168,173 @@ def plan_step(
     num_pages: int,
     layer_map: IntArray,
     device: Any,
-) -> StepPlan:
+) -> BatchPlan:
     """Check the chunks and build the step's index tensors (one pass, no per-token loops)."""
     if not chunks:
         raise ValueError("a step needs at least one chunk")
-    L, B = num_layers, block_size
-    tables: list[IntArray] = []
-    ids: list[int] = []
-    pos: list[IntArray] = []
-    keep: list[IntArray] = []
-    outputs: list[tuple[int, int, bool]] = []
-    copy_src: list[IntArray] = []
-    copy_dst: list[IntArray] = []
-    t = kept = 0
+    L = num_layers
+    pk = _pack(chunks, L, block_size, num_pages)
+    lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
+    lay = _Layout(pk, lens, L, block_size, layer_map, device)
+    grouped, alone = _grouping(chunks, lens)
+    groups = [lay.group(n, members) for n, members in grouped]
+    lone = [lay.alone(m) for m in alone]
+    plan = BatchPlan(
+        input_ids=_dev(np.array(pk.ids, dtype=np.int64)[None], device),
+        position_ids=_dev(np.concatenate(pk.pos)[None], device),
+        write_rows=_dev(lay.write, device),
+        writes=[bool(x) for x in layer_map == np.arange(L)],
+        max_ctx=max(1, int(lay.ctxs.max())),
+        keep=_dev(np.concatenate(pk.keep), device),
+        outputs=pk.outputs,
+        chunks=lone,
+        groups=groups,
+    )
+    if pk.copy_src:
+        plan.copy_src = _dev(np.concatenate(pk.copy_src, axis=2), device)
+        plan.copy_dst = _dev(np.concatenate(pk.copy_dst, axis=2), device)
+    return plan
+
+
+def _dev(a: npt.ArrayLike, device: Any) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long, device=device)
+
+
+@dataclass
+class _Packed:
+    """The step's chunks, checked, packed into one row: per chunk its page table, positions,
+    kept logits and copies; ``tokens`` and ``kept`` count the row's tokens and kept logits."""
+
+    tables: list[IntArray] = field(default_factory=list)  # per chunk (n_blocks, L, 2)
+    ids: list[int] = field(default_factory=list)
+    pos: list[IntArray] = field(default_factory=list)
+    keep: list[IntArray] = field(default_factory=list)
+    outputs: list[tuple[int, int, bool]] = field(default_factory=list)
+    copy_src: list[IntArray] = field(default_factory=list)
+    copy_dst: list[IntArray] = field(default_factory=list)
+    tokens: int = 0
+    kept: int = 0
+
+
+def _pack(chunks: Sequence[SeqChunk], L: int, B: int, num_pages: int) -> _Packed:
+    """Check each chunk and append it to the packed row (its logits: all, or the last)."""
+    pk = _Packed()
     for i, c in enumerate(chunks):
         n = len(c.token_ids)
-        p_tok = c.token_positions()
-        cp = np.asarray(c.copy_pos, dtype=np.int64)
-        if (n == 0 and not len(cp)) or c.start < 0 or (len(cp) and int(cp.min()) < 0):
-            raise ValueError(f"chunk {i}: needs >= 1 token or copy, and start >= 0")
-        reach = max(int(p_tok[-1]) + 1 if n else 0, int(cp.max()) + 1 if len(cp) else 0)
-        pages = np.asarray(c.pages, dtype=np.int64)
-        if pages.ndim != 3 or pages.shape[1:] != (L, 2) or pages.shape[0] * B < reach:
-            raise ValueError(
-                f"chunk {i}: pages must be (n_blocks >= {-(-reach // B)}, {L}, 2), "
-                f"got {pages.shape}"
-            )
-        used = pages[: -(-reach // B)]
-        if used.size and (int(used.min()) < 0 or int(used.max()) >= num_pages):
-            raise ValueError(f"chunk {i}: page ids must lie in [0, {num_pages})")
-        if len(cp):
-            src = np.asarray(c.copy_src, dtype=np.int64)
-            if src.shape != (len(cp), L, 2):
-                raise ValueError(f"chunk {i}: copy_src must be ({len(cp)}, {L}, 2)")
-            if int(src.min()) < 0 or int(src.max()) >= num_pages * B:
-                raise ValueError(f"chunk {i}: copy rows must lie in [0, {num_pages * B})")
-            copy_src.append(src.transpose(1, 2, 0))
-            copy_dst.append(used[cp // B].transpose(1, 2, 0) * B + cp % B)
-        tables.append(pages)
-        ids.extend(int(x) for x in c.token_ids)
-        pos.append(p_tok)
-        k0 = kept
+        p_tok, pages, cp, src = _check_chunk(i, c, L, B, num_pages)
+        if src is not None:
+            pk.copy_src.append(src.transpose(1, 2, 0))
+            pk.copy_dst.append(pages[cp // B].transpose(1, 2, 0) * B + cp % B)
+        pk.tables.append(pages)
+        pk.ids.extend(int(x) for x in c.token_ids)
+        pk.pos.append(p_tok)
+        t, k0 = pk.tokens, pk.kept
         if c.all_logits or n == 0:
-            keep.append(np.arange(t, t + n, dtype=np.int64))
-            outputs.append((k0, k0 + n, True))
+            pk.keep.append(np.arange(t, t + n, dtype=np.int64))
+            pk.outputs.append((k0, k0 + n, True))
         else:
-            keep.append(np.array([t + n - 1], dtype=np.int64))
-            outputs.append((k0, k0 + 1, False))
-        kept += len(keep[-1])
-        t += n
+            pk.keep.append(np.array([t + n - 1], dtype=np.int64))
+            pk.outputs.append((k0, k0 + 1, False))
+        pk.kept += len(pk.keep[-1])
+        pk.tokens += n
+    return pk
 
-    def dev(a: npt.ArrayLike) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long, device=device)
 
-    lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
-    ctxs = np.array([int(p[-1]) + 1 if len(p) else 0 for p in pos], dtype=np.int64)
-    tok0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    write = np.empty((L, 2, t), dtype=np.int64)
-    plan = StepPlan(
-        input_ids=dev(np.array(ids, dtype=np.int64)[None]),
-        position_ids=dev(np.concatenate(pos)[None]),
-        write_rows=dev(write),  # replaced below
-        writes=[bool(x) for x in layer_map == np.arange(L)],
-        max_ctx=max(1, int(ctxs.max())),
-        keep=dev(np.concatenate(keep)),
-        outputs=outputs,
-    )
-    if copy_src:
-        plan.copy_src = dev(np.concatenate(copy_src, axis=2))
-        plan.copy_dst = dev(np.concatenate(copy_dst, axis=2))
+def _check_chunk(
+    i: int, c: SeqChunk, L: int, B: int, num_pages: int
+) -> tuple[IntArray, IntArray, IntArray, IntArray | None]:
+    """Chunk ``i``'s token positions, page table, copy positions and copy rows (``None``: no
+    copies), each checked against the store's ``num_pages`` pages of ``B`` tokens."""
+    n = len(c.token_ids)
+    p_tok = c.token_positions()
+    cp = np.asarray(c.copy_pos, dtype=np.int64)
+    if (n == 0 and not len(cp)) or c.start < 0 or (len(cp) and int(cp.min()) < 0):
+        raise ValueError(f"chunk {i}: needs >= 1 token or copy, and start >= 0")
+    reach = max(int(p_tok[-1]) + 1 if n else 0, int(cp.max()) + 1 if len(cp) else 0)
+    pages = np.asarray(c.pages, dtype=np.int64)
+    if pages.ndim != 3 or pages.shape[1:] != (L, 2) or pages.shape[0] * B < reach:
+        raise ValueError(
+            f"chunk {i}: pages must be (n_blocks >= {-(-reach // B)}, {L}, 2), got {pages.shape}"
+        )
+    used = pages[: -(-reach // B)]
+    if used.size and (int(used.min()) < 0 or int(used.max()) >= num_pages):
+        raise ValueError(f"chunk {i}: page ids must lie in [0, {num_pages})")
+    if not len(cp):
+        return p_tok, pages, cp, None
+    src = np.asarray(c.copy_src, dtype=np.int64)
+    if src.shape != (len(cp), L, 2):
+        raise ValueError(f"chunk {i}: copy_src must be ({len(cp)}, {L}, 2)")
+    if int(src.min()) < 0 or int(src.max()) >= num_pages * B:
+        raise ValueError(f"chunk {i}: copy rows must lie in [0, {num_pages * B})")
+    return p_tok, pages, cp, src
+
+
+def _grouping(
+    chunks: Sequence[SeqChunk], lens: IntArray
+) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """The groups (length ``n``, member chunks; by ``n``) and the chunks attended alone
+    (multi-token ones alone of their length or with gaps; in chunk order)."""
     by_len: dict[int, list[int]] = {}
     alone: list[int] = []
     for m in np.flatnonzero(lens > 0).tolist():
         contiguous = chunks[m].positions is None or lens[m] == 1
         (by_len.setdefault(int(lens[m]), []) if contiguous else alone).append(m)
+    groups: list[tuple[int, list[int]]] = []
     for n, members in sorted(by_len.items()):
         if len(members) == 1 and n > 1:
             alone.extend(members)
-            continue
+        else:
+            groups.append((n, members))
+    return groups, sorted(alone)
+
+
+class _Layout:
+    """The packed row's index arithmetic: each chunk's first token and context, and the
+    write rows ``(L, 2, T)`` that :meth:`group` and :meth:`alone` fill in."""
+
+    def __init__(
+        self, pk: _Packed, lens: IntArray, L: int, B: int, layer_map: IntArray, device: Any
+    ) -> None:
+        self.pk, self.lens, self.L, self.B = pk, lens, L, B
+        self.layer_map, self.device = layer_map, device
+        self.ctxs = np.array([int(p[-1]) + 1 if len(p) else 0 for p in pk.pos], dtype=np.int64)
+        self.tok0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        self.write = np.empty((L, 2, pk.tokens), dtype=np.int64)
+
+    def group(self, n: int, members: list[int]) -> GroupPlan:
+        """Chunks of length ``n`` read with one padded gather; their write rows filled."""
+        pk, L, device = self.pk, self.L, self.device
         idx = np.asarray(members, dtype=np.int64)
-        lmax = int(ctxs[idx].max())
-        rows = _padded_rows([tables[m] for m in members], lmax, B)  # (G, L, 2, Lmax)
-        qpos = np.stack([pos[m] for m in members])  # (G, n) the queries' positions
-        tok = tok0[idx][:, None] + np.arange(n, dtype=np.int64)
-        write[:, :, tok.reshape(-1)] = (
+        lmax = int(self.ctxs[idx].max())
+        rows = _padded_rows([pk.tables[m] for m in members], lmax, self.B)  # (G, L, 2, Lmax)
+        qpos = np.stack([pk.pos[m] for m in members])  # (G, n) the queries' positions
+        tok = self.tok0[idx][:, None] + np.arange(n, dtype=np.int64)
+        self.write[:, :, tok.reshape(-1)] = (
             rows[np.arange(len(members))[:, None], :, :, qpos].transpose(2, 3, 0, 1)
         ).reshape(L, 2, -1)
         # (G, n, Lmax): a key is read by queries at or after its position
         reads = np.asarray(np.arange(lmax)[None, None, :] <= qpos[:, :, None], dtype=np.bool_)
-        in_ctx = np.arange(lmax)[None, :] < ctxs[idx][:, None]  # (G, Lmax)
+        in_ctx = np.arange(lmax)[None, :] < self.ctxs[idx][:, None]  # (G, Lmax)
         rows = np.where(in_ctx[:, None, None, :], rows, 0)
-        plan.groups.append(
-            GroupPlan(
-                dev(tok),
-                dev(rows[:, layer_map].transpose(1, 2, 0, 3)),
-                None if reads.all() else torch.as_tensor(reads[:, None], device=device),
-                lmax,
-            )
+        return GroupPlan(
+            _dev(tok, device),
+            _dev(rows[:, self.layer_map].transpose(1, 2, 0, 3), device),
+            None if reads.all() else torch.as_tensor(reads[:, None], device=device),
+            lmax,
         )
-    for m in sorted(alone):
-        n, ctx, a = int(lens[m]), int(ctxs[m]), int(tok0[m])
-        rows = _context_rows(tables[m], ctx, B)
-        write[:, :, a : a + n] = rows[:, :, pos[m]]
+
+    def alone(self, m: int) -> ChunkPlan:
+        """Chunk ``m`` attended by itself (a causal mask offset by its start); its write rows
+        filled."""
+        n, ctx, a = int(self.lens[m]), int(self.ctxs[m]), int(self.tok0[m])
+        pos, device = self.pk.pos[m], self.device
+        rows = _context_rows(self.pk.tables[m], ctx, self.B)
+        self.write[:, :, a : a + n] = rows[:, :, pos]
         mask = None
         if n != ctx:  # not the whole context from 0: attend up to each token's own position
-            q = torch.as_tensor(pos[m], device=device)[:, None]
+            q = torch.as_tensor(pos, device=device)[:, None]
             mask = (torch.arange(ctx, device=device)[None, :] <= q)[None, None]
-        plan.chunks.append(ChunkPlan(a, a + n, ctx, dev(rows[layer_map]), mask))
-    plan.write_rows = dev(write)
-    return plan
+        return ChunkPlan(a, a + n, ctx, _dev(rows[self.layer_map], device), mask)
 
 
 def _padded_rows(tables: Sequence[IntArray], lmax: int, block_size: int) -> IntArray:

@@ -89,6 +89,69 @@ def _engine(
     return time.perf_counter() - t, engine
 
 
+def _pairs(
+    backend: Any,
+    mine: Any,
+    label: str,
+    prompts: list[list[int]],
+    lengths: list[int],
+    seqs: int,
+    repeats: int,
+    status: Callable[[str], None] | None,
+) -> list[tuple[float, float]]:
+    """``repeats`` pairs of seconds: HF ``generate``, then the engine (on ``mine``) right
+    after it, at most ``seqs`` sequences at a time."""
+    runs: list[tuple[float, float]] = []
+    for r in range(repeats):
+        if status:
+            status(f"{label}: run {r + 1} of {repeats}")
+        hf = _hf_batches(backend, prompts, lengths, seqs)
+        runs.append((hf, _engine(mine, prompts, lengths, "none", seqs)[0]))
+    return runs
+
+
+def _figures(runs: list[tuple[float, float]], tokens: int, seqs: int) -> dict[str, Any]:
+    """One configuration's figures from its ``(hf_s, engine_s)`` pairs."""
+    hf_s = [h for h, _ in runs]
+    eng_s = [e for _, e in runs]
+    hf_tps = tokens / statistics.median(hf_s)
+    eng_tps = tokens / statistics.median(eng_s)
+    pairs = [h / e for h, e in zip(hf_s, eng_s, strict=True)]
+    return {
+        "tokens": tokens,
+        "hf_tokens_per_s": round(hf_tps, 1),
+        "engine_tokens_per_s": round(eng_tps, 1),
+        "engine_over_hf": round(statistics.median(pairs), 3),
+        "engine_over_hf_pairs": [round(x, 3) for x in pairs],
+        "ratio_of_medians": round(eng_tps / hf_tps, 3),
+        "concurrent_seqs": seqs,
+        "hf_s": [round(x, 3) for x in hf_s],
+        "engine_s": [round(x, 3) for x in eng_s],
+    }
+
+
+def _kv_and_overhead(eng: PagedEngine) -> dict[str, Any]:
+    """``kv`` (the page tensor against the pool's pages) and ``cf_topk`` (the policy's share
+    of step time) of the ``cf-topk`` engine's run."""
+    step_s = sum(s.wall_s for s in eng.steps)
+    commit_s = sum(s.commit_s for s in eng.steps)
+    return {
+        "kv": {
+            "store_bytes": eng.store.nbytes,
+            "pool_pages_x_page_bytes": eng.pool.num_pages * eng.store.page_bytes,
+            "equal": eng.store.nbytes == eng.pool.num_pages * eng.store.page_bytes,
+            "peak_pages_in_use": max(s.used_pages for s in eng.steps),
+        },
+        "cf_topk": {
+            "params": CF_TOPK,
+            "shares": len(eng.shares),
+            "commit_share_of_step_time": round(commit_s / step_s, 4),
+            "sketch_s": round(eng.sketch_s, 3),
+            "step_s": round(step_s, 3),
+        },
+    }
+
+
 def bench_engine(
     *,
     model: str | None = None,
@@ -115,45 +178,11 @@ def bench_engine(
         (f"mixed_{batch}", mixed, mixed_lengths, batch),
         (f"mixed_{batch}_at_{concurrency}", mixed, mixed_lengths, concurrency),
     ):
-        hf_s: list[float] = []
-        eng_s: list[float] = []
-        for r in range(repeats):
-            if status:
-                status(f"{label}: run {r + 1} of {repeats}")
-            hf_s.append(_hf_batches(backend, prompts, lengths, seqs))
-            eng_s.append(_engine(mine, prompts, lengths, "none", seqs)[0])
-        tokens = sum(lengths)
-        hf_tps = tokens / statistics.median(hf_s)
-        eng_tps = tokens / statistics.median(eng_s)
-        pairs = [h / e for h, e in zip(hf_s, eng_s, strict=True)]
-        out[label] = {
-            "tokens": tokens,
-            "hf_tokens_per_s": round(hf_tps, 1),
-            "engine_tokens_per_s": round(eng_tps, 1),
-            "engine_over_hf": round(statistics.median(pairs), 3),
-            "engine_over_hf_pairs": [round(x, 3) for x in pairs],
-            "ratio_of_medians": round(eng_tps / hf_tps, 3),
-            "concurrent_seqs": seqs,
-            "hf_s": [round(x, 3) for x in hf_s],
-            "engine_s": [round(x, 3) for x in eng_s],
-        }
+        runs = _pairs(backend, mine, label, prompts, lengths, seqs, repeats, status)
+        out[label] = _figures(runs, sum(lengths), seqs)
     if status:
         status("cf-topk overhead")
     _, eng = _engine(mine, mixed, mixed_lengths, "cf-topk", **CF_TOPK)
-    step_s = sum(s.wall_s for s in eng.steps)
-    commit_s = sum(s.commit_s for s in eng.steps)
-    out["kv"] = {
-        "store_bytes": eng.store.nbytes,
-        "pool_pages_x_page_bytes": eng.pool.num_pages * eng.store.page_bytes,
-        "equal": eng.store.nbytes == eng.pool.num_pages * eng.store.page_bytes,
-        "peak_pages_in_use": max(s.used_pages for s in eng.steps),
-    }
-    out["cf_topk"] = {
-        "params": CF_TOPK,
-        "shares": len(eng.shares),
-        "commit_share_of_step_time": round(commit_s / step_s, 4),
-        "sketch_s": round(eng.sketch_s, 3),
-        "step_s": round(step_s, 3),
-    }
+    out |= _kv_and_overhead(eng)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out

@@ -26,12 +26,8 @@ from memshare.traces.inputs import InputItem, read_texts
 from memshare.traces.model.device import check_device
 from memshare.traces.segment import SegmenterConfig, segment_tokens
 from memshare.validate.engine.heap import tame_heap
-from memshare.validate.engine.paged_engine import (
-    EngineOptions,
-    EngineResult,
-    EngineSpec,
-    PagedEngine,
-)
+from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
+from memshare.validate.engine.records import PagedRunResult
 
 OUTPUT_FILES = ("outputs.jsonl", "shares.jsonl", "reuses.jsonl", "metrics.json")
 
@@ -193,6 +189,56 @@ def generate(
     logits_sink: Callable[[str, int, Any], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``o`` and write its folder; returns the metrics written to ``metrics.json``."""
+    check_options(o)
+    params = coerce_params(o.policy, parse_settings(o.sets))
+    policy = make_policy(o.policy, **params)
+    tame_heap()  # long engine runs: see validate/engine/heap.py
+    check_device(o.device)
+    prompts = None
+    texts: list[InputItem] = []
+    if o.prompts is not None:
+        prompts = read_prompts(o.prompts, o.max_tokens, o.limit, o.field)
+    else:
+        assert o.texts is not None
+        texts = read_texts(o.texts, field=o.field, limit=o.limit).items
+    from memshare.traces.model.loader import load_model
+
+    if status is not None:
+        status("loading the model")
+    backend = load_model(o.model, dtype=o.dtype, device=o.device, threads=o.threads)
+    if prompts is not None:
+        tokenize(prompts, backend.chat_prompt, int(backend.model.config.vocab_size))
+        inputs = prompts
+    else:
+        inputs = teacher_forced_inputs(texts, backend)
+    specs = [EngineSpec(p.rid, p.ids, p.max_tokens, p.steps) for p in inputs]
+    engine = PagedEngine(
+        backend.model,
+        policy,
+        specs,
+        engine_options(o),
+        eos_ids=backend.eos_ids,
+        token_starts=backend.token_starts,
+        logits_sink=logits_sink,
+    )
+    if status is not None:
+        status("generating")
+    result = engine.run(progress)
+    metrics = run_metrics(
+        result,
+        model=backend.source.name,
+        policy=o.policy,
+        params=params,
+        device=o.device,
+        dtype=o.dtype,
+        block_size=o.block_size,
+    )
+    write_run(o.output, o.policy, result, backend.decode, metrics)
+    return metrics
+
+
+def check_options(o: GenerateOptions) -> None:
+    """Every option of ``o`` checked, and its output folder free, before anything loads."""
     if (o.prompts is None) == (o.texts is None):
         raise InputError("--prompts/--texts", "give exactly one", "e.g. --prompts prompts.jsonl")
     for name, value, low in (
@@ -217,29 +263,11 @@ def generate(
             "has no logits at the reused positions",
             "generate from --prompts with kvshare, or take another policy for --texts",
         )
-    params = coerce_params(o.policy, parse_settings(o.sets))
-    policy = make_policy(o.policy, **params)
-    tame_heap()  # long engine runs: see validate/engine/heap.py
-    check_device(o.device)
-    prompts = None
-    texts: list[InputItem] = []
-    if o.prompts is not None:
-        prompts = read_prompts(o.prompts, o.max_tokens, o.limit, o.field)
-    else:
-        assert o.texts is not None
-        texts = read_texts(o.texts, field=o.field, limit=o.limit).items
-    from memshare.traces.model.loader import load_model
 
-    if status is not None:
-        status("loading the model")
-    backend = load_model(o.model, dtype=o.dtype, device=o.device, threads=o.threads)
-    if prompts is not None:
-        tokenize(prompts, backend.chat_prompt, int(backend.model.config.vocab_size))
-        inputs = prompts
-    else:
-        inputs = teacher_forced_inputs(texts, backend)
-    specs = [EngineSpec(p.rid, p.ids, p.max_tokens, p.steps) for p in inputs]
-    opts = EngineOptions(
+
+def engine_options(o: GenerateOptions) -> EngineOptions:
+    """The paged engine's options for ``o`` (teacher-forced when it gave ``--texts``)."""
+    return EngineOptions(
         block_size=o.block_size,
         kv_blocks=o.kv_blocks,
         scheduler=SchedulerConfig(
@@ -250,33 +278,10 @@ def generate(
         seed=o.seed,
         teacher_forced=o.texts is not None,
     )
-    engine = PagedEngine(
-        backend.model,
-        policy,
-        specs,
-        opts,
-        eos_ids=backend.eos_ids,
-        token_starts=backend.token_starts,
-        logits_sink=logits_sink,
-    )
-    if status is not None:
-        status("generating")
-    result = engine.run(progress)
-    metrics = run_metrics(
-        result,
-        model=backend.source.name,
-        policy=o.policy,
-        params=params,
-        device=o.device,
-        dtype=o.dtype,
-        block_size=o.block_size,
-    )
-    write_run(o.output, o.policy, result, backend.decode, metrics)
-    return metrics
 
 
 def run_metrics(
-    r: EngineResult,
+    r: PagedRunResult,
     *,
     model: str,
     policy: str,
@@ -336,7 +341,7 @@ def run_metrics(
 def write_run(
     folder: Path,
     policy: str,
-    r: EngineResult,
+    r: PagedRunResult,
     decode: Callable[[Sequence[int]], str],
     metrics: dict[str, Any],
 ) -> None:

@@ -40,7 +40,7 @@ from memshare.validate.engine.attention import (
     rope_half_tables,
     rope_is_half_form,
 )
-from memshare.validate.engine.batch import SeqChunk, StepPlan, check_layer_map, plan_step
+from memshare.validate.engine.batch import BatchPlan, SeqChunk, check_layer_map, plan_step
 from memshare.validate.engine.store import PageStore
 
 __all__ = ["PagedModel", "SeqChunk"]
@@ -187,7 +187,7 @@ class PagedModel:
             logits = out.logits[0].float()
             return [logits[a:b] if full else logits[a] for a, b, full in plan.outputs]
 
-    def _copies_only(self, plan: StepPlan) -> list[torch.Tensor]:
+    def _copies_only(self, plan: BatchPlan) -> list[torch.Tensor]:
         """A step with no token to compute: do its copies, return empty logits."""
         if plan.copy_src is not None and plan.copy_dst is not None:
             for layer in np.flatnonzero(plan.writes).tolist():

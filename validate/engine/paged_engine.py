@@ -15,9 +15,9 @@ begin_step` (schedule, lay out the chunks), a forward pass, and :meth:`PagedEngi
 
 Invariants: the store holds ``pool.num_pages`` pages, so the KV bytes the pool accounts
 (pages x page size) are the bytes preallocated in tensors; every share the manager applies is
-recorded once in :attr:`EngineResult.shares`, with its exact distance on the live KV measured
-before the share; requests finish in the scheduler's order; same inputs and seed give the
-same tokens and page counts.
+recorded once in ``PagedRunResult.shares`` (:mod:`~memshare.validate.engine.records`), with
+its exact distance on the live KV measured before the share; requests finish in the
+scheduler's order; same inputs and seed give the same tokens and page counts.
 """
 
 from __future__ import annotations
@@ -36,11 +36,19 @@ from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager, blocks_for_all, cdiv
 from memshare.policy import BlockDecision, Policy, policy_layer_map
 from memshare.request import Request, new_request
-from memshare.scheduler import Chunk, Scheduler, SchedulerConfig, StepPlan
+from memshare.scheduler import Scheduler, SchedulerConfig, StepPlan
 from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
 from memshare.traces.segment import SegmenterConfig
+from memshare.validate.engine.batch import reusing_chunk
 from memshare.validate.engine.live_blocks import StepBoundaries, TokenStarts, live_block_source
 from memshare.validate.engine.model import PagedModel, SeqChunk
+from memshare.validate.engine.records import (
+    PagedRunResult,
+    ReuseRecord,
+    ShareRecord,
+    StepRecord,
+    share_records,
+)
 from memshare.validate.engine.store import PageStore
 
 # request id, first position, [n, vocab] logits: teacher-forced, every position of a chunk;
@@ -77,50 +85,6 @@ class EngineOptions:
 
 
 @dataclass
-class ShareRecord:
-    """One confirmed share, as ``shares.jsonl`` writes it (blocks counted within requests):
-    the layers of ``block`` that now read what ``source_block`` of ``source_request`` wrote.
-    A decision that takes layers from several blocks gives one record per source block."""
-
-    request: str
-    block: int
-    source_request: str
-    source_block: int
-    layers: list[int]  # layers with any page repointed
-    parts: str  # "kv" (keys and values), "k" (keys only) or "v" (values only: exact-dedup)
-    sketch_distance: float | None  # the distance the policy confirmed on
-    exact_distance: list[float]  # per shared layer, on the live KV (max over shared parts)
-    step: int  # engine step at whose end the share was applied (reads from the next step on)
-
-
-@dataclass
-class ReuseRecord:
-    """One reused span (KVShare) the engine copied: positions ``position ..
-    position + length - 1`` of ``request`` hold, in every layer, the K/V that
-    ``source_request`` computed at ``source_position ..``."""
-
-    request: str
-    position: int
-    length: int
-    source_request: str
-    source_position: int
-    step: int  # engine step that copied it (and computed the rest of the chunk)
-
-
-@dataclass
-class StepRecord:
-    """One engine step, for metrics."""
-
-    seqs: int
-    tokens: int  # scheduled (as the simulator counts them)
-    computed: int  # of which run through the model (the rest copied: KVShare spans)
-    wall_s: float  # forward pass + sampling + commit
-    commit_s: float  # of which complete(): sketches, policy decisions, frees
-    live_pages: int  # pages held by running requests once the step is scheduled (reserved)
-    used_pages: int  # pages held at all (running + prefix cache), at the same point
-
-
-@dataclass
 class PendingStep:
     """A scheduled step waiting for its forward pass (:meth:`PagedEngine.begin_step`)."""
 
@@ -129,23 +93,6 @@ class PendingStep:
     live_pages: int  # pool pages pinned once scheduled (as the simulator records)
     used_pages: int  # pool pages held at all, at the same point
     schedule_s: float  # time spent scheduling and laying out
-
-
-@dataclass
-class EngineResult:
-    """What a run produced."""
-
-    requests: list[Request]  # input order
-    shares: list[ShareRecord]
-    reuses: list[ReuseRecord]
-    steps: list[StepRecord]
-    wall_s: float
-    preemptions: int
-    page_bytes: int
-    store_bytes: int  # measured from the page tensor
-    num_pages: int
-    pool_pages: int  # pages the pool accounts (must equal num_pages)
-    sketch_s: float  # time spent sketching live blocks
 
 
 class PagedEngine:
@@ -169,39 +116,13 @@ class PagedEngine:
         import torch
 
         self._torch = torch
-        cfg = model.config
-        layers = int(cfg.num_hidden_layers)
         bs = opts.block_size
         if opts.teacher_forced:
             opts = _with_threshold(opts, bs)
-        num_blocks = opts.kv_blocks
-        if num_blocks is None:  # every request fits at once, as the simulator sizes it
-            num_blocks = blocks_for_all((len(s.prompt_ids) + s.max_tokens for s in specs), bs)
-        try:
-            layer_map = policy_layer_map(policy, layers)
-        except ValueError as e:
-            raise InputError("--set layer_map_file", str(e), "calibrate this model") from None
-        self.pool = BlockPool(num_blocks=num_blocks, num_layers=layers, layer_map=layer_map)
-        capacity = self.pool.num_pages // self.pool.pages_per_block
-        for s in specs:
-            need = cdiv(len(s.prompt_ids) + s.max_tokens, bs)
-            if need > capacity:
-                raise InputError(
-                    "--kv-blocks",
-                    f"request {s.rid!r} needs {need} blocks of {bs} tokens, the budget holds "
-                    f"{capacity}",
-                    f"give at least {need} (or leave it out to fit every request)",
-                )
+        self.pool = _pool(int(model.config.num_hidden_layers), policy, specs, opts)
         self.manager = KVCacheManager(self.pool, policy, bs, observer=self._observe)
         self.scheduler = Scheduler(opts.scheduler, self.manager)
-        if store is None:
-            store = PageStore.for_model(model, self.pool.num_pages, bs)
-        elif (store.num_pages, store.block_size) != (self.pool.num_pages, bs):
-            raise ValueError(
-                f"store holds {store.num_pages} pages of {store.block_size} tokens, the engine "
-                f"needs {self.pool.num_pages} of {bs}"
-            )
-        self.store = store
+        self.store = _checked_store(store, model, self.pool.num_pages, bs)
         self._hf_model = model
         self._model: PagedModel | None = None  # built at the first own forward pass
         self.opts = opts
@@ -217,40 +138,48 @@ class PagedEngine:
         self.last_plan: StepPlan | None = None  # the plan of the latest step (batch shape)
         self._owner: dict[int, tuple[str, int]] = {}  # page id -> (request, block) that wrote it
         self._sketch_s = 0.0
-        seg = segmenter or SegmenterConfig()
-        stops = eos_ids if opts.stop_on_eos else frozenset()
         self.requests: list[Request] = []
         self._gens: dict[str, Any] = {}
         self._forced: dict[str, list[int]] = {}
+        stops = eos_ids if opts.stop_on_eos else frozenset()
+        seg = segmenter or SegmenterConfig()
         for i, s in enumerate(specs):
-            if s.forced is not None:
-                if len(s.forced) != s.max_tokens:
-                    raise ValueError(f"{s.rid}: {len(s.forced)} forced tokens, max {s.max_tokens}")
-                self._forced[s.rid] = list(s.forced)
-            req = new_request(
-                s.rid,
-                s.prompt_ids,
-                bs,
-                s.max_tokens,
-                stop_ids=frozenset() if s.forced is not None else stops,
-            )
             bounds = StepBoundaries(len(s.prompt_ids), token_starts, seg, s.steps)
-            req.block_info = live_block_source(
-                req,
-                self._pages_fn(req),
-                self._block_kv,
-                bounds,
-                sketch_dim=opts.sketch_dim,
-                sketch_seed=opts.sketch_seed,
-                on_block=self._record_owner,
-                # asked at reservation (no KV written yet): no sketch
-                with_kv=self.manager.after_step,
-            )
-            self.requests.append(req)
-            if opts.temperature > 0:
-                gen = torch.Generator(device=self.store.device)
-                gen.manual_seed(opts.seed * 1_000_003 + i)
-                self._gens[s.rid] = gen
+            self._add_request(i, s, stops, bounds)
+
+    def _add_request(
+        self, i: int, s: EngineSpec, stops: frozenset[int], bounds: StepBoundaries
+    ) -> None:
+        """Request ``i`` of the specs, its live blocks read from this engine's store (its
+        forced tokens and, when sampling, its seeded generator kept)."""
+        opts = self.opts
+        if s.forced is not None:
+            if len(s.forced) != s.max_tokens:
+                raise ValueError(f"{s.rid}: {len(s.forced)} forced tokens, max {s.max_tokens}")
+            self._forced[s.rid] = list(s.forced)
+        req = new_request(
+            s.rid,
+            s.prompt_ids,
+            opts.block_size,
+            s.max_tokens,
+            stop_ids=frozenset() if s.forced is not None else stops,
+        )
+        req.block_info = live_block_source(
+            req,
+            self._pages_fn(req),
+            self._block_kv,
+            bounds,
+            sketch_dim=opts.sketch_dim,
+            sketch_seed=opts.sketch_seed,
+            on_block=self._record_owner,
+            # asked at reservation (no KV written yet): no sketch
+            with_kv=self.manager.after_step,
+        )
+        self.requests.append(req)
+        if opts.temperature > 0:
+            gen = self._torch.Generator(device=self.store.device)
+            gen.manual_seed(opts.seed * 1_000_003 + i)
+            self._gens[s.rid] = gen
 
     @property
     def model(self) -> PagedModel:
@@ -261,7 +190,7 @@ class PagedEngine:
         return self._model
 
     # ----------------------------------------------------------------- running
-    def run(self, progress: Progress | None = None) -> EngineResult:
+    def run(self, progress: Progress | None = None) -> PagedRunResult:
         """Run every request to completion."""
         total = sum(r.max_tokens for r in self.requests)
         while self.step():
@@ -269,9 +198,9 @@ class PagedEngine:
                 progress(self._sampled, total)
         return self.result()
 
-    def result(self) -> EngineResult:
+    def result(self) -> PagedRunResult:
         """What the run produced so far (``wall_s``: the engine's own step time)."""
-        return EngineResult(
+        return PagedRunResult(
             self.requests,
             self.shares,
             self.reuses,
@@ -374,7 +303,7 @@ class PagedEngine:
                     "reused prompt positions have no logits in a teacher-forced run",
                     "run kvshare on prompts (generation)",
                 )
-            chunks.append(_reusing_chunk(req.token_ids, c, pages, bs))
+            chunks.append(reusing_chunk(req.token_ids, c, pages, bs))
             for sp in c.spans:
                 src_rid, src_block = self._owner.get(int(sp.source.pages[0, 0]), ("?", -1))
                 self.reuses.append(
@@ -450,72 +379,59 @@ class PagedEngine:
             self._owner[p] = (rid, index)
 
     def _observe(self, rid: str, d: BlockDecision, own: KVBlock, mask: np.ndarray) -> None:
-        """Audit one share before the manager applies it (own pages still hold own KV).
-
-        One record per source block: a per-layer share may take different layers from
-        different blocks (and ``exact-dedup`` even K and V of one layer), so the repointed
-        pages are grouped by the block that wrote them, and by part: ``kv`` where a layer's K
-        and V both come from that block, else ``k`` (or ``v``)."""
+        """Audit one share before the manager applies it (own pages still hold own KV): one
+        record per source block (:func:`~memshare.validate.engine.records.share_records`), as a
+        per-layer share may take different layers from different blocks (and ``exact-dedup``
+        even K and V of one layer)."""
         if d.share_block is not None:
             target = self.pool.block(d.share_block).pages
         else:
             assert d.share_source is not None
             target = np.where(mask, d.share_source, own.pages)
         dist = self.store.exact_distance(own.pages, target)  # (L, 2)
-        groups: dict[tuple[str, int, str], list[tuple[int, float]]] = {}
-        for layer in np.flatnonzero(mask.any(axis=1)).tolist():
-            owners = [
-                self._owner.get(int(target[layer, kv]), ("?", -1)) if mask[layer, kv] else None
-                for kv in (0, 1)
-            ]
-            if owners[0] is not None and owners[0] == owners[1]:
-                parts = [("kv", owners[0], float(max(dist[layer])))]
-            else:
-                parts = [
-                    (name, o, float(dist[layer, kv]))
-                    for kv, (name, o) in enumerate(zip(("k", "v"), owners, strict=True))
-                    if o is not None
-                ]
-            for name, (src_rid, src_block), value in parts:
-                groups.setdefault((src_rid, src_block, name), []).append((layer, value))
         sketch = None if d.distance is None or math.isnan(d.distance) else float(d.distance)
-        for (src_rid, src_block, name), rows in groups.items():
-            self.shares.append(
-                ShareRecord(
-                    rid,
-                    d.index,
-                    src_rid,
-                    src_block,
-                    [layer for layer, _ in rows],
-                    name,
-                    sketch,
-                    [value for _, value in rows],
-                    len(self.steps),
-                )
+        self.shares += share_records(
+            rid, d.index, sketch, mask, target, dist, self._owner, len(self.steps)
+        )
+
+
+def _pool(
+    layers: int, policy: Policy, specs: Sequence[EngineSpec], opts: EngineOptions
+) -> BlockPool:
+    """The engine's block pool: ``opts.kv_blocks`` (default: every request at once, as the
+    simulator sizes it) under the policy's layer map; every request must fit in it alone."""
+    bs = opts.block_size
+    num_blocks = opts.kv_blocks
+    if num_blocks is None:  # every request fits at once, as the simulator sizes it
+        num_blocks = blocks_for_all((len(s.prompt_ids) + s.max_tokens for s in specs), bs)
+    try:
+        layer_map = policy_layer_map(policy, layers)
+    except ValueError as e:
+        raise InputError("--set layer_map_file", str(e), "calibrate this model") from None
+    pool = BlockPool(num_blocks=num_blocks, num_layers=layers, layer_map=layer_map)
+    capacity = pool.num_pages // pool.pages_per_block
+    for s in specs:
+        need = cdiv(len(s.prompt_ids) + s.max_tokens, bs)
+        if need > capacity:
+            raise InputError(
+                "--kv-blocks",
+                f"request {s.rid!r} needs {need} blocks of {bs} tokens, the budget holds "
+                f"{capacity}",
+                f"give at least {need} (or leave it out to fit every request)",
             )
+    return pool
 
 
-def _reusing_chunk(
-    token_ids: list[int], c: Chunk, pages: npt.NDArray[np.int64], block_size: int
-) -> SeqChunk:
-    """The work of a chunk with reused spans: its other tokens computed at their positions,
-    the spans' K/V copied from their source blocks' token slots (every layer)."""
-    copy_pos = np.concatenate([np.arange(sp.start, sp.start + sp.length) for sp in c.spans])
-    computed = np.setdiff1d(np.arange(c.start, c.start + c.num_tokens), copy_pos)
-    src = np.concatenate(
-        [
-            sp.source.pages[None] * block_size + (sp.offset + np.arange(sp.length))[:, None, None]
-            for sp in c.spans
-        ]
-    )
-    return SeqChunk(
-        [token_ids[p] for p in computed.tolist()],
-        c.start,
-        pages,
-        positions=computed.tolist(),
-        copy_pos=copy_pos.tolist(),
-        copy_src=src,
-    )
+def _checked_store(store: PageStore | None, model: Any, num_pages: int, bs: int) -> PageStore:
+    """``store`` if it holds ``num_pages`` pages of ``bs`` tokens; ``None``: a new one."""
+    if store is None:
+        return PageStore.for_model(model, num_pages, bs)
+    if (store.num_pages, store.block_size) != (num_pages, bs):
+        raise ValueError(
+            f"store holds {store.num_pages} pages of {store.block_size} tokens, the engine "
+            f"needs {num_pages} of {bs}"
+        )
+    return store
 
 
 def _with_threshold(opts: EngineOptions, block_size: int) -> EngineOptions:

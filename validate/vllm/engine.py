@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,9 +141,6 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec], clients: int | None = None) 
     from vllm import SamplingParams
 
     eng = llm.llm_engine
-    core = eng.engine_core.engine_core
-    sched = core.scheduler
-    pool = sched.kv_cache_manager.block_pool
     reqs = {s.rid: VllmRequest(s.rid, len(s.prompt_ids)) for s in specs}
     order = list(specs) if clients else sorted(specs, key=lambda s: s.arrival_s)
     waiting = deque(order)
@@ -155,63 +152,95 @@ def run_engine(llm: Any, specs: Sequence[VllmSpec], clients: int | None = None) 
 
     for _ in range(min(clients or 0, len(waiting))):
         add(waiting.popleft(), 0.0)
-    shapes: list[BatchShape | None] = []
-    used: list[int] = []
-    preempted: list[str] = []  # one entry per preemption (vLLM's SchedulerOutput)
-    original = sched.schedule
-
-    def schedule(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        shapes.append(_shape(out, sched))
-        preempted.extend(sorted(out.preempted_req_ids or ()))
-        used.append(_blocks_in_use(pool))  # after scheduling, as the simulator's timeline
-        return out
-
-    evict = pool._maybe_evict_cached_block
-    evicted = [0]
-
-    def maybe_evict(block: Any) -> bool:
-        gone = bool(evict(block))
-        evicted[0] += gone
-        return gone
-
-    sched.schedule = schedule
-    pool._maybe_evict_cached_block = maybe_evict
+    probe = _Probe(eng.engine_core.engine_core.scheduler)
     steps: list[VllmStep] = []
     clock = 0.0
     try:
         while waiting or eng.has_unfinished_requests():
             if not clients:
-                if waiting and not eng.has_unfinished_requests():
-                    clock = max(clock, waiting[0].arrival_s)  # idle until the next arrival
-                while waiting and waiting[0].arrival_s <= clock:
-                    s = waiting.popleft()
-                    add(s, s.arrival_s)
+                clock = _arrive(eng, waiting, clock, add)
             t = time.perf_counter()
             outs = eng.step()
             wall = time.perf_counter() - t
             clock += wall
-            shape = shapes.pop() if shapes else None
-            in_use = used.pop() if used else _blocks_in_use(pool)
-            shapes.clear()
-            used.clear()
-            steps.append(VllmStep(wall, shape, in_use))
+            steps.append(probe.step(wall))
             for o in outs:
-                r = reqs[o.request_id]
-                if r.cached_tokens < 0 and o.num_cached_tokens is not None:
-                    r.cached_tokens = int(o.num_cached_tokens)
-                ids = list(o.outputs[0].token_ids) if o.outputs else []
-                if ids and math.isnan(r.first_token_s):  # its first token came this step
-                    r.first_token_s = clock
-                r.output_ids = ids
-                if o.finished:
-                    r.finish_s = clock
-                    if clients and waiting:
-                        add(waiting.popleft(), clock)
+                if _take_output(reqs[o.request_id], o, clock) and clients and waiting:
+                    add(waiting.popleft(), clock)
     finally:
-        del sched.schedule
-        del pool._maybe_evict_cached_block
-    return VllmRun([reqs[s.rid] for s in specs], steps, clock, len(preempted), evicted[0])
+        probe.close()
+    return VllmRun([reqs[s.rid] for s in specs], steps, clock, len(probe.preempted), probe.evicted)
+
+
+def _arrive(
+    eng: Any, waiting: deque[VllmSpec], clock: float, add: Callable[[VllmSpec, float], None]
+) -> float:
+    """Open loop: add every waiting request whose arrival the clock has reached (with nothing
+    to run, the clock first jumps to the next arrival); returns the clock."""
+    if waiting and not eng.has_unfinished_requests():
+        clock = max(clock, waiting[0].arrival_s)  # idle until the next arrival
+    while waiting and waiting[0].arrival_s <= clock:
+        s = waiting.popleft()
+        add(s, s.arrival_s)
+    return clock
+
+
+def _take_output(r: VllmRequest, o: Any, clock: float) -> bool:
+    """What a step's ``RequestOutput`` ``o`` says of ``r``, noted at ``clock`` (the step's
+    end): its prefix hit at first report, its tokens, first-token and finish times. Returns
+    whether it finished."""
+    if r.cached_tokens < 0 and o.num_cached_tokens is not None:
+        r.cached_tokens = int(o.num_cached_tokens)
+    ids = list(o.outputs[0].token_ids) if o.outputs else []
+    if ids and math.isnan(r.first_token_s):  # its first token came this step
+        r.first_token_s = clock
+    r.output_ids = ids
+    if o.finished:
+        r.finish_s = clock
+    return bool(o.finished)
+
+
+class _Probe:
+    """vLLM's scheduler and block pool watched through one run: each ``schedule()``'s batch
+    shape, preemptions and blocks in use (read after scheduling, as the simulator's timeline),
+    and every cached block evicted. The watchers shadow the methods as instance attributes
+    until :meth:`close` removes them."""
+
+    def __init__(self, sched: Any) -> None:
+        self.sched = sched
+        self.pool = sched.kv_cache_manager.block_pool
+        self.shapes: list[BatchShape | None] = []
+        self.used: list[int] = []
+        self.preempted: list[str] = []  # one entry per preemption (vLLM's SchedulerOutput)
+        self.evicted = 0
+        self._schedule = sched.schedule
+        self._evict = self.pool._maybe_evict_cached_block
+        sched.schedule = self.schedule
+        self.pool._maybe_evict_cached_block = self.maybe_evict
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._schedule(*args, **kwargs)
+        self.shapes.append(_shape(out, self.sched))
+        self.preempted.extend(sorted(out.preempted_req_ids or ()))
+        self.used.append(_blocks_in_use(self.pool))  # after scheduling
+        return out
+
+    def maybe_evict(self, block: Any) -> bool:
+        gone = bool(self._evict(block))
+        self.evicted += gone
+        return gone
+
+    def step(self, wall: float) -> VllmStep:
+        """The step just run: its time, its last schedule's shape and blocks in use."""
+        shape = self.shapes.pop() if self.shapes else None
+        in_use = self.used.pop() if self.used else _blocks_in_use(self.pool)
+        self.shapes.clear()
+        self.used.clear()
+        return VllmStep(wall, shape, in_use)
+
+    def close(self) -> None:
+        del self.sched.schedule
+        del self.pool._maybe_evict_cached_block
 
 
 def _blocks_in_use(pool: Any) -> int:

@@ -5,7 +5,7 @@ The workload is validate's run at a KV budget (``--kv-fraction`` of what every r
 once, all requests at 0 s, each generating exactly its trace's output length; with
 ``--replay-arrivals`` requests arrive as the run's ``--arrival`` says, on vLLM's engine clock
 and in the simulator alike), so the
-simulator's prediction is :func:`~memshare.validate.generated.predict_at_budget`, the same as
+simulator's prediction is :func:`~memshare.validate.budget.predict_at_budget`, the same as
 for the torch engine; vLLM runs it through :mod:`memshare.validate.vllm.engine`. Per policy:
 throughput, TTFT and TPOT percentiles, prefix hit rate (tokens), per-request hits, KV blocks
 in use, steps and preemptions, predicted vs measured; ``--fit-cost-model`` fits the cost model
@@ -31,16 +31,18 @@ from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.sim.run import RunOutput
 from memshare.traces.capture.vllm import check_vllm, kv_bytes_per_token
-from memshare.validate.cost_fit import COST_TOML, fit_and_write
-from memshare.validate.generated import (
+from memshare.validate.budget import (
     BudgetWorkload,
     budget_workload,
+    percentile,
     pme,
     predict_at_budget,
 )
-from memshare.validate.runs import RunDir, check_model, find_runs, load_checked_trace
+from memshare.validate.cost_fit import COST_TOML, fit_and_write
+from memshare.validate.runs.folders import RunDir, check_model, find_runs, load_checked_trace
+from memshare.validate.runs.workload import is_workload, on_engine
+from memshare.validate.validation import ValidateOptions, check_options
 from memshare.validate.vllm.engine import VllmRun, VllmSettings, VllmSpec, open_engine, run_engine
-from memshare.validate.workload.trace import is_workload, on_engine
 
 VLLM_POLICIES = ("none", "prefix")
 DEFAULT_VLLM_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
@@ -48,11 +50,14 @@ VALIDATION = "validation.json"
 STEPS = "vllm_steps.jsonl"  # per run directory: vLLM's steps as measured (the fit's data)
 
 
-def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure every ``none``/``prefix`` run under ``o.run`` (a ``ValidateOptions``) on vLLM;
+def validate_vllm(
+    o: ValidateOptions, status: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Measure every ``none``/``prefix`` run under ``o.run`` (``o.engine``: vllm) on vLLM;
     returns (and writes) ``validation.json``."""
     from memshare.traces.model.loader import load_model
 
+    check_options(o)
     if o.one_pass or o.fidelity_only:
         raise InputError(
             "--engine vllm",
@@ -61,13 +66,7 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
         )
     runs = find_runs(o.run)
     trace = load_checked_trace(runs[0])
-    for r in runs:
-        if r.config.policy not in VLLM_POLICIES:
-            raise InputError(
-                f"{r.path / 'config.json'}: policy",
-                f"{r.config.policy} is memshare's own; vLLM runs {' and '.join(VLLM_POLICIES)}",
-                "validate it with the torch engine (leave out --engine vllm)",
-            )
+    _check_policies(runs)
     check_vllm()  # before the model loads: not installed or another version
     if status:
         status("loading the tokenizer")
@@ -90,6 +89,36 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
     bw = budget_workload(trace, runs[0], o.limit, o.kv_fraction, keep_arrivals=replay)
     folder, token_bytes = backend.folder, kv_bytes_per_token(backend.model_info())
     del backend
+    policies, preds, steps = _measure_runs(o, runs, bw, folder, token_bytes, status)
+    report = _report(o, str(trace.path), str(folder), bw, runs, policies)
+    if o.fit_cost_model:
+        report["cost_model_fit"] = _fit(o, preds[0], steps)
+    write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def _check_policies(runs: Sequence[RunDir]) -> None:
+    """Every run's policy is one vLLM has (:data:`VLLM_POLICIES`)."""
+    for r in runs:
+        if r.config.policy not in VLLM_POLICIES:
+            raise InputError(
+                f"{r.path / 'config.json'}: policy",
+                f"{r.config.policy} is memshare's own; vLLM runs {' and '.join(VLLM_POLICIES)}",
+                "validate it with the torch engine (leave out --engine vllm)",
+            )
+
+
+def _measure_runs(
+    o: ValidateOptions,
+    runs: Sequence[RunDir],
+    bw: BudgetWorkload,
+    folder: Any,
+    token_bytes: int,
+    status: Callable[[str], None] | None,
+) -> tuple[dict[str, dict[str, Any]], list[RunOutput], list[tuple[Any, float]]]:
+    """Each run simulated, then served by a fresh vLLM engine (its steps written to
+    ``STEPS``): the runs' entries, predictions, and the measured steps for the fit."""
+    replay = bool(o.replay_arrivals)
     policies: dict[str, dict[str, Any]] = {}
     steps: list[tuple[Any, float]] = []
     preds: list[RunOutput] = []
@@ -102,10 +131,22 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
         write_steps(r.path / STEPS, run)
         policies[r.label] = compare(pred, run)
         steps += [(s.shape, s.wall_s) for s in run.steps if s.shape is not None]
-    report: dict[str, Any] = {
-        "trace": str(trace.path),
+    return policies, preds, steps
+
+
+def _report(
+    o: ValidateOptions,
+    trace: str,
+    model: str,
+    bw: BudgetWorkload,
+    runs: Sequence[RunDir],
+    policies: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``validation.json`` object (without the cost fit)."""
+    return {
+        "trace": trace,
         "engine": "vllm",
-        "model": str(folder),
+        "model": model,
         "requests": len(bw.specs),
         "block_size": bw.block_size,
         "kv_blocks": bw.num_blocks,
@@ -115,14 +156,10 @@ def validate_vllm(o: Any, status: Callable[[str], None] | None = None) -> dict[s
             "kv_blocks": bw.num_blocks,
             "all_at_once_blocks": bw.all_at_once,
             "workload": "each request its trace's output length (greedy, no EOS)",
-            "arrivals": _arrivals(runs, replay),
+            "arrivals": _arrivals(runs, bool(o.replay_arrivals)),
         },
         "policies": policies,
     }
-    if o.fit_cost_model:
-        report["cost_model_fit"] = _fit(o, preds[0], steps)
-    write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return report
 
 
 def write_steps(path: Path, run: VllmRun) -> None:
@@ -212,10 +249,10 @@ def compare(pred: RunOutput, run: VllmRun) -> dict[str, Any]:
             pred.metrics["throughput"]["output_tokens_per_s"],
             run.output_tokens / run.clock if run.clock > 0 else None,
         ),
-        "ttft_p50_s": pme(lat["ttft"]["p50"], _pct(ttft, 50)),
-        "ttft_p90_s": pme(lat["ttft"]["p90"], _pct(ttft, 90)),
-        "tpot_p50_s": pme(lat["tpot"]["p50"], _pct(tpot, 50)),
-        "tpot_p90_s": pme(lat["tpot"]["p90"], _pct(tpot, 90)),
+        "ttft_p50_s": pme(lat["ttft"]["p50"], percentile(ttft, 50)),
+        "ttft_p90_s": pme(lat["ttft"]["p90"], percentile(ttft, 90)),
+        "tpot_p50_s": pme(lat["tpot"]["p50"], percentile(tpot, 50)),
+        "tpot_p90_s": pme(lat["tpot"]["p90"], percentile(tpot, 90)),
         "prefix_hit_rate": {
             "predicted": sum(hits_pred.values()) / prompt if prompt else 0.0,
             "measured": sum(hits_meas.values()) / prompt if prompt else 0.0,
@@ -242,11 +279,7 @@ def compare(pred: RunOutput, run: VllmRun) -> dict[str, Any]:
     }
 
 
-def _pct(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if len(values) else None
-
-
-def _fit(o: Any, pred: RunOutput, steps: list[tuple[Any, float]]) -> dict[str, Any]:
+def _fit(o: ValidateOptions, pred: RunOutput, steps: list[tuple[Any, float]]) -> dict[str, Any]:
     """The cost model fitted on vLLM's measured steps (on the timing preset the predictions
     used); held-out steps give the error."""
     cfg = pred.config

@@ -129,26 +129,9 @@ def synthesize_tokens(
     out: list[SynthRequest] = []
     seen_ids: set[str] = set()
     for rec in records:
-        if rec.id in seen_ids:
-            raise InputError(
-                f"trace request {rec.id!r}",
-                "occurs twice",
-                "request ids must be unique within a trace (re-import the workload)",
-            )
-        seen_ids.add(rec.id)
-        if rec.prompt_ids is not None:
-            raise InputError(
-                f"trace request {rec.id!r}",
-                "already has token ids (a kv trace)",
-                "give a workload trace (from `memshare import`); replay kv traces as they are",
-            )
+        _check_workload_record(rec, seen_ids, hash_block_size)
         if rec.hash_ids:
-            if hash_block_size is None:
-                raise InputError(
-                    "manifest.json",
-                    "field 'hash_block_size' is missing but requests carry hash_ids",
-                    "re-import the workload with `memshare import`",
-                )
+            assert hash_block_size is not None
             if block_tokens is None:
                 block_tokens = hash_block_tokens(length_scale, block_size, hash_block_size)
             prompt = _hashed_prompt(rec, rec.hash_ids, hash_block_size, block_tokens, draw)
@@ -157,18 +140,48 @@ def synthesize_tokens(
             n = max(1, round_half_up(rec.prompt_len * scale))
             prompt = draw.own(rec.id, n)
             out_len = round_half_up(rec.output_len * scale)
-        out.append(
-            SynthRequest(
-                rid=rec.id,
-                arrival_s=rec.arrival_s,
-                prompt_ids=prompt.tolist(),
-                max_tokens=max(1, out_len),
-                output_ids=draw.output(rec.id, max(1, out_len)).tolist(),
-                source_prompt_len=rec.prompt_len,
-                source_output_len=rec.output_len,
-            )
-        )
+        outputs = draw.output(rec.id, max(1, out_len)).tolist()
+        out.append(_synth(rec, prompt.tolist(), outputs))
     return out
+
+
+def _check_workload_record(
+    rec: RequestRecord, seen_ids: set[str], hash_block_size: int | None
+) -> None:
+    """``rec`` is a workload request (no token ids) whose id is new (then noted in
+    ``seen_ids``); with hash ids, the trace gave its ``hash_block_size``."""
+    if rec.id in seen_ids:
+        raise InputError(
+            f"trace request {rec.id!r}",
+            "occurs twice",
+            "request ids must be unique within a trace (re-import the workload)",
+        )
+    seen_ids.add(rec.id)
+    if rec.prompt_ids is not None:
+        raise InputError(
+            f"trace request {rec.id!r}",
+            "already has token ids (a kv trace)",
+            "give a workload trace (from `memshare import`); replay kv traces as they are",
+        )
+    if rec.hash_ids and hash_block_size is None:
+        raise InputError(
+            "manifest.json",
+            "field 'hash_block_size' is missing but requests carry hash_ids",
+            "re-import the workload with `memshare import`",
+        )
+
+
+def _synth(rec: RequestRecord, prompt_ids: list[int], output_ids: list[int]) -> SynthRequest:
+    """``rec`` served as ``prompt_ids`` then (forced) ``output_ids``, with its trace lengths."""
+    return SynthRequest(
+        rid=rec.id,
+        arrival_s=rec.arrival_s,
+        prompt_ids=prompt_ids,
+        max_tokens=len(output_ids),
+        output_ids=output_ids,
+        source_prompt_len=rec.prompt_len,
+        source_output_len=rec.output_len,
+    )
 
 
 def given_tokens(
@@ -201,17 +214,7 @@ def given_tokens(
                     f"{name} token id {bad} is outside the model's vocabulary of {vocab_size}",
                     "import token ids of this model's tokenizer, or give --model",
                 )
-        out.append(
-            SynthRequest(
-                rid=rec.id,
-                arrival_s=rec.arrival_s,
-                prompt_ids=list(rec.prompt_ids),
-                max_tokens=len(outputs),
-                output_ids=list(outputs),
-                source_prompt_len=rec.prompt_len,
-                source_output_len=rec.output_len,
-            )
-        )
+        out.append(_synth(rec, list(rec.prompt_ids), list(outputs)))
     return out
 
 

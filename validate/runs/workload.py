@@ -31,8 +31,8 @@ from typing import Any
 from memshare.errors import InputError
 from memshare.sim.config import load_model, match_model_preset, model_presets
 from memshare.sim.run import CONFIG, LoadedTrace
-from memshare.validate.runs import RunDir
-from memshare.validate.workload.tokens import check_block_size, given_tokens, synthesize_tokens
+from memshare.validate.runs.folders import RunDir
+from memshare.validate.runs.tokens import check_block_size, given_tokens, synthesize_tokens
 
 WORKLOAD_POLICIES = ("none", "prefix", "kvshare")  # decide on tokens alone
 DEFAULT_LENGTH_SCALE = 0.05

@@ -1,1 +1,0 @@
-"""Workload-only traces (Mooncake, Azure, BurstGPT, token ids) made runnable on the real engine."""
