@@ -66,9 +66,7 @@ def gsm8k_prompts(loaded_model: LoadedModel) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def gsm8k_hf_greedy(
-    loaded_model: LoadedModel, gsm8k_prompts: list[list[int]]
-) -> list[list[int]]:
+def gsm8k_hf_greedy(loaded_model: LoadedModel, gsm8k_prompts: list[list[int]]) -> list[list[int]]:
     """HF ``generate(do_sample=False)`` on the plain default model, one prompt at a time (no
     padding anywhere): the reference both engine halves are checked against."""
     import torch

@@ -260,7 +260,7 @@ class PoolMachine(RuleBasedStateMachine):
 
 
 PoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
-TestPoolMachine = PoolMachine.TestCase
+TestPoolMachine = pytest.mark.slow(PoolMachine.TestCase)  # 150 runs of 40 steps
 
 
 class VllmFreeQueue:
@@ -374,4 +374,4 @@ class VllmOrderMachine(RuleBasedStateMachine):
 VllmOrderMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=50, deadline=None
 )
-TestVllmOrderMachine = VllmOrderMachine.TestCase
+TestVllmOrderMachine = pytest.mark.slow(VllmOrderMachine.TestCase)  # 300 runs of 50 steps

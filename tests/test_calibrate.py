@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 
 from memshare.block_pool import BlockPool
 from memshare.policy import policy_layer_map
@@ -14,6 +15,8 @@ from memshare.registry import make_policy
 
 if TYPE_CHECKING:
     from memshare.traces.model.loader import LoadedModel
+
+pytestmark = pytest.mark.slow  # calibration trials on the real model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 R1 = DATA / "reasoning" / "deepseek_r1_aime24_math500.jsonl"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from helpers_cli import assert_one_line_error, memshare
+from helpers_cli import assert_one_line_error, memshare, memshare_process
 
 from memshare.errors import InputError
 from memshare.traces.reader import TraceReader
@@ -29,6 +29,7 @@ MOONCAKE = DATA / "workloads" / "mooncake_synthetic_trace.jsonl"
 CLI = [sys.executable, "-m", "memshare.cli"]
 
 
+@pytest.mark.slow  # a capture process on the real model
 def test_embedded_default_capture_then_inspect_similarity(
     hf_backend: HFBackend, tmp_path: Path
 ) -> None:
@@ -121,6 +122,7 @@ def _trace_content(path: Path) -> tuple[list[tuple[object, ...]], list[bytes]]:
     return records, rows
 
 
+@pytest.mark.slow  # three model-loading processes, one of them killed
 def test_sigkill_then_resume_equals_an_uninterrupted_capture(
     hf_backend: HFBackend, tmp_path: Path
 ) -> None:
@@ -129,7 +131,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_capture(
         "--temperature", "0.8", "--top-p", "0.95", "--seed", "7", "--full-kv", "--json",
     ]  # fmt: skip
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    res = memshare("capture", "-o", str(ref), *args)
+    # every run a process, as the killed one is: the same bytes across processes is checked
+    res = memshare_process("capture", "-o", str(ref), *args)
     assert res.returncode == 0, res.stderr
 
     proc = subprocess.Popen(
@@ -153,7 +156,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_capture(
     with TraceReader(cut) as reader:  # the committed part is readable as is
         assert not reader.manifest.complete and 1 <= len(reader) < 3
 
-    res = memshare("capture", "-o", str(cut), *args, "--resume")
+    res = memshare_process("capture", "-o", str(cut), *args, "--resume")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["resumed_skipped"] >= 1 and summary["requests"] == 3
@@ -169,6 +172,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_capture(
     assert_one_line_error(other, "--resume", "sketch")
 
 
+@pytest.mark.slow  # generates on the real model
 def test_capture_reports_progress_before_its_first_request_is_done(
     hf_backend: HFBackend, tmp_path: Path
 ) -> None:
@@ -194,6 +198,7 @@ def test_capture_reports_progress_before_its_first_request_is_done(
     assert summary["requests"] == 2 and summary["threads"] >= 1
 
 
+@pytest.mark.slow  # two model-loading processes: OMP_NUM_THREADS is process-wide
 def test_capture_threads_option_and_omp_num_threads_default(tmp_path: Path) -> None:
     # --threads sets torch's CPU threads; without it OMP_NUM_THREADS is the default.
     text = tmp_path / "t.txt"

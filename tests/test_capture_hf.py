@@ -24,6 +24,8 @@ from memshare.traces.reader import TraceReader
 if TYPE_CHECKING:
     from memshare.traces.capture.hf import HFBackend
 
+pytestmark = pytest.mark.slow  # captures of the real model, up to 1,024 tokens
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = DATA / "problems" / "gsm8k_test.jsonl"
 R1 = DATA / "reasoning" / "deepseek_r1_aime24_math500.jsonl"

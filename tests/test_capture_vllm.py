@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from helpers_cli import memshare, ok
+from helpers_cli import memshare_process as memshare  # vLLM: its own engine processes
+from helpers_cli import ok
 
 from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
 from memshare.traces.reader import TraceReader

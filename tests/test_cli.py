@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_cli import assert_one_line_error, memshare
+from helpers_cli import assert_one_line_error
+from helpers_cli import memshare_process as memshare
 
 from memshare.traces.schema import Manifest, ModelInfo, RequestRecord, SketchSpec, kv_row_dtype
 from memshare.traces.writer import TraceWriter

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from memshare.traces.reader import TraceReader
+
+pytestmark = pytest.mark.slow  # capture, simulate and validate on the real model
 
 
 def test_demo_captures_then_simulates_the_four_policies(model_cache: Path, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # the engine on the real model, against HF generate
 
 from memshare.block_pool import BlockPool, KVBlock  # noqa: E402
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo  # noqa: E402

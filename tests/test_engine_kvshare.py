@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # engine runs and HF replays on the real model
 
 from memshare.registry import make_policy  # noqa: E402
 from memshare.scheduler import SchedulerConfig  # noqa: E402

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # engine run and HF replays on the real model
 
 from memshare.registry import make_policy  # noqa: E402
 from memshare.traces.inputs import InputItem  # noqa: E402

@@ -223,6 +223,7 @@ def test_buffer_copies_what_it_holds() -> None:
     assert torch.equal(got[0], want)
 
 
+@pytest.mark.slow  # loads the real model
 def test_real_model_on_a_real_gsm8k_text(hf_backend: HFBackend) -> None:
     """Base: the whole text; "shared": the text without its first token (a real, large
     perturbation). Perplexities are sane and match the model's own loss; chunked pairing

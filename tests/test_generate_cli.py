@@ -28,6 +28,7 @@ def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, got.out, got.err
 
 
+@pytest.mark.slow  # generates on the real model
 def test_generate_writes_outputs_shares_and_metrics(
     model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -125,6 +126,7 @@ def test_engine_on_qwen_matches_hf_generate(kind: str) -> None:
         assert engine.manager.stats.hit_tokens > 0  # the shared 32-token prefix hit
 
 
+@pytest.mark.slow  # runs the real model
 def test_generate_teacher_forced_text_runs_block_by_block(
     model_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

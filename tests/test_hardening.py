@@ -54,7 +54,9 @@ def layer_map_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TRACES = {"smol": (6, []), "captured": (2, ["--set", "tau=0.5"])}
 
 
-@pytest.mark.parametrize("trace", list(TRACES))
+@pytest.mark.parametrize(
+    "trace", [pytest.param("smol"), pytest.param("captured", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("policy", policy_names())
 def test_every_registered_policy_runs_through_the_cli(
     policy: str, trace: str, layer_map_file: Path, tmp_path: Path, request: pytest.FixtureRequest

@@ -95,6 +95,7 @@ def test_simulated_prefix_hits_follow_vllms_rule(trace: Path, tmp_path: Path) ->
     assert want == [0, 64, 64, 64, 64, 80]  # the aligned repeat: 80 of 96, not 95
 
 
+@pytest.mark.slow  # loads the real model's tokenizer
 def test_text_prompts_use_the_models_tokenizer(model_cache: Path, tmp_path: Path) -> None:
     src = _write(tmp_path / "t.jsonl", [{"prompt": "What is 2 + 3?", "output_len": 4}])
     ok(memshare("import", "tokens", str(src), "-o", str(tmp_path / "tr")))
@@ -157,6 +158,7 @@ def validated(
     return rep
 
 
+@pytest.mark.slow  # validate on the real model
 def test_validate_runs_the_ids_as_given_and_measures_the_predicted_hits(
     validated: dict[str, Any],
 ) -> None:
@@ -170,6 +172,7 @@ def test_validate_runs_the_ids_as_given_and_measures_the_predicted_hits(
     assert validated["policies"]["none"]["at_budget"]["prefix_hit_tokens"]["measured"] == 0
 
 
+@pytest.mark.slow  # loads the real model
 def test_token_ids_outside_the_models_vocabulary_are_refused(
     model_cache: Path, tmp_path: Path
 ) -> None:

@@ -211,6 +211,7 @@ def test_core_and_cli_load_without_torch_or_simpy() -> None:
     )
 
 
+@pytest.mark.slow  # builds the wheel
 def test_wheel_installs_nothing_top_level_but_memshare(tmp_path: Path) -> None:
     subprocess.run(
         [

@@ -141,6 +141,7 @@ def max_diff(paged: Sequence[Any], ref: Sequence[Any]) -> float:
 # -- the default model -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the real model, six prompts, 64 tokens each
 def test_default_model_matches_hf_generate(
     hf_backend: HFBackend, gsm8k_prompts: list[list[int]], gsm8k_hf_greedy: list[list[int]]
 ) -> None:

@@ -29,6 +29,8 @@ from memshare.errors import InputError, TraceEmptyError
 from memshare.traces.reader import TraceReader
 from memshare.traces.writer import TraceWriter
 
+pytestmark = pytest.mark.slow  # 24 writer processes killed at seeded moments
+
 HELPER = Path(__file__).resolve().parent / "helpers_trace_writer.py"
 N = 200
 SHARD_MAX = 40_000  # about 50 requests per shard: kills also land around rotations

@@ -16,6 +16,7 @@ import pytest
 from helpers_cli import assert_one_line_error, memshare, ok
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # capture/simulate/validate pipelines on the real model
 
 R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
 CF = "granularity=layer"

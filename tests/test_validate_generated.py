@@ -18,6 +18,7 @@ import pytest
 from helpers_cli import memshare, ok
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # capture/simulate/validate pipelines on the real model
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems" / "gsm8k_test.jsonl"
 PROMPTS = 3

@@ -15,6 +15,7 @@ import pytest
 from helpers_cli import memshare
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # capture/simulate/validate pipelines on the real model
 
 R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
 

@@ -16,6 +16,7 @@ import pytest
 from helpers_cli import memshare, ok
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # capture/simulate/validate pipelines on the real model
 
 # (hash ids, output tokens): 512 tokens per hash block in the file, 32 after --length-scale
 ROWS = [

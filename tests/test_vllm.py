@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_cli import memshare, ok, simulate_default_model
+from helpers_cli import memshare_process as memshare  # vLLM: its own engine processes
+from helpers_cli import ok, simulate_default_model
 
 pytestmark = pytest.mark.vllm
 
