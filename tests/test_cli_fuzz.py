@@ -92,18 +92,13 @@ def test_binary_input_files_are_named_not_a_traceback(
     assert not Path(out).exists()
 
 
-@pytest.mark.skipif(
-    subprocess.run(
-        [sys.executable, "-c", "import torch, sys; sys.exit(torch.cuda.is_available())"],
-        check=False,
-    ).returncode
-    != 0,
-    reason="this machine has CUDA",
-)
 @pytest.mark.parametrize("command", ["capture", "calibrate"])
 def test_cuda_without_cuda_is_one_line(
     command: str, files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # asked here, not at collection: importing torch in a process of its own cost every run
+    if pytest.importorskip("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
     out = files["root"] / f"cuda-{command}"
     target = str(out) + (".json" if command == "calibrate" else "")
     res = run_cli(capsys, command, "-o", target, "--device", "cuda", "--limit", "1")
