@@ -69,6 +69,7 @@ class _Decoded:
 
     @classmethod
     def empty(cls, rows: int, max_new: int, eos: frozenset[int], pad_id: int) -> _Decoded:
+        """No row has a token yet."""
         return cls(max_new, eos, pad_id, [[] for _ in range(rows)], [None] * rows, [0.0] * rows)
 
     @property

@@ -220,10 +220,7 @@ def load_model(
     ``status`` hears what takes long (importing torch, a first GGUF conversion). Every
     problem with the options or the model is an :class:`InputError` naming the option.
     """
-    if dtype not in DTYPES:
-        raise InputError(
-            "--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}", "e.g. float32"
-        )
+    check_dtype(dtype)
     check_device(device)
     threads = resolve_threads(threads)
     source = resolve_model(model)
@@ -270,6 +267,14 @@ def load_model(
         pad_id=_pad_id(tok),
         eos_ids=_eos_ids(lm, tok),
     )
+
+
+def check_dtype(dtype: str) -> None:
+    """``--dtype``: one of :data:`DTYPES`."""
+    if dtype not in DTYPES:
+        raise InputError(
+            "--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}", "e.g. float32"
+        )
 
 
 def _local_folder(source: ModelSource, status: Status | None) -> tuple[Path, str | None]:
