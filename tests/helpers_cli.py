@@ -20,7 +20,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterator
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 # Python's filters when no -W option or PYTHONWARNINGS is given (the ``warnings`` docs)
 _DEFAULT_FILTERS: list[tuple[Literal["default", "ignore"], type[Warning], str]] = [
@@ -39,8 +39,15 @@ def _as_a_process(err: TextIO) -> Iterator[None]:
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
 
-    def show(message: Any, category: Any, filename: str, lineno: int, *_: Any) -> None:
-        err.write(warnings.formatwarning(message, category, filename, lineno))
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
 
     try:
         with warnings.catch_warnings():
