@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from memshare.commands import bench, capture, demo, engine, simulate, traces, validate
 from memshare.errors import InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 app = typer.Typer(
     name="memshare",
@@ -38,27 +41,29 @@ def _root(
     """memshare: how much KV memory a sharing policy saves, and what it costs."""
 
 
-for name, command in (
-    ("import", traces.import_cmd),
-    ("inspect", traces.inspect_cmd),
-    ("demo", demo.demo_cmd),
-    ("policies", simulate.policies_cmd),
-    ("simulate", simulate.simulate_cmd),
-    ("sweep", simulate.sweep_cmd),
-    ("capture", capture.capture_cmd),
-    ("generate", engine.generate_cmd),
-    ("validate", validate.validate_cmd),
-    ("calibrate", engine.calibrate_cmd),
-    ("study", simulate.study_cmd),
-):
-    app.command(name)(command)
-for name, command in (
-    ("policy", bench.bench_policy_cmd),
-    ("sim", bench.bench_sim_cmd),
-    ("engine", bench.bench_engine_cmd),
-    ("capture", bench.bench_capture_cmd),
-):
-    bench_app.command(name)(command)
+COMMANDS: dict[str, Callable[..., None]] = {
+    "import": traces.import_cmd,
+    "inspect": traces.inspect_cmd,
+    "demo": demo.demo_cmd,
+    "policies": simulate.policies_cmd,
+    "simulate": simulate.simulate_cmd,
+    "sweep": simulate.sweep_cmd,
+    "capture": capture.capture_cmd,
+    "generate": engine.generate_cmd,
+    "validate": validate.validate_cmd,
+    "calibrate": engine.calibrate_cmd,
+    "study": simulate.study_cmd,
+}
+BENCH_COMMANDS: dict[str, Callable[..., None]] = {
+    "policy": bench.bench_policy_cmd,
+    "sim": bench.bench_sim_cmd,
+    "engine": bench.bench_engine_cmd,
+    "capture": bench.bench_capture_cmd,
+}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(_command)
+for _name, _command in BENCH_COMMANDS.items():
+    bench_app.command(_name)(_command)
 
 
 # ----------------------------------------------------------------------------- entry point
