@@ -62,7 +62,7 @@ def test_generate_writes_outputs_shares_and_metrics(
     ("extra", "where"),
     [
         (["--model", "/nonexistent/model"], "--model"),
-        (["--kv-blocks", "3"], "--kv-blocks"),
+        pytest.param(["--kv-blocks", "3"], "--kv-blocks", marks=pytest.mark.slow),  # model load
         (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "--device"),
         (["--device", "tpu"], "--device"),
         (["--policy", "nope"], "--policy"),

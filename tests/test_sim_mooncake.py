@@ -13,6 +13,8 @@ from memshare.sim.run import LoadedTrace, run_config, write_run
 from memshare.sim.study import sweep
 from memshare.traces.importers import import_workload
 
+pytestmark = pytest.mark.slow  # simulations of the whole Mooncake trace
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MOONCAKE = DATA / "workloads" / "mooncake_synthetic_trace.jsonl"
 

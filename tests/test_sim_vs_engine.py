@@ -59,11 +59,11 @@ def workload(n: int = 12, seed: int = 0, passages: bool = False) -> list[Request
     [
         ("none", 400, True),
         ("prefix", 400, True),
-        ("prefix", 14, True),
-        ("prefix", 14, False),
+        pytest.param("prefix", 14, True, marks=pytest.mark.slow),  # tight budgets: many steps
+        pytest.param("prefix", 14, False, marks=pytest.mark.slow),
         ("kvshare", 400, True),
-        ("kvshare", 18, True),
-        ("kvshare", 18, False),
+        pytest.param("kvshare", 18, True, marks=pytest.mark.slow),
+        pytest.param("kvshare", 18, False, marks=pytest.mark.slow),
     ],
 )
 def test_simulator_and_engine_take_identical_steps(
