@@ -40,3 +40,10 @@ def test_demo_captures_then_simulates_the_four_policies(model_cache: Path, tmp_p
     assert again.capture is None
     again_cmp = json.loads((out / "sim" / "comparison.json").read_text())["policies"]
     assert again_cmp == comparison
+    # more prompts (as --full after the quick demo): the finished capture is resumed, its
+    # answers kept, only the missing prompts captured
+    before = [r.output_ids for r in TraceReader(result.trace).records()]
+    more = run_demo(out, DemoSettings(prompts=3, max_new_tokens=24, batch_size=2))
+    assert more.capture is not None and more.capture["captured_now"] == 1
+    after = [r.output_ids for r in TraceReader(result.trace).records()]
+    assert len(after) == 3 and after[:2] == before
