@@ -40,9 +40,10 @@ def demo_cmd(
 ) -> None:
     """The main job on the embedded default: capture -> simulate -> validate, tables + plots.
 
-    The default model answers 8 bundled GSM8K prompts (the trace: token ids, reasoning steps,
-    K/V sketches); the simulator replays it under none, prefix, exact-dedup and cf-topk; then
-    validate runs each on the real model and reports measured beside predicted.
+    The default model answers 4 bundled GSM8K prompts (8 with ``--full``; the trace: token ids,
+    reasoning steps, K/V sketches); the simulator replays it under none, prefix, exact-dedup
+    and cf-topk; then validate runs each on the real model and reports measured beside
+    predicted (teacher-forced in one pass; ``--full`` adds the budget and free-generation runs).
     """
     if workload:
         _workload(output / "workload", as_json)

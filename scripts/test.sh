@@ -20,7 +20,7 @@ echo "== mypy --strict (on the installed layout: memshare.sim etc. are mapped fo
 rm -rf .typecheck
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation --target .typecheck .
 (cd .typecheck && MYPYPATH=. ../.venv/bin/mypy --strict -p memshare && MYPYPATH=. ../.venv/bin/mypy --strict ../tests)
-echo "== pytest (the inner loop: pytest -m 'not slow and not vllm')"
+echo "== pytest -m 'not vllm' (a developer's inner loop: pytest -m 'not slow and not vllm')"
 .venv/bin/pytest -m "not vllm" --durations=25 "$@"
 # Real vLLM (the CPU build) in its own environment beside .venv: it pins its own torch and
 # transformers. torchvision, torchaudio and torchcodec break `import vllm` without CUDA.

@@ -44,8 +44,9 @@ DEFAULT_WORKLOAD_MODEL = "llama-3.1-8b"  # for traces that name no model (import
 class SimOptions:
     """Raw ``simulate`` options (as typed); :func:`build_configs` checks them.
 
-    The command line declares each field once, under the same name, in ``memshare.cli``'s
-    ``SimArgs`` (flag, help, CLI default); ``simulate`` and ``sweep`` both take those."""
+    The command line declares each field once, under the same name, in ``SimArgs``
+    (``memshare.commands.options``: flag, help, CLI default); ``simulate`` and ``sweep`` both
+    take those."""
 
     trace: Path  # trace directory
     policies: tuple[str, ...] = ("prefix",)  # --policy (repeatable)

@@ -41,12 +41,11 @@ from memshare.validate.budget import (
 from memshare.validate.cost_fit import COST_TOML, fit_and_write
 from memshare.validate.runs.folders import RunDir, check_model, find_runs, load_checked_trace
 from memshare.validate.runs.workload import is_workload, on_engine
-from memshare.validate.validation import ValidateOptions, check_options
+from memshare.validate.validation import VALIDATION, ValidateOptions, check_options
 from memshare.validate.vllm.engine import VllmRun, VllmSettings, VllmSpec, open_engine, run_engine
 
 VLLM_POLICIES = ("none", "prefix")
 DEFAULT_VLLM_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
-VALIDATION = "validation.json"
 STEPS = "vllm_steps.jsonl"  # per run directory: vLLM's steps as measured (the fit's data)
 
 
