@@ -18,7 +18,8 @@ without a hash to its free queue (reused first, last freed first), never-used bl
 and cached blocks are appended, so a cached block is evicted only once no other block is free
 (docs/policies.md, "Eviction order").
 
-Invariants (checked by :meth:`BlockPool.check`, driven by the property tests):
+Invariants (checked by :meth:`BlockPool.check`, which raises :class:`PoolInvariantError`,
+also under ``python -O``; driven by the property tests):
 
 - ``ref_cnt >= 0``; a block with ``ref_cnt == 0`` exists only while it is in the free queue,
   and every block in the free queue has ``ref_cnt == 0`` and a hash.
@@ -351,49 +352,67 @@ class BlockPool:
 
     # ----------------------------------------------------------------- checking
     def check(self, live_refs: dict[int, int] | None = None) -> None:
-        """Recompute every invariant from scratch; AssertionError names the first broken one.
+        """Recompute every invariant from scratch; :class:`PoolInvariantError` names the first
+        broken one. Explicit raises, not ``assert``: the check holds under ``python -O`` too.
 
         ``live_refs``: block id -> number of block-table entries pointing at it, if known.
         """
         cap = len(self.holders)
-        assert len(self.pins) == cap and self._fresh <= cap <= self.num_pages, "bad capacity"
+        ok = len(self.pins) == cap and self._fresh <= cap <= self.num_pages
+        _require(ok, "bad capacity")
         holders = np.zeros(cap, dtype=np.int64)
         pins = np.zeros(cap, dtype=np.int64)
         for blk in self._blocks.values():
-            assert blk.ref_cnt >= 0, f"negative ref count: {blk!r}"
-            assert np.array_equal(blk.distinct, np.unique(blk.pages)), f"stale distinct {blk!r}"
+            _require(blk.ref_cnt >= 0, "negative ref count: {!r}", blk)
+            ok = np.array_equal(blk.distinct, np.unique(blk.pages))
+            _require(ok, "stale distinct {!r}", blk)
             holders[blk.distinct] += 1
             if blk.ref_cnt > 0:
                 pins[blk.distinct] += 1
-                assert blk.block_id not in self._free_queue, f"live block queued: {blk!r}"
+                _require(blk.block_id not in self._free_queue, "live block queued: {!r}", blk)
             else:
-                assert blk.block_id in self._free_queue, f"unreferenced block leaked: {blk!r}"
-                assert blk.block_hash is not None, f"unhashed block queued: {blk!r}"
+                _require(blk.block_id in self._free_queue, "unreferenced block leaked: {!r}", blk)
+                _require(blk.block_hash is not None, "unhashed block queued: {!r}", blk)
             if blk.block_hash is not None:
                 same = self._by_hash.get(blk.block_hash, {})
-                assert same.get(blk.block_id) is blk, f"hash map misses {blk!r}"
+                _require(same.get(blk.block_id) is blk, "hash map misses {!r}", blk)
         for h, same in self._by_hash.items():
-            assert same, f"empty hash entry {h}"
+            _require(bool(same), "empty hash entry {}", h)
             for bid, blk in same.items():
-                assert blk.block_hash == h and self._blocks.get(bid) is blk, "stale hash"
+                _require(blk.block_hash == h and self._blocks.get(bid) is blk, "stale hash")
         for bid in self._free_queue:
-            assert bid in self._blocks, f"free queue holds destroyed block {bid}"
-        assert np.array_equal(holders, self.holders), "holder counts drifted"
-        assert np.array_equal(pins, self.pins), "pin counts drifted"
-        assert self._n_pinned == int(np.count_nonzero(pins)), "pinned page count drifted"
-        assert not np.any(holders[self._fresh :]), "a never-held page is referenced"
+            _require(bid in self._blocks, "free queue holds destroyed block {}", bid)
+        _require(np.array_equal(holders, self.holders), "holder counts drifted")
+        _require(np.array_equal(pins, self.pins), "pin counts drifted")
+        _require(self._n_pinned == int(np.count_nonzero(pins)), "pinned page count drifted")
+        _require(not np.any(holders[self._fresh :]), "a never-held page is referenced")
         free = self._recycled[: self._n_recycled]
-        assert len(np.unique(free)) == len(free), "a page is on the free stack twice"
-        assert np.all(free < self._fresh), "a never-held page is on the recycle stack"
-        assert np.all(self.holders[free] == 0), "a page is both free and referenced"
-        assert self._n_free == self._n_recycled + self.num_pages - self._fresh, "free count"
-        assert self._n_free + int(np.count_nonzero(holders)) == self.num_pages, (
-            "free + used != total pages"
-        )
+        _require(len(np.unique(free)) == len(free), "a page is on the free stack twice")
+        _require(bool(np.all(free < self._fresh)), "a never-held page is on the recycle stack")
+        _require(bool(np.all(self.holders[free] == 0)), "a page is both free and referenced")
+        ok = self._n_free == self._n_recycled + self.num_pages - self._fresh
+        _require(ok, "free count")
+        ok = self._n_free + int(np.count_nonzero(holders)) == self.num_pages
+        _require(ok, "free + used != total pages")
         if live_refs is not None:
             for bid, blk in self._blocks.items():
-                assert blk.ref_cnt == live_refs.get(bid, 0), f"ref count != table refs: {blk!r}"
-            assert all(bid in self._blocks for bid in live_refs), "table points at a dead block"
+                ok = blk.ref_cnt == live_refs.get(bid, 0)
+                _require(ok, "ref count != table refs: {!r}", blk)
+            ok = all(bid in self._blocks for bid in live_refs)
+            _require(ok, "table points at a dead block")
+
+
+class PoolInvariantError(AssertionError):
+    """A :class:`BlockPool` invariant is broken (raised by :meth:`BlockPool.check`). An
+    ``AssertionError`` so that callers written against the old ``assert`` checks still catch
+    it, but raised explicitly: ``python -O`` does not remove it."""
+
+
+def _require(ok: bool | np.bool_, message: str, *args: object) -> None:
+    """Raise :class:`PoolInvariantError` with ``message.format(*args)`` unless ``ok`` (the
+    message is formatted only on failure: ``check`` runs once per block on hot paths)."""
+    if not ok:
+        raise PoolInvariantError(message.format(*args))
 
 
 def _distinct(pages: np.ndarray) -> bool:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -13,7 +19,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from memshare.block_pool import BlockPool, KVBlock
+from memshare.block_pool import BlockPool, KVBlock, PoolInvariantError
 from memshare.hashing import chain_hashes
 from memshare.kv_manager import KVCacheManager
 from memshare.policy import RequestInfo
@@ -194,6 +200,70 @@ def test_double_free_is_refused() -> None:
     pool.free([blk])
     with pytest.raises(ValueError, match="double free"):
         pool.free([blk])
+
+
+def _corrupt(how: str) -> tuple[BlockPool, dict[int, int]]:
+    """A pool with two live blocks, one invariant broken by hand as ``how`` names."""
+    pool = BlockPool(num_blocks=4, num_layers=2)
+    a, b = pool.allocate(2) or []
+    refs = {a.block_id: 1, b.block_id: 1}
+    pool.check(refs)  # sound before the corruption
+    if how == "ref":
+        a.ref_cnt = -1
+    elif how == "holders":
+        pool.holders[b.distinct[0]] += 1
+    elif how == "free count":
+        pool._n_free -= 1
+    elif how == "table":
+        refs[a.block_id] = 2
+    return pool, refs
+
+
+CORRUPTIONS = {
+    "ref": "negative ref count: KVBlock(id=0",
+    "holders": "holder counts drifted",
+    "free count": "free count",
+    "table": "ref count != table refs: KVBlock(id=0",
+}
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_check_names_the_broken_invariant(how: str) -> None:
+    pool, refs = _corrupt(how)
+    with pytest.raises(PoolInvariantError, match=re.escape(CORRUPTIONS[how])):
+        pool.check(refs)
+
+
+def test_check_raises_under_python_O() -> None:
+    """``check`` raises explicitly, so ``python -O`` (which strips ``assert``) keeps it."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from test_block_pool import CORRUPTIONS, _corrupt
+        from memshare.block_pool import PoolInvariantError
+        assert False, "not stripped"  # proves -O is in force: this line must not raise
+        for how in CORRUPTIONS:
+            pool, refs = _corrupt(how)
+            try:
+                pool.check(refs)
+            except PoolInvariantError as e:
+                print(how, "->", e)
+            else:
+                sys.exit(f"{how}: check() passed a corrupted pool under -O")
+        """
+    )
+    res = subprocess.run(
+        [sys.executable, "-O", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == len(CORRUPTIONS)
+    for line, (how, msg) in zip(lines, CORRUPTIONS.items(), strict=True):
+        assert line.startswith(f"{how} -> {msg}"), line
 
 
 class PoolMachine(RuleBasedStateMachine):
