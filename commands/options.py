@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from memshare.errors import InputError
+from memshare.outdir import check_writable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -39,15 +40,7 @@ def check_out(path: Path, option: str, *, folder: bool) -> None:
         if not folder and path.is_dir():
             raise InputError(where, "is a folder", f"give {option} a file path, e.g. DIR/map.json")
         return
-    for above in path.absolute().parents:
-        if above.exists():
-            if not above.is_dir():
-                raise InputError(
-                    where,
-                    f"{above} is a file, not a folder",
-                    f"give {option} a path under a folder",
-                )
-            return
+    check_writable(path.absolute(), where, option)
 
 
 def out_dir(param: typer.CallbackParam, path: Path | None) -> Path | None:

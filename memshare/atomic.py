@@ -2,7 +2,9 @@
 
 Invariant: the text goes to a temporary file in the same folder, is fsynced, optionally
 checked, then renamed over ``path`` (atomic on POSIX); on any failure the temporary file is
-removed and ``path`` is untouched.
+removed and ``path`` is untouched. The file gets the mode any ``open(path, "w")`` would give
+it (0666 less the umask), not ``mkstemp``'s 0600. A writer killed with SIGKILL leaves its
+hidden ``.NAME.XXXX.tmp``; :func:`memshare.outdir.remove_litter` removes it on the next run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def write_atomic(path: Path, text: str, verify: Callable[[Path], None] | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -30,3 +33,10 @@ def write_atomic(path: Path, text: str, verify: Callable[[Path], None] | None = 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
