@@ -62,14 +62,35 @@ def output_option(help: str, *, file: bool = False) -> Any:
     return typer.Option("-o", "--output", help=help, callback=out_file if file else out_dir)
 
 
+MAX_BLOCK_SIZE = 131_072  # tokens per block: the longest context of any preset (128 Ki)
+
+
+def check_limit(_param: typer.CallbackParam | None, value: int | None) -> int | None:
+    """``--limit``: the same rule in every command: at least 1, or left out for all."""
+    if value is not None and value < 1:
+        raise InputError("--limit", f"must be >= 1, got {value}", "leave it out to take all")
+    return value
+
+
+def check_block_size(_param: typer.CallbackParam | None, value: int | None) -> int | None:
+    """``--block-size``: the same rule in every command: 1 .. :data:`MAX_BLOCK_SIZE` tokens."""
+    if value is not None and not 1 <= value <= MAX_BLOCK_SIZE:
+        raise InputError(
+            "--block-size",
+            f"must be 1..{MAX_BLOCK_SIZE:,} tokens per block, got {value:,}",
+            "e.g. 16 (vLLM's default)",
+        )
+    return value
+
+
 def limit_option(help: str) -> Any:
     """``--limit N``: only the first N items the command reads (``help`` names them)."""
-    return typer.Option("--limit", help=help)
+    return typer.Option("--limit", help=help, callback=check_limit)
 
 
 def block_size_option(help: str) -> Any:
     """``--block-size``: tokens per KV block (``help`` says whose default applies)."""
-    return typer.Option("--block-size", help=help)
+    return typer.Option("--block-size", help=help, callback=check_block_size)
 
 
 # ---------------------------------------------------------------- options several commands take
@@ -93,6 +114,9 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Policy parameter key=value (repeat).")
 ]
 PlotOpt = Annotated[bool, typer.Option("--plot", help="Write PNG figures beside the runs.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an earlier run of this command in -o whole.")
+]
 StepTokensOpt = Annotated[int, typer.Option(help="Token budget per step.")]
 MaxSeqsOpt = Annotated[int, typer.Option(help="Running requests at most.")]
 
