@@ -11,7 +11,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from memshare.commands.options import JsonOpt, TraceBlockSizeOpt, out_file, output_option
+from memshare.commands.options import (
+    JsonOpt,
+    TraceBlockSizeOpt,
+    limit_option,
+    out_file,
+    output_option,
+)
 from memshare.commands.progress import Bar
 from memshare.commands.render import out
 from memshare.errors import InputError
@@ -23,7 +29,7 @@ def import_cmd(
     ],
     src: Annotated[Path, typer.Argument(metavar="FILE", help="The workload file to import.")],
     output: Annotated[Path, output_option("Trace directory to create.")],
-    limit: Annotated[int | None, typer.Option(help="Import only the first N rows.")] = None,
+    limit: Annotated[int | None, limit_option("Import only the first N rows.")] = None,
     model: Annotated[
         str | None,
         typer.Option(help="tokens: the tokenizer of text prompts (default: SmolLM2-135M)."),
