@@ -32,7 +32,10 @@ def import_cmd(
     limit: Annotated[int | None, limit_option("Import only the first N rows.")] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="tokens: the tokenizer of text prompts (default: SmolLM2-135M)."),
+        typer.Option(
+            help="tokens: the model whose tokenizer reads 'prompt' texts and whose context "
+            "sizes them (default: SmolLM2-135M); not for a file of token ids."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

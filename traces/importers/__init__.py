@@ -15,7 +15,8 @@ Invariants of an imported trace:
   that arrived before their predecessor). ``arrival_s`` is the exact offset from the earliest
   imported row, rounded once to float, so the first request arrives at 0.0.
 - Request ids are ``"<format>-<row>"`` with the 0-based data row index of the source file,
-  zero-padded to six digits, so an id leads back to its source row.
+  zero-padded to six digits, so an id leads back to its source row; a ``tokens`` line that
+  gives its own ``id`` keeps it (unique within the trace).
 - ``manifest.source`` records ``format``, ``file`` (name), ``sha256`` (of the whole source
   file), ``rows`` (requests imported), ``limit`` and format-specific notes.
 """
@@ -35,7 +36,7 @@ from ..manifest_file import load_manifest
 from ..schema import MAX_ARRIVAL_S, MAX_REQUEST_TOKENS, Manifest, RequestRecord
 from ..writer import TraceWriter
 from . import azure, burstgpt, mooncake, tokens
-from ._source import SourceData, SourceRow, check_source
+from ._source import SourceData, SourceRow, check_source, row_id
 
 DEFAULT_BLOCK_SIZE = 16  # KV block size written to the manifest; a simulator may override it
 COMMIT_EVERY = 1000  # requests per writer commit (and per progress call)
@@ -190,7 +191,7 @@ def to_records(fmt: str, rows: Sequence[SourceRow]) -> Iterator[RequestRecord]:
     origin = rows[0].time
     for row in rows:
         yield RequestRecord(
-            id=f"{fmt}-{row.index:06d}",
+            id=row.rid if row.rid is not None else row_id(fmt, row.index),
             arrival_s=float(row.time - origin),
             prompt_len=row.prompt_len,
             output_len=row.output_len,

@@ -38,6 +38,7 @@ class SourceRow:
     meta: dict[str, Any] | None = None  # source-specific extras kept in RequestRecord.meta
     prompt_ids: list[int] | None = None  # the prompt's token ids (the tokens format)
     output_ids: list[int] | None = None  # the output's token ids, where the source gives them
+    rid: str | None = None  # the request's id where the source names it, else row_id(...)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ def no_rows_error(path: Path, fmt: str) -> InputError:
     return InputError(
         str(path), "holds no requests (no data rows)", f"give a {fmt} workload file with requests"
     )
+
+
+def row_id(fmt: str, index: int) -> str:
+    """The id of a request its source does not name: ``"<format>-<row>"``, the 0-based data
+    row index zero-padded to six digits."""
+    return f"{fmt}-{index:06d}"
 
 
 def where(path: Path, line: int) -> str:
