@@ -10,6 +10,7 @@ output tokens. The rules they share live here, so the same line gets the same an
   ``requests.csv``, the engines' ``outputs.jsonl``); it is 1..:data:`MAX_ID_CHARS` printable
   characters with no blank at either end, so every one of those files carries it unchanged
   (JSON escapes it, CSV quotes a comma or a quote) and it prints on one line.
+- :func:`json_object`: a line is one JSON object.
 - :func:`prompt_of`: a line gives its prompt one way: ids, or text, never both.
 - :func:`check_text_size`, :func:`check_fits`, :func:`check_max_tokens`: sizes against the
   model's context limit (or, before a model is known, :data:`MAX_REQUEST_TOKENS`), so no size
@@ -23,6 +24,7 @@ Every problem is an :class:`~memshare.errors.InputError` whose ``where`` is the 
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +36,24 @@ from memshare.traces.schema import MAX_REQUEST_TOKENS
 IDS_FIELD = "prompt_token_ids"
 MAX_TOKEN_ID = (1 << 31) - 1  # past every vocabulary; a loaded model checks its own size
 MAX_ID_CHARS = 128
+
+
+def json_object(where: str, text: str) -> dict[str, Any]:
+    """One line's text as a JSON object (an integer of thousands of digits, which Python's
+    parser refuses with a ValueError, is refused like any other bad JSON)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            where, f"not valid JSON ({e.msg} at column {e.colno})", "write one JSON object a line"
+        ) from None
+    except ValueError as e:
+        raise InputError(where, f"not valid JSON ({e})", "write one JSON object a line") from None
+    if not isinstance(obj, dict):
+        raise InputError(
+            where, f"a JSON {type(obj).__name__}, not an object", "write one JSON object a line"
+        )
+    return obj
 
 
 def request_id(where: str, value: object) -> str:
@@ -179,15 +199,18 @@ def check_max_tokens(where: str, value: object, context_limit: int | None) -> in
     the option or ``FILE:LINE field 'max_tokens'``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(where, f"must be a positive integer, got {value!r}", "e.g. 64")
-    if context_limit is None:
-        top = MAX_REQUEST_TOKENS - 1
-        of = f"the most tokens one request may have ({MAX_REQUEST_TOKENS:,})"
-    else:
-        top, of = context_limit - 1, f"the model's context of {context_limit:,} tokens"
-    if value > top:
+    if context_limit is None and value >= MAX_REQUEST_TOKENS:
         raise InputError(
             where,
-            f"{value:,} output tokens cannot fit {of} beside a prompt",
-            f"give {top:,} or less (prompt + output tokens must fit the context)",
+            f"{value:,} output tokens are past any model's context (a request holds at most "
+            f"{MAX_REQUEST_TOKENS:,} tokens)",
+            "give at most the model's context less the prompt, e.g. 256",
+        )
+    if context_limit is not None and value >= context_limit:
+        raise InputError(
+            where,
+            f"{value:,} output tokens cannot fit the model's context of {context_limit:,} "
+            "tokens beside a prompt",
+            f"give {context_limit - 1:,} or less (prompt + output tokens must fit the context)",
         )
     return value

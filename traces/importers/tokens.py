@@ -23,7 +23,6 @@ ids: the simulator and the engine hash the ids themselves, at whatever block siz
 
 from __future__ import annotations
 
-import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -34,6 +33,7 @@ from memshare.traces.prompt_line import (
     check_fits,
     check_text_size,
     check_unique,
+    json_object,
     prompt_of,
     request_id,
     token_ids,
@@ -117,17 +117,6 @@ def _arrival(path: Path, line: int, obj: dict[str, Any]) -> Fraction | None:
     return Fraction(value)
 
 
-def _line(path: Path, number: int, text: str) -> dict[str, Any]:
-    """Line ``number`` as a JSON object."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _error(path, number, f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise _error(path, number, f"a JSON {type(obj).__name__}, not an object")
-    return obj
-
-
 def _row(
     path: Path, number: int, obj: dict[str, Any], index: int, tokenize: Tokenize | None
 ) -> tuple[SourceRow, bool]:
@@ -167,7 +156,7 @@ def read(path: Path, limit: int | None = None, tokenize: Tokenize | None = None)
     for number, text in enumerate(read_lines(path, FORMAT), start=1):
         if not text.strip():
             continue
-        obj = _line(path, number, text)
+        obj = json_object(where(path, number), text)
         row, has_time = _row(path, number, obj, len(rows), tokenize)
         texts += obj.get(TEXT_FIELD) is not None
         if timed is None:

@@ -24,6 +24,16 @@ from memshare.registry import coerce_params, make_policy, parse_settings
 from memshare.scheduler import SchedulerConfig
 from memshare.traces.inputs import InputItem, read_texts
 from memshare.traces.model.device import check_device
+from memshare.traces.prompt_line import (
+    check_fits,
+    check_max_tokens,
+    check_text_size,
+    check_unique,
+    json_object,
+    max_token_chars,
+    prompt_of,
+    request_id,
+)
 from memshare.traces.segment import SegmenterConfig, segment_tokens
 from memshare.validate.engine.heap import tame_heap
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
@@ -68,6 +78,8 @@ class Prompt:
     text: str | None = None  # a prompt given as text, before tokenizing
     where: str = ""  # FILE:LINE it came from
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_field: str = ""  # the line's prompt field (prompt_token_ids or the text's)
+    max_tokens_from: str = "--max-tokens"  # or "field 'max_tokens'": the line's own
 
 
 def check_output(path: Path) -> None:
@@ -84,78 +96,88 @@ PROMPT_FIELDS = ("prompt", "question", "problem")  # text fields tried in order 
 
 
 def read_prompts(
-    path: Path, max_tokens: int, limit: int | None, text_field: str | None = None
+    path: Path,
+    max_tokens: int,
+    limit: int | None,
+    text_field: str | None = None,
+    context_limit: int | None = None,
 ) -> list[Prompt]:
     """Prompts from JSONL, checked before any model loads: per line ``prompt_token_ids``, or
     a text (chat template applied later) from ``text_field`` (default: the first of
-    :data:`PROMPT_FIELDS` present); optional ``id`` and ``max_tokens``. A bad line is an
-    InputError that names ``FILE:LINE``."""
+    :data:`PROMPT_FIELDS` present), never both; optional ``id`` (kept as the request's name;
+    ``p<k>`` without one) and ``max_tokens`` (:func:`check_max_tokens` against
+    ``context_limit``, when known; else :func:`tokenize` sizes each prompt once the model
+    is loaded). The rules of a line are :mod:`memshare.traces.prompt_line`'s, shared with
+    ``import tokens``. A bad line is an InputError that names ``FILE:LINE``; an id two lines
+    share names both lines."""
     fields = (text_field,) if text_field else PROMPT_FIELDS
     if not path.is_file():
-        raise InputError(
-            f"--prompts {path}", "does not exist or is not a file", "pass a JSONL file"
-        )
-    out: list[Prompt] = []
+        raise InputError(str(path), "does not exist or is not a file", "pass a JSONL file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 is text
     except UnicodeDecodeError:
-        raise InputError(f"--prompts {path}", "is not UTF-8 text", "pass a JSONL file") from None
+        raise InputError(str(path), "is not UTF-8 text", "pass a JSONL file") from None
+    out: list[Prompt] = []
+    seen: dict[str, int] = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if limit is not None and len(out) >= limit:
             break
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(where, f"not JSON ({e.msg})", "one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise InputError(where, "is not a JSON object", 'write {"prompt": "..."}')
-        rid = str(obj.get("id", f"p{len(out)}"))
-        mt = obj.get("max_tokens", max_tokens)
-        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
-            raise InputError(where, f"max_tokens {mt!r} is not a positive integer", "e.g. 64")
-        if "prompt_token_ids" in obj:
-            ids = obj["prompt_token_ids"]
-            ok = isinstance(ids, list) and ids and all(type(t) is int for t in ids)
-            if not ok:
-                raise InputError(
-                    where, "prompt_token_ids is not a non-empty list of ints", "fix it"
-                )
-            out.append(Prompt(rid, list(ids), mt, where=where))
+        obj = json_object(where, line)
+        given = obj.get("id")
+        rid = request_id(where, given) if given is not None else f"p{len(out)}"
+        check_unique(where, rid, n, seen)
+        own = obj.get("max_tokens") is not None
+        mt = (
+            check_max_tokens(f"{where} field 'max_tokens'", obj["max_tokens"], context_limit)
+            if own
+            else max_tokens
+        )
+        name, prompt = prompt_of(where, obj, fields)
+        p = Prompt(rid, [], mt, where=where, prompt_field=name)
+        p.max_tokens_from = "field 'max_tokens'" if own else "--max-tokens"
+        if isinstance(prompt, str):
+            p.text = prompt
         else:
-            name = next((f for f in fields if f in obj), None)
-            text = obj.get(name) if name else None
-            if not isinstance(text, str) or not text.strip():
-                what = (
-                    f"field {name!r} is empty or not a string"
-                    if name
-                    else (f"has no prompt_token_ids and none of the fields {', '.join(fields)}")
-                )
-                raise InputError(where, what, "give a non-empty prompt (or --field NAME)")
-            out.append(Prompt(rid, [], mt, text=text, where=where))
+            p.ids = prompt
+        out.append(p)
     if not out:
-        raise InputError(f"--prompts {path}", "holds no prompt", "one JSON object per line")
-    ids_seen: set[str] = set()
-    for p in out:
-        if p.rid in ids_seen:
-            raise InputError(f"--prompts {path}", f"id {p.rid!r} appears twice", "make ids unique")
-        ids_seen.add(p.rid)
+        raise InputError(str(path), "holds no prompt (only blank lines)", "one JSON object a line")
     return out
 
 
-def tokenize(prompts: list[Prompt], chat: Callable[[str], list[int]], vocab: int) -> None:
+def tokenize(
+    prompts: list[Prompt],
+    chat: Callable[[str], list[int]],
+    vocab: int,
+    context_limit: int | None = None,
+    token_chars: int | None = None,
+) -> None:
     """Give text prompts their token ids (chat template) and check every id is in the
-    vocabulary."""
+    vocabulary; with the model's ``context_limit``, a text whose length alone rules it out
+    (``token_chars``: the longest token, :func:`~memshare.traces.prompt_line.max_token_chars`)
+    is refused before it is tokenized, and every prompt plus its ``max_tokens`` must fit
+    (the fix names ``--max-tokens`` with a value that fits every prompt using it)."""
     for p in prompts:
         if p.text is not None:
+            if context_limit is not None and token_chars is not None:
+                check_text_size(p.where, p.prompt_field, p.text, context_limit, token_chars)
             p.ids = chat(p.text)
         bad = [t for t in p.ids if not 0 <= t < vocab]
         if bad:
             raise InputError(
                 p.where, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "fix it"
             )
+    if context_limit is None:
+        return
+    for p in prompts:  # each prompt alone, in file order
+        check_fits(p.where, len(p.ids), 0, p.max_tokens_from, context_limit)
+    # then with max_tokens: the longest prompt under --max-tokens first, so the value the
+    # fix suggests fits them all
+    for p in sorted(prompts, key=lambda q: (q.max_tokens_from != "--max-tokens", -len(q.ids))):
+        check_fits(p.where, len(p.ids), p.max_tokens, p.max_tokens_from, context_limit)
 
 
 def teacher_forced_inputs(items: Sequence[InputItem], backend: Any) -> list[Prompt]:
@@ -207,7 +229,13 @@ def generate(
         status("loading the model")
     backend = load_model(o.model, dtype=o.dtype, device=o.device, threads=o.threads)
     if prompts is not None:
-        tokenize(prompts, backend.chat_prompt, int(backend.model.config.vocab_size))
+        tokenize(
+            prompts,
+            backend.chat_prompt,
+            int(backend.model.config.vocab_size),
+            backend.context_limit,
+            max_token_chars(backend.tokenizer),
+        )
         inputs = prompts
     else:
         inputs = teacher_forced_inputs(texts, backend)
