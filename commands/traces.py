@@ -172,6 +172,13 @@ def _render_inspect(report: dict[str, Any], title: str) -> None:
     reuse = report.get("prefix_reuse", "skipped")
     if reuse is None:
         t.add_row("prefix reuse", "n/a: the trace has no block identity (token or hash ids)")
+    elif reuse != "skipped" and reuse["prompt_blocks"] == 0:
+        longest = int(s["prompt_len"]["max"])
+        t.add_row(
+            "prefix reuse",
+            f"n/a: no prompt fills a block of {reuse['block_size']} tokens (the longest has "
+            f"{longest}); pass --block-size {longest} or less",
+        )
     elif reuse != "skipped":
         t.add_row(
             f"prefix reuse (unlimited cache, block {reuse['block_size']})",

@@ -6,10 +6,16 @@ then writes requests 0..N-1 with ``commit_every=1`` and prints ``done`` after cl
 
 Invariant: request ``i`` (its record and its KV rows) is a function of ``i`` only, so a test
 can recompute what any prefix of the trace must hold.
+
+:func:`sign_manifest` re-signs an edited manifest (its field ``manifest_sha256``) the way
+docs/traces.md defines it, written out here rather than taken from memshare, so a test that
+edits a manifest reaches the reader's own field checks, and the format is pinned.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import sys
 from pathlib import Path
@@ -41,6 +47,19 @@ def kv_template() -> Manifest:
         source={"generator": "helpers_trace_writer"},
         capture={"backend": "synthetic"},
     )
+
+
+def manifest_sha256(fields: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of all fields but
+    ``manifest_sha256``: the manifest's own checksum as docs/traces.md defines it."""
+    body = {k: v for k, v in fields.items() if k != "manifest_sha256"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode("ascii")).hexdigest()
+
+
+def sign_manifest(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with ``manifest_sha256`` set to :func:`manifest_sha256` of the others."""
+    return {**fields, "manifest_sha256": manifest_sha256(fields)}
 
 
 def num_rows(i: int) -> int:

@@ -1,7 +1,9 @@
 """Issue 11, checks: a seeded fuzz test of trace files and command lines.
 
 Mutations: truncation, bit flips, deleted files, wrong JSON types (manifest fields and
-``requests.jsonl`` lines), out-of-range and non-finite numbers, and mutated command lines.
+``requests.jsonl`` lines), out-of-range and non-finite numbers, in-range edits of manifest
+values (a renamed architecture, a seed + 1), reformatted manifests (keys reordered, other white
+space and escapes) and mutated command lines.
 Every case is a pytest id ``TARGET-MUTATION-sSEED``; its details (offset, bit, field, value)
 come from ``random.Random(SEED)`` and are in the failure message, so ``-k`` reruns one case.
 
@@ -11,8 +13,15 @@ What must hold, on real files through the real CLI (``memshare.cli.main`` in pro
 - a refusal is exactly one line on stderr, ``memshare: error: ...``, exit status 2;
 - a mutated data file (``requests.jsonl``, ``kv-*.bin``, ``fullkv-*.bin``) is always refused,
   by ``inspect`` and by ``simulate`` (and ``study`` on some cases);
-- a mutated manifest or a ``requests.jsonl`` re-signed in the manifest (so the parser, not the
-  checksum, meets the mutation) is refused or, where harmless, reads and runs;
+- a mutated manifest is refused exactly when its content changed: the manifest carries the
+  sha256 of its canonical JSON (``manifest_sha256``, docs/traces.md), so a mutation that
+  changes any key or value (after JSON parsing) must be refused, and one that leaves the parsed
+  content equal (key order, white space, escapes, number spellings, the last newline cut,
+  two bit flips that cancel, a value replaced by itself) must read and run: :func:`same_content`
+  decides which, independently of memshare's code;
+- a ``requests.jsonl`` re-signed in the manifest (length, sha256 and the manifest's own
+  checksum, so the parser, not a checksum, meets the mutation) is refused or, where harmless,
+  reads and runs;
 - a mutated command line is refused in one line or runs.
 
 Two small traces are built once per module with the repo's own writers: a kv trace shaped like
@@ -23,6 +32,7 @@ mutate into its own folder, so the pristine traces are never written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -35,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers_trace_writer import sign_manifest
 
 from memshare.cli import main
 from memshare.traces.capture.fullkv import FullKVWriter, full_kv_dtype
@@ -109,6 +120,11 @@ def refusal_problem(result: Result) -> str | None:
     return None
 
 
+def run_problem(result: Result) -> str | None:
+    """Why ``result`` is not a run (exit 0), or None if it is one."""
+    return None if result[0] == 0 else f"exit {result[0]}, not a run: {result[2].strip()}"
+
+
 def outcome_problem(result: Result) -> str | None:
     """A run (exit 0) or a clean refusal is fine; anything else is the problem."""
     return None if result[0] == 0 else refusal_problem(result)
@@ -146,8 +162,9 @@ DATA_FILES = {
     "kv": ("requests.jsonl", "kv-00000.bin", "fullkv-00000.bin"),
     "mc": ("requests.jsonl",),
 }
-# (trace, target, mutation, cases): data files must be refused; the manifest and re-signed
-# request lines may also be harmless; command lines are refused or run.
+# (trace, target, mutation, cases): data files must be refused; the manifest must be refused
+# unless its parsed content is unchanged (then it must run); re-signed request lines may also
+# be harmless; command lines are refused or run.
 PLAN: list[tuple[str, str, str, int]] = [
     *[(t, f, "truncate", 14) for t, files in DATA_FILES.items() for f in files],
     *[(t, f, "bitflip", 24) for t, files in DATA_FILES.items() for f in files],
@@ -160,6 +177,8 @@ PLAN: list[tuple[str, str, str, int]] = [
     *[(t, "manifest.json", "delete", 1) for t in DATA_FILES],
     *[(t, "manifest.json", "wrongtype", 40) for t in DATA_FILES],
     *[(t, "manifest.json", "badnumber", 35) for t in DATA_FILES],
+    *[(t, "manifest.json", "editvalue", 30) for t in DATA_FILES],
+    *[(t, "manifest.json", "reformat", 6) for t in DATA_FILES],
     ("kv", "argv", "value", 60),
     ("kv", "argv", "token", 30),
     ("mc", "argv", "value", 25),
@@ -248,6 +267,72 @@ def mutate_json(text: str, kind: str, rng: random.Random, compact: bool) -> tupl
     return _dump(obj, raw, compact), f"{'.'.join(map(str, path))}: {old!r} -> {raw}"
 
 
+def edit_value(text: str, rng: random.Random) -> tuple[str, str]:
+    """A manifest with one leaf changed in range and type (a string one character off, an int
+    + or - 1, a bool negated, a float doubled, null made 0): what only a checksum can catch."""
+    obj = json.loads(text)
+    path = rng.choice([p for p in _paths(obj) if not isinstance(_get(obj, p), dict | list)])
+    old = _get(obj, path)
+    new: Any
+    if isinstance(old, bool):
+        new = not old
+    elif isinstance(old, int):
+        new = old + rng.choice([-1, 1])
+    elif isinstance(old, float):
+        new = old * 2 + 1
+    elif isinstance(old, str) and old:
+        i = rng.randrange(len(old))
+        new = old[:i] + chr(ord(old[i]) ^ 1) + old[i + 1 :]  # MlamaForCausalLM, a hex digit
+    else:
+        new = 0 if old is None else "x"
+    _set(obj, path, new)
+    return json.dumps(obj, indent=2), f"{'.'.join(map(str, path))}: {old!r} -> {new!r}"
+
+
+def reformat(text: str, rng: random.Random) -> tuple[str, str]:
+    """The same manifest content written differently: keys reversed at every level, compact or
+    wide white space, non-ASCII escaped or not, ``1e2``-style spellings left to json."""
+    obj = json.loads(text)
+
+    def reverse(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: reverse(v) for k, v in reversed(list(node.items()))}
+        return [reverse(v) for v in node] if isinstance(node, list) else node
+
+    indent = rng.choice([None, 0, 1, 4, "\t"])
+    escaped = rng.choice([True, False])
+    new = json.dumps(reverse(obj), indent=indent, ensure_ascii=escaped)
+    return new, f"keys reversed, indent {indent!r}, ensure_ascii {escaped}"
+
+
+def same_content(before: bytes, after: bytes) -> bool:
+    """Whether two manifest texts parse (as strict JSON: no NaN, no 1e400) to the same content,
+    compared as canonical JSON (sorted keys, so 1 and 1.0 or true differ). Not memshare's code:
+    what a manifest checksum over canonical JSON must accept, and all it may accept."""
+
+    def canonical(data: bytes) -> str | None:
+        def no_constant(name: str) -> Any:
+            raise ValueError(name)
+
+        try:
+            obj = json.loads(data.decode("utf-8"), parse_constant=no_constant)
+        except ValueError:  # also JSONDecodeError and UnicodeDecodeError
+            return None
+        if _has_inf(obj):
+            return None
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    a, b = canonical(before), canonical(after)
+    return a is not None and a == b
+
+
+def _has_inf(node: Any) -> bool:
+    if isinstance(node, float):
+        return node != node or node in (float("inf"), float("-inf"))
+    items = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return any(_has_inf(v) for v in items)
+
+
 def mutate_bytes(data: bytes, kind: str, rng: random.Random) -> tuple[bytes, str]:
     if kind == "truncate":
         cut = rng.randrange(len(data))
@@ -290,19 +375,22 @@ def make_case(case: Case, src: Path, dst: Path) -> str:
         text, what = mutate_json(data.decode("utf-8"), kind, rng, compact=False)
         (dst / case.target).write_text(text, encoding="utf-8")
         return what
+    if kind in ("editvalue", "reformat"):
+        edit = edit_value if kind == "editvalue" else reformat
+        text, what = edit(data.decode("utf-8"), rng)
+        (dst / case.target).write_text(text, encoding="utf-8")
+        return what
     if kind in ("truncate", "bitflip"):
         new, what = mutate_bytes(data, kind, rng)
     else:
         new, what = mutate_lines(data, kind, rng)
     (dst / case.target).write_bytes(new)
     if kind.startswith("resigned-"):  # the manifest commits the new bytes: the parser sees them
-        import hashlib
-
         manifest = json.loads((src / "manifest.json").read_text())
         manifest["requests_bytes"] = len(new)
         manifest["requests_sha256"] = hashlib.sha256(new).hexdigest()
         os.unlink(dst / "manifest.json")
-        (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (dst / "manifest.json").write_text(json.dumps(sign_manifest(manifest), indent=2))
         what += " (re-signed in manifest.json)"
     return what
 
@@ -403,8 +491,14 @@ def test_fuzz_case(
         return
     trace = tmp_path / case.trace
     what = make_case(case, pristine[case.trace], trace)
-    must_refuse = case.target != "manifest.json" and not case.mutation.startswith("resigned-")
-    check: Callable[[Result], str | None] = refusal_problem if must_refuse else outcome_problem
+    check: Callable[[Result], str | None] = refusal_problem
+    if case.mutation.startswith("resigned-"):
+        check = outcome_problem  # the parser may find the mutation harmless
+    elif case.target == "manifest.json" and case.mutation != "delete":
+        before = (pristine[case.trace] / case.target).read_bytes()
+        if same_content(before, (trace / case.target).read_bytes()):
+            check = run_problem  # the same manifest, written differently
+            what += " (same content)"
     for argv in commands_for(case, trace, out):
         result = run_cli(capsys, argv)
         problem = check(result)
@@ -440,8 +534,6 @@ def test_what_the_fuzzer_found_is_refused_in_one_line(
     # Found by test_fuzz_case: full-KV shards were never checked (a truncated or flipped one
     # passed inspect), NaN/Infinity/1e400 entered from JSON, 'complete' and 'tool_version' of
     # any type were coerced, 'timings' values and 'full_kv' fields were not typed.
-    import hashlib
-
     trace = tmp_path / "kv"
     shutil.copytree(pristine["kv"], trace)
     manifest = json.loads((trace / "manifest.json").read_text())
@@ -454,10 +546,10 @@ def test_what_the_fuzzer_found_is_refused_in_one_line(
         (trace / target).write_bytes(data)
         manifest["requests_bytes"] = len(data)
         manifest["requests_sha256"] = hashlib.sha256(data).hexdigest()
-        (trace / "manifest.json").write_text(json.dumps(manifest))
-    else:
+        (trace / "manifest.json").write_text(json.dumps(sign_manifest(manifest)))
+    else:  # re-signed: the field checks, not the manifest's checksum, meet the edit
         edit(manifest)
-        (trace / "manifest.json").write_text(_dump(manifest, "NaN", compact=False))
+        (trace / "manifest.json").write_text(_dump(sign_manifest(manifest), "NaN", compact=False))
     for argv in (["inspect", str(trace)], ["simulate", str(trace), "-o", str(tmp_path / "o")]):
         code, _, err = run_cli(capsys, argv)
         assert refusal_problem((code, "", err)) is None, err

@@ -12,10 +12,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from helpers_cli import assert_one_line_error, memshare
 from helpers_trace_writer import (
     expected_record,
     expected_rows,
     kv_template,
+    manifest_sha256,
+    sign_manifest,
     write_requests,
 )
 
@@ -83,10 +86,14 @@ def trace_files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-def edit_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+def edit_manifest(
+    path: Path, change: Callable[[dict[str, Any]], None], *, sign: bool = True
+) -> None:
+    """Change the manifest's fields; re-signed (``manifest_sha256``) unless ``sign`` is False,
+    so the reader's checks of the edited field, not the manifest checksum, meet the edit."""
     raw = json.loads((path / MANIFEST).read_text())
     change(raw)
-    (path / MANIFEST).write_text(json.dumps(raw, indent=2))
+    (path / MANIFEST).write_text(json.dumps(sign_manifest(raw) if sign else raw, indent=2))
 
 
 def reseal_requests(path: Path, data: bytes) -> None:
@@ -428,3 +435,146 @@ def test_leftovers_without_manifest_are_trace_empty(tmp_path: Path) -> None:
     (tmp_path / REQUESTS).write_bytes(b"")
     with pytest.raises(TraceEmptyError, match=r"empty.*interrupted before its first commit"):
         TraceReader(tmp_path)
+
+
+# -- the manifest's own checksum (issue 27) --------------------------------------------------
+
+MOONCAKE_DEMO = Path(__file__).resolve().parents[1] / "memshare" / "data" / "mooncake_demo.jsonl"
+
+
+def imported_trace(tmp_path: Path) -> tuple[Path, Path]:
+    """(trace, source): ``memshare import mooncake`` of the first 5 bundled rows."""
+    src = tmp_path / "mc.jsonl"
+    src.write_text("".join(MOONCAKE_DEMO.read_text().splitlines(keepends=True)[:5]))
+    trace = tmp_path / "mc"
+    res = memshare("import", "mooncake", str(src), "-o", str(trace), "--limit", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    return trace, src
+
+
+def test_a_written_manifest_carries_its_own_checksum(tmp_path: Path) -> None:
+    write_workload(tmp_path / "wl", 2)
+    write_kv(tmp_path / "kv", 2)
+    trace, _ = imported_trace(tmp_path)
+    for path in (tmp_path / "wl", tmp_path / "kv", trace):
+        raw = json.loads((path / MANIFEST).read_text())
+        assert list(raw)[-1] == "manifest_sha256" and raw["schema_version"] == 3
+        assert raw["manifest_sha256"] == manifest_sha256(raw)  # docs/traces.md's definition
+        assert raw["manifest_sha256"] != manifest_sha256({**raw, "complete": not raw["complete"]})
+
+
+# Edits that keep every field typed and in range, so only the checksum can catch them.
+MEANINGFUL_EDITS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+    ("architecture", lambda m: m["model"].update(architecture="MlamaForCausalLM")),
+    ("model dtype", lambda m: m["model"].update(dtype="float32")),
+    ("sketch seed", lambda m: m["sketch"].update(seed=m["sketch"]["seed"] + 1)),
+    ("source", lambda m: m["source"].update(generator="someone else")),
+    ("capture", lambda m: m["capture"].update(backend="vllm")),
+    ("complete", lambda m: m.update(complete=False)),
+    ("tool version", lambda m: m.update(tool_version="0.0.1")),
+    ("a new field", lambda m: m.update(note="x")),
+    ("hash block size", lambda m: m.update(hash_block_size=16)),
+    ("a new number in source", lambda m: m["source"].update(rows=2.0)),
+    ("checksum removed", lambda m: m.pop("manifest_sha256")),
+    ("checksum of another manifest", lambda m: m.update(manifest_sha256="0" * 64)),
+    ("checksum not hex", lambda m: m.update(manifest_sha256="checksum")),
+]
+
+
+@pytest.mark.parametrize(("name", "edit"), MEANINGFUL_EDITS, ids=[n for n, _ in MEANINGFUL_EDITS])
+def test_a_changed_manifest_is_refused_by_every_reader(
+    name: str, edit: Callable[[dict[str, Any]], Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "t"
+    write_kv(path, 2)
+    edit_manifest(path, edit, sign=False)
+    where = str(path / MANIFEST)
+    for read in (
+        lambda: TraceReader(path),
+        lambda: TraceReader(path, verify=False),
+        lambda: TraceWriter.resume(path),
+        lambda: TraceWriter.resume(path, template=kv_template()),
+    ):
+        with pytest.raises(InputError, match="manifest_sha256") as e:
+            read()
+        assert e.value.where == where, (name, str(e.value))
+    res = memshare("inspect", str(path))
+    assert_one_line_error(res, where, "manifest_sha256", "re-create the trace")
+
+
+def test_a_reformatted_manifest_of_the_same_content_is_accepted(tmp_path: Path) -> None:
+    # The checksum is over canonical JSON: key order, white space and escapes are not content.
+    path = tmp_path / "t"
+    write_kv(path, 2)
+    before = TraceReader(path).manifest
+    raw = json.loads((path / MANIFEST).read_text())
+    reordered = dict(reversed(list(raw.items())))
+    reordered["model"] = dict(reversed(list(raw["model"].items())))
+    (path / MANIFEST).write_text(json.dumps(reordered, separators=(",", ":"), ensure_ascii=False))
+    assert TraceReader(path).manifest == before
+    (path / MANIFEST).write_text(json.dumps(raw, indent=7).replace('"kv"', '"\\u006bv"'))
+    assert TraceReader(path).manifest == before
+
+
+def test_a_trace_from_before_the_manifest_checksum_is_refused_with_its_fix(tmp_path: Path) -> None:
+    trace, src = imported_trace(tmp_path)
+    edit_manifest(
+        trace, lambda m: (m.pop("manifest_sha256"), m.update(schema_version=2)), sign=False
+    )
+    fix = (
+        f"delete {trace} and re-import it: memshare import mooncake {src.name} --limit 4 -o {trace}"
+    )
+    for cmd in ("inspect", "simulate"):
+        res = memshare(cmd, str(trace))
+        assert_one_line_error(res, f"{trace / MANIFEST}: schema version 2", "manifest_sha256", fix)
+
+
+def test_an_imported_trace_is_re_imported_and_a_capture_re_captured(tmp_path: Path) -> None:
+    # Issue 27: "re-capture" was advised for a changed requests.jsonl of an imported trace.
+    trace, src = imported_trace(tmp_path)
+    fix = f"re-import it: memshare import mooncake {src.name} --limit 4 -o {trace}"
+    edit_manifest(trace, lambda m: m.update(hash_block_size=256), sign=False)
+    for cmd in ("inspect", "simulate"):
+        res = memshare(cmd, str(trace))
+        assert_one_line_error(res, f"{trace / MANIFEST}: checksum mismatch", fix)
+        assert "re-capture" not in res.stderr
+    edit_manifest(trace, lambda m: m.update(hash_block_size=512))  # signed again: readable
+    assert TraceReader(trace).manifest.hash_block_size == 512
+    _flip_byte(trace / REQUESTS, 40)
+    for cmd in ("inspect", "simulate"):
+        res = memshare(cmd, str(trace))
+        assert_one_line_error(res, f"{trace / REQUESTS}: checksum mismatch", fix)
+        assert "re-capture" not in res.stderr
+    cap = tmp_path / "cap"
+    with TraceWriter(cap, replace(kv_template(), capture={"tool": "memshare capture"})) as w:
+        write_requests(w, range(2))
+    edit_manifest(cap, lambda m: m["sketch"].update(dim=16), sign=False)
+    for res in (memshare("inspect", str(cap)), memshare("capture", "-o", str(cap), "--resume")):
+        assert_one_line_error(res, f"{cap / MANIFEST}: checksum mismatch", "re-capture it")
+
+
+def test_prefix_reuse_names_why_it_has_no_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 27: "no block identity" was said for a trace of token ids whose prompts were only
+    # shorter than one block; a trace without token or hash ids still has none.
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per line
+    src = tmp_path / "ids.jsonl"
+    src.write_text('{"prompt_token_ids": [1, 2, 3, 4, 5]}\n{"prompt_token_ids": [1, 2, 3, 4, 6]}\n')
+    ids = tmp_path / "ids"
+    assert memshare("import", "tokens", str(src), "-o", str(ids), "--json").returncode == 0
+    res = memshare("inspect", str(ids))
+    assert res.returncode == 0 and "block identity" not in res.stdout, res.stdout
+    assert "no prompt fills a block of 16 tokens (the longest has 5); pass --block-size 5" in (
+        res.stdout
+    )
+    reuse = json.loads(memshare("inspect", str(ids), "--json").stdout)["prefix_reuse"]
+    assert reuse["prompt_blocks"] == 0 and reuse["block_size"] == 16
+    reuse = json.loads(memshare("inspect", str(ids), "--block-size", "4", "--json").stdout)
+    assert reuse["prefix_reuse"]["hit_blocks"] == 1  # the shared first block of 4 ids
+    bare = tmp_path / "bare"
+    with TraceWriter(bare, replace(workload_template(), hash_block_size=None)) as w:
+        w.add(replace(workload_record(0), hash_ids=None))
+    res = memshare("inspect", str(bare))
+    assert res.returncode == 0 and "no block identity (token or hash ids)" in res.stdout
+    assert json.loads(memshare("inspect", str(bare), "--json").stdout)["prefix_reuse"] is None

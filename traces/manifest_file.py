@@ -1,15 +1,21 @@
-"""``manifest.json`` read and checked: every field typed and in range, the row dtypes it implies.
+"""``manifest.json`` read and checked: its own checksum, every field typed and in range, the
+row dtypes it implies.
 
 :func:`load_manifest` says what is wrong with a directory that is not a trace (missing, a
-file, no manifest, only a crashed writer's leftovers: :class:`~memshare.errors.TraceEmptyError`)
-and checks every manifest field (:func:`check_manifest_fields`). What the data must agree with
-(counts, shard lengths, rows per request) is checked by the reader against the files.
+file, no manifest, only a crashed writer's leftovers: :class:`~memshare.errors.TraceEmptyError`),
+checks every manifest field (:func:`check_manifest_fields`) and then the manifest's own
+checksum (:func:`check_manifest_digest`): a manifest whose content is not what its writer
+wrote is refused, with the command that writes the trace again (:func:`remake_hint`). What the
+data must agree with (counts, shard lengths, rows per request) is checked by the reader
+against the files.
 """
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -18,12 +24,16 @@ from memshare.traces.fields import RECREATE, is_hex64, is_int
 from memshare.traces.schema import (
     FULL_KV_FIELDS,
     MANIFEST,
+    MANIFEST_SHA256,
     MANIFEST_TMP,
     REQUESTS,
+    SCHEMA_VERSION,
     SHARD_GLOB,
     Manifest,
     full_kv_row_dtype,
     kv_row_dtype,
+    manifest_digest,
+    manifest_fields,
 )
 
 
@@ -72,7 +82,15 @@ def load_manifest(trace_dir: Path) -> Manifest:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError(str(path), "not valid UTF-8", RECREATE) from None
-    manifest = Manifest.from_json(text, str(path))
+    raw = manifest_fields(text, str(path))
+    if raw.get("schema_version") == SCHEMA_VERSION - 1:
+        raise InputError(
+            str(path),
+            f"schema version {SCHEMA_VERSION - 1}: written by a memshare from before manifests "
+            f"carried their own checksum (field '{MANIFEST_SHA256}', version {SCHEMA_VERSION})",
+            remake_hint(raw.get("source"), raw.get("capture"), trace_dir),
+        )
+    manifest = Manifest.from_fields(raw, str(path))
     if manifest.kind not in ("workload", "kv"):
         raise InputError(
             str(path), f"field 'kind' must be 'workload' or 'kv', got {manifest.kind!r}", RECREATE
@@ -80,7 +98,64 @@ def load_manifest(trace_dir: Path) -> Manifest:
     if not is_int(manifest.requests_bytes) or manifest.requests_bytes < 0:
         raise InputError(str(path), "field 'requests_bytes' must be an integer >= 0", RECREATE)
     check_manifest_fields(manifest, str(path))
+    check_manifest_digest(raw, manifest, trace_dir)
     return manifest
+
+
+def check_manifest_digest(raw: dict[str, Any], manifest: Manifest, trace_dir: Path) -> None:
+    """The manifest's field ``manifest_sha256`` is the :func:`manifest_digest` of its parsed
+    fields ``raw``, else InputError naming the manifest and how to write the trace again.
+
+    Cost: one canonical ``json.dumps`` and sha256 of a few KiB (tens of microseconds).
+    """
+    where = str(trace_dir / MANIFEST)
+    fix = remake_hint(manifest.source, manifest.capture, trace_dir)
+    stored = raw.get(MANIFEST_SHA256)
+    if stored is None:
+        raise InputError(
+            where, f"field '{MANIFEST_SHA256}' (the manifest's own checksum) is missing", fix
+        )
+    if not is_hex64(stored):
+        raise InputError(
+            where, f"field '{MANIFEST_SHA256}' must be 64 hex digits, got {stored!r:.80}", fix
+        )
+    digest = manifest_digest(raw)
+    if digest != stored:
+        raise InputError(
+            where,
+            f"checksum mismatch: the manifest was changed after it was written (sha256 of its "
+            f"canonical JSON is {digest[:16]}..., its field '{MANIFEST_SHA256}' says "
+            f"{stored[:16]}...)",
+            fix,
+        )
+
+
+def remake_hint(source: object, capture: object, trace_dir: Path) -> str:
+    """How to write the trace in ``trace_dir`` again, from what its manifest says made it:
+    ``memshare capture`` (``capture.tool``), or ``memshare import FORMAT FILE`` (``source``
+    ``format``, ``file`` and ``limit``, shown only when printable), else :data:`RECREATE`.
+    One line, whatever the (possibly damaged) manifest holds."""
+    src = source if isinstance(source, Mapping) else {}
+    cap = capture if isinstance(capture, Mapping) else {}
+    if cap.get("tool") == "memshare capture":
+        return (
+            f"delete {trace_dir} and re-capture it (`memshare capture` with the options its "
+            "manifest's 'capture' and 'source' record)"
+        )
+    fmt, file, limit = src.get("format"), src.get("file"), src.get("limit")
+    if not (_printable(fmt) and fmt.isidentifier() and _printable(file)):
+        return RECREATE
+    args = f"{fmt} {shlex.quote(str(file))}"
+    if is_int(limit):
+        args += f" --limit {limit}"
+    if src.get("text_prompts"):
+        args += " --model MODEL (the tokenizer it used)"
+    return f"delete {trace_dir} and re-import it: memshare import {args} -o {trace_dir}"
+
+
+def _printable(value: object) -> TypeGuard[str]:
+    """A short one-line string (safe to show in a one-line message)."""
+    return isinstance(value, str) and 0 < len(value) <= 200 and value.isprintable()
 
 
 # Ranges of manifest integers: far beyond any real model, small enough that nothing computed

@@ -27,7 +27,12 @@ import numpy as np
 
 from memshare.errors import InputError
 from memshare.traces.fields import RECREATE
-from memshare.traces.manifest_file import full_kv_spec_dtype, load_manifest, row_dtype
+from memshare.traces.manifest_file import (
+    full_kv_spec_dtype,
+    load_manifest,
+    remake_hint,
+    row_dtype,
+)
 from memshare.traces.requests_file import check_requests_file, read_records
 from memshare.traces.schema import MANIFEST, REQUESTS, Counts, Manifest, RequestRecord
 from memshare.traces.shards import (
@@ -67,8 +72,10 @@ class TraceReader:
         self._requests_path = check_requests_file(self.path, self._manifest)
         row_size = self._dtype.itemsize if self._dtype is not None else 0
         shard_paths = [check_shard_file(self.path, s, row_size) for s in self._manifest.shards]
+        m = self._manifest
+        remake = remake_hint(m.source, m.capture, self.path)
         self._records = read_records(
-            self._requests_path, self._manifest.requests_bytes, self._manifest.requests_sha256
+            self._requests_path, m.requests_bytes, m.requests_sha256, remake
         )
         self._full_dtype = full_kv_spec_dtype(self._manifest, str(self.path / MANIFEST))
         check_full_kv_refs(self.path, self._records, self._full_dtype)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from memshare.errors import InputError
-from memshare.traces.fields import RECAPTURE, RECREATE, is_hex64, is_int
+from memshare.traces.fields import RECREATE, is_hex64, is_int
 from memshare.traces.schema import (
     MAX_ARRIVAL_S,
     MAX_REQUEST_TOKENS,
@@ -42,9 +42,12 @@ def check_requests_file(trace_dir: Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_records(path: Path, nbytes: int, sha256: str) -> list[RequestRecord]:
+def read_records(
+    path: Path, nbytes: int, sha256: str, remake: str = RECREATE
+) -> list[RequestRecord]:
     """Parse the committed prefix of ``requests.jsonl`` (whole lines only), after checking
-    that its sha256 is ``sha256`` (the manifest's ``requests_sha256``)."""
+    that its sha256 is ``sha256`` (the manifest's ``requests_sha256``); a mismatch says the
+    file changed after it was written and how to write the trace again (``remake``)."""
     data = b""
     if nbytes > 0:
         with path.open("rb") as f:
@@ -55,7 +58,7 @@ def read_records(path: Path, nbytes: int, sha256: str) -> list[RequestRecord]:
             str(path),
             f"checksum mismatch: sha256 of the committed {nbytes} bytes is {digest[:16]}..., "
             f"manifest.json field 'requests_sha256' says {str(sha256)[:16]}...",
-            RECAPTURE,
+            f"the file was changed after it was written; {remake}",
         )
     if nbytes <= 0:
         return []

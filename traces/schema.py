@@ -13,13 +13,16 @@ A trace is a directory (docs/traces.md):
 
 Invariants: a request line is committed only after all its KV rows are on disk (fsynced) and
 listed in the manifest; a manifest never counts bytes that are not on disk; every data file's
-committed bytes carry a sha256 in the manifest that every reader checks (tamper-evident:
-changing one byte of a committed file makes the trace unreadable, with the file named).
-Version 2 added ``requests_sha256`` (version 1 covered ``requests.jsonl`` by length only).
+committed bytes carry a sha256 in the manifest that every reader checks, and the manifest
+carries the sha256 of its own content (``manifest_sha256``, :func:`manifest_digest`), so
+changing the meaning of any committed file, the manifest included, makes the trace
+unreadable, with the file named. Version 2 added ``requests_sha256`` (version 1 covered
+``requests.jsonl`` by length only); version 3 added ``manifest_sha256``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -32,11 +35,12 @@ from memshare import __version__
 from memshare.errors import InputError
 from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_REQUEST_TOKENS = 1 << 24  # prompt + output tokens of one request (past any real context)
 MAX_ARRIVAL_S = 1e15  # latest arrival_s (30 million years): later is a unit mistake, not a trace
 MANIFEST = "manifest.json"
 MANIFEST_TMP = "manifest.json.tmp"  # the writer's temp file; renamed over MANIFEST to commit
+MANIFEST_SHA256 = "manifest_sha256"  # the manifest's last field: manifest_digest of the others
 REQUESTS = "requests.jsonl"
 SHARD_GLOB = "kv-*.bin"  # every KV shard file name matches this
 FULL_KV_GLOB = "fullkv-*.bin"  # optional full-KV shards (capture --full-kv); see FullKVRef
@@ -107,22 +111,22 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
-        """Deterministic JSON text (sorted keys inside free-form dicts, fixed field order)."""
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        """JSON text: the fields in order, then ``manifest_sha256``, the
+        :func:`manifest_digest` of them as a reader parses them back (so the digest a reader
+        computes from this text is the one written, whatever the free-form dicts hold)."""
+        fields = json.loads(json.dumps(asdict(self)))
+        fields[MANIFEST_SHA256] = manifest_digest(fields)
+        return json.dumps(fields, indent=2, sort_keys=False) + "\n"
 
     @staticmethod
     def from_json(text: str, where: str) -> Manifest:
-        """Parse and validate; every problem is an :class:`InputError` naming ``where``."""
-        try:
-            raw = loads_strict(text)
-        except json.JSONDecodeError as e:
-            raise InputError(
-                where, f"not valid JSON ({e.msg} at line {e.lineno})", _REWRITE_HINT
-            ) from None
-        except ValueError as e:  # NaN, Infinity, 1e400, an int of over 4300 digits
-            raise InputError(where, f"not valid JSON ({e})", _REWRITE_HINT) from None
-        if not isinstance(raw, dict):
-            raise InputError(where, "is not a JSON object", _REWRITE_HINT)
+        """Parse and validate (not the digest: see ``load_manifest``); every problem is an
+        :class:`InputError` naming ``where``."""
+        return Manifest.from_fields(manifest_fields(text, where), where)
+
+    @staticmethod
+    def from_fields(raw: dict[str, Any], where: str) -> Manifest:
+        """The manifest of parsed JSON fields ``raw``; ``manifest_sha256`` is not read here."""
         for name, kind in (("complete", bool), ("tool_version", str)):
             if name in raw and not isinstance(raw[name], kind):
                 raise InputError(
@@ -164,6 +168,34 @@ class Manifest:
 
 
 _REWRITE_HINT = "the manifest is damaged: re-create the trace (capture or import)"
+
+
+def manifest_fields(text: str, where: str) -> dict[str, Any]:
+    """The JSON object of a manifest's text (strict JSON: no NaN, no 1e400); InputError if not."""
+    try:
+        raw = loads_strict(text)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            where, f"not valid JSON ({e.msg} at line {e.lineno})", _REWRITE_HINT
+        ) from None
+    except ValueError as e:  # NaN, Infinity, 1e400, an int of over 4300 digits
+        raise InputError(where, f"not valid JSON ({e})", _REWRITE_HINT) from None
+    if not isinstance(raw, dict):
+        raise InputError(where, "is not a JSON object", _REWRITE_HINT)
+    return raw
+
+
+def manifest_digest(fields: dict[str, Any]) -> str:
+    """Hex sha256 of the canonical JSON of every field but ``manifest_sha256``.
+
+    Canonical: keys sorted at every level, no whitespace (separators ``,`` and ``:``), ASCII
+    only (``\\uXXXX`` escapes), numbers as Python writes the parsed value (``1.0`` stays a
+    float, ``1`` an int). So key order, white space, escapes and number spellings of the same
+    value (``1e2`` and ``100.0``) do not change the digest; any change of a key or value does.
+    """
+    body = {k: v for k, v in fields.items() if k != MANIFEST_SHA256}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def _no_constant(name: str) -> Any:

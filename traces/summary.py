@@ -54,12 +54,13 @@ class ReuseReport:
 def prefix_reuse(
     records: Sequence[RequestRecord], manifest: Manifest, block_size: int | None = None
 ) -> ReuseReport | None:
-    """Run ``prefix`` at unlimited cache; ``None`` if the trace carries no block identity."""
+    """Run ``prefix`` at unlimited cache; ``None`` if no request carries block identity (token
+    ids or hash ids). Prompts too short to fill one block give a report of 0 prompt blocks."""
+    if not any(r.prompt_ids is not None or r.hash_ids for r in records):
+        return None
     bs = block_size or default_block_size(manifest)
     ordered = sorted(records, key=lambda r: r.arrival_s)
     infos = [request_info(r, manifest, bs) for r in ordered]
-    if not any(info.block_hashes for info in infos):
-        return None
     pool = BlockPool(num_blocks=sum(cdiv(i.prompt_len, bs) for i in infos) + 1)
     policy = make_policy("prefix")
     manager = KVCacheManager(pool, policy, bs)
