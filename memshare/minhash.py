@@ -14,6 +14,14 @@ import numpy as np
 SIG_DTYPE = np.uint32  # 32-bit hashing: vectorised multiplies, ample for ~1e2-1e4 n-grams
 EMPTY = np.iinfo(SIG_DTYPE).max
 _MIX = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F], dtype=SIG_DTYPE)
+NGRAM_MAX = len(_MIX)  # longest shingle (one mixing constant per token)
+_SCRATCH_ROWS = 256
+
+
+def hasher_bytes(num_perm: int) -> int:
+    """Bytes a :class:`MinHasher` of ``num_perm`` permutations holds (its hashing buffer and
+    its ``a``, ``b`` and empty-signature rows), before any signature."""
+    return (_SCRATCH_ROWS + 3) * num_perm * np.dtype(SIG_DTYPE).itemsize
 
 
 @dataclass
@@ -40,7 +48,7 @@ class MinHasher:
         self._off = np.arange(1, self.ngram + 1, dtype=SIG_DTYPE)
         self._mix = _MIX[: self.ngram].copy()
         self._empty = np.full(self.num_perm, EMPTY, dtype=SIG_DTYPE)
-        self._scratch = np.empty((256, self.num_perm), dtype=SIG_DTYPE)
+        self._scratch = np.empty((_SCRATCH_ROWS, self.num_perm), dtype=SIG_DTYPE)
 
     def empty(self) -> np.ndarray:
         """The signature of the empty set."""

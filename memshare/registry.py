@@ -7,7 +7,6 @@ fresh policy object; one object serves one run (simulation or validation).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from memshare.policies.dedup import ExactDedup, TokenDedup
 from memshare.policies.kvshare import KVShare
 from memshare.policies.kvsharer import KVSharer
 from memshare.policies.none import NoSharing
+from memshare.policies.params import Param, check_value
 from memshare.policies.prefix import PrefixCaching
 from memshare.policy import Policy
 
@@ -83,8 +83,13 @@ def _factory(name: str) -> PolicyFactory:
 
 
 def make_policy(name: str, **params: Any) -> Policy:
-    """A fresh policy object; unknown names and parameters are one-line InputErrors."""
+    """A fresh policy object; unknown names and parameters, and values outside a parameter's
+    limits, are one-line InputErrors (the policies check their fields when built)."""
     factory = _factory(name)
+    specs = param_specs(name)
+    for key in params:
+        if key not in specs:
+            raise _unknown(name, key, specs, "--set")
     try:
         return factory(**params)
     except (TypeError, ValueError) as e:
@@ -117,46 +122,77 @@ def param_defaults(name: str) -> dict[str, Any]:
     return out
 
 
-def coerce_params(name: str, raw: dict[str, Any], where: str = "--set") -> dict[str, Any]:
-    """Convert values to the types of the policy's parameters (their defaults' types).
+def _specs_of(part: str) -> dict[str, Param]:
+    """One registered policy's parameter table: its ``PARAMS``, or (a factory added with
+    :func:`register` without one) specs derived from its defaults' types."""
+    table: dict[str, Param] | None = getattr(_REGISTRY[part], "PARAMS", None)
+    defaults = param_defaults(part)
+    if table is not None:
+        return {key: table[key] for key in defaults}
+    return {key: _derived(default) for key, default in defaults.items()}
 
-    Strings (``--set``) are parsed; values that are already typed (a TOML file) must have the
-    parameter's type. Invariant: every numeric value returned is finite (NaN and infinity are
-    refused: as a threshold they would silently share nothing, or everything)."""
-    defaults = param_defaults(name)
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in defaults:
-            known = ", ".join(defaults) or "none"
-            raise InputError(where, f"policy {name!r} has no parameter {key!r}", f"known: {known}")
-        default = defaults[key]
-        bad = InputError(
-            where, f"{key}={value!r} is not a {type(default).__name__}", f"e.g. {key}={default}"
-        )
-        if isinstance(default, str) or default is None:
-            if not isinstance(value, str) and default is not None:
-                raise bad
-            out[key] = value
-            continue
-        if isinstance(value, str):
-            try:
-                value = _BOOL[value.lower()] if isinstance(default, bool) else type(default)(value)
-            except (KeyError, ValueError):
-                raise bad from None
-        elif (
-            isinstance(default, bool) != isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or (isinstance(default, int) and not isinstance(value, int))
-        ):
-            raise bad
-        elif isinstance(default, float):
-            value = float(value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(
-                where, f"{key}={value!r} is not a finite number", f"e.g. {key}={default}"
-            )
-        out[key] = value
+
+def param_specs(name: str) -> dict[str, tuple[str, Param]]:
+    """A policy's parameters: name -> (the first member policy that takes it, its
+    :class:`Param`), in :func:`param_defaults`' order (InputError for an unknown policy)."""
+    _factory(name)
+    out: dict[str, tuple[str, Param]] = {}
+    for part in name.split("+"):
+        for key, spec in _specs_of(part).items():
+            out.setdefault(key, (part, spec))
     return out
 
 
-_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+def _derived(default: Any) -> Param:
+    """A spec from a default alone: its type, any finite value."""
+    if isinstance(default, bool) or not isinstance(default, int | float):
+        return Param("text", default, "text")
+    return Param("int" if isinstance(default, int) else "float", default, "a number")
+
+
+def _unknown(name: str, key: str, specs: dict[str, tuple[str, Param]], where: str) -> InputError:
+    known = ", ".join(specs) or "none"
+    return InputError(where, f"policy {name!r} has no parameter {key!r}", f"known: {known}")
+
+
+def coerce_params(name: str, raw: dict[str, Any], where: str = "--set") -> dict[str, Any]:
+    """``raw`` in the types of the policy's parameters, each checked against its limits
+    (:func:`memshare.policies.params.check_value`): the one check of a policy parameter,
+    for ``--set``, a sweep's values (``where="--sweep"``) and a TOML file alike.
+
+    Strings (``--set``) are parsed; values that are already typed (a TOML file) must have the
+    parameter's type. A key may be scoped, ``POLICY.key``, by the policy or one member of a
+    composition (as ``simulate`` takes it). Invariant: every value returned has its
+    parameter's type and lies in its range (numbers finite), under its bare key; nothing is
+    built, so this is cheap and runs before any work.
+    """
+    specs = param_specs(name)
+    parts = name.split("+")
+    members = [(part, _specs_of(part)) for part in parts]
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        scope, dot, bare = key.rpartition(".")
+        if dot and scope not in (name, *parts):
+            raise InputError(
+                where, f"{key!r} names policy {scope!r}, which is not run", "check --policy"
+            )
+        if bare not in specs:
+            raise _unknown(name, bare, specs, where)
+        for part, table in members:  # every member that takes it (all get the value)
+            if bare in table and scope in ("", name, part):
+                out[bare] = check_value(part, bare, value, table[bare], where)
+        if bare not in out:
+            raise _unknown(scope, bare, {k: v for k, v in specs.items() if v[0] == scope}, where)
+    return out
+
+
+def check_block_size(
+    name: str, params: dict[str, Any], block_size: int, where: str = "--set"
+) -> None:
+    """The checks of a policy's (typed) parameters that need the run's block size, such as
+    kvshare's ``window <= block_size`` (each member's optional ``check_block_size`` hook)."""
+    for part in name.split("+"):
+        hook = getattr(_REGISTRY[part], "check_block_size", None)
+        if hook is not None:
+            table = _specs_of(part)
+            hook({k: v for k, v in params.items() if k in table}, block_size, where)

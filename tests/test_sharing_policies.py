@@ -196,7 +196,7 @@ def test_settings_are_typed_by_the_policy_fields() -> None:
     assert make_policy("cf-topk", **params).tau == 0.3  # type: ignore[attr-defined]
     with pytest.raises(InputError, match="no parameter 'x'"):
         coerce_params("cf-topk", {"x": "1"})
-    with pytest.raises(InputError, match="k='a' is not a int"):
+    with pytest.raises(InputError, match="cf-topk k=a is not an integer; give 1 <= k <= "):
         coerce_params("cf-topk", {"k": "a"})
     with pytest.raises(InputError, match="key=value"):
         parse_settings(["tau"])

@@ -32,16 +32,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
-from memshare.minhash import MinHasher
+from memshare.minhash import NGRAM_MAX, MinHasher, hasher_bytes
 from memshare.policies.cf_topk_index import Chain, Limits, NeighbourIndex, Rows, link
+from memshare.policies.params import COUNT_MAX, SEED_MAX, Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 _TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
+# tau bounds a relative distance ||x - c|| / ||x||, which is >= 0 and, by the triangle
+# inequality, <= 1 + ||c|| / ||x||: at 2 every candidate no larger than the block confirms, at
+# 100 every one up to 99 times its norm; a larger tau is the same "share anything" setting
+TAU_MAX = 100.0
+NUM_PERM_MAX = 4096  # MinHash error sqrt(J(1 - J) / P) <= 0.8% here; more buys nothing
 
 
 @dataclass
@@ -62,14 +68,35 @@ class CfTopK:
     _chains: dict[str, Chain] = field(init=False, repr=False, default_factory=dict)
     # model depth (layers) -> its constants (probe layers, layers allowed/needed, tau)
     _consts: dict[int, Limits] = field(init=False, repr=False, default_factory=dict)
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "k": Param("int", 4, "neighbour steps per step", 1, COUNT_MAX),
+        "tau": Param(
+            "float",
+            0.2,
+            "the relative sketch distance ||x - c|| / ||x|| that confirms a share: 0 only "
+            "identical blocks, 2 any candidate no larger than the block",
+            0.0,
+            TAU_MAX,
+        ),
+        "granularity": Param("choice", "block", "what one share moves", choices=("block", "layer")),
+        # any fraction >= 1e-6 of fewer than 1e3 layers needs at least one layer to confirm
+        "min_layers": Param("float", 1.0, "fraction of layers that must confirm", 1e-6, 1.0),
+        "share": Param("choice", "kv", "K and V, or keys only", choices=("kv", "k")),
+        "window": Param("int", 2, "most recent blocks kept exact", 0, COUNT_MAX),
+        "ngram": Param("int", 3, "tokens per MinHash shingle", 1, NGRAM_MAX),
+        "num_perm": Param(
+            "int",
+            32,
+            f"MinHash signature length; at {NUM_PERM_MAX} its error is under 0.8%",
+            1,
+            NUM_PERM_MAX,
+            cost=hasher_bytes,
+        ),
+        "seed": Param("int", 0, "MinHash seed", 0, SEED_MAX),
+    }
 
     def __post_init__(self) -> None:
-        if self.granularity not in ("block", "layer"):
-            raise ValueError(f"granularity must be 'block' or 'layer', got {self.granularity!r}")
-        if self.share not in ("kv", "k"):
-            raise ValueError(f"share must be 'kv' or 'k', got {self.share!r}")
-        if self.k < 1 or self.window < 0 or not 0 < self.min_layers <= 1 or self.tau < 0:
-            raise ValueError("need k >= 1, window >= 0, 0 < min_layers <= 1, tau >= 0")
+        check_fields(self, self.PARAMS, self.name)
         hasher = MinHasher(self.num_perm, self.ngram, self.seed)
         self._index = NeighbourIndex(
             self.k, self.ngram, self.num_perm, self.granularity == "layer", hasher

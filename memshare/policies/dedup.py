@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
+from memshare.policies.params import Param
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 
@@ -36,6 +37,7 @@ class _LiveIndex:
 
     _index: dict[bytes, tuple[Any, ...]] = field(default_factory=dict, init=False, repr=False)
     _owned: dict[str, list[bytes]] = field(default_factory=dict, init=False, repr=False)
+    PARAMS: ClassVar[dict[str, Param]] = {}  # none
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """No prefix reuse."""

@@ -28,13 +28,15 @@ matching window that covers it. Deterministic; no clock.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
+from memshare.errors import InputError
+from memshare.policies.params import COUNT_MAX, Param, check_fields
 from memshare.policies.prefix import PrefixCaching
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo, ReusedSpan
 
@@ -63,9 +65,27 @@ class KVShare:
     _prefix: PrefixCaching = field(default_factory=PrefixCaching, init=False, repr=False)
     _index: dict[int, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)
 
+    PARAMS: ClassVar[dict[str, Param]] = {
+        # at most the block size too (windows lie inside one block): :func:`check_window`
+        "window": Param("int", 8, "tokens per matched window", 1, COUNT_MAX),
+        "recompute": Param("float", 0.15, "share of matched tokens recomputed", 0.0, 1.0),
+    }
+
     def __post_init__(self) -> None:
-        if self.window < 1 or not 0.0 <= self.recompute <= 1.0:
-            raise ValueError("need window >= 1 and 0 <= recompute <= 1")
+        check_fields(self, self.PARAMS, self.name)
+
+    @staticmethod
+    def check_block_size(params: Mapping[str, Any], block_size: int, where: str) -> None:
+        """A given ``window <= block_size``: windows are indexed inside one full block, so a
+        longer window would never match (InputError naming ``window``)."""
+        window = params.get("window")  # the default is not the user's to fix
+        if window is not None and window > block_size:
+            raise InputError(
+                where,
+                f"kvshare window={window} is longer than a block ({block_size} tokens); a "
+                "window lies inside one block, so it would match nothing",
+                f"give 1 <= window <= {block_size}, e.g. window={min(KVShare.window, block_size)}",
+            )
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """Exact prefix blocks, then matched windows past the prefix (see the module doc)."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.errors import InputError
+from memshare.policies.params import Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 
@@ -59,14 +60,20 @@ class KVSharer:
     name: str = "kvsharer"
     shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
     _map: np.ndarray | None = field(default=None, init=False, repr=False)
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "layer_map_file": Param(
+            "file", "PATH", "the JSON file `memshare calibrate -o PATH` writes"
+        ),
+    }
 
     def __post_init__(self) -> None:
-        if not self.layer_map_file:
+        if self.layer_map_file == "":
             raise InputError(
                 "--set layer_map_file",
                 "kvsharer needs a calibrated layer map",
                 "pass --set layer_map_file=PATH (written by `memshare calibrate -o PATH`)",
             )
+        check_fields(self, self.PARAMS, self.name)
         self._map = load_layer_map(Path(self.layer_map_file))
 
     def layer_map(self, num_layers: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from memshare.block_pool import BlockPool, KVBlock
+from memshare.policies.params import Param
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 
@@ -15,6 +16,7 @@ class NoSharing:
     """Never hits, never shares, never publishes. Stateless."""
 
     name: str = "none"
+    PARAMS: ClassVar[dict[str, Param]] = {}  # none
     shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:

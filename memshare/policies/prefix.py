@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from memshare.block_pool import BlockPool, KVBlock
+from memshare.policies.params import Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
+
+PUBLISH = ("all", "prompt")
 
 
 @dataclass
@@ -31,6 +34,12 @@ class PrefixCaching:
     name: str = "prefix"
     shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
     _prompt_blocks: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "publish": Param("choice", "all", "which full blocks become findable", choices=PUBLISH),
+    }
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.PARAMS, self.name)
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """Walk the prompt's block hashes until the first miss."""
