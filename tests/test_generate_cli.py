@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers_cli import assert_one_line_error, memshare
 from helpers_models import tiny_model
 
 from memshare.cli import main
+from memshare.traces.model.loader import LoadedModel
+from memshare.traces.prompt_line import max_token_chars
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -144,3 +147,91 @@ def test_generate_teacher_forced_text_runs_block_by_block(
     assert n > 32 and len(row["output_token_ids"]) == 1 and row["finish_reason"] == "length"
     assert metrics["steps"] == -(-n // 16)  # one block per step: later blocks see the cache
     assert metrics["tokens_computed"] == n
+
+
+def _lines(path: Path, *rows: object) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rows", "extra", "needles"),
+    [
+        ([{"prompt": "hi", "prompt_token_ids": [1, 2]}], [], [":1:", "'prompt_token_ids' and"]),
+        ([{"question": "hi", "prompt_token_ids": [1]}], [], [":1:", "'question'"]),
+        (
+            [{"question": "hi", "prompt_token_ids": [1]}],
+            ["--field", "question"],
+            [":1:", "'prompt_token_ids' and 'question'"],
+        ),
+        (
+            [{"id": "a", "prompt": "x"}, {"prompt": "y"}, {"id": "a", "prompt": "z"}],
+            [],
+            [":3:", "'a'", "line 1", "line 3"],
+        ),
+        ([{"id": "p1", "prompt": "x"}, {"prompt": "y"}], [], [":2:", "'p1'", "line 1", "line 2"]),
+        ([{"id": "a\nb", "prompt": "x"}], [], [":1:", "field 'id'", "U+000A"]),
+        ([{"id": None, "prompt": "x"}, {"id": {}, "prompt": "x"}], [], [":2:", "field 'id'"]),
+        (
+            [{"prompt": "x", "max_tokens": 10**12}],
+            [],
+            [":1", "field 'max_tokens'", "1,000,000,000,000"],
+        ),
+        ([{"prompt": "x", "max_tokens": 1.5}], [], [":1", "field 'max_tokens'", "1.5"]),
+        (['{"prompt": "x", "max_tokens": 1' + "0" * 5000 + "}"], [], [":1:", "not valid JSON"]),
+        ([{"prompt_token_ids": [1, -1]}], [], [":1:", "item 1"]),
+        ([{"prompt_token_ids": []}], [], [":1:", "empty"]),
+    ],
+)
+def test_bad_prompt_lines_are_refused_before_the_model_loads(
+    tmp_path: Path, rows: list[object], extra: list[str], needles: list[str]
+) -> None:
+    """The rules of a prompt line (shared with import tokens), checked while reading the
+    file: no model is loaded for these (the test has no model cache)."""
+    src = _lines(tmp_path / "p.jsonl", *rows)
+    out = tmp_path / "run"
+    res = memshare("generate", str(src), "-o", str(out), *extra)
+    assert_one_line_error(res, str(src), *needles)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_line_separator_inside_a_prompt_text_is_text(tmp_path: Path) -> None:
+    """Lines are split at newlines only: U+2028 inside a JSON string does not cut the line,
+    so the error on line 2 is named line 2."""
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n[1]\n")
+    res = memshare("generate", str(src), "-o", str(tmp_path / "run"))
+    assert_one_line_error(res, f"{src}:2:", "not an object")
+
+
+@pytest.mark.slow  # loads the real model (its context limit and tokenizer)
+def test_prompts_past_the_models_context_are_refused(
+    loaded_model: LoadedModel, tmp_path: Path
+) -> None:
+    limit = loaded_model.context_limit
+    longest = max_token_chars(loaded_model.tokenizer)
+    words = "word " * limit
+    n_words = len(loaded_model.chat_prompt(words))
+    near = limit - 100  # a prompt with room for 100 output tokens
+    cases: list[tuple[list[object], list[str], list[str]]] = [
+        ([{"prompt_token_ids": [1] * (limit + 5)}], [], [":1:", f"{limit + 5:,} tokens"]),
+        ([{"prompt": "x" * (limit * longest)}], [], [":1:", f"{limit * longest:,} characters"]),
+        ([{"prompt": "hi"}, {"prompt": words}], [], [":2:", f"{n_words:,} tokens"]),
+        (
+            [{"prompt_token_ids": [1] * (near - 50)}, {"prompt_token_ids": [1] * near}],
+            ["--max-tokens", "256"],
+            [":2:", "--max-tokens 256", "give --max-tokens 100 or less"],
+        ),
+        (
+            [{"prompt": "hi"}, {"prompt_token_ids": [1] * near, "max_tokens": 101}],
+            [],
+            [":2:", "field 'max_tokens' 101", "give field 'max_tokens' 100 or less"],
+        ),
+    ]
+    assert n_words >= limit
+    for k, (rows, extra, needles) in enumerate(cases):
+        src = _lines(tmp_path / f"p{k}.jsonl", *rows)
+        out = tmp_path / f"run{k}"
+        res = memshare("generate", str(src), "-o", str(out), *extra)
+        assert_one_line_error(res, str(src), f"{limit:,}", *needles)
+        assert not out.exists() or not any(out.iterdir())
