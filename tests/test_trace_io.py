@@ -87,7 +87,7 @@ def trace_files(path: Path) -> dict[str, bytes]:
 
 
 def edit_manifest(
-    path: Path, change: Callable[[dict[str, Any]], None], *, sign: bool = True
+    path: Path, change: Callable[[dict[str, Any]], object], *, sign: bool = True
 ) -> None:
     """Change the manifest's fields; re-signed (``manifest_sha256``) unless ``sign`` is False,
     so the reader's checks of the edited field, not the manifest checksum, meet the edit."""
