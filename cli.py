@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import sys
+import traceback
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from memshare.commands import bench, capture, demo, engine, simulate, traces, validate
+from memshare.commands.interrupt import EXIT_INTERRUPTED, OUTSIDE, Interrupted, interruptible
 from memshare.errors import InputError
 
 if TYPE_CHECKING:
@@ -61,9 +63,9 @@ BENCH_COMMANDS: dict[str, Callable[..., None]] = {
     "capture": bench.bench_capture_cmd,
 }
 for _name, _command in COMMANDS.items():
-    app.command(_name)(_command)
+    app.command(_name)(interruptible(_name, _command))
 for _name, _command in BENCH_COMMANDS.items():
-    bench_app.command(_name)(_command)
+    bench_app.command(_name)(interruptible(f"bench {_name}", _command))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -95,14 +97,21 @@ def _click_command() -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; turn bad input into one line and exit status 2."""
+    """Entry point: run the app; turn bad input into one line and exit status 2, and Ctrl-C
+    into one line (what stopped, what is on disk) and exit status 130."""
     _tidy_help()
     args = sys.argv[1:] if argv is None else argv
     args = args or ["--help"]
     debug = "--debug" in args
-    command = _click_command()
     try:
-        command.main(args=args, prog_name="memshare", standalone_mode=False)
+        code = _click_command().main(args=args, prog_name="memshare", standalone_mode=False)
+    except KeyboardInterrupt:  # while typer built the app or read the command line
+        code = EXIT_INTERRUPTED
+    except Interrupted as e:
+        if debug:
+            traceback.print_exception(e.__cause__)
+        print(f"memshare: {e}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except InputError as e:
         if debug:
             raise
@@ -133,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         message = str(e.format_message()).rstrip(".")  # type: ignore[attr-defined]
         print(f"memshare: error: {message}; see `{where} --help`", file=sys.stderr)
         sys.exit(2)
+    # typer returns a command's exit status (a Ctrl-C outside a command: 130) without raising
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if code == EXIT_INTERRUPTED:
+            print(f"memshare: {OUTSIDE}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,22 @@
+"""The ``memshare`` console script: loads the CLI inside a Ctrl-C guard.
+
+Importing the CLI takes a second or two (typer, rich, numpy); a Ctrl-C in that time ends as
+one line and exit status 130, like a Ctrl-C during a command (:mod:`memshare.commands.interrupt`),
+not as a traceback. This module imports nothing heavy until it is called.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from memshare.commands.interrupt import EXIT_INTERRUPTED
+
+
+def main() -> None:
+    """Run :func:`memshare.cli.main`; a Ctrl-C before it starts is one line and status 130."""
+    try:
+        from memshare.cli import main as cli_main
+    except KeyboardInterrupt:
+        print("memshare: interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    cli_main()
