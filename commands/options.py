@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from memshare.errors import InputError
-from memshare.outdir import check_writable
+from memshare.outdir import check_out
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,18 +31,6 @@ NO_POLICY_NOTICE = "memshare: no --policy given: ran prefix, the default"
 
 
 # ------------------------------------------------------------------------------ output paths
-def check_out(path: Path, option: str, *, folder: bool) -> None:
-    """An output path the command can create: refused before any work, in one line."""
-    where = f"{option} {path}"
-    if path.exists():
-        if folder and not path.is_dir():
-            raise InputError(where, "exists and is not a folder", f"give {option} a folder path")
-        if not folder and path.is_dir():
-            raise InputError(where, "is a folder", f"give {option} a file path, e.g. DIR/map.json")
-        return
-    check_writable(path.absolute(), where, option)
-
-
 def out_dir(param: typer.CallbackParam, path: Path | None) -> Path | None:
     """Callback of options that name a folder to write (``-o``)."""
     if path is not None:

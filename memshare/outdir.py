@@ -68,9 +68,8 @@ def claim_output(path: Path, option: str, kind: OutputKind, *, overwrite: bool) 
 
     Accepted: an absent path under a writable folder, an empty folder (litter aside), or a
     folder holding an earlier run of ``kind`` when ``overwrite`` is set."""
+    check_out(path, option, folder=True)
     where = f"{option} {path}"
-    if path.exists() and not path.is_dir():
-        raise InputError(where, "exists and is not a folder", f"give {option} a folder path")
     if path.is_dir():
         entries = [e for e in path.iterdir() if not _is_litter(e)]
         if entries and not (path / kind.marker).is_file():
@@ -85,7 +84,6 @@ def claim_output(path: Path, option: str, kind: OutputKind, *, overwrite: bool) 
                 f"already holds a {kind.command} run",
                 "pass --overwrite to replace it whole, or give a new folder",
             )
-    check_writable(path.absolute(), where, option)
 
 
 def check_writable(path: Path, where: str, option: str) -> None:
@@ -104,6 +102,18 @@ def check_writable(path: Path, where: str, option: str) -> None:
                 fix = f"give {option} a folder you may write"
                 raise InputError(where, f"cannot write in {above} ({reason})", fix) from None
             return
+
+
+def check_out(path: Path, option: str, *, folder: bool) -> None:
+    """An output path the command can create: refused before any work, in one line."""
+    where = f"{option} {path}"
+    if path.exists():
+        if folder and not path.is_dir():
+            raise InputError(where, "exists and is not a folder", f"give {option} a folder path")
+        if not folder and path.is_dir():
+            raise InputError(where, "is a folder", f"give {option} a file path, e.g. DIR/map.json")
+        return
+    check_writable(path.absolute(), where, option)
 
 
 @contextlib.contextmanager

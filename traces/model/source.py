@@ -83,4 +83,24 @@ def resolve_model(model: str | Path | None) -> ModelSource:
             "is a file but not a .gguf file",
             "pass a .gguf file or a local HF model folder",
         )
+    check_gguf_magic(path, f"--model {model}")
     return ModelSource("gguf", path, path.stem)
+
+
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file (the GGUF specification)
+
+
+def check_gguf_magic(path: Path, where: str) -> None:
+    """A file named .gguf that does not start as a GGUF file does is refused before any
+    conversion (the converter's own error is a traceback)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise InputError(where, f"cannot be read ({e.strerror})", "check its permissions") from None
+    if head != GGUF_MAGIC:
+        raise InputError(
+            where,
+            f"is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})",
+            "pass a real .gguf model file or a local HF model folder",
+        )
