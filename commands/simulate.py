@@ -4,6 +4,8 @@ and ``policies`` (the registry), with their tables."""
 from __future__ import annotations
 
 import json
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +15,7 @@ from rich.table import Table
 from memshare.commands.options import (
     JsonOpt,
     KvBlocksOpt,
+    OverwriteOpt,
     PlotOpt,
     RequestsLimitOpt,
     SetOpt,
@@ -24,11 +27,16 @@ from memshare.commands.progress import Bar, warn
 from memshare.commands.render import out, print_json
 from memshare.errors import InputError
 
+if typing.TYPE_CHECKING:
+    from memshare.sim.options import SweepSpec
+
 SimOutputOpt = Annotated[Path | None, output_option("Output directory (default: runs/TRACE).")]
 SweepOpt = Annotated[
-    str | None, typer.Option(help="Sweep one option: key=a,b,c (e.g. kv_blocks=500,1000).")
+    list[str] | None,
+    typer.Option(help="Sweep one option: key=a,b,c (e.g. kv_blocks=500,1000); once."),
 ]
-SweepArg = Annotated[str, typer.Argument(metavar="KEY=A,B,C", help="Option and its values.")]
+SWEEP_ARG = "KEY=A,B,C"  # the metavar of sweep's positional argument, named by its messages
+SweepArg = Annotated[str, typer.Argument(metavar=SWEEP_ARG, help="Option and its values.")]
 
 
 @spread
@@ -37,18 +45,32 @@ def simulate_cmd(
     sweep: SweepOpt = None,
     plot: PlotOpt = False,
     output: SimOutputOpt = None,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate serving a trace: vLLM-v1 scheduler, block identity, roofline step times."""
-    if sweep is not None:
-        _sweep(args, sweep, output, plot, as_json)
+    if sweep:
+        if len(sweep) > 1:
+            raise InputError(
+                "--sweep",
+                f"given {len(sweep)} times ({', '.join(sweep)}); a sweep varies one option",
+                "give --sweep once (sweep a second option in a run of its own)",
+            )
+        _sweep(args, sweep[0], "--sweep", _Out(output, overwrite, plot, as_json))
         return
     from memshare.sim.report import render_study
     from memshare.sim.study import simulate, study_json
 
     with Bar(as_json, None) as bar:
         bar.notice = args.notice
-        result = simulate(args.options(), output, plot=plot, progress=bar.run, warn=warn)
+        result = simulate(
+            args.options(),
+            output,
+            overwrite=overwrite,
+            plot=plot,
+            progress=bar.run,
+            warn=warn,
+        )
     if as_json:
         print_json(study_json(result))
     else:
@@ -61,26 +83,63 @@ def sweep_cmd(
     param: SweepArg,
     plot: PlotOpt = False,
     output: SimOutputOpt = None,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate over one option's values: one table and one line plot (e.g. hit rate vs KV)."""
-    _sweep(args, param, output, plot, as_json)
+    _sweep(args, param, SWEEP_ARG, _Out(output, overwrite, plot, as_json))
 
 
-def _sweep(args: SimArgs, sweep: str, output: Path | None, plot: bool, as_json: bool) -> None:
+@dataclass(frozen=True)
+class _Out:
+    """What a sweep writes and prints: ``-o``, ``--overwrite``, ``--plot``, ``--json``."""
+
+    output: Path | None
+    overwrite: bool
+    plot: bool
+    as_json: bool
+
+
+def _sweep(args: SimArgs, sweep: str, arg: str, o: _Out) -> None:
+    """Run the sweep ``sweep``, typed as ``arg`` (``--sweep`` or ``KEY=A,B,C``); each swept
+    value of an option passes that option's own command-line check first."""
     from memshare.sim.options import parse_sweep
     from memshare.sim.report import render_sweep
     from memshare.sim.study import sweep as run_sweep
     from memshare.sim.study import sweep_json
 
-    spec = parse_sweep(sweep)
-    with Bar(as_json, None) as bar:
+    spec = parse_sweep(sweep, arg)
+    check_as_typed(spec)
+    with Bar(o.as_json, None) as bar:
         bar.notice = args.notice
-        result = run_sweep(args.options(), spec, output, plot=plot, progress=bar.run, warn=warn)
-    if as_json:
+        result = run_sweep(
+            args.options(),
+            spec,
+            o.output,
+            overwrite=o.overwrite,
+            plot=o.plot,
+            progress=bar.run,
+            warn=warn,
+        )
+    if o.as_json:
         print_json(sweep_json(result))
     else:
         render_sweep(result, out)
+
+
+def check_as_typed(spec: SweepSpec) -> None:
+    """Each value of a swept option through that option's own command-line check (its
+    callback: the ``--limit`` and ``--block-size`` rules), refused as an error of the sweep;
+    the simulator's checks follow in :func:`memshare.sim.study.plan_sweep`."""
+    if spec.policy_param:
+        return
+    hint = typing.get_type_hints(SimArgs, include_extras=True)[spec.key]
+    callback = getattr(hint.__metadata__[0], "callback", None)
+    for value in spec.values if callback is not None else ():
+        try:
+            callback(None, value)
+        except InputError as e:
+            raise spec.refused(value, e) from None
 
 
 def study_cmd(
@@ -91,19 +150,23 @@ def study_cmd(
     settings: SetOpt = None,
     limit: RequestsLimitOpt = None,
     plot: Annotated[bool, typer.Option(help="Write saved_vs_tau.png.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """KV memory saved by none/prefix/exact-dedup/token-dedup and cf-topk over tau, per option."""
+    from memshare.outdir import claim_output, staged_output
     from memshare.sim.options import SimOptions
-    from memshare.sim.sharing_study import TAUS, rows_json, run_study, write_study
+    from memshare.sim.sharing_study import STUDY, TAUS, rows_json, run_study, write_study
 
     taus = tuple(tau) if tau else TAUS
     if any(t < 0 for t in taus):
         raise InputError("--tau", f"must be >= 0, got {taus}", "e.g. --tau 0.2")
     base = SimOptions(trace=trace, kv_blocks=kv_blocks, sets=tuple(settings or ()), limit=limit)
+    claim_output(output, "-o", STUDY, overwrite=overwrite)
     with Bar(as_json, "study") as bar:
         rows = run_study(base, taus=taus, progress=lambda _l, n, _t: bar.tick(n), warn=warn)
-    write_study(rows, output, plot=plot)
+    with staged_output(output) as stage:
+        write_study(rows, stage, plot=plot)
     if as_json:
         print_json(rows_json(rows))
         return

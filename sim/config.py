@@ -26,6 +26,7 @@ from memshare.scheduler import SchedulerConfig as SchedulerConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "float8": 1}
 ArrivalMode = Literal["trace", "poisson", "closed"]
+SEED_MAX = 2**64 - 1  # numpy reads a seed as unsigned 64-bit words: the largest one we take
 
 
 # --------------------------------------------------------------------------- presets
@@ -303,8 +304,11 @@ def parse_bytes(text: str, option: str = "--kv-bytes") -> int:
             "write a number with an optional unit, e.g. 40GiB, 512MiB, 8GB or 1e9",
         )
     value = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value <= 0:
-        raise InputError(option, f"{text!r} must be positive", "e.g. 40GiB")
+    if not math.isfinite(value):
+        problem = f"{text!r} is too large: not a finite number of bytes"
+        raise InputError(option, problem, "give a size > 0 a float can hold, e.g. 40GiB")
+    if value <= 0:
+        raise InputError(option, f"{text!r} is zero", "give a size > 0, e.g. 40GiB")
     return int(value)
 
 
@@ -387,14 +391,25 @@ class SimConfig:
     check_invariants: bool = False  # run BlockPool.check after every step (slow; for tests)
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit <= 0:
-            raise InputError("--limit", f"must be > 0, got {self.limit}", "e.g. --limit 500")
+        """The run's numbers in range (the one check of each, for options and config.json);
+        the scheduler's are checked by :class:`SchedulerConfig`, the budget's by its parsers."""
+        if self.limit is not None and self.limit < 1:
+            raise InputError(
+                "--limit", f"must be >= 1, got {self.limit}", "leave it out to take all"
+            )
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
-            raise InputError("--time-scale", f"must be > 0, got {self.time_scale}", "e.g. 0.5")
-        if self.block_size is not None and self.block_size <= 0:
-            raise InputError("--block-size", f"must be > 0, got {self.block_size}", "e.g. 16")
-        if not 0 < self.kv.gpu_memory_utilization <= 1:
-            raise InputError("--gpu-memory-utilization", "must lie in (0, 1]", "e.g. 0.9")
+            problem = f"must be a finite number > 0, got {self.time_scale}"
+            raise InputError("--time-scale", problem, "e.g. 0.5, or 1 for the trace's times")
+        if self.block_size is not None and self.block_size < 1:
+            raise InputError("--block-size", f"must be >= 1, got {self.block_size}", "e.g. 16")
+        util = self.kv.gpu_memory_utilization
+        if not 0 < util <= 1:  # NaN fails too
+            raise InputError(
+                "--gpu-memory-utilization", f"must lie in (0, 1], got {util}", "e.g. 0.9"
+            )
+        if not 0 <= self.seed <= SEED_MAX:
+            problem = f"must be 0..{SEED_MAX:,}, got {self.seed:,}"
+            raise InputError("--seed", problem, "e.g. 0 (numpy seeds are unsigned 64-bit)")
 
     def with_(self, **changes: Any) -> SimConfig:
         """A copy with some fields replaced."""

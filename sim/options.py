@@ -69,20 +69,23 @@ class SimOptions:
     reserve_full_prompt: bool = True  # --reserve-full-prompt / --no-reserve-full-prompt
 
 
-def policy_params(policies: tuple[str, ...], sets: tuple[str, ...]) -> list[dict[str, Any]]:
+def policy_params(
+    policies: tuple[str, ...], sets: tuple[str, ...], where: str = "--set"
+) -> list[dict[str, Any]]:
     """Each policy's ``--set`` parameters, typed by :func:`memshare.registry.coerce_params`.
 
     ``key=value`` goes to every given policy that has a parameter ``key`` (an error if none
-    has); ``policy.key=value`` only to that policy.
+    has); ``policy.key=value`` only to that policy. Errors name ``where`` (a sweep's values
+    are checked here too, named as the user typed the sweep).
     """
-    raw = parse_settings(list(sets))
+    raw = parse_settings(list(sets), where)
     per: list[dict[str, Any]] = [{} for _ in policies]
     known = [param_defaults(p) for p in policies]
     for key, value in raw.items():
         scope, dot, name = key.rpartition(".")
         if dot and scope not in policies:
             raise InputError(
-                "--set", f"{key!r} names policy {scope!r}, which is not run", "check --policy"
+                where, f"{key!r} names policy {scope!r}, which is not run", "check --policy"
             )
         targets = [
             i
@@ -91,13 +94,13 @@ def policy_params(policies: tuple[str, ...], sets: tuple[str, ...]) -> list[dict
         ]
         if not targets:
             raise InputError(
-                "--set",
+                where,
                 f"no given policy has a parameter {name!r}",
                 "see the policy's parameters, or scope it as POLICY.KEY=VALUE",
             )
         for i in targets:
             per[i][name] = value
-    return [coerce_params(p, params) for p, params in zip(policies, per, strict=True)]
+    return [coerce_params(p, params, where) for p, params in zip(policies, per, strict=True)]
 
 
 def default_model(manifest: Manifest) -> ModelConfig:
@@ -192,43 +195,110 @@ SWEEP_KEYS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """One option over several values."""
+    """One option over several values, and how the user typed it (named by every message)."""
 
     key: str  # a SimOptions field name (SWEEP_KEYS), or a policy parameter
     values: tuple[Any, ...]  # typed values, in the order given (policy parameters: text)
     policy_param: bool = False  # ``key`` is a policy parameter (passed as --set key=value)
+    arg: str = "--sweep"  # what the sweep was typed as: ``--sweep`` or ``KEY=A,B,C``
+    text: str = ""  # the sweep as typed (``tau=0.1,0.2``)
+
+    @property
+    def where(self) -> str:
+        """The sweep as the user typed it, for messages: ``--sweep tau=0.1,0.2``."""
+        return f"{self.arg} {self.text}".strip()
+
+    @property
+    def flag(self) -> str:
+        """The option the swept values stand for: ``--kv-blocks`` (policy parameters:
+        ``--set``)."""
+        return "--set" if self.policy_param else "--" + self.key.replace("_", "-")
 
     def label(self, value: Any) -> str:
         """A directory-safe ``key=value`` name for one point."""
         return re.sub(r"[^A-Za-z0-9_.=+-]", "_", f"{self.key}={value}")
 
+    def refused(self, value: Any, e: InputError) -> InputError:
+        """``e``, raised by the option a swept value stands for, as an error of the sweep."""
+        return InputError(self.where, f"{self.key}={value}: {e.where} {e.problem}", e.fix)
 
-def parse_sweep(text: str) -> SweepSpec:
-    """``key=a,b,c`` -> :class:`SweepSpec` (dashes or underscores in the key)."""
-    key, eq, raw = text.partition("=")
-    key = key.strip().replace("-", "_").lstrip("_")
+
+def parse_sweep(text: str, arg: str = "--sweep") -> SweepSpec:
+    """``key=a,b,c`` -> :class:`SweepSpec` (dashes or underscores in an option's key).
+
+    ``arg`` is what the user typed the sweep as (``--sweep``, or ``KEY=A,B,C`` for ``memshare
+    sweep``); every message names it with the text. Refused: no ``=``, fewer than 2 values,
+    an empty value (``a,,b``), a repeated value, a value an option's type does not take."""
+    where = f"{arg} {text}"
+    name, eq, raw = text.partition("=")
+    key = name.strip().replace("-", "_").lstrip("_")
+    if key not in SWEEP_KEYS:
+        key = name.strip()  # a policy parameter, maybe scoped: cf-topk.tau
     fix = f"use key=a,b,c with key one of: {', '.join(SWEEP_KEYS)}, or a policy parameter"
     if not eq:
-        raise InputError("--sweep", f"{text!r} is not key=a,b,c", fix)
-    items = [v.strip() for v in raw.split(",") if v.strip()]
+        raise InputError(where, f"{text!r} is not key=a,b,c", fix)
+    items = [v.strip() for v in raw.split(",")]
+    if not raw.strip():
+        raise InputError(where, f"{key} is given no values", f"give 2 or more, e.g. {key}=1,2")
+    if "" in items:
+        n = items.index("") + 1
+        problem = f"value {n} of {len(items)} is empty"
+        raise InputError(where, problem, "give a value between every two commas, e.g. a,b,c")
     if len(items) < 2:
-        raise InputError("--sweep", f"{text!r} gives fewer than 2 values", fix)
+        raise InputError(where, f"{text!r} gives fewer than 2 values", fix)
     if key not in SWEEP_KEYS:  # a policy parameter: checked against the policies by sweep
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.+-]*", key):
-            raise InputError("--sweep", f"unknown sweep key {key!r}", fix)
-        if len(set(items)) != len(items):
-            raise InputError("--sweep", f"{text!r} repeats a value", "give each value once")
-        return SweepSpec(key, tuple(items), policy_param=True)
-    kind = SWEEP_KEYS[key]
-    try:
-        values = tuple(kind(v) for v in items)
-    except ValueError:
-        raise InputError(
-            "--sweep", f"{key} takes {kind.__name__} values, got {raw!r}", fix
-        ) from None
+            raise InputError(where, f"unknown sweep key {key!r}", fix)
+        values: tuple[Any, ...] = tuple(items)
+    else:
+        kind = SWEEP_KEYS[key]
+        try:
+            values = tuple(kind(v) for v in items)
+        except ValueError:
+            problem = f"{key} takes {kind.__name__} values, got {raw!r}"
+            raise InputError(where, problem, fix) from None
     if len(set(values)) != len(values):
-        raise InputError("--sweep", f"{text!r} repeats a value", "give each value once")
-    return SweepSpec(key, values)
+        raise InputError(where, f"{text!r} repeats a value", "give each value once")
+    return SweepSpec(key, values, key not in SWEEP_KEYS, arg, text)
+
+
+def check_sweep(opts: SimOptions, spec: SweepSpec) -> None:
+    """Refuse an option the sweep would silently override: the swept option (or, for
+    ``kv_blocks``/``kv_bytes``, the other budget) given away from its default, or a ``--set``
+    of the swept policy parameter; then each swept policy parameter value on its own."""
+    if spec.policy_param:
+        for item in opts.sets:
+            if _same_param(item.partition("=")[0].strip(), spec.key):
+                problem = f"sets {spec.key}, which {spec.where} sweeps"
+                raise InputError(f"--set {item}", problem, "give the value in one of them")
+        scope, _, name = spec.key.rpartition(".")
+        known = [p for p in opts.policies if name in param_defaults(p) and scope in ("", p)]
+        if not known and scope in ("", *opts.policies):
+            raise InputError(
+                spec.where,
+                f"unknown sweep key {spec.key!r}: not a simulate option, and no --policy "
+                f"({', '.join(opts.policies)}) has a parameter {name!r}",
+                f"use one of: {', '.join(SWEEP_KEYS)}, or a parameter of the policy",
+            )
+        for value in spec.values:
+            policy_params(opts.policies, (f"{spec.key}={value}",), where=spec.where)
+        return
+    defaults = SimOptions(trace=opts.trace)
+    budget = {"kv_blocks": "kv_bytes", "kv_bytes": "kv_blocks"}
+    for key in (spec.key, budget.get(spec.key)):
+        if key is not None and getattr(opts, key) != getattr(defaults, key):
+            flag = "--" + key.replace("_", "-")
+            problem = f"is given with {spec.where}, which sets the KV budget itself"
+            if key == spec.key:
+                problem = f"is given with {spec.where}, which sets {key} itself"
+            raise InputError(f"{flag} {getattr(opts, key)}", problem, f"drop {flag} or the sweep")
+
+
+def _same_param(a: str, b: str) -> bool:
+    """``a`` and ``b`` (``tau``, ``cf-topk.tau``) name one parameter of one policy."""
+    scope_a, _, name_a = a.rpartition(".")
+    scope_b, _, name_b = b.rpartition(".")
+    return name_a == name_b and (not scope_a or not scope_b or scope_a == scope_b)
 
 
 def sweep_options(opts: SimOptions, spec: SweepSpec, value: Any) -> SimOptions:

@@ -34,13 +34,14 @@ from memshare.kv_manager import KVCacheManager, blocks_for_all
 from memshare.policy import policy_layer_map
 from memshare.registry import make_policy
 from memshare.scheduler import Scheduler
+from memshare.sim.arrivals import arrival_times
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import CostModel
 from memshare.sim.engine import TIMELINE_COLUMNS, Engine, EngineResult, Progress
 from memshare.sim.metrics import compute_metrics
 from memshare.sim.workload import build_requests, served_output_len
 from memshare.traces.reader import KVRows, TraceReader
-from memshare.traces.request_blocks import default_block_size
+from memshare.traces.request_blocks import default_block_size, request_info
 from memshare.traces.schema import Manifest, RequestRecord
 
 
@@ -102,7 +103,9 @@ class RunOutput:
 
 
 def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
-    """Block size, KV budget and pool layers for ``cfg`` on ``trace`` (InputError if bad).
+    """Block size, KV budget and pool layers for ``cfg`` on ``trace`` (InputError if bad:
+    also a block size the trace's block identity cannot take, or arrival times past the
+    simulator's horizon, so that every check of a run is done before any run starts).
 
     The pool always has the model's layer count (L x 2 pages per block), for every trace, so
     its page ids and page counts are the ones the paged engine holds for the same run
@@ -141,15 +144,11 @@ def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
                 "--kv-bytes", f"{kv.bytes} bytes hold no {per_block}-byte block", "give more"
             )
     else:
-        free = cfg.gpu.memory * kv.gpu_memory_utilization - cfg.model.weight_bytes
-        n = int(free // per_block)
-        if n <= 0:
-            raise InputError(
-                "--gpu",
-                f"{cfg.model.name} weights ({cfg.model.weight_bytes / 2**30:.1f} GiB) leave no "
-                f"KV memory on {cfg.gpu.name}",
-                "choose a larger GPU or set --kv-blocks / --kv-bytes",
-            )
+        n = _default_blocks(cfg, per_block, bs)
+    if records:  # the trace's block identity takes this block size (every record alike)
+        request_info(records[0], m, bs)
+    if cfg.arrival.mode != "closed":  # times past the simulator's horizon fail here, not mid-run
+        arrival_times(cfg.arrival, [r.arrival_s for r in records], cfg.time_scale, cfg.seed)
     sha = m.source.get("sha256")
     return Resolved(
         bs,
@@ -160,6 +159,30 @@ def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
         sha if isinstance(sha, str) else None,
         m.requests_sha256,
     )
+
+
+def _default_blocks(cfg: SimConfig, per_block: int, block_size: int) -> int:
+    """Blocks of ``per_block`` bytes in the GPU memory share left after the weights (vLLM's
+    sizing); InputError naming what to change when not one fits."""
+    share = cfg.kv.gpu_memory_utilization
+    free = cfg.gpu.memory * share - cfg.model.weight_bytes
+    if free <= 0:
+        raise InputError(
+            "--gpu",
+            f"{cfg.model.name} weights ({cfg.model.weight_bytes / 2**30:.1f} GiB) leave no "
+            f"KV memory in {share:g} of {cfg.gpu.name}'s {cfg.gpu.memory / 2**30:,.0f} GiB "
+            "(--gpu-memory-utilization)",
+            "choose a larger GPU, a larger --gpu-memory-utilization, or set --kv-blocks",
+        )
+    n = int(free // per_block)
+    if n <= 0:
+        raise InputError(
+            "--block-size",
+            f"one block of {block_size:,} tokens takes {per_block / 2**30:,.1f} GiB of "
+            f"{cfg.model.name} KV, more than the {free / 2**30:,.1f} GiB left on {cfg.gpu.name}",
+            "use a smaller --block-size, a larger GPU, or set --kv-blocks",
+        )
+    return n
 
 
 def budget_warning(cfg: SimConfig, res: Resolved) -> str | None:
@@ -275,12 +298,19 @@ def read_config(directory: Path) -> SimConfig:
     """The config of an earlier run (``DIR/config.json``), to rerun or validate it."""
     path = directory / CONFIG if directory.is_dir() else directory
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(str(path), f"cannot read a run config ({e})", "pass a run dir") from None
+    except ValueError as e:  # NaN or Infinity: memshare never writes them
+        raise InputError(str(path), str(e), "simulate again to rewrite it") from None
     if not isinstance(raw, dict) or "config" not in raw:
         raise InputError(str(path), "not a simulation config.json", "pass a run directory")
     return SimConfig.from_dict(raw["config"])
+
+
+def _no_constant(name: str) -> Any:
+    """``json.loads``' hook for ``NaN``/``Infinity``: a run config holds neither."""
+    raise ValueError(f"holds {name}, which no run config holds (it was edited)")
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.outdir import OutputKind
 from memshare.registry import param_defaults
 from memshare.sim.options import SimOptions, build_configs
 from memshare.sim.run import LoadedTrace, run_config
 from memshare.sim.study import warn_budgets
 
+STUDY = OutputKind("study", "study.json")  # what `memshare study -o` holds (one study)
 BASELINES = ("none", "prefix", "exact-dedup", "token-dedup")
 TAUS = (0.1, 0.2, 0.3, 0.5)
 OPTIONS = (("block", "kv"), ("block", "k"), ("layer", "kv"), ("layer", "k"))

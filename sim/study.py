@@ -7,8 +7,12 @@ Layout of what :func:`simulate` writes under the output directory ``OUT``:
 - a sweep: ``OUT/<key>=<value>/<policy>/`` per point, ``OUT/sweep.json`` and ``OUT/sweep.csv``;
 - ``--plot``: PNGs in ``OUT`` (:mod:`memshare.sim.plots`).
 
-Invariant: every config is built and checked before the first run starts, so a bad value in a
-sweep fails at once rather than after the other runs; the trace is read once.
+Invariants: every config is built and checked (budget and block size resolved on the trace)
+before the first run starts, so a bad value in a sweep fails at once rather than after the
+other runs; the trace is read once. ``OUT`` holds one run: it is claimed before the first
+run (an earlier ``simulate``/``sweep`` run there only with ``overwrite``) and written in a
+hidden sibling that replaces it whole once every run finished (:mod:`memshare.outdir`), so
+an interrupted run leaves the earlier one as it was. No file records the staging path.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
 from memshare.sim.metrics import flatten
 from memshare.sim.options import (
-    SWEEP_KEYS,
     SimOptions,
     SweepSpec,
     build_configs,
-    policy_params,
+    check_sweep,
     sweep_options,
 )
 from memshare.sim.results import LabeledRun, StudyResult, SweepResult
@@ -43,6 +47,9 @@ from memshare.sim.run import (
 
 StudyProgress = Callable[[str, int, int], None]  # (run label, requests done, requests total)
 Warn = Callable[[str], None]  # receives one line (the CLI prints it on stderr)
+
+SWEEP_JSON = "sweep.json"
+RUN_MARKERS = ("config.json", "comparison.json", SWEEP_JSON)  # one policy, several, a sweep
 
 SWEEP_METRICS = (
     "prefix_cache.token_hit_rate",
@@ -66,35 +73,56 @@ def default_output(opts: SimOptions, spec: SweepSpec | None = None) -> Path:
     return Path("runs") / (f"{name}-sweep-{spec.key}" if spec else name)
 
 
+def claim_runs(path: Path, *, overwrite: bool) -> None:
+    """Claim ``-o`` for a ``simulate`` or ``sweep`` run (before any work): it must be absent,
+    empty, or (with ``overwrite``) hold an earlier run of either, which is then replaced."""
+    marker = next((m for m in RUN_MARKERS if (path / m).is_file()), RUN_MARKERS[0])
+    command = "sweep" if marker == SWEEP_JSON else "simulate"
+    claim_output(path, "-o", OutputKind(command, marker), overwrite=overwrite)
+
+
 def simulate(
     opts: SimOptions,
     output: Path | None = None,
     *,
+    overwrite: bool = False,
     plot: bool = False,
     progress: StudyProgress | None = None,
     warn: Warn | None = None,
 ) -> StudyResult:
     """Run every ``--policy`` on the trace; write run directories (and plots). ``warn`` gets
-    each distinct :func:`~memshare.sim.run.budget_warning` before the first run."""
+    each distinct :func:`~memshare.sim.run.budget_warning` before the first run.
+
+    ``output`` (default :func:`default_output`) is claimed before the first run
+    (:func:`claim_runs`) and written only when every run finished, whole
+    (:func:`~memshare.outdir.staged_output`)."""
     trace = LoadedTrace.load(Path(opts.trace))
     configs = build_configs(opts, trace.manifest)
+    for cfg in configs:
+        resolve(cfg, trace)  # a budget or block size the trace cannot take fails here
     warn_budgets(configs, trace, warn)
     out_dir = output or default_output(opts)
+    claim_runs(out_dir, overwrite=overwrite)
     multi = len(configs) > 1
-    runs: list[LabeledRun] = []
-    for cfg in configs:
-        out = run_config(cfg, trace, progress=_ticker(progress, cfg.policy, trace, cfg.limit))
-        directory = out_dir / cfg.policy if multi else out_dir
-        write_run(out, directory)
-        runs.append(LabeledRun(cfg.policy, out, directory))
-    if multi:
-        comparison = {r.label: r.out.metrics for r in runs}
-        _write_json(out_dir / "comparison.json", {"policies": comparison})
+    done = [
+        run_config(cfg, trace, progress=_ticker(progress, cfg.policy, trace, cfg.limit))
+        for cfg in configs
+    ]
+    runs = [
+        LabeledRun(o.config.policy, o, out_dir / o.config.policy if multi else out_dir)
+        for o in done
+    ]
     result = StudyResult(runs, out_dir)
-    if plot:
-        from memshare.sim.plots import plot_runs
+    with staged_output(out_dir) as stage:
+        for r in runs:
+            write_run(r.out, stage / r.directory.relative_to(out_dir))
+        if multi:
+            comparison = {r.label: r.out.metrics for r in runs}
+            _write_json(stage / "comparison.json", {"policies": comparison})
+        if plot:
+            from memshare.sim.plots import plot_runs
 
-        result.plots = plot_runs(runs, out_dir)
+            result.plots = [out_dir / p.name for p in plot_runs(runs, stage)]
     return result
 
 
@@ -103,47 +131,64 @@ def sweep(
     spec: SweepSpec,
     output: Path | None = None,
     *,
+    overwrite: bool = False,
     plot: bool = False,
     progress: StudyProgress | None = None,
     warn: Warn | None = None,
 ) -> SweepResult:
-    """Run every policy at every value of ``spec``; write the points, a table and a plot."""
-    if spec.policy_param:  # one line naming the sweep if no policy takes the parameter
-        try:
-            policy_params(opts.policies, (*opts.sets, f"{spec.key}={spec.values[0]}"))
-        except InputError as e:
-            raise InputError(
-                "--sweep",
-                f"unknown sweep key {spec.key!r}: not a simulate option, and {e.problem}",
-                f"use one of: {', '.join(SWEEP_KEYS)}, or a parameter of the policy",
-            ) from None
+    """Run every policy at every value of ``spec``; write the points, a table and a plot.
+
+    Every point is checked (:func:`plan_sweep`) and ``output`` claimed before the first run;
+    the folder is written whole when the last run finished, replacing an earlier run."""
     trace = LoadedTrace.load(Path(opts.trace))
-    planned = [
-        (v, build_configs(sweep_options(opts, spec, v), trace.manifest)) for v in spec.values
-    ]
+    planned = plan_sweep(opts, spec, trace)
     warn_budgets([cfg for _, configs in planned for cfg in configs], trace, warn)
     out_dir = output or default_output(opts, spec)
+    claim_runs(out_dir, overwrite=overwrite)
     points: list[tuple[Any, list[LabeledRun]]] = []
     for value, configs in planned:
         runs = []
         for cfg in configs:
             label = f"{spec.key}={value} {cfg.policy}"
             out = run_config(cfg, trace, progress=_ticker(progress, label, trace, cfg.limit))
-            directory = out_dir / spec.label(value) / cfg.policy
-            write_run(out, directory)
-            runs.append(LabeledRun(cfg.policy, out, directory))
+            runs.append(LabeledRun(cfg.policy, out, out_dir / spec.label(value) / cfg.policy))
         points.append((value, runs))
     result = SweepResult(spec, points, out_dir)
     rows = sweep_rows(result)
-    _write_json(
-        out_dir / "sweep.json", {"key": spec.key, "values": list(spec.values), "rows": rows}
-    )
-    (out_dir / "sweep.csv").write_text(_csv(rows), encoding="utf-8")
-    if plot:
-        from memshare.sim.plots import plot_sweep
+    with staged_output(out_dir) as stage:
+        for _, runs in points:
+            for r in runs:
+                write_run(r.out, stage / r.directory.relative_to(out_dir))
+        table = {"key": spec.key, "values": list(spec.values), "rows": rows}
+        _write_json(stage / SWEEP_JSON, table)
+        (stage / "sweep.csv").write_text(_csv(rows), encoding="utf-8")
+        if plot:
+            from memshare.sim.plots import plot_sweep
 
-        result.plots = plot_sweep(result, out_dir)
+            result.plots = [out_dir / p.name for p in plot_sweep(result, stage)]
     return result
+
+
+def plan_sweep(
+    opts: SimOptions, spec: SweepSpec, trace: LoadedTrace
+) -> list[tuple[Any, list[SimConfig]]]:
+    """Every point's configs, each built and resolved on ``trace`` (nothing runs).
+
+    A value its option refuses is an error of the sweep (:meth:`SweepSpec.refused`: it
+    names the sweep as the user typed it); other options' errors name those options."""
+    check_sweep(opts, spec)
+    planned = []
+    for value in spec.values:
+        try:
+            configs = build_configs(sweep_options(opts, spec, value), trace.manifest)
+            for cfg in configs:
+                resolve(cfg, trace)
+        except InputError as e:
+            if e.where != spec.flag:
+                raise
+            raise spec.refused(value, e) from None
+        planned.append((value, configs))
+    return planned
 
 
 def warn_budgets(configs: list[SimConfig], trace: LoadedTrace, warn: Warn | None) -> None:

@@ -150,7 +150,7 @@ def bad_command_lines(f: dict[str, Path]) -> list[tuple[list[str], list[str]]]:
     kv, file, root = str(f["kv"]), str(f["file"]), f["root"]
     under_file = str(f["file"] / "x")
     never = str(root / "never")
-    sweep_out = str(root / "sweep")  # the first value runs before the second is refused
+    sweep_out = str(root / "sweep")  # refused before the first value runs: nothing written
     cases: list[tuple[list[str], list[str]]] = [
         # an output path that exists as a file, or lies under one
         (["capture", "-o", file, "--limit", "1"], ["-o", "not a folder"]),
@@ -245,11 +245,15 @@ def test_huge_budgets_run_without_numpy_warnings(
         ["--max-num-batched-tokens", "99999999999999999999"],
         ["--arrival", "poisson:1e300"],
     ):
-        code, stdout, err = run_cli(capsys, "simulate", kv, "-o", out, "--json", *extra)
+        code, stdout, err = run_cli(
+            capsys, "simulate", kv, "-o", out, "--overwrite", "--json", *extra
+        )
         assert code == 0, (extra, err)
         assert json.loads(stdout)["runs"][0]["metrics"]["requests"]["finished"] == 6
     # every request too large for the budget: plots without data draw no legend warnings
-    code, stdout, err = run_cli(capsys, "simulate", kv, "-o", out, "--kv-blocks", "1", "--plot")
+    code, stdout, err = run_cli(
+        capsys, "simulate", kv, "-o", out, "--overwrite", "--kv-blocks", "1", "--plot"
+    )
     assert code == 0, err
     code, stdout, _ = run_cli(capsys, "simulate", "--help")
     assert "'inf'" in stdout and "never evicts" in stdout

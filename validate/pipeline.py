@@ -99,6 +99,7 @@ def run_demo(
     study = simulate(
         SimOptions(trace=trace, policies=DEMO_POLICIES, sets=DEMO_SETS, limit=s.prompts),
         out / "sim",
+        overwrite=True,  # the demo's own folder: each demo replaces its last simulation whole
         plot=True,
         progress=sim_progress,
     )
