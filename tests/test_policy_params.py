@@ -139,11 +139,11 @@ def test_generate_refuses_before_the_model_loads(
 
 
 def test_sweep_values_of_a_parameter_get_the_same_check(smol: Path, tmp_path: Path) -> None:
-    """Every value is checked before the first point runs."""
+    """Every value is checked before the first point runs; the message names the sweep."""
     for key, values in (("tau", "0.1,1e308"), ("num_perm", "32,100000000"), ("k", "2,0")):
         out = tmp_path / key
         res = memshare("sweep", str(smol), f"{key}={values}", "--policy", "cf-topk", "-o", str(out))
-        assert_one_line_error(res, f"cf-topk {key}=", values.split(",")[1])
+        assert_one_line_error(res, f"{key}={values}", f"cf-topk {key}=", values.split(",")[1])
         assert not out.exists()
 
 
