@@ -94,7 +94,7 @@ def make_policy(name: str, **params: Any) -> Policy:
         return factory(**params)
     except (TypeError, ValueError) as e:
         raise InputError(
-            "--set", f"bad parameter for policy {name!r} ({e})", "check the names"
+            "--set", f"bad parameter for policy {name!r} ({e})", "see `memshare policies`"
         ) from None
 
 
