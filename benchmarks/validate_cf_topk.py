@@ -87,10 +87,11 @@ def main() -> None:
             runs = a.out / corpus / mode.replace("/", "-")
             t0 = time.perf_counter()
             done = runs / "validation.json"  # a finished mode is read back (resumable)
-            if not done.is_file():
+            if not done.is_file():  # --overwrite: a sweep whose validate was cut off
                 memshare("sweep", str(trace), f"tau={a.taus}", "--policy", "cf-topk",
                          "--set", f"granularity={gran}", "--set", f"share={share}",
-                         "--model-config", "smollm2-135m", "-o", str(runs), "--json")  # fmt: skip
+                         "--model-config", "smollm2-135m", "-o", str(runs), "--overwrite",
+                         "--json")  # fmt: skip
                 # fidelity and memory only (the throughput figures come from the GSM8K run);
                 # a text's configurations in one forward pass a step (--one-pass)
                 memshare("validate", str(runs), "--fidelity-only", "--one-pass", *threads,

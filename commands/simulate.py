@@ -7,7 +7,7 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -28,6 +28,8 @@ from memshare.commands.render import out, print_json
 from memshare.errors import InputError
 
 if typing.TYPE_CHECKING:
+    from collections.abc import Callable
+
     from memshare.sim.options import SweepSpec
 
 SimOutputOpt = Annotated[Path | None, output_option("Output directory (default: runs/TRACE).")]
@@ -134,8 +136,10 @@ def check_as_typed(spec: SweepSpec) -> None:
     if spec.policy_param:
         return
     hint = typing.get_type_hints(SimArgs, include_extras=True)[spec.key]
-    callback = getattr(hint.__metadata__[0], "callback", None)
-    for value in spec.values if callback is not None else ():
+    callback: Callable[[None, Any], Any] | None = hint.__metadata__[0].callback
+    if callback is None:
+        return
+    for value in spec.values:
         try:
             callback(None, value)
         except InputError as e:
@@ -155,12 +159,13 @@ def study_cmd(
 ) -> None:
     """KV memory saved by none/prefix/exact-dedup/token-dedup and cf-topk over tau, per option."""
     from memshare.outdir import claim_output, staged_output
+    from memshare.registry import coerce_params
     from memshare.sim.options import SimOptions
     from memshare.sim.sharing_study import STUDY, TAUS, rows_json, run_study, write_study
 
     taus = tuple(tau) if tau else TAUS
-    if any(t < 0 for t in taus):
-        raise InputError("--tau", f"must be >= 0, got {taus}", "e.g. --tau 0.2")
+    for value in taus:  # cf-topk's own check of its tau, named as the user typed it
+        coerce_params("cf-topk", {"tau": value}, where="--tau")
     base = SimOptions(trace=trace, kv_blocks=kv_blocks, sets=tuple(settings or ()), limit=limit)
     claim_output(output, "-o", STUDY, overwrite=overwrite)
     with Bar(as_json, "study") as bar:

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import typer
-from helpers_cli import memshare
+from helpers_cli import assert_one_line_error, memshare, ok
+from test_hardening import smol_kv_trace
 
 from memshare.cli import app
 from memshare.commands.options import SimArgs
@@ -129,6 +130,113 @@ def test_sweep_bad_options_are_one_line_errors(
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        # a second --sweep was dropped silently
+        (["--sweep", "seed=1,2", "--sweep", "seed=3,4"], ["--sweep", "given 2 times", "seed=3,4"]),
+        # the swept key also given as --set (or as its option) was silently overridden
+        (["--sweep", "tau=0.1,0.3", "--policy", "cf-topk", "--set", "tau=0.5"],
+         ["--set tau=0.5", "--sweep tau=0.1,0.3"]),
+        (["--sweep", "tau=0.1,0.3", "--policy", "cf-topk", "--policy", "prefix",
+          "--set", "cf-topk.tau=0.5"], ["--set cf-topk.tau=0.5", "--sweep tau=0.1,0.3"]),
+        (["--sweep", "seed=1,2", "--seed", "7"], ["--seed 7", "--sweep seed=1,2"]),
+        (["--sweep", "kv_bytes=1GiB,2GiB", "--kv-blocks", "5"],
+         ["--kv-blocks 5", "--sweep kv_bytes=1GiB,2GiB"]),
+        # empty values were dropped
+        (["--sweep", "tau=0.1,", "--policy", "cf-topk"],
+         ["--sweep tau=0.1,", "value 2 of 2 is empty"]),
+        (["--sweep", "tau="], ["--sweep tau=", "no values"]),
+        # a swept value's error named --set or the option, not the sweep typed
+        (["--sweep", "tau=0.1,1e308", "--policy", "cf-topk"],
+         ["--sweep tau=0.1,1e308", "tau=1e308 is outside", "tau <= 100"]),
+        (["--sweep", "block_size=0,16"], ["--sweep block_size=0,16", "--block-size", "got 0"]),
+    ],
+)  # fmt: skip
+def test_simulate_sweep_defects_name_the_sweep(
+    small: Path, tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    res = memshare("simulate", str(small), *args, "-o", str(tmp_path / "o"))
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["tau=0.1,0.3", "--policy", "cf-topk", "--set", "tau=0.5"],
+         ["--set tau=0.5", "KEY=A,B,C tau=0.1,0.3"]),
+        (["kv_blocks=10,20", "--kv-blocks", "5"], ["--kv-blocks 5", "KEY=A,B,C kv_blocks=10,20"]),
+        (["tau=0.1,,0.2", "--policy", "cf-topk"],
+         ["KEY=A,B,C tau=0.1,,0.2", "value 2 of 3 is empty"]),
+        (["tau=", "--policy", "cf-topk"], ["KEY=A,B,C tau=", "no values"]),
+        (["tau=0.1,nan", "--policy", "cf-topk"],
+         ["KEY=A,B,C tau=0.1,nan", "tau=nan is not a finite number"]),
+        (["limit=0,5"], ["KEY=A,B,C limit=0,5", "--limit must be >= 1, got 0", "leave it out"]),
+        (["block_size=16,1000000"], ["KEY=A,B,C block_size=16,1000000", "131,072"]),
+        (["seed=-1,2", "--arrival", "poisson:2"], ["KEY=A,B,C seed=-1,2", "--seed", "got -1"]),
+        (["gpu_memory_utilization=nan,0.5"], ["gpu_memory_utilization=nan", "got nan"]),
+        (["colour=1,2"], ["KEY=A,B,C colour=1,2", "unknown sweep key 'colour'"]),
+    ],
+)  # fmt: skip
+def test_sweep_defects_name_the_key_values_argument(
+    small: Path, tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    res = memshare("sweep", str(small), *args, "-o", str(tmp_path / "o"))
+    assert_one_line_error(res, *needles)
+    assert "--sweep" not in res.stderr and ("--set" in needles[0]) == ("--set" in res.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--kv-bytes", "1e400GiB"], ["--kv-bytes", "too large", "not a finite number", "40GiB"]),
+        (["--kv-bytes", "0"], ["--kv-bytes", "'0' is zero", "size > 0"]),
+        (["--kv-blocks", "0"], ["--kv-blocks", "not a positive integer"]),
+        (["--gpu-memory-utilization", "nan"], ["--gpu-memory-utilization", "(0, 1], got nan"]),
+        (["--gpu-memory-utilization", "1e-300"], ["--gpu-memory-utilization", "1e-300"]),
+        (["--time-scale", "nan"], ["--time-scale", "finite number > 0, got nan"]),
+        (["--time-scale", "-1"], ["--time-scale", "> 0, got -1"]),
+        (["--arrival", "poisson:inf"], ["--arrival", "rate must be a number > 0"]),
+        (["--arrival", "closed:0"], ["--arrival", "clients must be an integer > 0"]),
+        (["--max-num-batched-tokens", "0"], ["--max-num-batched-tokens", "> 0"]),
+        (["--max-num-seqs", "-1"], ["--max-num-seqs", "> 0"]),
+        (["--long-prefill-threshold", "-1"], ["--long-prefill-threshold", ">= 0"]),
+        (["--limit", "0"], ["--limit: must be >= 1, got 0; leave it out"]),
+        (["--limit", "-3"], ["--limit: must be >= 1, got -3; leave it out"]),
+        (["--block-size", "0"], ["--block-size", "1..131,072", "got 0"]),
+        (["--block-size", "100000000"], ["--block-size", "1..131,072", "got 1"]),
+        (["--seed", "-1", "--arrival", "poisson:2"], ["--seed", "got -1"]),
+    ],
+)
+def test_bad_numbers_are_refused_naming_the_option_and_range(
+    small: Path, tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
+    res = memshare("simulate", str(small), *args, "-o", str(tmp_path / "o"))
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_block_larger_than_the_free_memory_names_the_block_size(tmp_path: Path) -> None:
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8], "output_len": 3}\n')
+    ok(memshare("import", "tokens", str(ids), "-o", str(tmp_path / "t")))
+    # llama-3.1-8b: 128 KiB a token, so 16 GiB a 131,072-token block; an L4 leaves 6.6 GiB
+    res = memshare("simulate", str(tmp_path / "t"), "--block-size", "131072", "--gpu", "l4")
+    assert_one_line_error(res, "--block-size", "131,072 tokens", "16.0 GiB", "6.6 GiB left on l4")
+    ok(memshare("simulate", str(tmp_path / "t"), "--block-size", "16", "--gpu", "l4",
+                "-o", str(tmp_path / "o")))  # fmt: skip
+
+
+def test_study_tau_is_checked_as_cf_topk_checks_it(tmp_path: Path) -> None:
+    kv = smol_kv_trace(tmp_path / "kv")
+    for tau, needle in (("nan", "not a finite number"), ("1e308", "outside"), ("-1", "outside")):
+        res = memshare("study", str(kv), "--tau", tau, "-o", str(tmp_path / "s"))
+        assert_one_line_error(res, "--tau: cf-topk tau=", needle, "e.g. tau=0.2")
+    assert not (tmp_path / "s").exists()
 
 
 def _described(param: Any) -> dict[str, Any]:
