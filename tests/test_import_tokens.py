@@ -215,7 +215,7 @@ def test_text_prompts_are_sized_against_the_models_context(
     words = "word " * limit  # few characters a token: passes the length bound, then too long
     n_words = len(loaded_model.tokenizer(words)["input_ids"])
     n_hello = len(loaded_model.tokenizer("Hello there.")["input_ids"])
-    cases = [
+    cases: list[tuple[dict[str, Any], list[str]]] = [
         ({"prompt": "x" * (limit * longest)}, [f"{limit * longest:,} characters", f"{limit:,}"]),
         ({"prompt": words}, [f"{n_words:,} tokens", f"{limit:,}"]),
         (
