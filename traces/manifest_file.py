@@ -248,7 +248,7 @@ _FULL_KV_DTYPES = ("<f4", "<f2")
 def full_kv_spec_dtype(manifest: Manifest, where: str) -> np.dtype[Any] | None:
     """Record dtype of the trace's full-KV shards (manifest ``capture.full_kv``), checked;
     ``None`` if the trace has none."""
-    spec = manifest.capture.get("full_kv")  # 'capture' is a JSON object (Manifest.from_json)
+    spec = manifest.capture.get("full_kv")  # 'capture' is a JSON object (Manifest.from_fields)
     if spec is None:
         return None
     fields = spec.get("fields") if isinstance(spec, dict) else None

@@ -119,14 +119,10 @@ class Manifest:
         return json.dumps(fields, indent=2, sort_keys=False) + "\n"
 
     @staticmethod
-    def from_json(text: str, where: str) -> Manifest:
-        """Parse and validate (not the digest: see ``load_manifest``); every problem is an
-        :class:`InputError` naming ``where``."""
-        return Manifest.from_fields(manifest_fields(text, where), where)
-
-    @staticmethod
     def from_fields(raw: dict[str, Any], where: str) -> Manifest:
-        """The manifest of parsed JSON fields ``raw``; ``manifest_sha256`` is not read here."""
+        """The manifest of parsed JSON fields ``raw`` (:func:`manifest_fields` of its text),
+        typed; every problem is an :class:`InputError` naming ``where``. ``manifest_sha256`` is
+        not read here: ``load_manifest``, the one way a trace's manifest is read, checks it."""
         for name, kind in (("complete", bool), ("tool_version", str)):
             if name in raw and not isinstance(raw[name], kind):
                 raise InputError(
