@@ -154,11 +154,9 @@ def test_vllm_replays_the_runs_arrivals(spaced: Path, tmp_path: Path, arrival: s
         assert p["ttft_p50_s"]["measured"] > 0
     if arrival == "trace":
         # 4 s apart, each request is done before the next arrives (here and in the model):
-        # every later one hits the cached preamble, and the clock spans the idle gaps
+        # every later one hits the cached preamble. The clock's figures (the wall clock spans
+        # the idle gaps, TTFT counts from each arrival) are benchmarks/vllm_arrivals.py's.
         assert prefix["requests_hit_differing"] == [], prefix["request_hits"]
-        assert all(p["wall_s"] >= 44.0 for p in rep["policies"].values())
-        # TTFT counts from each request's arrival: from 0 s its median would be >= 20 s
-        assert all(p["ttft_p50_s"]["measured"] < 20.0 for p in rep["policies"].values())
     else:
         # a closed loop is timing-free: the same steps and hits as the simulator's
         for p in rep["policies"].values():
