@@ -181,6 +181,7 @@ def _lines(path: Path, *rows: object) -> Path:
         (['{"prompt": "x", "max_tokens": 1' + "0" * 5000 + "}"], [], [":1:", "not valid JSON"]),
         ([{"prompt_token_ids": [1, -1]}], [], [":1:", "item 1"]),
         ([{"prompt_token_ids": []}], [], [":1:", "empty"]),
+        ([{"prompt_token_ids": [1]}], ["--field", "question"], ["--field question", "token ids"]),
     ],
 )
 def test_bad_prompt_lines_are_refused_before_the_model_loads(

@@ -109,7 +109,7 @@ def read_prompts(
     ``context_limit``, when known; else :func:`tokenize` sizes each prompt once the model
     is loaded). The rules of a line are :mod:`memshare.traces.prompt_line`'s, shared with
     ``import tokens``. A bad line is an InputError that names ``FILE:LINE``; an id two lines
-    share names both lines."""
+    share names both lines; ``--field`` is refused where no prompt read is text."""
     fields = (text_field,) if text_field else PROMPT_FIELDS
     if not path.is_file():
         raise InputError(str(path), "does not exist or is not a file", "pass a JSONL file")
@@ -145,6 +145,12 @@ def read_prompts(
         out.append(p)
     if not out:
         raise InputError(str(path), "holds no prompt (only blank lines)", "one JSON object a line")
+    if text_field and all(p.text is None for p in out):
+        raise InputError(
+            f"--field {text_field}",
+            f"names a text field, and the prompts read from {path} are all token ids",
+            "leave --field out",
+        )
     return out
 
 
