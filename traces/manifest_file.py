@@ -27,7 +27,6 @@ from memshare.traces.schema import (
     MANIFEST_SHA256,
     MANIFEST_TMP,
     REQUESTS,
-    SCHEMA_VERSION,
     SHARD_GLOB,
     Manifest,
     full_kv_row_dtype,
@@ -44,6 +43,9 @@ def has_leftovers(trace_dir: Path) -> bool:
         or (trace_dir / REQUESTS).exists()
         or any(trace_dir.glob(SHARD_GLOB))
     )
+
+
+_BEFORE_CHECKSUM = 2  # the schema version before manifest_sha256 (version 3)
 
 
 def load_manifest(trace_dir: Path) -> Manifest:
@@ -83,11 +85,11 @@ def load_manifest(trace_dir: Path) -> Manifest:
     except UnicodeDecodeError:
         raise InputError(str(path), "not valid UTF-8", RECREATE) from None
     raw = manifest_fields(text, str(path))
-    if raw.get("schema_version") == SCHEMA_VERSION - 1:
+    if raw.get("schema_version") == _BEFORE_CHECKSUM:
         raise InputError(
             str(path),
-            f"schema version {SCHEMA_VERSION - 1}: written by a memshare from before manifests "
-            f"carried their own checksum (field '{MANIFEST_SHA256}', version {SCHEMA_VERSION})",
+            f"schema version {_BEFORE_CHECKSUM}: written by a memshare from before manifests "
+            f"carried their own checksum (field '{MANIFEST_SHA256}', version 3)",
             remake_hint(raw.get("source"), raw.get("capture"), trace_dir),
         )
     manifest = Manifest.from_fields(raw, str(path))
