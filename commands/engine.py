@@ -18,6 +18,7 @@ from memshare.commands.options import (
     JsonOpt,
     MaxSeqsOpt,
     ModelOpt,
+    OverwriteOpt,
     PolicyOpt,
     SetOpt,
     StepTokensOpt,
@@ -75,6 +76,7 @@ class GenerateArgs:
     max_num_seqs: MaxSeqsOpt = 256
     max_num_batched_tokens: StepTokensOpt = 8192
     threads: ThreadsOpt = None
+    overwrite: OverwriteOpt = False
 
 
 @spread

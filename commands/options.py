@@ -65,7 +65,7 @@ def check_block_size(_param: typer.CallbackParam | None, value: int | None) -> i
     if value is not None and not 1 <= value <= MAX_BLOCK_SIZE:
         raise InputError(
             "--block-size",
-            f"must be 1..{MAX_BLOCK_SIZE:,} tokens per block, got {value:,}",
+            f"must be 1..{MAX_BLOCK_SIZE:,} tokens per block, got {value}",
             "e.g. 16 (vLLM's default)",
         )
     return value

@@ -114,8 +114,9 @@ def validate_cmd(args: ValidateArgs, as_json: JsonOpt = False) -> None:
     teacher-forced texts for fidelity, throughput at a KV budget where none must queue, and
     answers generated under each policy for a trace captured from a dataset. With
     --engine vllm, real vLLM serves the budget run of each none/prefix run instead."""
+    from memshare.validate.options import ValidateOptions
     from memshare.validate.report import render_validation
-    from memshare.validate.validation import ValidateOptions, validate
+    from memshare.validate.validation import validate
     from memshare.validate.vllm.validate import validate_vllm
 
     with Bar(as_json) as bar:

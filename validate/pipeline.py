@@ -42,7 +42,8 @@ from memshare.traces.capture import CaptureOptions, GenerationSettings, capture
 from memshare.traces.capture.run import ProgressFn
 from memshare.traces.reader import load_manifest
 from memshare.validate.measure import Progress
-from memshare.validate.validation import ValidateOptions, validate
+from memshare.validate.options import ValidateOptions
+from memshare.validate.validation import validate
 
 DEMO_POLICIES = ("none", "prefix", "exact-dedup", "cf-topk")
 DEMO_SETS = ("cf-topk.granularity=layer", "cf-topk.share=k", "cf-topk.tau=0.5")

@@ -36,11 +36,9 @@ from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape
 from memshare.sim.run import LoadedTrace, RunOutput
 from memshare.validate.budget import (
-    DEFAULT_KV_FRACTION,
     BudgetWorkload,
     budget_report,
     budget_workload,
-    check_fraction,
     predict_at_budget,
     run_at_budget,
 )
@@ -62,6 +60,13 @@ from memshare.validate.measure import (
     run_lockstep,
     teacher_forced_workload,
 )
+from memshare.validate.options import (
+    VALIDATION,
+    ValidateOptions,
+    check_options,
+    check_outputs,
+    forget_earlier_validation,
+)
 from memshare.validate.policy_entry import policy_report
 from memshare.validate.runs.folders import RunDir, check_model, find_runs, load_checked_trace
 from memshare.validate.runs.tokens import check_block_size, check_scale
@@ -74,7 +79,6 @@ from memshare.validate.runs.workload import (
     on_engine,
 )
 
-VALIDATION = "validation.json"
 LOSSLESS = ("none", "prefix", "exact-dedup")
 # the budget part's keys, null under ``fidelity_only`` (the throughput runs were not made)
 NOT_MEASURED = (
@@ -86,31 +90,6 @@ NOT_MEASURED = (
     "throughput_gain",
     "at_budget",
 )
-
-
-@dataclass(frozen=True)
-class ValidateOptions:
-    """What ``memshare validate`` was asked."""
-
-    run: Path  # a run directory, or a folder of them
-    model: str | None = None  # local HF folder or .gguf (default: the packaged SmolLM2)
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int | None = None
-    limit: int | None = None  # first N requests of the trace
-    gpu: str = "cpu"  # cost-model preset the predicted times use
-    fit_cost_model: bool = False
-    plot: bool = False  # RUN/kv_in_use.png
-    kv_fraction: float = DEFAULT_KV_FRACTION  # throughput budget: F x all requests at once
-    fidelity_only: bool = False  # only the teacher-forced part: no budget runs, no answers
-    one_pass: bool = False  # teacher-forced part: all runs' steps in one forward pass
-    length_scale: float = DEFAULT_LENGTH_SCALE  # workload-only traces: synthesized lengths
-    block_size: int | None = None  # workload-only traces: the engine's (default 16)
-    engine: str = "torch"  # torch (validate) or vllm (validate/vllm/validate.py: validate_vllm)
-    replay_arrivals: bool = False  # vllm: requests arrive as the run's --arrival (else at 0 s)
-
-
-ENGINES = ("torch", "vllm")
 
 
 def validate(
@@ -129,6 +108,7 @@ def validate(
         raise ValueError("--engine vllm runs memshare.validate.vllm.validate.validate_vllm")
     tame_heap()  # long engine runs: see validate/engine/heap.py
     st = _study(o)  # bad input fails before the model loads
+    check_outputs(o, len(st.runs))
     check_device(o.device)
     if status:
         status("loading the model")
@@ -143,6 +123,7 @@ def validate(
     base_pred = predict(base_cfg, wl, o.gpu)
     if status:
         status("running the engines")
+    forget_earlier_validation(o)
     # one part at a time: a part's engines (a model copy each) are dropped before the next
     out = EngineWriter(backend, o.device, o.dtype, wl.block_size)
     tf_sub = Path("engine", "teacher_forced") if st.generated else Path("engine")
@@ -165,26 +146,6 @@ def validate(
         report["cost_model_fit"] = _fit(o, shaped, predicted[runs[0].label])
     write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
-
-
-def check_options(o: ValidateOptions) -> None:
-    """The options that fail before any run is read (a torch-only clash only for torch)."""
-    check_fraction(o.kv_fraction)
-    if o.engine not in ENGINES:
-        raise InputError("--engine", f"must be one of {', '.join(ENGINES)}, got {o.engine!r}",
-                         "e.g. --engine vllm")  # fmt: skip
-    if o.replay_arrivals and o.engine != "vllm":
-        raise InputError(
-            "--replay-arrivals",
-            "the torch engine runs every request at 0 s",
-            "add --engine vllm, or leave out --replay-arrivals",
-        )
-    if o.engine != "vllm" and o.fit_cost_model and o.one_pass and o.fidelity_only:
-        raise InputError(
-            "--fit-cost-model",
-            "needs timed steps: under --one-pass and --fidelity-only no run is timed on its own",
-            "leave out --one-pass or --fidelity-only",
-        )
 
 
 @dataclass
@@ -219,6 +180,13 @@ def _study(o: ValidateOptions) -> _Study:
             f"applies to workload-only traces; {trace.path} is captured, its sketches are per "
             "block of the size it was captured with",
             "leave --block-size out",
+        )
+    elif o.length_scale != DEFAULT_LENGTH_SCALE:
+        raise InputError(
+            "--length-scale",
+            f"applies to workload-only traces; {trace.path} is captured: its texts and their "
+            "lengths are the trace's own",
+            "leave --length-scale out",
         )
     else:
         captured = teacher_forced_workload(trace, runs[0], o.limit)

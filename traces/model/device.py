@@ -54,3 +54,26 @@ def resolve_threads(threads: int | None) -> int | None:
             "unset it or pass --threads N",
         )
     return int(env)
+
+
+def free_bytes(device: str) -> int | None:
+    """Memory this process could still allocate on ``device`` (``cpu``: the kernel's
+    MemAvailable; ``cuda``: the driver's free memory), or None when it cannot be told."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -2,9 +2,11 @@
 policy and write ``outputs.jsonl``, ``shares.jsonl``, ``reuses.jsonl`` (KVShare's copied spans)
 and ``metrics.json`` (docs/scheduler.md).
 
-Everything the user gave is checked before the output folder is touched; each file is written
-to a temporary name and renamed into place, ``metrics.json`` last, so a folder with a
-``metrics.json`` holds a whole run and a failed run leaves none of the files.
+Everything the user gave is checked before the output folder is touched (``-o`` holds one
+run: new, empty, or an earlier generate run replaced whole under ``--overwrite``); the files
+are written in a hidden staging folder that replaces ``-o`` when the run finished
+(:mod:`memshare.outdir`), so ``-o`` only ever holds a whole run, and a failed or interrupted
+run leaves it as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 
 from memshare.atomic import write_atomic
 from memshare.errors import InputError
-from memshare.registry import coerce_params, make_policy, parse_settings
+from memshare.outdir import OutputKind, claim_output, staged_output
+from memshare.registry import check_block_size, coerce_params, make_policy, parse_settings
 from memshare.scheduler import SchedulerConfig
 from memshare.traces.inputs import InputItem, read_texts
 from memshare.traces.model.device import check_device
@@ -39,7 +42,7 @@ from memshare.validate.engine.heap import tame_heap
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.records import PagedRunResult
 
-OUTPUT_FILES = ("outputs.jsonl", "shares.jsonl", "reuses.jsonl", "metrics.json")
+RUN = OutputKind("generate", "metrics.json")  # what -o holds: one generate run
 
 
 @dataclass
@@ -65,6 +68,7 @@ class GenerateOptions:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     threads: int | None = None
+    overwrite: bool = False  # replace an earlier generate run in ``output`` whole
 
 
 @dataclass
@@ -80,16 +84,6 @@ class Prompt:
     meta: dict[str, Any] = field(default_factory=dict)
     prompt_field: str = ""  # the line's prompt field (prompt_token_ids or the text's)
     max_tokens_from: str = "--max-tokens"  # or "field 'max_tokens'": the line's own
-
-
-def check_output(path: Path) -> None:
-    """``-o`` holds no earlier generate run (that it is a folder path at all, the CLI's ``-o``
-    callback checks, as for every command)."""
-    taken = [f for f in OUTPUT_FILES if (path / f).exists()]
-    if taken:
-        raise InputError(
-            f"-o {path}", f"already holds a generate run ({taken[0]})", "choose a new folder"
-        )
 
 
 PROMPT_FIELDS = ("prompt", "question", "problem")  # text fields tried in order (GSM8K, MATH)
@@ -219,6 +213,7 @@ def generate(
     """Run ``o`` and write its folder; returns the metrics written to ``metrics.json``."""
     check_options(o)
     params = coerce_params(o.policy, parse_settings(o.sets))
+    check_block_size(o.policy, params, o.block_size)
     policy = make_policy(o.policy, **params)
     tame_heap()  # long engine runs: see validate/engine/heap.py
     check_device(o.device)
@@ -267,7 +262,8 @@ def generate(
         dtype=o.dtype,
         block_size=o.block_size,
     )
-    write_run(o.output, o.policy, result, backend.decode, metrics)
+    with staged_output(o.output) as folder:
+        write_run(folder, o.policy, result, backend.decode, metrics)
     return metrics
 
 
@@ -289,7 +285,7 @@ def check_options(o: GenerateOptions) -> None:
         raise InputError("--temperature", f"must be finite and >= 0, got {o.temperature}", "0")
     if not np.isfinite(o.top_p) or not 0 < o.top_p <= 1:
         raise InputError("--top-p", f"must be in (0, 1], got {o.top_p}", "e.g. 0.95")
-    check_output(o.output)
+    claim_output(o.output, "-o", RUN, overwrite=o.overwrite)
     if "kvshare" in o.policy.split("+") and o.texts is not None:
         raise InputError(
             "--policy kvshare",

@@ -399,11 +399,13 @@ def _pool(
     layers: int, policy: Policy, specs: Sequence[EngineSpec], opts: EngineOptions
 ) -> BlockPool:
     """The engine's block pool: ``opts.kv_blocks`` (default: every request at once, as the
-    simulator sizes it) under the policy's layer map; every request must fit in it alone."""
+    simulator sizes it) under the policy's layer map; every request must fit in it alone.
+
+    A budget above what every request needs at once is cut to that: no step can use more, so
+    the run is the same, and the page store holds only pages that can be used."""
     bs = opts.block_size
-    num_blocks = opts.kv_blocks
-    if num_blocks is None:  # every request fits at once, as the simulator sizes it
-        num_blocks = blocks_for_all((len(s.prompt_ids) + s.max_tokens for s in specs), bs)
+    all_at_once = blocks_for_all((len(s.prompt_ids) + s.max_tokens for s in specs), bs)
+    num_blocks = all_at_once if opts.kv_blocks is None else min(opts.kv_blocks, all_at_once)
     try:
         layer_map = policy_layer_map(policy, layers)
     except ValueError as e:

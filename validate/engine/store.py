@@ -15,6 +15,9 @@ Invariants:
 * ``nbytes`` is measured from the tensor itself, ``page_bytes * num_pages``.
 * A :meth:`part` views a contiguous range of another store's pages (one arena for several
   engines); its ``data`` is that slice of the arena's tensor, never a copy.
+* No store is allocated that the device cannot hold (:func:`check_fits`): a budget or block
+  size whose pages cannot exist is one line with the figure it would need, not the
+  allocator's error.
 """
 
 from __future__ import annotations
@@ -25,12 +28,29 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from memshare.errors import InputError
+from memshare.traces.model.device import free_bytes
+
 
 def as_index(x: Any, device: Any) -> torch.Tensor:
     """``x`` (array-like or tensor of ints) as a 1-D int64 tensor on ``device``."""
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.long).reshape(-1)
     return torch.as_tensor(np.asarray(x, dtype=np.int64).reshape(-1), device=device)
+
+
+def check_fits(num_pages: int, page_bytes: int, device: Any) -> None:
+    """Refuse, in one line with the figures, pages whose memory ``device`` cannot give (at
+    most 90% of what it has free: the model and the activations need the rest)."""
+    need = int(num_pages) * page_bytes
+    free = free_bytes(str(device))
+    if free is not None and need > 0.9 * free:
+        raise InputError(
+            "KV pages",
+            f"{num_pages:,} pages of {page_bytes:,} bytes need {need / 2**30:,.2f} GiB, and "
+            f"{device} has {free / 2**30:,.2f} GiB free",
+            "lower --kv-blocks, --block-size, --max-tokens or the number of prompts",
+        )
 
 
 class PageStore:
@@ -48,6 +68,8 @@ class PageStore:
     ) -> None:
         if min(num_pages, block_size, num_kv_heads, head_dim) <= 0:
             raise ValueError("num_pages, block_size, num_kv_heads and head_dim must be > 0")
+        element = torch.empty((), dtype=dtype).element_size()
+        check_fits(num_pages, int(block_size) * num_kv_heads * head_dim * element, device)
         self._adopt(
             torch.zeros(
                 (int(num_pages), int(block_size), int(num_kv_heads), int(head_dim)),

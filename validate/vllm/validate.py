@@ -39,9 +39,9 @@ from memshare.validate.budget import (
     predict_at_budget,
 )
 from memshare.validate.cost_fit import COST_TOML, fit_and_write
+from memshare.validate.options import VALIDATION, ValidateOptions, check_options
 from memshare.validate.runs.folders import RunDir, check_model, find_runs, load_checked_trace
 from memshare.validate.runs.workload import is_workload, on_engine
-from memshare.validate.validation import VALIDATION, ValidateOptions, check_options
 from memshare.validate.vllm.engine import VllmRun, VllmSettings, VllmSpec, open_engine, run_engine
 
 VLLM_POLICIES = ("none", "prefix")
