@@ -1,1 +1,1 @@
-"""Trace format v2: schema, reader, writer, summary, steps; model loading, capture, importers."""
+"""Trace format v3: schema, reader, writer, summary, steps; model loading, capture, importers."""

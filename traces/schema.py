@@ -1,4 +1,4 @@
-"""Trace format v2: the manifest and request records, and their JSON (de)serialisation.
+"""Trace format v3: the manifest and request records, and their JSON (de)serialisation.
 
 A trace is a directory (docs/traces.md):
 
