@@ -2,7 +2,9 @@
 
 Usage: ``python helpers_trace_writer.py OUT_DIR N SHARD_MAX_BYTES``. Prints ``ready`` (flushed)
 just before opening the writer and ``opened`` once it is open (its empty manifest committed),
-then writes requests 0..N-1 with ``commit_every=1`` and prints ``done`` after closing.
+then writes requests 0..N-1 with ``commit_every=1``, printing ``added I`` once request ``I`` is
+committed, and prints ``done`` after closing (each line flushed: the crash test reads them to
+place its kills and to prove a kill landed before ``done``).
 
 Invariant: request ``i`` (its record and its KV rows) is a function of ``i`` only, so a test
 can recompute what any prefix of the trace must hold.
@@ -107,7 +109,9 @@ def main(argv: list[str]) -> int:
     print("ready", flush=True)
     with TraceWriter(out, kv_template(), commit_every=1, shard_max_bytes=shard_max) as w:
         print("opened", flush=True)
-        write_requests(w, range(n))
+        for i in range(n):
+            write_requests(w, range(i, i + 1))
+            print(f"added {i}", flush=True)
     print("done", flush=True)
     return 0
 
