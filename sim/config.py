@@ -2,8 +2,8 @@
 
 Everything a run depends on is one :class:`SimConfig`; ``config.json`` in a run directory is
 its :meth:`SimConfig.to_dict` (with the resolved block size and KV budget), and
-:meth:`SimConfig.from_dict` reads it back, so a run can be repeated (and ``validate`` can set
-up the same run) without retyping a setting.
+:func:`memshare.sim.config_file.read_config` reads it back, checked field by field, so a run
+can be repeated (and ``validate`` can set up the same run) without retyping a setting.
 
 Presets are TOML files shipped in ``memshare/sim/presets`` (package data): ``gpus.toml``,
 ``models.toml`` and ``cost.toml``. A ``--gpu``/``--model-config`` value is a preset name or a
@@ -418,27 +418,3 @@ class SimConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, field order fixed."""
         return asdict(self)
-
-    @staticmethod
-    def from_dict(raw: dict[str, Any]) -> SimConfig:
-        """Inverse of :meth:`to_dict` (``config.json``'s ``"config"`` object)."""
-        try:
-            return SimConfig(
-                trace=raw["trace"],
-                policy=raw["policy"],
-                policy_params=dict(raw.get("policy_params", {})),
-                model=ModelConfig(**raw["model"]),
-                gpu=GpuSpec(**raw["gpu"]),
-                cost=CostCoefficients(**raw["cost"]),
-                scheduler=SchedulerConfig(**raw["scheduler"]),
-                kv=KVBudget(**raw["kv"]),
-                block_size=raw.get("block_size"),
-                arrival=ArrivalSpec(**raw["arrival"]),
-                limit=raw.get("limit"),
-                time_scale=float(raw.get("time_scale", 1.0)),
-                seed=int(raw.get("seed", 0)),
-            )
-        except (KeyError, TypeError) as e:
-            raise InputError(
-                "config.json", f"not a simulation config ({e})", "re-run memshare simulate"
-            ) from None

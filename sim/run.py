@@ -5,8 +5,9 @@ size and KV budget, builds the pool, the manager and the policy from the registr
 engine and computes the metrics. :func:`write_run` writes the run directory:
 
 - ``config.json``: the :class:`~memshare.sim.config.SimConfig` plus what it resolved to (block
-  size, KV blocks, pool layers, trace identity). :func:`read_config` reads it back, so
-  ``simulate`` can rerun it and ``validate`` can set up the same run.
+  size, KV blocks, pool layers, trace identity);
+  :func:`~memshare.sim.config_file.read_config` reads it back, so ``simulate`` can rerun it
+  and ``validate`` can set up the same run.
 - ``metrics.json``: :func:`~memshare.sim.metrics.compute_metrics`.
 - ``timeline.csv``: one row per engine step.
 - ``requests.csv``: one row per request.
@@ -292,25 +293,6 @@ def write_run(out: RunOutput, directory: Path) -> None:
     _write_json(directory / PERF, perf(out))
     (directory / TIMELINE).write_text(timeline_csv(out.result), encoding="utf-8")
     (directory / REQUESTS).write_text(requests_csv(out.result), encoding="utf-8")
-
-
-def read_config(directory: Path) -> SimConfig:
-    """The config of an earlier run (``DIR/config.json``), to rerun or validate it."""
-    path = directory / CONFIG if directory.is_dir() else directory
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(str(path), f"cannot read a run config ({e})", "pass a run dir") from None
-    except ValueError as e:  # NaN or Infinity: memshare never writes them
-        raise InputError(str(path), str(e), "simulate again to rewrite it") from None
-    if not isinstance(raw, dict) or "config" not in raw:
-        raise InputError(str(path), "not a simulation config.json", "pass a run directory")
-    return SimConfig.from_dict(raw["config"])
-
-
-def _no_constant(name: str) -> Any:
-    """``json.loads``' hook for ``NaN``/``Infinity``: a run config holds neither."""
-    raise ValueError(f"holds {name}, which no run config holds (it was edited)")
 
 
 def _write_json(path: Path, obj: Any) -> None:

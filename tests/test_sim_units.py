@@ -30,12 +30,12 @@ from memshare.sim.config import (
     parse_bytes,
     parse_kv_blocks,
 )
+from memshare.sim.config_file import read_config
 from memshare.sim.cost_model import BatchShape, CostModel
 from memshare.sim.engine import Engine
 from memshare.sim.options import SimOptions, build_configs, parse_sweep, policy_params
 from memshare.sim.run import (
     LoadedTrace,
-    read_config,
     requests_csv,
     resolve,
     run_config,

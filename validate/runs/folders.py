@@ -21,7 +21,8 @@ from typing import Any
 
 from memshare.errors import InputError
 from memshare.sim.config import SimConfig
-from memshare.sim.run import CONFIG, LoadedTrace, read_config
+from memshare.sim.config_file import read_config
+from memshare.sim.run import CONFIG, LoadedTrace
 
 
 @dataclass(frozen=True)
