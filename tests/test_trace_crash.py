@@ -185,5 +185,5 @@ def _uncommitted(path: Path) -> int:
     if "manifest.json" not in size:
         return sum(size.values())
     m = json.loads((path / "manifest.json").read_text())
-    torn = size.get("requests.jsonl", 0) - m["requests_bytes"]
-    return torn + sum(size.get(sh["file"], 0) - sh["bytes"] for sh in m["shards"])
+    torn = size.get("requests.jsonl", 0) - int(m["requests_bytes"])
+    return torn + sum(size.get(sh["file"], 0) - int(sh["bytes"]) for sh in m["shards"])
