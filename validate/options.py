@@ -16,6 +16,7 @@ from pathlib import Path
 
 from memshare.errors import InputError
 from memshare.outdir import check_writable
+from memshare.sim.config import load_gpu
 from memshare.validate.budget import DEFAULT_KV_FRACTION, check_fraction
 from memshare.validate.cost_fit import COST_TOML
 from memshare.validate.runs.workload import DEFAULT_LENGTH_SCALE
@@ -51,6 +52,7 @@ ENGINES = ("torch", "vllm")
 def check_options(o: ValidateOptions) -> None:
     """The options that fail before any run is read (a torch-only clash only for torch)."""
     check_fraction(o.kv_fraction)
+    load_gpu(o.gpu)  # the cost-model preset (or TOML) of the predicted times
     if o.engine not in ENGINES:
         raise InputError("--engine", f"must be one of {', '.join(ENGINES)}, got {o.engine!r}",
                          "e.g. --engine vllm")  # fmt: skip
