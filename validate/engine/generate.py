@@ -272,13 +272,13 @@ def check_options(o: GenerateOptions) -> None:
     if (o.prompts is None) == (o.texts is None):
         raise InputError("--prompts/--texts", "give exactly one", "e.g. --prompts prompts.jsonl")
     for name, value, low in (
-        ("--max-tokens", o.max_tokens, 1),
         ("--block-size", o.block_size, 1),
         ("--max-num-seqs", o.max_num_seqs, 1),
         ("--max-num-batched-tokens", o.max_num_batched_tokens, 1),
     ):
         if value < low:
             raise InputError(name, f"must be >= {low}, got {value}", f"e.g. {low}")
+    check_max_tokens("--max-tokens", o.max_tokens, None)  # the model's context: per prompt
     if o.kv_blocks is not None and o.kv_blocks < 1:
         raise InputError("--kv-blocks", f"must be >= 1, got {o.kv_blocks}", "or leave it out")
     if not np.isfinite(o.temperature) or o.temperature < 0:
