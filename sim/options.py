@@ -3,7 +3,9 @@
 The CLI hands over raw values (:class:`SimOptions`); everything is checked here, and every
 bad value is an :class:`~memshare.errors.InputError` naming the option and the fix. Sweeps
 (:func:`parse_sweep`) name one of these options and give its values as the user would type
-them, so a sweep value goes through exactly the same checks as the option.
+them, so a sweep value goes through exactly the same checks as the option; a message about a
+swept value names the sweep as the user typed it (``--sweep ...`` or ``KEY=A,B,C ...``), and an
+option the sweep would silently override is refused (:func:`check_sweep`).
 """
 
 from __future__ import annotations
