@@ -152,7 +152,8 @@ class KVCacheManager:
         self.pool.touch(hit_blocks)
         self.pool.touch(pins)
         new = self.pool.allocate(need)
-        assert new is not None  # checked above
+        if new is None:  # the gate above admitted it: a pool that refuses now is a bug
+            raise RuntimeError(f"the pool refused {need} blocks its free pages admitted")
         state = RequestState(
             info, hit_blocks + new, hit.num_tokens + n_new, len(hit_blocks), block_info
         )

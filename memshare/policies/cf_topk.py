@@ -249,7 +249,8 @@ class CfTopK:
         # the step's candidates are fixed (block granularity): their rows are gathered once
         step = chain.neighbours[chain.step_pos[chain.step_of[j]]]
         stack = step.probe_rows
-        assert cands is step.held
+        if cands is not step.held:  # kept under python -O: stale rows would share wrongly
+            raise RuntimeError("cf-topk: probe candidates are not the step's held blocks")
         if stack is None:
             stack = rows[cands, :, 0] if self.share == "k" else rows.take(cands, axis=0)
             step.probe_rows = stack
