@@ -31,7 +31,7 @@ def trace(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = row["reasoning"]
     folder = tmp_path_factory.mktemp("validate")
     texts = folder / "texts.jsonl"
-    items = [text[:1100], text[1100:2200], text[:1100]]
+    items = [text[:700], text[700:1400], text[:700]]
     texts.write_text("".join(json.dumps({"reasoning": t}) + "\n" for t in items))
     out = folder / "trace"
     ok(memshare("capture", "-o", str(out), "--texts", str(texts), "--field", "reasoning"))
