@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from memshare.errors import InputError
+from memshare.limits import check_limit, check_tokens_per_block
 from memshare.outdir import check_out
 
 if TYPE_CHECKING:
@@ -50,35 +50,27 @@ def output_option(help: str, *, file: bool = False) -> Any:
     return typer.Option("-o", "--output", help=help, callback=out_file if file else out_dir)
 
 
-MAX_BLOCK_SIZE = 131_072  # tokens per block: the longest context of any preset (128 Ki)
-
-
-def check_limit(_param: typer.CallbackParam | None, value: int | None) -> int | None:
-    """``--limit``: the same rule in every command: at least 1, or left out for all."""
-    if value is not None and value < 1:
-        raise InputError("--limit", f"must be >= 1, got {value}", "leave it out to take all")
+def limit_callback(_param: typer.CallbackParam, value: int | None) -> int | None:
+    """``--limit``'s callback: :func:`memshare.limits.check_limit`, the rule of every command."""
+    check_limit(value)
     return value
 
 
-def check_block_size(_param: typer.CallbackParam | None, value: int | None) -> int | None:
-    """``--block-size``: the same rule in every command: 1 .. :data:`MAX_BLOCK_SIZE` tokens."""
-    if value is not None and not 1 <= value <= MAX_BLOCK_SIZE:
-        raise InputError(
-            "--block-size",
-            f"must be 1..{MAX_BLOCK_SIZE:,} tokens per block, got {value}",
-            "e.g. 16 (vLLM's default)",
-        )
+def block_size_callback(_param: typer.CallbackParam, value: int | None) -> int | None:
+    """``--block-size``'s callback: :func:`memshare.limits.check_tokens_per_block`."""
+    if value is not None:
+        check_tokens_per_block(value)
     return value
 
 
 def limit_option(help: str) -> Any:
     """``--limit N``: only the first N items the command reads (``help`` names them)."""
-    return typer.Option("--limit", help=help, callback=check_limit)
+    return typer.Option("--limit", help=help, callback=limit_callback)
 
 
 def block_size_option(help: str) -> Any:
     """``--block-size``: tokens per KV block (``help`` says whose default applies)."""
-    return typer.Option("--block-size", help=help, callback=check_block_size)
+    return typer.Option("--block-size", help=help, callback=block_size_callback)
 
 
 # ---------------------------------------------------------------- options several commands take

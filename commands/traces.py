@@ -21,6 +21,7 @@ from memshare.commands.options import (
 from memshare.commands.progress import Bar
 from memshare.commands.render import out
 from memshare.errors import InputError
+from memshare.limits import check_tokens_per_block
 
 
 def import_cmd(
@@ -119,8 +120,8 @@ def inspect_report(
     from memshare.traces.reader import TraceReader
     from memshare.traces.summary import prefix_reuse, summarize
 
-    if block_size is not None and block_size <= 0:
-        raise InputError("--block-size", f"must be a positive integer, got {block_size}", "e.g. 16")
+    if block_size is not None:
+        check_tokens_per_block(block_size)
     reader = TraceReader(trace)
     records = reader.records()
     report: dict[str, Any] = {

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memshare.errors import InputError
+from memshare.limits import check_limit, check_tokens_per_block
 from memshare.scheduler import SchedulerConfig as SchedulerConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "float8": 1}
@@ -393,15 +394,12 @@ class SimConfig:
     def __post_init__(self) -> None:
         """The run's numbers in range (the one check of each, for options and config.json);
         the scheduler's are checked by :class:`SchedulerConfig`, the budget's by its parsers."""
-        if self.limit is not None and self.limit < 1:
-            raise InputError(
-                "--limit", f"must be >= 1, got {self.limit}", "leave it out to take all"
-            )
+        check_limit(self.limit)
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
             problem = f"must be a finite number > 0, got {self.time_scale}"
             raise InputError("--time-scale", problem, "e.g. 0.5, or 1 for the trace's times")
-        if self.block_size is not None and self.block_size < 1:
-            raise InputError("--block-size", f"must be >= 1, got {self.block_size}", "e.g. 16")
+        if self.block_size is not None:
+            check_tokens_per_block(self.block_size)
         util = self.kv.gpu_memory_utilization
         if not 0 < util <= 1:  # NaN fails too
             raise InputError(

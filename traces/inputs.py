@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.limits import check_limit
 from memshare.traces.files import file_sha256
 
 PROMPT_FIELDS = ("question", "problem", "prompt", "input", "instruction", "query")
@@ -225,14 +226,9 @@ def _answer(obj: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise InputError("--limit", f"must be >= 1, got {limit}", "e.g. --limit 20")
-
-
 def read_problems(path: Path, *, field: str | None = None, limit: int | None = None) -> InputSet:
     """Prompts for generate mode from a problem set (GSM8K, MATH-500, AIME, ...)."""
-    _check_limit(limit)
+    check_limit(limit)
     rows = _read_jsonl(path, "--dataset")
     prompt_path = _pick_field(rows, field, PROMPT_FIELDS, path, "--field", "prompt")
     items = []
@@ -260,7 +256,7 @@ def read_texts(
 
     A ``.txt`` file is one text with no prompt.
     """
-    _check_limit(limit)
+    check_limit(limit)
     if path.suffix == ".txt" and path.is_file():
         text = _utf8(path.read_bytes(), str(path), "--texts")
         if not text.strip():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memshare.errors import InputError
+from memshare.limits import check_limit
 from memshare.outdir import check_writable
 from memshare.sim.config import load_gpu
 from memshare.validate.budget import DEFAULT_KV_FRACTION, check_fraction
@@ -52,6 +53,7 @@ ENGINES = ("torch", "vllm")
 def check_options(o: ValidateOptions) -> None:
     """The options that fail before any run is read (a torch-only clash only for torch)."""
     check_fraction(o.kv_fraction)
+    check_limit(o.limit)
     load_gpu(o.gpu)  # the cost-model preset (or TOML) of the predicted times
     if o.engine not in ENGINES:
         raise InputError("--engine", f"must be one of {', '.join(ENGINES)}, got {o.engine!r}",

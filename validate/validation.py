@@ -32,6 +32,7 @@ from typing import Any
 
 from memshare.atomic import write_atomic
 from memshare.errors import InputError
+from memshare.limits import check_tokens_per_block
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape
 from memshare.sim.run import LoadedTrace, RunOutput
@@ -69,7 +70,7 @@ from memshare.validate.options import (
 )
 from memshare.validate.policy_entry import policy_report
 from memshare.validate.runs.folders import RunDir, check_model, find_runs, load_checked_trace
-from memshare.validate.runs.tokens import check_block_size, check_scale
+from memshare.validate.runs.tokens import check_scale
 from memshare.validate.runs.workload import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_LENGTH_SCALE,
@@ -173,7 +174,7 @@ def _study(o: ValidateOptions) -> _Study:
     if workload:
         check_policies(runs, trace)
         check_scale(o.length_scale)
-        check_block_size(block_size)
+        check_tokens_per_block(block_size)
     elif o.block_size is not None:
         raise InputError(
             "--block-size",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from memshare.errors import InputError
+from memshare.limits import check_tokens_per_block
 from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
 from memshare.traces.capture.base import GenerationSettings, KeyMode
 from memshare.traces.inputs import InputSet, bundled_prompts, read_problems, read_texts
@@ -67,9 +68,9 @@ ProgressFn = Callable[[CaptureProgress], None]
 
 def check_options(o: CaptureOptions) -> None:
     """Every option in range and the combination allowed; the first problem raises."""
+    check_tokens_per_block(o.block_size)
     g = o.generation
     checks: list[tuple[bool, str, str, str]] = [
-        (o.block_size >= 1, "--block-size", f"must be >= 1, got {o.block_size}", "e.g. 16"),
         (o.sketch_dim >= 1, "--sketch-dim", f"must be >= 1, got {o.sketch_dim}", "e.g. 64"),
         (o.sketch_seed >= 0, "--sketch-seed", f"must be >= 0, got {o.sketch_seed}", "e.g. 0"),
         (o.chunk_tokens >= 1, "--chunk-tokens", f"must be >= 1, got {o.chunk_tokens}", "e.g. 512"),

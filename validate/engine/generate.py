@@ -22,6 +22,7 @@ import numpy as np
 
 from memshare.atomic import write_atomic
 from memshare.errors import InputError
+from memshare.limits import check_limit, check_tokens_per_block
 from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.registry import check_block_size, coerce_params, make_policy, parse_settings
 from memshare.scheduler import SchedulerConfig
@@ -272,13 +273,14 @@ def check_options(o: GenerateOptions) -> None:
     if (o.prompts is None) == (o.texts is None):
         raise InputError("--prompts/--texts", "give exactly one", "e.g. --prompts prompts.jsonl")
     for name, value, low in (
-        ("--block-size", o.block_size, 1),
         ("--max-num-seqs", o.max_num_seqs, 1),
         ("--max-num-batched-tokens", o.max_num_batched_tokens, 1),
     ):
         if value < low:
             raise InputError(name, f"must be >= {low}, got {value}", f"e.g. {low}")
     check_max_tokens("--max-tokens", o.max_tokens, None)  # the model's context: per prompt
+    check_tokens_per_block(o.block_size)
+    check_limit(o.limit)
     if o.kv_blocks is not None and o.kv_blocks < 1:
         raise InputError("--kv-blocks", f"must be >= 1, got {o.kv_blocks}", "or leave it out")
     if not np.isfinite(o.temperature) or o.temperature < 0:

@@ -63,6 +63,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memshare.errors import InputError
+from memshare.limits import check_tokens_per_block
 from memshare.traces.schema import RequestRecord
 
 _TAG = "memshare-workload-tokens-v1"
@@ -92,7 +93,7 @@ def round_half_up(x: Fraction) -> int:
 def hash_block_tokens(length_scale: float, block_size: int, hash_block_size: int) -> int:
     """``T``: tokens per scaled hash block, a whole number of engine blocks (at least one)."""
     check_scale(length_scale)
-    check_block_size(block_size)
+    check_tokens_per_block(block_size)
     _check_hash_block_size(hash_block_size)
     per = round_half_up(Fraction(hash_block_size) * Fraction(length_scale) / block_size)
     return block_size * max(1, per)
@@ -121,7 +122,7 @@ def synthesize_tokens(
     invariants: the module docstring and docs/workload-tokens.md.
     """
     check_scale(length_scale)
-    check_block_size(block_size)
+    check_tokens_per_block(block_size)
     vocab = _usable_ids(vocab_size, excluded_ids)
     scale = Fraction(length_scale)
     draw = _Drawer(vocab, seed, block_size)
@@ -195,7 +196,7 @@ def given_tokens(
     """The requests of a token-id workload (``memshare import tokens``) as given: prompts
     unscaled; outputs as given, or ``max(1, output_len)`` seeded tokens (the output rule
     above) where the trace has only a length. Every id must be in ``[0, vocab_size)``."""
-    check_block_size(block_size)
+    check_tokens_per_block(block_size)
     draw = _Drawer(_usable_ids(vocab_size, excluded_ids), seed, block_size)
     out: list[SynthRequest] = []
     for rec in records:
@@ -312,15 +313,6 @@ def check_scale(length_scale: float) -> None:
         )
 
 
-def check_block_size(block_size: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise InputError(
-            "--block-size",
-            f"{block_size!r} is not a positive number of tokens",
-            "give the engine's block size, e.g. 16",
-        )
-
-
 def _check_hash_block_size(hash_block_size: int) -> None:
     if (
         isinstance(hash_block_size, bool)
@@ -337,7 +329,6 @@ def _check_hash_block_size(hash_block_size: int) -> None:
 __all__ = [
     "MIN_USABLE_VOCAB",
     "SynthRequest",
-    "check_block_size",
     "check_scale",
     "hash_block_tokens",
     "round_half_up",

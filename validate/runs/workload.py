@@ -29,10 +29,11 @@ from dataclasses import replace
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.limits import check_tokens_per_block
 from memshare.sim.config import load_model, match_model_preset, model_presets
 from memshare.sim.run import CONFIG, LoadedTrace
 from memshare.validate.runs.folders import RunDir
-from memshare.validate.runs.tokens import check_block_size, given_tokens, synthesize_tokens
+from memshare.validate.runs.tokens import given_tokens, synthesize_tokens
 
 WORKLOAD_POLICIES = ("none", "prefix", "kvshare")  # decide on tokens alone
 DEFAULT_LENGTH_SCALE = 0.05
@@ -70,7 +71,7 @@ def for_engine(runs: Sequence[RunDir], model_name: str, block_size: int) -> list
     of what the engine runs: its model's layers make the pages, its size the times, and the
     scaled prompts need blocks far smaller than 512. The run's recorded budget (blocks of the
     old size) is dropped: the engine's workload sets its own (docs/validate.md)."""
-    check_block_size(block_size)
+    check_tokens_per_block(block_size)
     preset = match_model_preset(model_name)
     if preset is None:
         raise InputError(
