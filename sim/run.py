@@ -33,7 +33,7 @@ from memshare.block_pool import BlockPool
 from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager, blocks_for_all
 from memshare.policy import policy_layer_map
-from memshare.registry import make_policy
+from memshare.registry import check_block_size, make_policy
 from memshare.scheduler import Scheduler
 from memshare.sim.arrivals import arrival_times
 from memshare.sim.config import SimConfig
@@ -114,6 +114,7 @@ def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
     """
     m = trace.manifest
     bs = cfg.block_size or default_block_size(m)
+    check_block_size(cfg.policy, cfg.policy_params, bs)  # e.g. kvshare's window <= block
     records = trace.records[: cfg.limit] if cfg.limit else trace.records
     layers = cfg.model.num_layers
     if trace.has_sketches:
