@@ -77,7 +77,8 @@ def policy_params(
     """Each policy's ``--set`` parameters, typed by :func:`memshare.registry.coerce_params`.
 
     ``key=value`` goes to every given policy that has a parameter ``key`` (an error if none
-    has); ``policy.key=value`` only to that policy. Errors name ``where`` (a sweep's values
+    has); ``policy.key=value`` only to that policy, or to the compositions that hold it as a
+    member (``cf-topk.tau`` under ``prefix+cf-topk``). Errors name ``where`` (a sweep's values
     are checked here too, named as the user typed the sweep).
     """
     raw = parse_settings(list(sets), where)
@@ -85,14 +86,15 @@ def policy_params(
     known = [param_defaults(p) for p in policies]
     for key, value in raw.items():
         scope, dot, name = key.rpartition(".")
-        if dot and scope not in policies:
+        runs = [p for p in policies if scope in (p, *p.split("+"))]  # a policy or a member
+        if dot and not runs:
             raise InputError(
                 where, f"{key!r} names policy {scope!r}, which is not run", "check --policy"
             )
         targets = [
             i
             for i, p in enumerate(policies)
-            if (p == scope if dot else name in known[i] or len(policies) == 1)
+            if (p in runs if dot else name in known[i] or len(policies) == 1)
         ]
         if not targets:
             raise InputError(
@@ -100,8 +102,8 @@ def policy_params(
                 f"no given policy has a parameter {name!r}",
                 "see the policy's parameters, or scope it as POLICY.KEY=VALUE",
             )
-        for i in targets:
-            per[i][name] = value
+        for i in targets:  # a member's scope stays for coerce_params: that member only
+            per[i][key if dot and scope != policies[i] else name] = value
     return [coerce_params(p, params, where) for p, params in zip(policies, per, strict=True)]
 
 

@@ -259,3 +259,21 @@ def test_layer_map_file_is_checked_as_a_file(layer_map: Path, tmp_path: Path, sm
         "-o", str(tmp_path / "ok"),
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_member_scoped_setting_reaches_the_composition_that_holds_it(
+    smol: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    res = memshare(
+        "simulate", str(smol), "--model-config", "smollm2-135m", "--policy", "prefix+cf-topk",
+        "--policy", "prefix", "--set", "cf-topk.tau=0.3", "-o", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((out / "prefix+cf-topk" / "config.json").read_text())["config"]
+    assert cfg["policy_params"]["tau"] == 0.3
+    plain = json.loads((out / "prefix" / "config.json").read_text())["config"]
+    assert "tau" not in plain["policy_params"]  # prefix holds no cf-topk
+    res = memshare("simulate", str(smol), "--policy", "prefix", "--set", "cf-topk.tau=0.3",
+                   "-o", str(tmp_path / "other"))  # fmt: skip
+    assert_one_line_error(res, "'cf-topk.tau' names policy 'cf-topk', which is not run")
