@@ -16,7 +16,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from memshare.errors import InputError
 from memshare.registry import coerce_params
@@ -32,6 +32,7 @@ from memshare.sim.config import (
 from memshare.sim.run import CONFIG
 
 FIX = "simulate the trace again to rewrite it"
+T = TypeVar("T")
 NESTED: dict[str, type] = {
     "model": ModelConfig,
     "gpu": GpuSpec,
@@ -82,7 +83,7 @@ def _policy_params(values: dict[str, Any], where: str) -> dict[str, Any]:
     return dict(given)
 
 
-def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
+def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
     """``cls(**values)``, its own range checks' refusals said of the file."""
     try:
         return cls(**values)

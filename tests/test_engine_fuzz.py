@@ -373,7 +373,7 @@ def test_the_fuzz_plan_covers_every_target() -> None:
         assert len(hit) >= len(options) // 2, (command, sorted(hit))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])  # type: ignore[misc]
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_fuzz_case(
     case: Case,
     pristine: dict[str, Path],

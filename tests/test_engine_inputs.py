@@ -42,7 +42,7 @@ def _commands(f: dict[str, Path], out: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("value", ["0", "-2"])  # type: ignore[misc]
+@pytest.mark.parametrize("value", ["0", "-2"])
 def test_limit_below_one_is_the_same_refusal_in_every_command(
     files: dict[str, Path], tmp_path: Path, value: str
 ) -> None:
@@ -52,7 +52,7 @@ def test_limit_below_one_is_the_same_refusal_in_every_command(
         assert not list(tmp_path.iterdir()), name  # refused before any output
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "100000000"])  # type: ignore[misc]
+@pytest.mark.parametrize("value", ["0", "-1", "100000000"])
 def test_an_impossible_block_size_is_the_same_refusal_in_every_command(
     files: dict[str, Path], tmp_path: Path, value: str
 ) -> None:
