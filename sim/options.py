@@ -296,6 +296,28 @@ def check_sweep(opts: SimOptions, spec: SweepSpec) -> None:
             if key == spec.key:
                 problem = f"is given with {spec.where}, which sets {key} itself"
             raise InputError(f"{flag} {getattr(opts, key)}", problem, f"drop {flag} or the sweep")
+    _check_sweep_applies(opts, spec)
+
+
+def _check_sweep_applies(opts: SimOptions, spec: SweepSpec) -> None:
+    """Refuse a sweep of an option the other options leave without effect: every point
+    would be the same run."""
+    mode = opts.arrival.partition(":")[0].strip()
+    idle = {
+        "seed": (mode != "poisson", f"--arrival {opts.arrival} draws nothing at random"),
+        "time_scale": (mode != "trace", f"--arrival {opts.arrival} does not use trace times"),
+        "gpu_memory_utilization": (
+            opts.kv_blocks is not None or opts.kv_bytes is not None,
+            "--kv-blocks/--kv-bytes set the KV budget",
+        ),
+    }
+    unused, why = idle.get(spec.key, (False, ""))
+    if unused:
+        raise InputError(
+            spec.where,
+            f"{spec.key} has no effect here ({why}): every point would be the same run",
+            "sweep an option that changes the run",
+        )
 
 
 def _same_param(a: str, b: str) -> bool:

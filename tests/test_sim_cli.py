@@ -110,11 +110,11 @@ def test_bad_options_are_one_line_errors(small: Path, args: list[str], needles: 
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["seed=1,2", "--gpu", "tpu9"], ["--gpu", "unknown preset 'tpu9'"]),
-        (["seed=1,2", "--kv-bytes", "40XB"], ["--kv-bytes", "'40XB' is not a size"]),
-        (["seed=1,2", "--policy", "magic"], ["--policy", "unknown policy 'magic'"]),
-        (["seed=1,2", "--set", "tau"], ["--set", "not key=value"]),
-        (["seed=1,2", "--limit", "abc"], ["--limit", "memshare sweep --help"]),
+        (["max_num_seqs=8,16", "--gpu", "tpu9"], ["--gpu", "unknown preset 'tpu9'"]),
+        (["max_num_seqs=8,16", "--kv-bytes", "40XB"], ["--kv-bytes", "'40XB' is not a size"]),
+        (["max_num_seqs=8,16", "--policy", "magic"], ["--policy", "unknown policy 'magic'"]),
+        (["max_num_seqs=8,16", "--set", "tau"], ["--set", "not key=value"]),
+        (["max_num_seqs=8,16", "--limit", "abc"], ["--limit", "memshare sweep --help"]),
         (["seed=1,2", "--sweep", "seed=3,4"], ["No such option: --sweep"]),
         (["colour=1,2"], ["unknown sweep key 'colour'"]),
         (["kv_blocks=lots,10"], ["--kv-blocks", "not a positive integer"]),

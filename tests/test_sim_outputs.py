@@ -53,7 +53,7 @@ def test_a_second_sweep_replaces_the_first_whole_only_with_overwrite(
     assert {"kv_blocks=10/prefix/config.json", "kv_blocks=20/prefix/config.json"} <= set(first)
     for again in (
         ["sweep", str(kv), "kv_blocks=30,40", "-o", str(out)],
-        ["simulate", str(kv), "--sweep", "seed=1,2", "-o", str(out)],
+        ["simulate", str(kv), "--sweep", "max_num_seqs=8,16", "-o", str(out)],
         ["simulate", str(kv), "-o", str(out)],
     ):
         assert_one_line_error(
@@ -81,8 +81,8 @@ def test_the_default_output_is_not_mixed_silently(
     ok(memshare("simulate", str(kv), "--policy", "prefix", "--overwrite"))
     names = sorted(p.name for p in runs.iterdir())
     assert names == sorted((*RESULT_FILES, "perf.json"))  # one run: none/, prefix/ are gone
-    ok(memshare("sweep", str(kv), "seed=1,2"))  # a sweep's default folder is its own
-    assert (tmp_path / "runs" / "kv-sweep-seed" / "sweep.json").is_file()
+    ok(memshare("sweep", str(kv), "max_num_seqs=8,16"))  # a sweep's default folder is its own
+    assert (tmp_path / "runs" / "kv-sweep-max_num_seqs" / "sweep.json").is_file()
 
 
 def test_a_folder_of_something_else_is_refused_even_with_overwrite(
@@ -91,7 +91,7 @@ def test_a_folder_of_something_else_is_refused_even_with_overwrite(
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    for cmd in (["simulate", str(kv)], ["sweep", str(kv), "seed=1,2"], ["study", str(kv)]):
+    for cmd in (["simulate", str(kv)], ["sweep", str(kv), "max_num_seqs=8,16"], ["study", str(kv)]):
         for extra in ([], ["--overwrite"]):
             res = memshare(*cmd, "-o", str(mine), *extra)
             assert_one_line_error(res, f"-o {mine}", "is not empty", "notes.txt")
@@ -173,3 +173,21 @@ def test_a_second_study_needs_overwrite(kv: Path, tmp_path: Path) -> None:
     assert any("tau=0.5" in label for label in labels)
     assert not any("tau=0.3" in label for label in labels)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
+
+
+@pytest.mark.parametrize(
+    ("sweep", "extra", "why"),
+    [
+        ("seed=1,2", [], "--arrival trace draws nothing at random"),
+        ("time_scale=1,2", ["--arrival", "poisson:2"], "does not use trace times"),
+        ("gpu_memory_utilization=0.5,0.9", ["--kv-blocks", "500"], "set the KV budget"),
+    ],
+)
+def test_a_sweep_of_an_option_without_effect_is_refused(
+    sweep: str, extra: list[str], why: str, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace"
+    ok(memshare("import", "mooncake", str(MOONCAKE_DEMO), "-o", str(trace), "--limit", "5"))
+    res = memshare("sweep", str(trace), sweep, *extra, "-o", str(tmp_path / "out"))
+    assert_one_line_error(res, f"KEY=A,B,C {sweep}", "has no effect here", why)
+    assert not (tmp_path / "out").exists()
