@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,7 @@ from typing import Any
 import pytest
 from helpers_cli import memshare, ok
 from test_hardening import smol_kv_trace
-
-from memshare.cli import main
+from test_trace_fuzz import Result, run_cli
 
 VOCAB = 49_152  # SmolLM2-135M's vocabulary (the default model)
 CONTEXT = 8_192  # and its context
@@ -290,23 +288,6 @@ def option_argv(
 
 
 # ----------------------------------------------------------------------------- running
-Result = tuple[int, str, str]
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> Result:
-    """``memshare ARGS`` in process; any exception but SystemExit, or any warning, propagates
-    (a traceback for the user is a failure here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            main(args)
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def refusal_problem(result: Result, *needles: str) -> str | None:
     """Why ``result`` is not a clean refusal naming every needle, or None if it is one."""
     code, _, err = result

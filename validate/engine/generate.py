@@ -230,17 +230,7 @@ def generate(
     if status is not None:
         status("loading the model")
     backend = load_model(o.model, dtype=o.dtype, device=o.device, threads=o.threads)
-    if prompts is not None:
-        tokenize(
-            prompts,
-            backend.chat_prompt,
-            int(backend.model.config.vocab_size),
-            backend.context_limit,
-            max_token_chars(backend.tokenizer),
-        )
-        inputs = prompts
-    else:
-        inputs = teacher_forced_inputs(texts, backend)
+    inputs = _engine_inputs(prompts, texts, backend)
     specs = [EngineSpec(p.rid, p.ids, p.max_tokens, p.steps) for p in inputs]
     engine = PagedEngine(
         backend.model,
@@ -266,6 +256,23 @@ def generate(
     with staged_output(o.output) as folder:
         write_run(folder, o.policy, result, backend.decode, metrics)
     return metrics
+
+
+def _engine_inputs(
+    prompts: list[Prompt] | None, texts: Sequence[InputItem], backend: Any
+) -> list[Prompt]:
+    """The prompts with their token ids (chat template; every id in the model's vocabulary,
+    every request within its context), or, without prompts, the teacher-forced texts."""
+    if prompts is None:
+        return teacher_forced_inputs(texts, backend)
+    tokenize(
+        prompts,
+        backend.chat_prompt,
+        int(backend.model.config.vocab_size),
+        backend.context_limit,
+        max_token_chars(backend.tokenizer),
+    )
+    return prompts
 
 
 def check_options(o: GenerateOptions) -> None:

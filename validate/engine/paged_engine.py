@@ -119,7 +119,8 @@ class PagedEngine:
         bs = opts.block_size
         if opts.teacher_forced:
             opts = _with_threshold(opts, bs)
-        self.pool = _pool(int(model.config.num_hidden_layers), policy, specs, opts)
+        layers = int(model.config.num_hidden_layers)
+        self.pool = _pool(layers, policy, specs, opts, fit=store is None)
         self.manager = KVCacheManager(self.pool, policy, bs, observer=self._observe)
         self.scheduler = Scheduler(opts.scheduler, self.manager)
         self.store = _checked_store(store, model, self.pool.num_pages, bs)
@@ -396,16 +397,19 @@ class PagedEngine:
 
 
 def _pool(
-    layers: int, policy: Policy, specs: Sequence[EngineSpec], opts: EngineOptions
+    layers: int, policy: Policy, specs: Sequence[EngineSpec], opts: EngineOptions, *, fit: bool
 ) -> BlockPool:
     """The engine's block pool: ``opts.kv_blocks`` (default: every request at once, as the
     simulator sizes it) under the policy's layer map; every request must fit in it alone.
 
-    A budget above what every request needs at once is cut to that: no step can use more, so
-    the run is the same, and the page store holds only pages that can be used."""
+    With ``fit`` (the engine allocates its own pages), a budget above what every request needs
+    at once is cut to that: no step can use more, so the run is the same, and the page store
+    holds only pages that can be used. (A store given by the caller was sized by it.)"""
     bs = opts.block_size
     all_at_once = blocks_for_all((len(s.prompt_ids) + s.max_tokens for s in specs), bs)
-    num_blocks = all_at_once if opts.kv_blocks is None else min(opts.kv_blocks, all_at_once)
+    num_blocks = all_at_once if opts.kv_blocks is None else opts.kv_blocks
+    if fit:
+        num_blocks = min(num_blocks, all_at_once)
     try:
         layer_map = policy_layer_map(policy, layers)
     except ValueError as e:
