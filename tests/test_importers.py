@@ -365,3 +365,12 @@ def test_existing_output_is_refused(tmp_path: Path) -> None:
     import_workload("burstgpt", BURSTGPT, out)
     with pytest.raises(InputError, match="already holds a trace"):
         import_workload("burstgpt", BURSTGPT, out)
+
+
+def test_a_folder_holding_other_files_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a trace")
+    with pytest.raises(InputError, match=r"is not empty \(notes\.txt\)"):
+        import_workload("burstgpt", BURSTGPT, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

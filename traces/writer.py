@@ -398,6 +398,13 @@ def _refuse_existing(path: Path) -> None:
             "already holds a trace (or leftovers of one)",
             "choose another output directory (-o) or delete this one",
         )
+    first = next(path.iterdir(), None) if path.is_dir() else None
+    if first is not None:  # a trace folder holds one trace and nothing else
+        raise InputError(
+            str(path),
+            f"is not empty ({first.name}): a trace is written into a new or empty folder",
+            "choose another output directory (-o)",
+        )
 
 
 def _remove_leftovers(path: Path, *, keep_shards: tuple[str, ...], keep_requests: bool) -> None:

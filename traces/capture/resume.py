@@ -39,6 +39,13 @@ def check_output(o: CaptureOptions) -> Manifest | None:
                 "already holds a trace (or leftovers of one)",
                 "pass --resume to continue that capture, or choose another -o, or delete it",
             )
+        first = next(out.iterdir(), None) if out.is_dir() else None
+        if first is not None:
+            raise InputError(
+                str(out),
+                f"is not empty ({first.name}): a trace is written into a new or empty folder",
+                "choose another -o",
+            )
         return None
     if not out.is_dir():
         return None  # nothing to resume yet: a fresh capture
