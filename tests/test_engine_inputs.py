@@ -149,3 +149,10 @@ def test_pages_the_machine_cannot_hold_are_refused_with_the_figure(
     res = memshare("generate", str(prompts), "--block-size", "131072", "-o", str(out))
     assert_one_line_error(res, "KV pages", "GiB", "lower --kv-blocks, --block-size")
     assert not out.exists()
+
+
+def test_calibrate_refuses_texts_past_the_models_context(model_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "map.json"
+    res = memshare("calibrate", "-o", str(out), "--max-tokens", "100000", "--limit", "1")
+    assert_one_line_error(res, "--max-tokens", "past the model's context of 8,192", "8,192 or less")
+    assert not out.exists()

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from memshare.atomic import write_atomic
+from memshare.errors import InputError
 from memshare.traces.model.loader import LoadedModel
 
 
@@ -152,6 +153,13 @@ def calibrate(
     progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
     """Find a KVSharer layer map for ``backend``'s model on ``texts`` (see module doc)."""
+    limit = backend.context_limit
+    if max_tokens > limit:  # a text is cut to max_tokens: it must fit the model's context
+        raise InputError(
+            "--max-tokens",
+            f"{max_tokens:,} tokens per text are past the model's context of {limit:,}",
+            f"give {limit:,} or less, e.g. 256",
+        )
     batches = _ids(backend, texts, max_tokens)
     if not batches:
         raise ValueError("no calibration tokens")
