@@ -30,6 +30,7 @@ from memshare.sim.config import (
     SimConfig,
 )
 from memshare.sim.run import CONFIG
+from memshare.traces.schema import loads_strict
 
 FIX = "simulate the trace again to rewrite it"
 T = TypeVar("T")
@@ -47,10 +48,10 @@ def read_config(directory: Path) -> SimConfig:
     """The config of an earlier run (``DIR/config.json``), to rerun or validate it."""
     path = directory / CONFIG if directory.is_dir() else directory
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+        raw = loads_strict(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(str(path), f"cannot read a run config ({e})", "pass a run dir") from None
-    except ValueError as e:  # NaN or Infinity: memshare never writes them
+    except ValueError as e:  # NaN, Infinity or 1e400: memshare never writes them
         raise InputError(str(path), str(e), FIX) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
         raise InputError(str(path), "not a simulation config.json", "pass a run directory")
@@ -156,8 +157,3 @@ def _kind(hint: Any) -> str:
 def _shown(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _no_constant(name: str) -> Any:
-    """``json.loads``' hook for ``NaN``/``Infinity``: a run config holds neither."""
-    raise ValueError(f"holds {name}, which no run config holds (it was edited)")

@@ -125,3 +125,12 @@ def gsm8k_hf_greedy(loaded_model: LoadedModel, gsm8k_prompts: list[list[int]]) -
             )
             out.append([int(t) for t in g[0, len(p) :]])
     return out
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small kv trace shaped like a capture of the default model (test_hardening's
+    ``smol_kv_trace``), written once per test module, in a folder named ``kv``."""
+    from test_hardening import smol_kv_trace
+
+    return smol_kv_trace(tmp_path_factory.mktemp("kv") / "kv")

@@ -38,11 +38,6 @@ def smol_kv_trace(path: Path, n: int = 6) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return smol_kv_trace(tmp_path_factory.mktemp("kv") / "kv")
-
-
-@pytest.fixture(scope="module")
 def layer_map_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lm = list(range(30))
     lm[5], lm[7] = 4, 6  # two shared layers

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from memshare.atomic import write_atomic
+from memshare.atomic import current_umask, write_atomic
 from memshare.errors import InputError
 from memshare.outdir import OutputKind, claim_output, remove_litter, staged_output
 
@@ -60,8 +59,8 @@ def test_a_finished_run_replaces_the_earlier_one_whole(tmp_path: Path) -> None:
     assert (run / "config.json").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing hidden left beside it
     mode = stat.S_IMODE(run.stat().st_mode)
-    assert mode == 0o777 & ~_umask()
-    assert stat.S_IMODE((run / "config.json").stat().st_mode) == 0o666 & ~_umask()
+    assert mode == 0o777 & ~current_umask()
+    assert stat.S_IMODE((run / "config.json").stat().st_mode) == 0o666 & ~current_umask()
 
 
 def test_an_interrupted_run_leaves_the_earlier_one_and_no_litter(tmp_path: Path) -> None:
@@ -89,9 +88,3 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run(tmp_path: Path) -> No
     (folder / "outputs.jsonl").write_text("whole")
     remove_litter(folder)
     assert [p.name for p in folder.iterdir()] == ["outputs.jsonl"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from helpers_cli import assert_one_line_error, memshare
-from test_hardening import smol_kv_trace
 
 from memshare.errors import InputError
 from memshare.policies.params import Param
@@ -35,11 +34,6 @@ from memshare.registry import (
 
 GSM8K = Path(__file__).resolve().parents[1] / "memshare" / "data" / "gsm8k_prompts.jsonl"
 MEMBERS = [n for n in policy_names() if "+" not in n]
-
-
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return smol_kv_trace(tmp_path_factory.mktemp("kv") / "kv")
 
 
 @pytest.fixture(scope="module")

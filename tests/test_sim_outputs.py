@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 from helpers_cli import assert_one_line_error, memshare, ok
-from test_hardening import smol_kv_trace
 
 from memshare.sim.options import SimOptions, parse_sweep
 from memshare.sim.study import simulate, sweep
 
 MOONCAKE_DEMO = Path(__file__).resolve().parents[1] / "memshare" / "data" / "mooncake_demo.jsonl"
 RESULT_FILES = ("config.json", "metrics.json", "requests.csv", "timeline.csv")  # not perf.json
-
-
-@pytest.fixture(scope="module")
-def kv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return smol_kv_trace(tmp_path_factory.mktemp("kv") / "kv")
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +39,22 @@ def results(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_second_sweep_replaces_the_first_whole_only_with_overwrite(
-    kv: Path, tmp_path: Path
+    smol: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "sw"
-    ok(memshare("sweep", str(kv), "kv_blocks=10,20", "-o", str(out)))
+    ok(memshare("sweep", str(smol), "kv_blocks=10,20", "-o", str(out)))
     first = tree(out)
     assert {"kv_blocks=10/prefix/config.json", "kv_blocks=20/prefix/config.json"} <= set(first)
     for again in (
-        ["sweep", str(kv), "kv_blocks=30,40", "-o", str(out)],
-        ["simulate", str(kv), "--sweep", "max_num_seqs=8,16", "-o", str(out)],
-        ["simulate", str(kv), "-o", str(out)],
+        ["sweep", str(smol), "kv_blocks=30,40", "-o", str(out)],
+        ["simulate", str(smol), "--sweep", "max_num_seqs=8,16", "-o", str(out)],
+        ["simulate", str(smol), "-o", str(out)],
     ):
         assert_one_line_error(
             memshare(*again), f"-o {out}", "already holds a sweep run", "--overwrite"
         )
         assert tree(out) == first  # refused before any work: nothing touched
-    ok(memshare("sweep", str(kv), "kv_blocks=30,40", "-o", str(out), "--overwrite"))
+    ok(memshare("sweep", str(smol), "kv_blocks=30,40", "-o", str(out), "--overwrite"))
     points = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert points == ["kv_blocks=30", "kv_blocks=40"]  # the first sweep's points are gone
     table = json.loads((out / "sweep.json").read_text())
@@ -70,28 +64,29 @@ def test_a_second_sweep_replaces_the_first_whole_only_with_overwrite(
 
 
 def test_the_default_output_is_not_mixed_silently(
-    kv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    smol: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    ok(memshare("simulate", str(kv), "--policy", "none", "--policy", "prefix"))
+    ok(memshare("simulate", str(smol), "--policy", "none", "--policy", "prefix"))
     runs = tmp_path / "runs" / "kv"
     assert (runs / "comparison.json").is_file()
-    res = memshare("simulate", str(kv), "--policy", "prefix")
+    res = memshare("simulate", str(smol), "--policy", "prefix")
     assert_one_line_error(res, "-o runs/kv", "already holds a simulate run", "--overwrite")
-    ok(memshare("simulate", str(kv), "--policy", "prefix", "--overwrite"))
+    ok(memshare("simulate", str(smol), "--policy", "prefix", "--overwrite"))
     names = sorted(p.name for p in runs.iterdir())
     assert names == sorted((*RESULT_FILES, "perf.json"))  # one run: none/, prefix/ are gone
-    ok(memshare("sweep", str(kv), "max_num_seqs=8,16"))  # a sweep's default folder is its own
+    ok(memshare("sweep", str(smol), "max_num_seqs=8,16"))  # a sweep's default folder is its own
     assert (tmp_path / "runs" / "kv-sweep-max_num_seqs" / "sweep.json").is_file()
 
 
 def test_a_folder_of_something_else_is_refused_even_with_overwrite(
-    kv: Path, tmp_path: Path
+    smol: Path, tmp_path: Path
 ) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    for cmd in (["simulate", str(kv)], ["sweep", str(kv), "max_num_seqs=8,16"], ["study", str(kv)]):
+    trace = str(smol)
+    for cmd in (["simulate", trace], ["sweep", trace, "max_num_seqs=8,16"], ["study", trace]):
         for extra in ([], ["--overwrite"]):
             res = memshare(*cmd, "-o", str(mine), *extra)
             assert_one_line_error(res, f"-o {mine}", "is not empty", "notes.txt")
@@ -161,14 +156,14 @@ def test_a_sweep_point_refused_late_writes_nothing(demo: Path, tmp_path: Path) -
     assert not list(tmp_path.iterdir())
 
 
-def test_a_second_study_needs_overwrite(kv: Path, tmp_path: Path) -> None:
+def test_a_second_study_needs_overwrite(smol: Path, tmp_path: Path) -> None:
     out = tmp_path / "study"
-    ok(memshare("study", str(kv), "--tau", "0.3", "-o", str(out)))
+    ok(memshare("study", str(smol), "--tau", "0.3", "-o", str(out)))
     first = tree(out)
-    res = memshare("study", str(kv), "--tau", "0.5", "-o", str(out))
+    res = memshare("study", str(smol), "--tau", "0.5", "-o", str(out))
     assert_one_line_error(res, f"-o {out}", "already holds a study run", "--overwrite")
     assert tree(out) == first
-    ok(memshare("study", str(kv), "--tau", "0.5", "-o", str(out), "--overwrite"))
+    ok(memshare("study", str(smol), "--tau", "0.5", "-o", str(out), "--overwrite"))
     labels = [r["label"] for r in json.loads((out / "study.json").read_text())["rows"]]
     assert any("tau=0.5" in label for label in labels)
     assert not any("tau=0.3" in label for label in labels)
