@@ -99,13 +99,13 @@ def _click_command() -> Any:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn bad input into one line and exit status 2, and Ctrl-C
     into one line (what stopped, what is on disk) and exit status 130."""
-    _tidy_help()
     args = sys.argv[1:] if argv is None else argv
     args = args or ["--help"]
     debug = "--debug" in args
     try:
+        _tidy_help()  # imports typer's rich help: inside the Ctrl-C guard
         code = _click_command().main(args=args, prog_name="memshare", standalone_mode=False)
-    except KeyboardInterrupt:  # while typer built the app or read the command line
+    except KeyboardInterrupt:  # while typer loaded, built the app or read the command line
         code = EXIT_INTERRUPTED
     except Interrupted as e:
         if debug:
