@@ -13,10 +13,11 @@ hooks in through supported interfaces only:
   function that returns ``None`` (``AttentionMaskInterface``), selected with
   ``set_attn_implementation``; the forward runs with ``use_cache=False`` so HF keeps no cache.
 
-The engine owns its model object: the constructor switches its attention implementation, the
-first step registers hooks, and nothing is restored (``close()`` removes the hooks only). Pass
-a copy when the
-same model must also run plain HF code.
+The engine owns its model object: the constructor switches its attention implementation and
+its float32 CPU linear layers to :class:`~memshare.validate.engine.skinny.SkinnyLinear` (the same
+product, at the memory's speed for a decode step's few rows), the first step registers hooks,
+and nothing is restored (``close()`` removes the hooks only). Pass a copy when the same model
+must also run plain HF code.
 
 Supported: Llama-family (Llama, SmolLM2), Qwen2 and Qwen3 layouts in transformers 5.x, full
 attention only (no sliding-window layers). Everything runs under ``torch.inference_mode``.
@@ -41,6 +42,7 @@ from memshare.validate.engine.attention import (
     rope_is_half_form,
 )
 from memshare.validate.engine.batch import BatchPlan, SeqChunk, check_layer_map, plan_step
+from memshare.validate.engine.skinny import use_skinny_linears
 from memshare.validate.engine.store import PageStore
 
 __all__ = ["PagedModel", "SeqChunk"]
@@ -83,6 +85,7 @@ class PagedModel:
         if torch.device(store.device) != param.device:
             raise ValueError(f"store on {store.device}, model on {param.device}")
         self.model = hf_model.eval()
+        use_skinny_linears(hf_model)  # a decode step's few rows at the memory's speed (CPU)
         self.store = store
         self.layer_map = check_layer_map(layer_map, self._num_layers)
         self._rotary = rotary
