@@ -5,8 +5,9 @@ multiply a ``[rows, in]`` input by every weight with ``rows`` of 1 to a handful.
 float32 ``F.linear`` (``x @ W.T``) takes a slow path there: for SmolLM2-135M's 211 linear
 layers, measured on a 2-core AMD EPYC (torch 2.13, MKL), 50 ms at 1 row, 81 ms at 2 and 104 ms
 at 3, where reading the 538 MB of weights once at the machine's 29 GB/s takes 19 ms.
-The same product as ``(W @ x.T).T`` runs 19-31 ms for 2-5 rows (one row is padded to two: a
-matrix-vector product is the slow path again, and so are a broadcast or strided input).
+The same product as ``(W @ x.T).T`` runs 19-31 ms for 1-5 rows and 52-72 ms for 6-8 rows, where
+``F.linear`` takes 65-91 ms (one row is padded to two: a matrix-vector product is the slow path
+again, and so are a broadcast or strided input).
 Figures: docs/paged-kv.md ("Linear layers at a few rows").
 
 Invariants: only float32 CPU weights change path, and only for 1..``SKINNY_MAX_ROWS`` rows; the
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SKINNY_MAX_ROWS = 5  # up to here (W @ x.T) beats F.linear on the measured CPU; 6 rows does not
+SKINNY_MAX_ROWS = 8  # up to here (W @ x.T) beat F.linear in every scan; at 10-14 rows not always
 
 
 class SkinnyLinear(nn.Linear):
