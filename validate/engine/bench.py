@@ -12,6 +12,9 @@ Figures (printed, never asserted by a timed test; docs/layout.md lists the targe
   pair's ratio (a pair runs back to back, so a slow spell of a shared machine slows both),
   beside the ratio of the two medians. Both run on the same weights (the engine on its own
   copy: it switches its model's attention implementation).
+- a decode step at batch 1 (the median of the engine's one-token steps) against the time to
+  read the model's weights once at the memory bandwidth measured on the machine (a 256 MiB
+  tensor summed, the median of 5): a decode step reads every weight once, so that is its floor.
 - KV bytes: the page tensor's size against the pool's page count x page size (must be equal).
 - peak process RSS.
 - the policy's overhead inside the engine: the share of step time spent committing (sketching
@@ -130,6 +133,50 @@ def _figures(runs: list[tuple[float, float]], tokens: int, seqs: int) -> dict[st
     }
 
 
+def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes per second at which this machine sums a ``mib`` MiB float32 tensor (median of
+    ``repeats``, after one warm-up): the rate at which a decode step can stream its weights."""
+    import torch
+
+    a = torch.ones(mib * (1 << 20) // 4)
+    a.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t)
+    return a.numel() * a.element_size() / statistics.median(times)
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters, a tensor shared by two modules (tied embeddings)
+    counted once."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+def _decode_floor(model: Any, prompt: list[int], tokens: int) -> dict[str, Any]:
+    """``decode_step`` figures: the engine's median one-token step at batch 1 against the
+    time to read the weights once at the measured bandwidth (the step's floor)."""
+    _, eng = _engine(model, [prompt], [tokens], "none")
+    steps = [s.wall_s for s in eng.steps if s.tokens == 1]
+    step_ms = 1e3 * statistics.median(steps)
+    nbytes = weight_bytes(model)
+    bandwidth = read_bandwidth()
+    floor_ms = 1e3 * nbytes / bandwidth
+    return {
+        "batch_1_ms": round(step_ms, 3),
+        "steps": len(steps),
+        "weight_bytes": nbytes,
+        "read_gb_per_s": round(bandwidth / 1e9, 2),
+        "weights_once_ms": round(floor_ms, 3),
+        "over_weights_once": round(step_ms / floor_ms, 3),
+        "target_over_weights_once": 2.0,
+    }
+
+
 def _kv_and_overhead(eng: PagedEngine) -> dict[str, Any]:
     """``kv`` (the page tensor against the pool's pages) and ``cf_topk`` (the policy's share
     of step time) of the ``cf-topk`` engine's run."""
@@ -180,6 +227,9 @@ def bench_engine(
     ):
         runs = _pairs(backend, mine, label, prompts, lengths, seqs, repeats, status)
         out[label] = _figures(runs, sum(lengths), seqs)
+    if status:
+        status("a decode step against reading the weights once")
+    out["decode_step"] = _decode_floor(mine, one[0], max_new_tokens)
     if status:
         status("cf-topk overhead")
     _, eng = _engine(mine, mixed, mixed_lengths, "cf-topk", **CF_TOPK)
