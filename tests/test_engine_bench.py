@@ -27,6 +27,7 @@ def test_decode_floor_takes_the_one_token_steps_of_a_real_run() -> None:
     assert got["batch_1_ms"] > 0 and got["read_gb_per_s"] > 0
     assert got["weights_once_ms"] > 0 and got["over_weights_once"] > 0
 
+
 def test_read_bandwidth_is_bytes_per_second() -> None:
     assert read_bandwidth(mib=8, repeats=3) > 1e6  # any machine streams over 1 MB/s
     assert torch.get_num_threads() >= 1
