@@ -1,10 +1,11 @@
-"""Linear layers that read their weights at the memory's speed when a step has few rows.
+"""Linear layers that read their weights near the memory's speed when a step has few rows.
 
 A decode step of the paged engine packs one row per running sequence, so its linear layers
 multiply a ``[rows, in]`` input by every weight with ``rows`` of 1 to a handful. On CPU,
 float32 ``F.linear`` (``x @ W.T``) takes a slow path there: for SmolLM2-135M's 211 linear
 layers, measured on a 2-core AMD EPYC (torch 2.13, MKL), 50 ms at 1 row, 81 ms at 2 and 104 ms
-at 3, where reading the 538 MB of weights once at the machine's 29 GB/s takes 19 ms.
+at 3, where reading the 538 MB of weights once takes 10-21 ms (a 256 MiB sum reads at 25-53 GB/s
+on this machine; ``memshare bench engine`` prints it).
 The same product as ``(W @ x.T).T`` runs 19-31 ms for 1-5 rows and 52-72 ms for 6-8 rows, where
 ``F.linear`` takes 65-91 ms (one row is padded to two: a matrix-vector product is the slow path
 again, and so are a broadcast or strided input).
