@@ -15,7 +15,7 @@ hooks in through supported interfaces only:
 
 The engine owns its model object: the constructor switches its attention implementation and
 its float32 CPU linear layers to :class:`~memshare.validate.engine.skinny.SkinnyLinear` (the same
-product, at the memory's speed for a decode step's few rows), the first step registers hooks,
+product, faster for a decode step's few rows), the first step registers hooks,
 and nothing is restored (``close()`` removes the hooks only). Pass a copy when the same model
 must also run plain HF code.
 
@@ -85,7 +85,7 @@ class PagedModel:
         if torch.device(store.device) != param.device:
             raise ValueError(f"store on {store.device}, model on {param.device}")
         self.model = hf_model.eval()
-        use_skinny_linears(hf_model)  # a decode step's few rows at the memory's speed (CPU)
+        use_skinny_linears(hf_model)  # a decode step's few rows, faster (CPU, float32)
         self.store = store
         self.layer_map = check_layer_map(layer_map, self._num_layers)
         self._rotary = rotary
