@@ -30,6 +30,7 @@ from memshare.errors import InputError
 if typing.TYPE_CHECKING:
     from collections.abc import Callable
 
+    from memshare.policies.params import Param
     from memshare.sim.options import SweepSpec
 
 SimOutputOpt = Annotated[Path | None, output_option("Output directory (default: runs/TRACE).")]
@@ -193,17 +194,48 @@ def study_cmd(
     out.print(f"-> {output}")
 
 
+def _allowed(key: str, spec: Param) -> str:
+    """What ``--set key=...`` accepts, in words."""
+    if spec.kind == "file":
+        return "a file's path"
+    return "any text" if spec.kind == "text" else spec.range_text(key)
+
+
 def policies_cmd(as_json: JsonOpt = False) -> None:
-    """List the registered policies (the --policy choices) and their --set parameters."""
-    from memshare.registry import param_defaults, policy_names
+    """List the registered policies (the --policy choices), their --set parameters, and each
+    parameter's allowed values and meaning (a composition takes its members' parameters)."""
+    from memshare.registry import param_defaults, param_specs, policy_names
 
     table = {name: param_defaults(name) for name in policy_names()}
+    specs = {
+        name: {
+            key: {
+                "default": table[name][key],
+                "allowed": _allowed(key, spec),
+                "meaning": spec.meaning,
+            }
+            for key, (_, spec) in param_specs(name).items()
+        }
+        for name in table
+        if "+" not in name
+    }
     if as_json:
-        print(json.dumps({"policies": list(table), "parameters": table}, default=str))
+        print(
+            json.dumps(
+                {"policies": list(table), "parameters": table, "allowed": specs}, default=str
+            )
+        )
         return
     t = Table(title="policies (--policy NAME --set key=value)")
     t.add_column("policy")
     t.add_column("parameters (defaults)")
     for name, params in table.items():
         t.add_row(name, ", ".join(f"{k}={v}" for k, v in params.items()) or "-")
+    out.print(t)
+    t = Table(title="parameters (a policy NAME+NAME takes its members')")
+    for col in ("policy", "parameter", "allowed", "meaning"):
+        t.add_column(col)
+    for name, keys in specs.items():
+        for key, row in keys.items():
+            t.add_row(name, f"{key}={row['default']}", str(row["allowed"]), str(row["meaning"]))
     out.print(t)

@@ -126,3 +126,19 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 def test_policies_lists_the_registry(name: str) -> None:
     res = memshare("policies", "--json")
     assert name in json.loads(res.stdout)["policies"]
+
+
+def test_policies_show_each_parameters_range_and_meaning() -> None:
+    from memshare.policies.cf_topk import TAU_MAX
+
+    allowed = json.loads(memshare("policies", "--json").stdout)["allowed"]
+    tau = allowed["cf-topk"]["tau"]
+    assert tau["default"] == 0.2 and tau["allowed"] == f"0 <= tau <= {TAU_MAX:g}"
+    assert "relative sketch distance" in tau["meaning"]
+    assert allowed["cf-topk"]["share"]["allowed"] == "one of: kv, k"
+    assert allowed["kvsharer"]["layer_map_file"]["allowed"] == "a file's path"
+    assert allowed["none"] == {} and not any("+" in name for name in allowed)
+    res = memshare("policies")
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    assert "parameters" in text and "one of: kv, k" in text
