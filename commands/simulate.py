@@ -30,7 +30,6 @@ from memshare.errors import InputError
 if typing.TYPE_CHECKING:
     from collections.abc import Callable
 
-    from memshare.policies.params import Param
     from memshare.sim.options import SweepSpec
 
 SimOutputOpt = Annotated[Path | None, output_option("Output directory (default: runs/TRACE).")]
@@ -194,16 +193,10 @@ def study_cmd(
     out.print(f"-> {output}")
 
 
-def _allowed(key: str, spec: Param) -> str:
-    """What ``--set key=...`` accepts, in words."""
-    if spec.kind == "file":
-        return "a file's path"
-    return "any text" if spec.kind == "text" else spec.range_text(key)
-
-
 def policies_cmd(as_json: JsonOpt = False) -> None:
     """List the registered policies (the --policy choices), their --set parameters, and each
     parameter's allowed values and meaning (a composition takes its members' parameters)."""
+    from memshare.policies.params import allowed_text
     from memshare.registry import param_defaults, param_specs, policy_names
 
     table = {name: param_defaults(name) for name in policy_names()}
@@ -211,7 +204,7 @@ def policies_cmd(as_json: JsonOpt = False) -> None:
         name: {
             key: {
                 "default": table[name][key],
-                "allowed": _allowed(key, spec),
+                "allowed": allowed_text(key, spec),
                 "meaning": spec.meaning,
             }
             for key, (_, spec) in param_specs(name).items()

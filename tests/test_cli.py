@@ -136,7 +136,7 @@ def test_policies_show_each_parameters_range_and_meaning() -> None:
     assert tau["default"] == 0.2 and tau["allowed"] == f"0 <= tau <= {TAU_MAX:g}"
     assert "relative sketch distance" in tau["meaning"]
     assert allowed["cf-topk"]["share"]["allowed"] == "one of: kv, k"
-    assert allowed["kvsharer"]["layer_map_file"]["allowed"] == "a file's path"
+    assert allowed["kvsharer"]["layer_map_file"]["allowed"] == "a path"
     assert allowed["none"] == {} and not any("+" in name for name in allowed)
     res = memshare("policies")
     assert res.returncode == 0, res.stderr

@@ -97,6 +97,12 @@ _EXPECT = {
 }
 
 
+def allowed_text(key: str, spec: Param) -> str:
+    """What ``--set key=...`` accepts, in words: the range or choices, else the kind
+    (``a path``, ``text``)."""
+    return _EXPECT[spec.kind] if spec.kind in ("file", "text") else spec.range_text(key)
+
+
 def check_value(policy: str, key: str, value: object, spec: Param, where: str = "--set") -> Any:
     """``value`` typed and checked against ``spec`` (InputError at ``where`` naming ``key``,
     the value given, the range and an example)."""
