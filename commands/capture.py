@@ -72,12 +72,12 @@ class CaptureArgs:
     sketch_dim: Annotated[int, typer.Option(help="JL sketch dimension d.")] = DEFAULT_DIM
     sketch_seed: Annotated[int, typer.Option(help="JL projection seed.")] = DEFAULT_SEED
     keys: Annotated[
-        str | None,
+        str,
         typer.Option(
-            help="Sketch keys pre_rope (k_proj output) or post_rope (as cached); default "
-            "pre_rope on hf, post_rope on vllm (its cache holds rotated keys)."
+            help="Sketch keys pre_rope (before rotary embedding: what cf-topk and exact-dedup "
+            "judge) or post_rope (as cached). vllm: its cached keys, un-rotated for pre_rope."
         ),
-    ] = None
+    ] = "pre_rope"
     backend: Annotated[
         str, typer.Option(help="hf (transformers) or vllm (vLLM's CPU build, in-process).")
     ] = "hf"
@@ -97,8 +97,7 @@ class CaptureArgs:
     ] = False
 
     def options(self) -> CaptureOptions:
-        """The library's options: cue phrases split, sampling grouped, the keys' default by
-        backend (post-RoPE on vLLM, whose cache holds rotated keys); checked by ``capture``."""
+        """The library's options: cue phrases split, sampling grouped; checked by ``capture``."""
         from memshare.traces.capture import CaptureOptions, GenerationSettings
         from memshare.traces.segment import DEFAULT_CUES, SegmenterConfig
 
@@ -107,7 +106,6 @@ class CaptureArgs:
                 "--min-step-tokens", f"must be >= 1, got {self.min_step_tokens}", "e.g. 32"
             )
         cues = self.step_cues
-        default_keys = "post_rope" if self.backend == "vllm" else "pre_rope"
         return CaptureOptions(
             output=self.output,
             dataset=self.dataset,
@@ -123,7 +121,7 @@ class CaptureArgs:
             block_size=self.block_size,
             sketch_dim=self.sketch_dim,
             sketch_seed=self.sketch_seed,
-            keys=self.keys or default_keys,  # type: ignore[arg-type]  # checked by capture()
+            keys=self.keys,  # type: ignore[arg-type]  # checked by capture()
             full_kv=self.full_kv,
             generation=GenerationSettings(
                 self.max_new_tokens, self.temperature, self.top_p, self.seed, self.batch_size

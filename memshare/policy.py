@@ -162,3 +162,13 @@ def policy_shares_blocks(policy: Policy) -> bool:
     reserved, as vLLM caches a block when it schedules the tokens that fill it.
     """
     return bool(getattr(policy, "shares_blocks", True))
+
+
+def policy_judges_keys(policy: Policy) -> bool:
+    """Whether the policy decides by comparing blocks' key sketches: its optional
+    ``judges_keys`` attribute, False when absent.
+
+    Such a policy assumes keys taken before rotary embedding (equal content at another
+    position compares equal); on a trace of post-RoPE keys it finds almost nothing to share,
+    and the simulator says so (docs/policies.md)."""
+    return bool(getattr(policy, "judges_keys", False))

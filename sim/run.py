@@ -32,7 +32,7 @@ from memshare import __version__
 from memshare.block_pool import BlockPool
 from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager, blocks_for_all
-from memshare.policy import policy_layer_map
+from memshare.policy import policy_judges_keys, policy_layer_map
 from memshare.registry import check_block_size, make_policy
 from memshare.scheduler import Scheduler
 from memshare.sim.arrivals import arrival_times
@@ -204,6 +204,28 @@ def budget_warning(cfg: SimConfig, res: Resolved) -> str | None:
         f"({budget / 2**30:,.1f} GiB) plus {weights / 2**30:,.1f} GiB of {cfg.model.name} "
         f"weights exceeds the {cfg.gpu.memory / 2**30:,.0f} GiB of GPU preset {cfg.gpu.name}; "
         "simulated as given (pick a larger --gpu or a smaller budget)"
+    )
+
+
+# measured on 8 R1 texts of 2,048 tokens captured by vLLM both ways (docs/vllm.md)
+POST_ROPE_SHARES = "20.6% of pages shared on pre-RoPE keys, 0.01% on post-RoPE"
+
+
+def keys_warning(cfg: SimConfig, trace: LoadedTrace) -> str | None:
+    """One line when ``cfg``'s policy compares key sketches (:func:`policy_judges_keys`) and
+    the trace's keys are post-RoPE (``sketch.keys``): the policy then finds next to nothing
+    to share for a reason that is not its own, and says what to do; else ``None``."""
+    sketch = trace.manifest.sketch
+    if sketch is None or sketch.keys != "post_rope":
+        return None
+    if not policy_judges_keys(make_policy(cfg.policy, **cfg.policy_params)):
+        return None
+    return (
+        f"memshare: warning: {cfg.trace}: {cfg.policy} compares key sketches, but this trace's "
+        "keys are post-RoPE (manifest sketch.keys): rotated by position, equal content at "
+        "another position no longer matches (R1 texts, the default model, cf-topk layer/k at "
+        f"tau 0.5: {POST_ROPE_SHARES}); capture again with --keys pre_rope (the default, "
+        "hf and vllm backends)"
     )
 
 

@@ -27,7 +27,7 @@ from memshare.outdir import OutputKind
 from memshare.registry import param_defaults
 from memshare.sim.options import SimOptions, build_configs
 from memshare.sim.run import LoadedTrace, run_config
-from memshare.sim.study import warn_budgets
+from memshare.sim.study import warn_before_runs
 
 STUDY = OutputKind("study", "study.json")  # what `memshare study -o` holds (one study)
 BASELINES = ("none", "prefix", "exact-dedup", "token-dedup")
@@ -86,7 +86,7 @@ def run_study(
         )[0]
         for name, sets, _ in plan
     ]  # every config checked before the first run
-    warn_budgets(configs, trace, warn)
+    warn_before_runs(configs, trace, warn)
     rows: list[StudyRow] = []
     none_mean = none_peak = 0.0
     for n, ((name, _, setting), cfg) in enumerate(zip(plan, configs, strict=True)):

@@ -39,6 +39,7 @@ from memshare.sim.results import LabeledRun, StudyResult, SweepResult
 from memshare.sim.run import (
     LoadedTrace,
     budget_warning,
+    keys_warning,
     perf,
     resolve,
     run_config,
@@ -91,7 +92,7 @@ def simulate(
     warn: Warn | None = None,
 ) -> StudyResult:
     """Run every ``--policy`` on the trace; write run directories (and plots). ``warn`` gets
-    each distinct :func:`~memshare.sim.run.budget_warning` before the first run.
+    each distinct warning (:func:`warn_before_runs`) before the first run.
 
     ``output`` (default :func:`default_output`) is claimed before the first run
     (:func:`claim_runs`) and written only when every run finished, whole
@@ -100,7 +101,7 @@ def simulate(
     configs = build_configs(opts, trace.manifest)
     for cfg in configs:
         resolve(cfg, trace)  # a budget or block size the trace cannot take fails here
-    warn_budgets(configs, trace, warn)
+    warn_before_runs(configs, trace, warn)
     out_dir = output or default_output(opts)
     claim_runs(out_dir, overwrite=overwrite)
     multi = len(configs) > 1
@@ -142,7 +143,7 @@ def sweep(
     the folder is written whole when the last run finished, replacing an earlier run."""
     trace = LoadedTrace.load(Path(opts.trace))
     planned = plan_sweep(opts, spec, trace)
-    warn_budgets([cfg for _, configs in planned for cfg in configs], trace, warn)
+    warn_before_runs([cfg for _, configs in planned for cfg in configs], trace, warn)
     out_dir = output or default_output(opts, spec)
     claim_runs(out_dir, overwrite=overwrite)
     points: list[tuple[Any, list[LabeledRun]]] = []
@@ -191,16 +192,18 @@ def plan_sweep(
     return planned
 
 
-def warn_budgets(configs: list[SimConfig], trace: LoadedTrace, warn: Warn | None) -> None:
-    """Pass each distinct budget warning of ``configs`` to ``warn`` (in config order)."""
+def warn_before_runs(configs: list[SimConfig], trace: LoadedTrace, warn: Warn | None) -> None:
+    """Pass each distinct warning of ``configs`` to ``warn``, in config order: a budget
+    beyond the GPU preset (:func:`~memshare.sim.run.budget_warning`), a policy that compares
+    keys on a trace of post-RoPE keys (:func:`~memshare.sim.run.keys_warning`)."""
     if warn is None:
         return
     said: set[str] = set()
     for cfg in configs:
-        line = budget_warning(cfg, resolve(cfg, trace))
-        if line is not None and line not in said:
-            said.add(line)
-            warn(line)
+        for line in (budget_warning(cfg, resolve(cfg, trace)), keys_warning(cfg, trace)):
+            if line is not None and line not in said:
+                said.add(line)
+                warn(line)
 
 
 def presets_used(runs: list[LabeledRun]) -> str:

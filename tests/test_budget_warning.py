@@ -94,3 +94,51 @@ def test_sweep_and_study_share_the_warning(
     assert "10,000,000 blocks" in line and "smollm2-135m" in line and "h100" in line, line
     code, out, err = run_cli(capsys, "study", str(kv), "--tau", "0.5", "-o", str(tmp_path / "u"))
     assert code == 0 and not warnings_in(err), err
+
+
+@pytest.mark.parametrize(
+    ("keys", "policy", "warns"),
+    [
+        ("post_rope", "cf-topk", True),
+        ("post_rope", "exact-dedup", True),
+        ("post_rope", "prefix+cf-topk", True),  # a member compares keys
+        ("post_rope", "none", False),
+        ("post_rope", "prefix", False),
+        ("post_rope", "token-dedup", False),  # compares token ids, not keys
+        ("pre_rope", "cf-topk", False),
+        ("pre_rope", "exact-dedup", False),
+    ],
+)
+def test_a_policy_that_compares_keys_warns_on_post_rope_keys(
+    keys: str, policy: str, warns: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 28: on a trace of post-RoPE keys, a policy judging keys finds next to nothing to
+    share, and the simulator says why and what to do, once, on stderr."""
+    kv = smol_kv_trace(tmp_path / "kv", keys=keys)  # type: ignore[arg-type]
+    flags = [f for p in dict.fromkeys([policy, "none"]) for f in ("--policy", p)]
+    code, out, err = run_cli(
+        capsys, "simulate", str(kv), *flags, "--json", "-o", str(tmp_path / "r")
+    )
+    assert code == 0, err
+    json.loads(out)  # stdout stays one JSON object
+    lines = warnings_in(err)
+    if not warns:
+        assert not lines, err
+        return
+    (line,) = lines
+    for needle in (str(kv), policy, "post-RoPE", "sketch.keys", "--keys pre_rope", "0.01%"):
+        assert needle in line, (needle, line)
+
+
+def test_study_warns_once_on_post_rope_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kv = smol_kv_trace(tmp_path / "kv", keys="post_rope")
+    code, out, err = run_cli(
+        capsys, "study", str(kv), "--tau", "0.5", "--json", "-o", str(tmp_path / "st")
+    )
+    assert code == 0, err
+    json.loads(out)
+    lines = warnings_in(err)
+    # one line per policy that compares keys, however many cf-topk settings the study runs
+    assert sorted(line.split(": ")[3].split()[0] for line in lines) == ["cf-topk", "exact-dedup"]

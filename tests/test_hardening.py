@@ -14,16 +14,19 @@ from helpers_cli import assert_one_line_error, memshare
 from helpers_trace_writer import sign_manifest
 
 from memshare.registry import policy_names
+from memshare.traces.capture.base import KeyMode
 from memshare.traces.schema import Manifest, ModelInfo, RequestRecord, SketchSpec, kv_row_dtype
 from memshare.traces.writer import TraceWriter
 
 SMOL = ModelInfo("SmolLM2-135M-Instruct", "LlamaForCausalLM", 30, 3, 64, "bfloat16")
 
 
-def smol_kv_trace(path: Path, n: int = 6) -> Path:
+def smol_kv_trace(path: Path, n: int = 6, keys: KeyMode = "pre_rope") -> Path:
     """A kv trace shaped like a capture of the default model: 30 layers, sketches, repeats
-    (requests 0/2/4 and 1/3/5 share content, so sharing policies have something to find)."""
-    template = Manifest(kind="kv", block_size=4, model=SMOL, sketch=SketchSpec(dim=8))
+    (requests 0/2/4 and 1/3/5 share content, so sharing policies have something to find);
+    ``keys`` is what its manifest says the keys are."""
+    sketch = SketchSpec(dim=8, keys=keys)
+    template = Manifest(kind="kv", block_size=4, model=SMOL, sketch=sketch)
     dtype = kv_row_dtype(30, 8)
     rng = np.random.default_rng(0)
     base = [rng.standard_normal((3, 30, 2, 8)).astype(np.float32) for _ in range(2)]

@@ -64,6 +64,7 @@ class CfTopK:
     num_perm: int = 32  # MinHash signature length
     seed: int = 0
     name: str = "cf-topk"
+    judges_keys: ClassVar[bool] = True  # compares key sketches (pre-RoPE keys assumed)
     _index: NeighbourIndex = field(init=False, repr=False)
     _chains: dict[str, Chain] = field(init=False, repr=False, default_factory=dict)
     # model depth (layers) -> its constants (probe layers, layers allowed/needed, tau)

@@ -23,6 +23,7 @@ from memshare.policy import (
     Policy,
     PrefixHit,
     RequestInfo,
+    policy_judges_keys,
     policy_layer_map,
     policy_shares_blocks,
 )
@@ -39,6 +40,11 @@ class Composite:
     def shares_blocks(self) -> bool:
         """Whether any member may repoint blocks (then all decide after the step)."""
         return any(policy_shares_blocks(m) for m in self.members)
+
+    @property
+    def judges_keys(self) -> bool:
+        """Whether any member compares key sketches."""
+        return any(policy_judges_keys(m) for m in self.members)
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """The first member hit that covers any tokens."""

@@ -60,6 +60,7 @@ class ExactDedup(_LiveIndex):
     sketch bytes and equal norm (identical KV gives identical sketches)."""
 
     name: str = "exact-dedup"
+    judges_keys: ClassVar[bool] = True  # equal key sketches (pre-RoPE keys assumed)
 
     def on_block_full(
         self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool

@@ -42,7 +42,7 @@ class CaptureOptions:
     block_size: int = 16
     sketch_dim: int = DEFAULT_DIM
     sketch_seed: int = DEFAULT_SEED
-    keys: KeyMode = "pre_rope"  # the vllm backend has post-RoPE keys only
+    keys: KeyMode = "pre_rope"  # vllm: its cached keys, un-rotated (vllm_rope.py)
     full_kv: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     chunk_tokens: int = 512
@@ -94,12 +94,6 @@ def check_options(o: CaptureOptions) -> None:
             "--backend",
             f"unknown backend {o.backend!r}",
             f"use one of {', '.join(BACKENDS)}",
-        ),
-        (
-            o.backend != "vllm" or o.keys == "post_rope",
-            f"--keys {o.keys}",
-            "the vllm backend reads vLLM's KV cache, which holds post-RoPE keys only",
-            "use --keys post_rope (the default with --backend vllm)",
         ),
         (
             o.backend != "vllm" or o.device == "cpu",

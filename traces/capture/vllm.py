@@ -9,7 +9,9 @@ model), so both backends capture the same token ids for the same inputs.
 How the KV is read: a request's KV blocks are copied out of the worker's per-layer cache
 tensors (``model_runner.kv_caches``, one per layer in layer order) by block id, at the moment
 the scheduler frees the request (``KVCacheManager.free``), before any other request can reuse
-them. Keys are **post-RoPE** (vLLM caches rotated keys): ``key_modes`` is ``("post_rope",)``.
+them. vLLM caches keys after RoPE (``post_rope``, as stored); ``pre_rope`` keys are those
+un-rotated at their positions with each layer's own rotary module
+(:mod:`~memshare.traces.capture.vllm_rope`, checked by a round trip at start-up).
 How a block packs K and V depends on the CPU kernel (the fp32 kernel stores K transposed inside
 a block), so at start-up one probe prompt's keys and values, seen by a wrapper on each
 attention layer's ``impl.forward``, are compared with each known packing; the one that matches
@@ -43,6 +45,7 @@ import numpy.typing as npt
 
 from memshare.errors import InputError
 from memshare.traces.capture.base import CapturedRequest, GenerationSettings, KeyMode, KVField
+from memshare.traces.capture.vllm_rope import Unroper
 from memshare.traces.schema import ModelInfo
 
 VLLM_VERSION = "0.32.0"  # whose engine internals (scheduler, block pool, kv_caches) are read
@@ -131,7 +134,6 @@ class VllmBackend:
     """Capture backend on real vLLM (see the module docstring)."""
 
     name = "vllm"
-    key_modes: tuple[KeyMode, ...] = ("post_rope",)
 
     def __init__(
         self,
@@ -179,7 +181,8 @@ class VllmBackend:
         runner = core.model_executor.driver_worker.worker.model_runner
         self._caches: list[Any] = list(runner.kv_caches)
         ctx = runner.vllm_config.compilation_config.static_forward_context
-        self._attn = [ctx[name] for name in sorted(ctx, key=_layer_index)]
+        names = sorted(ctx, key=_layer_index)
+        self._attn = [ctx[name] for name in names]
         if len(self._caches) != info.num_layers or len(self._attn) != info.num_layers:
             raise InputError(
                 "--backend vllm",
@@ -187,6 +190,17 @@ class VllmBackend:
                 "use a decoder-only model whose every layer has full attention",
             )
         self._seq = 0
+        # pre-RoPE keys where every layer's rotary module can be inverted (else post-RoPE only)
+        self.unroper: Unroper | None = None
+        self.no_pre_rope = ""
+        try:
+            self.unroper = Unroper(runner.model, names)
+        except InputError as e:
+            self.no_pre_rope = e.problem
+        self.key_modes: tuple[KeyMode, ...] = (
+            ("pre_rope", "post_rope") if self.unroper else ("post_rope",)
+        )
+        self.round_trip_error: float | None = None
         self.layout = self._probe_layout()
 
     # -- delegated: the same ids, text and model facts as the HF backend -----------------
@@ -200,7 +214,9 @@ class VllmBackend:
         d = self.text.describe()
         d.update(
             backend="vllm",
-            keys_from="vllm kv cache (post-RoPE)",
+            keys_from="vllm kv cache: post-RoPE as cached; pre-RoPE un-rotated at each "
+            "token's position with its layer's rotary module",
+            unrope_round_trip_error=self.round_trip_error,
             engine_block_size=ENGINE_BLOCK,
             kv_layout=self.layout.name,
             prefix_caching=True,
@@ -334,6 +350,8 @@ class VllmBackend:
                     np.array_equal(k[0], k_in.reshape(-1, H, D))
                     and np.array_equal(v[0], v_in.reshape(-1, H, D))
                 ):
+                    if self.unroper is not None:
+                        self.round_trip_error = self.unroper.check_round_trip(k)
                     return layout
         raise InputError(
             "--backend vllm",
@@ -346,10 +364,16 @@ class VllmBackend:
         self, prompt: list[int], output: list[int], kv: tuple[Any, Any], want: frozenset[KVField]
     ) -> CapturedRequest:
         k, v = kv
+        pre = None
+        if "k" in want:
+            if self.unroper is None:
+                raise InputError("--keys pre_rope", self.no_pre_rope, "use --keys post_rope")
+            pre = self.unroper(k)
         return CapturedRequest(
             prompt_ids=list(prompt),
             output_ids=list(output),
             finish_reason="text",
+            k=pre,
             k_rope=k if "k_rope" in want else None,
             v=v if "v" in want else None,
         )
