@@ -1,7 +1,8 @@
 """``capture --backend vllm`` against the HF backend on the same inputs: how far apart their
-sketches are (relative distance per block and layer, K and V; both post-RoPE keys, fp32) and
-whether the token ids are the same, teacher-forced (R1 texts) and generated (GSM8K prompts).
-The test (tests/test_capture_vllm.py) checks <= 1e-3; this prints the figures.
+sketches are (relative distance per block and layer, K and V; pre-RoPE keys, vLLM's un-rotated,
+and post-RoPE keys; fp32) and whether the token ids are the same, teacher-forced (R1 texts) and
+generated (GSM8K prompts). The tests (tests/test_capture_vllm*.py) check <= 1e-3; this prints
+the figures.
 
     .venv-vllm/bin/python benchmarks/vllm_capture_agreement.py OUT [--texts 4] [--tokens 1024]
 """
@@ -59,10 +60,11 @@ def main() -> None:
     }
     res: dict[str, Any] = {}
     for name, kw in cases.items():
-        v, h = a.out / name / "vllm", a.out / name / "hf"
-        capture(CaptureOptions(output=v, keys="post_rope", backend="vllm", **kw), backend=vllm)
-        capture(CaptureOptions(output=h, keys="post_rope", **kw), backend=vllm.text)
-        res[name] = compare(v, h)
+        for keys in ("pre_rope", "post_rope"):
+            v, h = a.out / name / keys / "vllm", a.out / name / keys / "hf"
+            capture(CaptureOptions(output=v, keys=keys, backend="vllm", **kw), backend=vllm)
+            capture(CaptureOptions(output=h, keys=keys, **kw), backend=vllm.text)
+            res[f"{name} {keys}"] = compare(v, h)
     print(json.dumps(res, indent=1))
 
 
