@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from memshare.errors import InputError
+from memshare.kv_manager import blocks_for_all
+from memshare.policy import Policy
 from memshare.registry import make_policy
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape, plan_shape
@@ -34,9 +36,11 @@ from memshare.sim.run import LoadedTrace
 from memshare.traces.schema import RequestRecord
 from memshare.validate.answers import Kind, answers_equal, detect_kind, extract_answer, gold_answer
 from memshare.validate.engine.generate import run_metrics, write_run
+from memshare.validate.engine.group import grouped_engines, step_groups
 from memshare.validate.engine.live_blocks import TokenStarts
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.records import PagedRunResult
+from memshare.validate.engine.store import PageStore
 from memshare.validate.measure import Progress
 
 Decode = Callable[[Sequence[int]], str]
@@ -52,13 +56,19 @@ class GenRun:
     _shared: set[str] = field(default_factory=set)  # requests with a share applied
 
     def step(self) -> bool:
-        """One engine step; notes each request's first position computed after a share of
-        it was applied (shares apply at step ends, so from the next step on). False when
-        every request has finished."""
-        eng = self.engine
-        seen = len(eng.shares)
-        if not eng.step():
+        """One engine step (:meth:`stepped` notes it). False when every request has
+        finished."""
+        seen = len(self.engine.shares)
+        if not self.engine.step():
             return False
+        self.stepped(seen)
+        return True
+
+    def stepped(self, seen: int) -> None:
+        """After a step of the engine (``seen``: its shares before the step): notes each
+        request's first position computed after a share of it was applied (shares apply at
+        step ends, so from the next step on) and the step's batch shape."""
+        eng = self.engine
         plan = eng.last_plan
         assert plan is not None
         for c in plan.chunks:
@@ -66,7 +76,6 @@ class GenRun:
                 self.first_share_pos.setdefault(c.req.rid, c.start)
         self._shared.update(s.request for s in eng.shares[seen:])
         self.shapes.append(plan_shape(plan))
-        return True
 
 
 def is_generated(trace: LoadedTrace) -> bool:
@@ -83,15 +92,23 @@ def make_engine(
     *,
     eos_ids: frozenset[int] = frozenset(),
     token_starts: TokenStarts | None = None,
+    store: PageStore | None = None,
 ) -> PagedEngine:
-    """A paged engine for ``cfg``'s policy (``None``: the unshared ``none``)."""
-    policy = make_policy("none") if cfg is None else make_policy(cfg.policy, **cfg.policy_params)
+    """A paged engine for ``cfg``'s policy (``None``: the unshared ``none``): on a copy of
+    ``model`` with its own pages, or on ``model`` itself over ``store`` (a part of an
+    :class:`~memshare.validate.engine.group.EngineGroup`'s arena)."""
     sk = trace.manifest.sketch
     if sk is not None:
         opts = replace(opts, sketch_dim=sk.dim, sketch_seed=sk.seed)
+    own = copy.deepcopy(model) if store is None else model
     return PagedEngine(
-        copy.deepcopy(model), policy, specs, opts, eos_ids=eos_ids, token_starts=token_starts
+        own, policy_of(cfg), specs, opts, eos_ids=eos_ids, token_starts=token_starts, store=store
     )
+
+
+def policy_of(cfg: SimConfig | None) -> Policy:
+    """``cfg``'s policy, fresh (``None``: the unshared ``none``)."""
+    return make_policy("none") if cfg is None else make_policy(cfg.policy, **cfg.policy_params)
 
 
 def _is_base(cfg: SimConfig) -> bool:
@@ -110,14 +127,63 @@ def run_each(
     base = GenRun(make(None))
     runs = [base if _is_base(c) else GenRun(make(c)) for c in configs]
     engines = [base, *(g for g in runs if g is not base)]
+    _drive(engines, lambda active: [g for g in active if g.step()], what, progress)
+    return base, runs
+
+
+def run_in_one_pass(
+    model: Any,
+    make: Callable[[SimConfig | None, PageStore], PagedEngine],
+    configs: Sequence[SimConfig],
+    num_blocks: int,
+    block_size: int,
+    what: str,
+    progress: Progress | None,
+) -> tuple[GenRun, list[GenRun]]:
+    """As :func:`run_each`, but every engine's step in one forward pass over one arena per
+    KV layer map (:func:`~memshare.validate.engine.group.grouped_engines`): one model, no
+    copy per run, and the weights read once a step for all runs; no run is timed alone."""
+    cfgs: list[SimConfig | None] = [None, *(c for c in configs if not _is_base(c))]
+    built, groups = grouped_engines(
+        model,
+        [policy_of(c) for c in cfgs],
+        num_blocks,
+        block_size,
+        lambda j, store: make(cfgs[j], store),
+    )
+    engines = [GenRun(e) for e in built]
+    own = iter(engines[1:])
+    runs = [engines[0] if _is_base(c) else next(own) for c in configs]
+
+    def step(active: list[GenRun]) -> list[GenRun]:
+        seen = [len(g.engine.shares) for g in engines]
+        flags = step_groups(groups, len(engines))
+        for g, n, flag in zip(engines, seen, flags, strict=True):
+            if flag:
+                g.stepped(n)
+        return [g for g, flag in zip(engines, flags, strict=True) if flag]
+
+    _drive(engines, step, what, progress)
+    for group, _ in groups:
+        group.close()
+    return engines[0], runs
+
+
+def _drive(
+    engines: Sequence[GenRun],
+    step: Callable[[list[GenRun]], list[GenRun]],
+    what: str,
+    progress: Progress | None,
+) -> None:
+    """Step until no engine is active (``step`` takes the active runs and returns those
+    that stepped), reporting generated tokens."""
     total = sum(r.max_tokens for g in engines for r in g.engine.requests)
     active = list(engines)
     while active:
-        active = [g for g in active if g.step()]
+        active = step(active)
         if progress is not None:
             done = sum(r.num_output for g in engines for r in g.engine.requests)
             progress(what, min(done, total), total)
-    return base, runs
 
 
 @dataclass(frozen=True)
@@ -174,18 +240,24 @@ def generate_answers(
     progress: Progress | None = None,
 ) -> tuple[GenRun, list[GenRun]]:
     """Greedy generation of every prompt, unshared and under each config (every request fits
-    at once: the budget does not touch the answers)."""
+    at once: the budget does not touch the answers), every run's step in one forward pass
+    (:func:`run_in_one_pass`: answers are not timed)."""
     max_new = generation_cap(trace)
     specs = answer_specs(records, max_new, context)
+    num_blocks = blocks_for_all((len(s.prompt_ids) + s.max_tokens for s in specs), block_size)
 
-    def make(cfg: SimConfig | None) -> PagedEngine:
+    def make(cfg: SimConfig | None, store: PageStore) -> PagedEngine:
         sched = (cfg or configs[0]).scheduler
-        opts = EngineOptions(block_size=block_size, scheduler=sched, stop_on_eos=True)
+        opts = EngineOptions(
+            block_size=block_size, kv_blocks=num_blocks, scheduler=sched, stop_on_eos=True
+        )
         return make_engine(
-            model, cfg, specs, trace, opts, eos_ids=eos_ids, token_starts=token_starts
+            model, cfg, specs, trace, opts, eos_ids=eos_ids, token_starts=token_starts, store=store
         )
 
-    return run_each(make, configs, "generating answers", progress)
+    return run_in_one_pass(
+        model, make, configs, num_blocks, block_size, "generating answers", progress
+    )
 
 
 @dataclass(frozen=True)

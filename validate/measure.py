@@ -31,17 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from memshare.block_pool import BlockPool
 from memshare.errors import InputError
 from memshare.kv_manager import blocks_for_all
-from memshare.policy import Policy, policy_layer_map
+from memshare.policy import Policy
 from memshare.registry import make_policy
 from memshare.scheduler import SchedulerConfig
 from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
 from memshare.sim.cost_model import BatchShape, plan_shape
 from memshare.sim.run import LoadedTrace, RunOutput, resolve, run_config
 from memshare.traces.schema import RequestRecord
-from memshare.validate.engine.group import EngineGroup
+from memshare.validate.engine.group import Groups, grouped_engines, step_groups
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.store import PageStore
 from memshare.validate.fidelity import FidelityAccumulator, add_pairs, next_token_targets
@@ -198,7 +197,7 @@ def run_lockstep(
     sched = replace(configs[0].scheduler, long_prefill_token_threshold=wl.block_size)
     own_cfgs = [c for c in configs if not _plain_none(c)]
     cfgs: list[SimConfig | None] = [None, *own_cfgs]
-    groups: list[tuple[EngineGroup, list[int]]] = []
+    groups: Groups = []
     if one_pass:
         engines = _grouped(model, cfgs, wl, sched, groups)
     else:
@@ -222,10 +221,7 @@ def run_lockstep(
     alive = [True] * len(engines)
     while any(alive):
         if groups:
-            stepped = [False] * len(engines)
-            for g, members in groups:
-                for j, flag in zip(members, g.step(), strict=True):
-                    stepped[j] = flag
+            stepped = step_groups(groups, len(engines))
         else:
             stepped = [alive[j] and eng.step() for j, eng in enumerate(engines)]
         for j, eng in enumerate(engines):
@@ -240,6 +236,8 @@ def run_lockstep(
         _pair(held, own, wl)
         if progress is not None:
             progress("engines", min(total, _positions(base_m)), total)
+    for group, _ in groups:
+        group.close()
     return base_m, runs
 
 
@@ -248,28 +246,18 @@ def _grouped(
     cfgs: Sequence[SimConfig | None],
     wl: Workload,
     sched: Any,
-    groups: list[tuple[EngineGroup, list[int]]],
+    groups: Groups,
 ) -> list[PagedEngine]:
-    """One engine per config, on parts of one arena per layer map; fills ``groups`` with
-    each group and the indices of its engines."""
-    layers = int(model.config.num_hidden_layers)
-    pages = BlockPool(num_blocks=wl.num_blocks, num_layers=layers).num_pages
-    maps: dict[bytes, tuple[Any, list[int]]] = {}
-    for j, cfg in enumerate(cfgs):
-        try:
-            lm = policy_layer_map(_policy(cfg), layers)
-        except ValueError:
-            lm = None  # the engine refuses it, in one line
-        key = b"" if lm is None else np.asarray(lm, np.int64).tobytes()
-        maps.setdefault(key, (lm, []))[1].append(j)
-    engines: list[PagedEngine | None] = [None] * len(cfgs)
-    for lm, members in maps.values():
-        group = EngineGroup(model, [pages] * len(members), wl.block_size, layer_map=lm)
-        for j, store in zip(members, group.stores, strict=True):
-            engines[j] = engine_for(model, cfgs[j], wl, sched, store)
-        group.attach([e for j in members if (e := engines[j]) is not None])
-        groups.append((group, members))
-    return [e for e in engines if e is not None]
+    """One engine per config, on parts of one arena per layer map; fills ``groups``."""
+    engines, built = grouped_engines(
+        model,
+        [_policy(c) for c in cfgs],
+        wl.num_blocks,
+        wl.block_size,
+        lambda j, store: engine_for(model, cfgs[j], wl, sched, store),
+    )
+    groups.extend(built)
+    return engines
 
 
 def _positions(m: Measured) -> int:

@@ -18,13 +18,15 @@ the shared pass's, so an engine's own time is not measured in a group.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from memshare.block_pool import BlockPool
+from memshare.policy import Policy, policy_layer_map
 from memshare.validate.engine.model import PagedModel, SeqChunk
 from memshare.validate.engine.paged_engine import PagedEngine
 from memshare.validate.engine.store import PageStore
@@ -85,9 +87,57 @@ class EngineGroup:
                 i += len(p.chunks)
         return [p is not None for p in pending]
 
+    def close(self) -> None:
+        """Remove the forward hooks the shared pass put on the model (the engines' runs
+        stay readable)."""
+        self.model.close()
+
 
 def _shifted(c: SeqChunk, offset: int, block_size: int) -> SeqChunk:
     """``c`` with its page ids (and copy rows) moved to the engine's part of the arena."""
     pages = np.asarray(c.pages, dtype=np.int64) + offset
     src = None if c.copy_src is None else np.asarray(c.copy_src, np.int64) + offset * block_size
     return replace(c, pages=pages, copy_src=src)
+
+
+Groups = list[tuple[EngineGroup, list[int]]]  # each group and the indices of its engines
+
+
+def grouped_engines(
+    model: Any,
+    policies: Sequence[Policy],
+    num_blocks: int,
+    block_size: int,
+    make: Callable[[int, PageStore], PagedEngine],
+) -> tuple[list[PagedEngine], Groups]:
+    """One engine per policy (``make(i, store)`` builds engine ``i`` on its part of an arena,
+    for a pool of ``num_blocks``), in one :class:`EngineGroup` per KV layer map; returns the
+    engines in ``policies`` order and the groups with the indices of their engines."""
+    layers = int(model.config.num_hidden_layers)
+    pages = BlockPool(num_blocks=num_blocks, num_layers=layers).num_pages
+    maps: dict[bytes, tuple[Any, list[int]]] = {}
+    for j, policy in enumerate(policies):
+        try:
+            lm = policy_layer_map(policy, layers)
+        except ValueError:
+            lm = None  # the engine refuses it, in one line
+        key = b"" if lm is None else np.asarray(lm, np.int64).tobytes()
+        maps.setdefault(key, (lm, []))[1].append(j)
+    engines: dict[int, PagedEngine] = {}
+    groups: Groups = []
+    for lm, members in maps.values():
+        group = EngineGroup(model, [pages] * len(members), block_size, layer_map=lm)
+        for j, store in zip(members, group.stores, strict=True):
+            engines[j] = make(j, store)
+        group.attach([engines[j] for j in members])
+        groups.append((group, members))
+    return [engines[j] for j in range(len(policies))], groups
+
+
+def step_groups(groups: Groups, num_engines: int) -> list[bool]:
+    """One step of every group; per engine (by index), whether it stepped."""
+    stepped = [False] * num_engines
+    for group, members in groups:
+        for j, flag in zip(members, group.step(), strict=True):
+            stepped[j] = flag
+    return stepped
