@@ -174,16 +174,33 @@ def bench_engine_cmd(
     ] = 4,
     repeats: RepeatsOpt = 3,
     threads: ThreadsOpt = None,
+    vs: Annotated[
+        str | None,
+        typer.Option(
+            help="Also time real vLLM's CPU build on the same prompts and lengths ('vllm'; "
+            "run from .venv-vllm)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Paged engine vs HF generate tokens/s (batch 1; a mixed batch), KV bytes, peak RSS,
-    cf-topk overhead in the engine."""
+    """Paged engine vs HF generate (and, with --vs vllm, real vLLM) tokens/s at batch 1 and
+    on a mixed batch, a decode step against its floor, KV bytes, peak RSS, cf-topk overhead
+    in the engine."""
     from memshare.validate.engine.bench import bench_engine
 
     if min(repeats, batch, max_new_tokens, concurrency) < 1:
         raise InputError(
             "--repeats/--batch/--max-new-tokens/--concurrency", "must be >= 1", "e.g. 3/16/64/4"
         )
+    versus = None
+    if vs is not None:
+        if vs != "vllm":
+            raise InputError(f"--vs {vs}", "is not an executor memshare can time", "use --vs vllm")
+        from memshare.traces.capture.vllm import check_vllm
+        from memshare.validate.vllm.bench import vllm_runs
+
+        check_vllm("--vs vllm")  # before the model loads
+        versus = ("vllm", vllm_runs)
     res = bench_engine(
         model=model,
         max_new_tokens=max_new_tokens,
@@ -192,6 +209,7 @@ def bench_engine_cmd(
         repeats=repeats,
         threads=threads,
         status=status_lines(as_json),
+        versus=versus,
     )
     render_figures("bench engine", res, as_json)
 

@@ -1,15 +1,16 @@
-"""Engines stepped in turn (:func:`run_each`), and the answers ``memshare validate`` generates
-under each policy (docs/validate.md).
+"""Engines stepped in turn (:func:`run_each`) or in one pass (:func:`run_in_one_pass`), and
+the answers ``memshare validate`` generates under each policy (docs/validate.md).
 
 *Generated answers* (traces captured with ``--dataset``): the paged engine generates every
 prompt greedily, up to the trace's own cap (``manifest.capture.generation.max_new_tokens``),
 stopping on EOS as capture did, under each run's policy and once unshared (``none``, shared by
 all runs). Per policy: answer agreement with the unshared run, accuracy against the gold answer
-(``meta.answer``) of both, and token agreement up to the first divergence. The throughput runs
-at a KV budget (:mod:`~memshare.validate.budget`) step their engines the same way.
+(``meta.answer``) of both, and token agreement up to the first divergence. Answers are not
+timed, so every run's step goes in one forward pass (:func:`run_in_one_pass`).
 
-The engines of a part are stepped in turn, one step each (each engine's clock counts its own
-steps only), so a machine whose load changes during the runs slows every policy alike.
+The throughput runs at a KV budget (:mod:`~memshare.validate.budget`) are timed: their engines
+are stepped in turn, one step each (each engine's clock counts its own steps only), so a
+machine whose load changes during the runs slows every policy alike.
 
 Invariants: the unshared engine runs once per part and is also the measured run of a ``none``
 policy; no function here writes anything but the engine folders :func:`write_engine` is given.

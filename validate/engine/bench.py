@@ -29,6 +29,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
@@ -92,7 +93,22 @@ def _engine(
     return time.perf_counter() - t, engine
 
 
-def _pairs(
+# a third executor on the same prompts: (prompts, lengths, seqs) -> (seconds, output ids)
+Versus = Callable[[list[list[int]], list[int], int], tuple[float, list[list[int]]]]
+
+
+@dataclass
+class _Runs:
+    """One configuration's seconds per repeat: HF ``generate``, the engine, and (``--vs``)
+    the third executor; whether the third's outputs equal the engine's, per request."""
+
+    hf_s: list[float] = field(default_factory=list)
+    engine_s: list[float] = field(default_factory=list)
+    vs_s: list[float] = field(default_factory=list)
+    vs_same: list[bool] = field(default_factory=list)
+
+
+def _repeats(
     backend: Any,
     mine: Any,
     label: str,
@@ -101,26 +117,31 @@ def _pairs(
     seqs: int,
     repeats: int,
     status: Callable[[str], None] | None,
-) -> list[tuple[float, float]]:
-    """``repeats`` pairs of seconds: HF ``generate``, then the engine (on ``mine``) right
-    after it, at most ``seqs`` sequences at a time."""
-    runs: list[tuple[float, float]] = []
+    versus: Versus | None,
+) -> _Runs:
+    """``repeats`` runs of each, back to back: HF ``generate``, the engine (on ``mine``),
+    then ``versus``, at most ``seqs`` sequences at a time."""
+    runs = _Runs()
     for r in range(repeats):
         if status:
             status(f"{label}: run {r + 1} of {repeats}")
-        hf = _hf_batches(backend, prompts, lengths, seqs)
-        runs.append((hf, _engine(mine, prompts, lengths, "none", seqs)[0]))
+        runs.hf_s.append(_hf_batches(backend, prompts, lengths, seqs))
+        eng_s, eng = _engine(mine, prompts, lengths, "none", seqs)
+        runs.engine_s.append(eng_s)
+        if versus is not None:
+            vs_s, outputs = versus(prompts, lengths, seqs)
+            runs.vs_s.append(vs_s)
+            mine_out = [q.output_ids for q in eng.requests]
+            runs.vs_same = [a == b for a, b in zip(mine_out, outputs, strict=True)]
     return runs
 
 
-def _figures(runs: list[tuple[float, float]], tokens: int, seqs: int) -> dict[str, Any]:
-    """One configuration's figures from its ``(hf_s, engine_s)`` pairs."""
-    hf_s = [h for h, _ in runs]
-    eng_s = [e for _, e in runs]
-    hf_tps = tokens / statistics.median(hf_s)
-    eng_tps = tokens / statistics.median(eng_s)
-    pairs = [h / e for h, e in zip(hf_s, eng_s, strict=True)]
-    return {
+def _figures(runs: _Runs, tokens: int, seqs: int, vs_name: str) -> dict[str, Any]:
+    """One configuration's figures from its runs (ratios: the median of each repeat's)."""
+    hf_tps = tokens / statistics.median(runs.hf_s)
+    eng_tps = tokens / statistics.median(runs.engine_s)
+    pairs = [h / e for h, e in zip(runs.hf_s, runs.engine_s, strict=True)]
+    out = {
         "tokens": tokens,
         "hf_tokens_per_s": round(hf_tps, 1),
         "engine_tokens_per_s": round(eng_tps, 1),
@@ -128,9 +149,19 @@ def _figures(runs: list[tuple[float, float]], tokens: int, seqs: int) -> dict[st
         "engine_over_hf_pairs": [round(x, 3) for x in pairs],
         "ratio_of_medians": round(eng_tps / hf_tps, 3),
         "concurrent_seqs": seqs,
-        "hf_s": [round(x, 3) for x in hf_s],
-        "engine_s": [round(x, 3) for x in eng_s],
+        "hf_s": [round(x, 3) for x in runs.hf_s],
+        "engine_s": [round(x, 3) for x in runs.engine_s],
     }
+    if runs.vs_s:
+        ratios = [v / e for v, e in zip(runs.vs_s, runs.engine_s, strict=True)]
+        out |= {
+            f"{vs_name}_tokens_per_s": round(tokens / statistics.median(runs.vs_s), 1),
+            f"engine_over_{vs_name}": round(statistics.median(ratios), 3),
+            f"engine_over_{vs_name}_pairs": [round(x, 3) for x in ratios],
+            f"{vs_name}_s": [round(x, 3) for x in runs.vs_s],
+            f"{vs_name}_same_tokens": f"{sum(runs.vs_same)} of {len(runs.vs_same)} requests",
+        }
+    return out
 
 
 def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
@@ -208,8 +239,10 @@ def bench_engine(
     repeats: int = 3,
     threads: int | None = None,
     status: Callable[[str], None] | None = None,
+    versus: tuple[str, Callable[[Any, int, int], Versus]] | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns its figures."""
+    """Run the benchmark; returns its figures. ``versus``: a third executor's name and its
+    factory, called with the loaded model, the largest batch and the longest request."""
     from memshare.traces.model.loader import load_model
 
     if status:
@@ -220,13 +253,21 @@ def bench_engine(
     one = _prompts(backend, 1)
     mixed = _prompts(backend, batch)
     mixed_lengths = [max(8, max_new_tokens * (1 + i % 4) // 4) for i in range(batch)]
+    third: Versus | None = None
+    vs_name = ""
+    if versus is not None:
+        vs_name, factory = versus
+        if status:
+            status(f"starting {vs_name}")
+        longest = max(len(p) for p in mixed + one) + max_new_tokens
+        third = factory(backend, batch, longest)
     for label, prompts, lengths, seqs in (
         ("batch_1", one, [max_new_tokens], 1),
         (f"mixed_{batch}", mixed, mixed_lengths, batch),
         (f"mixed_{batch}_at_{concurrency}", mixed, mixed_lengths, concurrency),
     ):
-        runs = _pairs(backend, mine, label, prompts, lengths, seqs, repeats, status)
-        out[label] = _figures(runs, sum(lengths), seqs)
+        runs = _repeats(backend, mine, label, prompts, lengths, seqs, repeats, status, third)
+        out[label] = _figures(runs, sum(lengths), seqs, vs_name)
     if status:
         status("a decode step against reading the weights once")
     out["decode_step"] = _decode_floor(mine, one[0], max_new_tokens)
