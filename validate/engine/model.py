@@ -14,8 +14,9 @@ hooks in through supported interfaces only:
   ``set_attn_implementation``; the forward runs with ``use_cache=False`` so HF keeps no cache.
 
 The engine owns its model object: the constructor switches its attention implementation and
-its float32 CPU linear layers to :class:`~memshare.validate.engine.skinny.SkinnyLinear` (the same
-product, faster for a decode step's few rows), the first step registers hooks,
+its float32 CPU linear layers to :class:`~memshare.validate.engine.packed_linear.PackedLinear`
+(the same product on oneDNN with the weight packed once, faster at every row count), the first
+step registers hooks,
 and nothing is restored (``close()`` removes the hooks only). Pass a copy when the same model
 must also run plain HF code.
 
@@ -42,7 +43,7 @@ from memshare.validate.engine.attention import (
     rope_is_half_form,
 )
 from memshare.validate.engine.batch import BatchPlan, SeqChunk, check_layer_map, plan_step
-from memshare.validate.engine.skinny import use_skinny_linears
+from memshare.validate.engine.packed_linear import use_packed_linears
 from memshare.validate.engine.store import PageStore
 
 __all__ = ["PagedModel", "SeqChunk"]
@@ -85,7 +86,7 @@ class PagedModel:
         if torch.device(store.device) != param.device:
             raise ValueError(f"store on {store.device}, model on {param.device}")
         self.model = hf_model.eval()
-        use_skinny_linears(hf_model)  # a decode step's few rows, faster (CPU, float32)
+        use_packed_linears(hf_model)  # oneDNN on packed weights (CPU, float32)
         self.store = store
         self.layer_map = check_layer_map(layer_map, self._num_layers)
         self._rotary = rotary
