@@ -103,7 +103,7 @@ def test_generated_ids_and_sketches_agree_with_hf(backend: Any, keys: str, tmp_p
 
 
 def test_the_probed_layout_holds_the_keys_and_the_other_does_not(backend: Any) -> None:
-    from memshare.traces.capture.vllm import LAYOUTS
+    from memshare.traces.capture.vllm_blocks import LAYOUTS
 
     ids = backend.encode("Let me think about this step by step. " * 12)[0][:100]
     ref = backend.text.teacher_force([], ids, frozenset({"k_rope", "v"}))

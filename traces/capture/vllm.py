@@ -36,15 +36,14 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from memshare.errors import InputError
 from memshare.traces.capture.base import CapturedRequest, GenerationSettings, KeyMode, KVField
+from memshare.traces.capture.vllm_blocks import LAYOUTS, BlockLayout, copy_blocks, unpack
 from memshare.traces.capture.vllm_rope import Unroper
 from memshare.traces.schema import ModelInfo
 
@@ -82,52 +81,6 @@ def kv_bytes_per_token(m: ModelInfo) -> int:
     """K and V of one token over every layer, in the model's dtype."""
     size = 4 if m.dtype == "float32" else 2
     return 2 * m.num_layers * m.num_kv_heads * m.head_dim * size
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """How one cache block of ``[kv_heads, block, 2 * head_dim]`` holds K and V: viewed as
-    ``[kv_heads, 2 * block, head_dim]``, the first ``block`` rows are K (``k_transposed``: K is
-    stored as ``[head_dim, block]`` in them) and the rest V as ``[block, head_dim]``."""
-
-    name: str
-    k_transposed: bool
-
-
-LAYOUTS = (BlockLayout("k-transposed", True), BlockLayout("k-rows", False))
-
-
-def copy_blocks(caches: Sequence[Any], block_ids: Sequence[int]) -> Any:
-    """A copy of blocks ``block_ids`` of every layer's cache: ``(L, n, kv_heads, block,
-    2 * head_dim)``, as stored."""
-    import torch
-
-    ids = torch.tensor(list(block_ids), dtype=torch.long)
-    return torch.stack([c.index_select(0, ids) for c in caches])
-
-
-def unpack(
-    raw: Any, tokens: int, layout: BlockLayout
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """K and V of the first ``tokens`` tokens of :func:`copy_blocks`' blocks under ``layout``:
-    ``(layers, tokens, kv_heads, head_dim)`` float32 each."""
-    L, n, H, B, D2 = raw.shape
-    D = D2 // 2
-    halves = raw.reshape(L, n, H, 2 * B, D)
-    k_raw, v = halves[:, :, :, :B], halves[:, :, :, B:]
-    if layout.k_transposed:
-        k = k_raw.reshape(L, n, H, D, B).permute(0, 1, 4, 2, 3)  # (L, n, B, H, D)
-    else:
-        k = k_raw.permute(0, 1, 3, 2, 4)
-    v = v.permute(0, 1, 3, 2, 4)
-
-    def flat(t: Any) -> npt.NDArray[np.float32]:
-        arr: npt.NDArray[np.float32] = (
-            t.reshape(L, n * B, H, D)[:, :tokens].float().contiguous().numpy()
-        )
-        return arr
-
-    return flat(k), flat(v)
 
 
 class VllmBackend:
@@ -190,18 +143,23 @@ class VllmBackend:
                 "use a decoder-only model whose every layer has full attention",
             )
         self._seq = 0
-        # pre-RoPE keys where every layer's rotary module can be inverted (else post-RoPE only)
+        self._pre_rope(runner.model, names)
+        self.layout = self._probe_layout()
+
+    def _pre_rope(self, model: Any, names: Sequence[str]) -> None:
+        """Pre-RoPE keys where every layer's rotary module can be inverted (an
+        :class:`Unroper`; its round trip is checked by the layout probe), else post-RoPE
+        keys only (``no_pre_rope`` says why)."""
         self.unroper: Unroper | None = None
         self.no_pre_rope = ""
         try:
-            self.unroper = Unroper(runner.model, names)
+            self.unroper = Unroper(model, names)
         except InputError as e:
             self.no_pre_rope = e.problem
         self.key_modes: tuple[KeyMode, ...] = (
             ("pre_rope", "post_rope") if self.unroper else ("post_rope",)
         )
         self.round_trip_error: float | None = None
-        self.layout = self._probe_layout()
 
     # -- delegated: the same ids, text and model facts as the HF backend -----------------
 
