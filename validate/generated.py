@@ -29,8 +29,6 @@ import numpy as np
 
 from memshare.errors import InputError
 from memshare.kv_manager import blocks_for_all
-from memshare.policy import Policy
-from memshare.registry import make_policy
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape, plan_shape
 from memshare.sim.run import LoadedTrace
@@ -42,7 +40,7 @@ from memshare.validate.engine.live_blocks import TokenStarts
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.records import PagedRunResult
 from memshare.validate.engine.store import PageStore
-from memshare.validate.measure import Progress
+from memshare.validate.measure import Progress, policy_of
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -105,11 +103,6 @@ def make_engine(
     return PagedEngine(
         own, policy_of(cfg), specs, opts, eos_ids=eos_ids, token_starts=token_starts, store=store
     )
-
-
-def policy_of(cfg: SimConfig | None) -> Policy:
-    """``cfg``'s policy, fresh (``None``: the unshared ``none``)."""
-    return make_policy("none") if cfg is None else make_policy(cfg.policy, **cfg.policy_params)
 
 
 def _is_base(cfg: SimConfig) -> bool:

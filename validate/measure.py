@@ -170,7 +170,7 @@ def engine_for(
         sketch_seed=sk.seed if sk is not None else EngineOptions.sketch_seed,
     )
     own = copy.deepcopy(model) if store is None else model
-    return PagedEngine(own, _policy(cfg), wl.specs, opts, eos_ids=frozenset(), store=store)
+    return PagedEngine(own, policy_of(cfg), wl.specs, opts, eos_ids=frozenset(), store=store)
 
 
 def _plain_none(cfg: SimConfig) -> bool:
@@ -178,7 +178,8 @@ def _plain_none(cfg: SimConfig) -> bool:
     return cfg.policy == "none" and not cfg.policy_params
 
 
-def _policy(cfg: SimConfig | None) -> Policy:
+def policy_of(cfg: SimConfig | None) -> Policy:
+    """``cfg``'s policy, fresh (``None``: the unshared ``none``)."""
     return make_policy("none") if cfg is None else make_policy(cfg.policy, **cfg.policy_params)
 
 
@@ -251,7 +252,7 @@ def _grouped(
     """One engine per config, on parts of one arena per layer map; fills ``groups``."""
     engines, built = grouped_engines(
         model,
-        [_policy(c) for c in cfgs],
+        [policy_of(c) for c in cfgs],
         wl.num_blocks,
         wl.block_size,
         lambda j, store: engine_for(model, cfgs[j], wl, sched, store),
