@@ -100,7 +100,8 @@ Versus = Callable[[list[list[int]], list[int], int], tuple[float, list[list[int]
 @dataclass
 class _Runs:
     """One configuration's seconds per repeat: HF ``generate``, the engine, and (``--vs``)
-    the third executor; whether the third's outputs equal the engine's, per request."""
+    the third executor; per request, whether the third's outputs equal the engine's in every
+    repeat."""
 
     hf_s: list[float] = field(default_factory=list)
     engine_s: list[float] = field(default_factory=list)
@@ -131,8 +132,8 @@ def _repeats(
         if versus is not None:
             vs_s, outputs = versus(prompts, lengths, seqs)
             runs.vs_s.append(vs_s)
-            mine_out = [q.output_ids for q in eng.requests]
-            runs.vs_same = [a == b for a, b in zip(mine_out, outputs, strict=True)]
+            same = [q.output_ids == o for q, o in zip(eng.requests, outputs, strict=True)]
+            runs.vs_same = [a and b for a, b in zip(runs.vs_same or same, same, strict=True)]
     return runs
 
 
