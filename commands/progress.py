@@ -68,6 +68,8 @@ class Bar:
         self.task = None if label is None else self.bar.add_task(label, total=None, rate="")
         self.runs: dict[str, TaskID] = {}
         self.notice: str | None = None
+        self.jobs_task: TaskID | None = None
+        self.tally: Any = None  # the last fan-out tally (:meth:`jobs`)
 
     def tick(self, done: int) -> None:
         """``done`` items so far (of an unknown total)."""
@@ -93,6 +95,23 @@ class Bar:
         if label not in self.runs:
             self.runs[label] = self.bar.add_task(f"simulating {label}", total=total, rate="")
         self.bar.update(self.runs[label], completed=done)
+
+    def jobs(self, tally: Any) -> None:
+        """Take a fan-out's :class:`~memshare.fanout.tally.Tally`: one row over all jobs
+        (finished of total; running, retried, failed beside it); kept for :meth:`summary`."""
+        self.tally = tally
+        if not self.live or tally.total < 2:
+            return
+        if self.jobs_task is None:
+            self.jobs_task = self.bar.add_task("jobs", total=tally.total, rate="")
+        what = f"jobs: {tally.running} running, {tally.retried} retried, {tally.failed} failed"
+        self.bar.update(self.jobs_task, description=what, completed=tally.done + tally.failed)
+
+    def summary(self, executor: str | None) -> None:
+        """After a fan-out on ``executor`` (None: in-process, nothing said): one line on stderr
+        with the jobs' final tally."""
+        if executor is not None and self.tally is not None:
+            self.notice = f"memshare: {self.tally.total} jobs on {executor}: {self.tally.line()}"
 
     def capture(self, p: Any) -> None:
         """Take a :class:`~memshare.traces.capture.run.CaptureProgress`: a status line while

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from memshare.commands.fanout_args import FanOutArgs
 from memshare.commands.options import (
     JsonOpt,
     KvBlocksOpt,
@@ -44,6 +45,7 @@ SweepArg = Annotated[str, typer.Argument(metavar=SWEEP_ARG, help="Option and its
 @spread
 def simulate_cmd(
     args: SimArgs,
+    fan: FanOutArgs,
     sweep: SweepOpt = None,
     plot: PlotOpt = False,
     output: SimOutputOpt = None,
@@ -58,11 +60,12 @@ def simulate_cmd(
                 f"given {len(sweep)} times ({', '.join(sweep)}); a sweep varies one option",
                 "give --sweep once (sweep a second option in a run of its own)",
             )
-        _sweep(args, sweep[0], "--sweep", _Out(output, overwrite, plot, as_json))
+        _sweep(args, sweep[0], "--sweep", _Out(output, overwrite, plot, as_json), fan)
         return
     from memshare.sim.report import render_study
     from memshare.sim.study import simulate, study_json
 
+    fan_out = fan.fan_out()
     with Bar(as_json, None) as bar:
         bar.notice = args.notice
         result = simulate(
@@ -72,7 +75,10 @@ def simulate_cmd(
             plot=plot,
             progress=bar.run,
             warn=warn,
+            fan=fan_out,
+            jobs_progress=bar.jobs,
         )
+        bar.summary(fan_out.ray and "ray")
     if as_json:
         print_json(study_json(result))
     else:
@@ -82,6 +88,7 @@ def simulate_cmd(
 @spread
 def sweep_cmd(
     args: SimArgs,
+    fan: FanOutArgs,
     param: SweepArg,
     plot: PlotOpt = False,
     output: SimOutputOpt = None,
@@ -89,7 +96,7 @@ def sweep_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate over one option's values: one table and one line plot (e.g. hit rate vs KV)."""
-    _sweep(args, param, SWEEP_ARG, _Out(output, overwrite, plot, as_json))
+    _sweep(args, param, SWEEP_ARG, _Out(output, overwrite, plot, as_json), fan)
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class _Out:
     as_json: bool
 
 
-def _sweep(args: SimArgs, sweep: str, arg: str, o: _Out) -> None:
+def _sweep(args: SimArgs, sweep: str, arg: str, o: _Out, fan: FanOutArgs) -> None:
     """Run the sweep ``sweep``, typed as ``arg`` (``--sweep`` or ``KEY=A,B,C``); each swept
     value of an option passes that option's own command-line check first."""
     from memshare.sim.options import parse_sweep
@@ -112,6 +119,7 @@ def _sweep(args: SimArgs, sweep: str, arg: str, o: _Out) -> None:
 
     spec = parse_sweep(sweep, arg)
     check_as_typed(spec)
+    fan_out = fan.fan_out()
     with Bar(o.as_json, None) as bar:
         bar.notice = args.notice
         result = run_sweep(
@@ -122,7 +130,10 @@ def _sweep(args: SimArgs, sweep: str, arg: str, o: _Out) -> None:
             plot=o.plot,
             progress=bar.run,
             warn=warn,
+            fan=fan_out,
+            jobs_progress=bar.jobs,
         )
+        bar.summary(fan_out.ray and "ray")
     if o.as_json:
         print_json(sweep_json(result))
     else:
@@ -146,8 +157,10 @@ def check_as_typed(spec: SweepSpec) -> None:
             raise spec.refused(value, e) from None
 
 
+@spread
 def study_cmd(
     trace: Annotated[Path, typer.Argument(metavar="TRACE", help="A trace with KV sketches.")],
+    fan: FanOutArgs,
     output: Annotated[Path, output_option("Output directory.")] = Path("runs/study"),
     tau: Annotated[list[float] | None, typer.Option(help="cf-topk tau values (repeat).")] = None,
     kv_blocks: KvBlocksOpt = "unlimited",
@@ -167,11 +180,22 @@ def study_cmd(
     for value in taus:  # cf-topk's own check of its tau, named as the user typed it
         coerce_params("cf-topk", {"tau": value}, where="--tau")
     base = SimOptions(trace=trace, kv_blocks=kv_blocks, sets=tuple(settings or ()), limit=limit)
+    fan_out = fan.fan_out()
     claim_output(output, "-o", STUDY, overwrite=overwrite)
     with Bar(as_json, "study") as bar:
-        rows = run_study(base, taus=taus, progress=lambda _l, n, _t: bar.tick(n), warn=warn)
+        rows = run_study(
+            base,
+            taus=taus,
+            progress=lambda _l, n, _t: bar.tick(n),
+            warn=warn,
+            fan=fan_out,
+            output=output,
+            jobs_progress=bar.jobs,
+        )
+        bar.summary(fan_out.ray and "ray")
     with staged_output(output) as stage:
         write_study(rows, stage, plot=plot)
+    fan_out.store(output).clear()
     if as_json:
         print_json(rows_json(rows))
         return

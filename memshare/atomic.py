@@ -16,14 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str, verify: Callable[[Path], None] | None = None) -> None:
-    """Write ``text`` to ``path`` whole; ``verify(tmp)`` may raise to keep ``path`` as it was."""
+def write_atomic(
+    path: Path, text: str | bytes, verify: Callable[[Path], None] | None = None
+) -> None:
+    """Write ``text`` (UTF-8 text, or bytes as they are) to ``path`` whole; ``verify(tmp)``
+    may raise to keep ``path`` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        data = text.encode() if isinstance(text, str) else text
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         if verify is not None:

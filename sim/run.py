@@ -308,12 +308,13 @@ def config_json(out: RunOutput) -> dict[str, Any]:
     }
 
 
-def write_run(out: RunOutput, directory: Path) -> None:
-    """Write the run directory (created if missing; files replaced)."""
+def write_run(out: RunOutput, directory: Path, ran_on: dict[str, Any] | None = None) -> None:
+    """Write the run directory (created if missing; files replaced); ``ran_on`` (where its
+    job ran: :func:`memshare.sim.jobs.ran_on`) goes to ``perf.json``."""
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / CONFIG, config_json(out))
     _write_json(directory / METRICS, out.metrics)
-    _write_json(directory / PERF, perf(out))
+    _write_json(directory / PERF, perf(out) | ({} if ran_on is None else {"ran_on": ran_on}))
     (directory / TIMELINE).write_text(timeline_csv(out.result), encoding="utf-8")
     (directory / REQUESTS).write_text(requests_csv(out.result), encoding="utf-8")
 

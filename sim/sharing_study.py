@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.fanout.options import IN_PROCESS, FanOut
+from memshare.fanout.tally import Tally
 from memshare.outdir import OutputKind
 from memshare.registry import param_defaults
+from memshare.sim.jobs import JobsProgress, run_sim_jobs, sim_job
 from memshare.sim.options import SimOptions, build_configs
-from memshare.sim.run import LoadedTrace, run_config
+from memshare.sim.run import LoadedTrace
 from memshare.sim.study import warn_before_runs
 
 STUDY = OutputKind("study", "study.json")  # what `memshare study -o` holds (one study)
@@ -69,8 +72,13 @@ def run_study(
     options: Sequence[tuple[str, str]] = OPTIONS,
     progress: Callable[[str, int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    fan: FanOut = IN_PROCESS,
+    output: Path | None = None,
+    jobs_progress: JobsProgress = None,
 ) -> list[StudyRow]:
-    """All baselines and cf-topk options over ``base`` (its policies are replaced)."""
+    """All baselines and cf-topk options over ``base`` (its policies are replaced), a job
+    each (run as ``fan`` says; ``output``: the study's folder, whose job store keeps finished
+    runs for ``--resume``). ``progress(label, runs done, runs)`` as runs finish."""
     trace = LoadedTrace.load(Path(base.trace))
     if not trace.has_sketches:
         raise InputError(
@@ -87,22 +95,40 @@ def run_study(
         for name, sets, _ in plan
     ]  # every config checked before the first run
     warn_before_runs(configs, trace, warn)
+    jobs = [
+        sim_job(cfg, trace, _label(name, setting), metrics_only=True)
+        for (name, _, setting), cfg in zip(plan, configs, strict=True)
+    ]
+    tick = None if progress is None else _job_ticker(progress, len(plan))
+    done = run_sim_jobs(jobs, trace, fan, output, jobs_progress=_both(tick, jobs_progress))
     rows: list[StudyRow] = []
     none_mean = none_peak = 0.0
-    for n, ((name, _, setting), cfg) in enumerate(zip(plan, configs, strict=True)):
-        granularity, share, tau = setting
-        if progress is not None:
-            progress(
-                name if tau is None else f"cf-topk {granularity}/{share} tau={tau:g}", n, len(plan)
-            )
-        m = run_config(cfg, trace).metrics
+    for (name, _, setting), o in zip(plan, done, strict=True):
+        m = o.value
         if name == "none":
             none_mean = float(m["kv"]["mean_bytes_in_use"])
             none_peak = float(m["kv"]["peak_bytes_in_use"])
         rows.append(_row(name, setting, m, none_mean, none_peak))
-    if progress is not None:
-        progress("done", len(plan), len(plan))
     return rows
+
+
+def _label(name: str, setting: Setting) -> str:
+    granularity, share, tau = setting
+    return name if tau is None else f"cf-topk {granularity}/{share} tau={tau:g}"
+
+
+def _job_ticker(progress: Callable[[str, int, int], None], total: int) -> Callable[[Tally], None]:
+    """``progress("study", finished runs, total)`` from the jobs' tally."""
+    progress("study", 0, total)
+    return lambda t: progress("study", t.done + t.failed, total)
+
+
+def _both(
+    a: Callable[[Tally], None] | None, b: Callable[[Tally], None] | None
+) -> Callable[[Tally], None] | None:
+    if a is None or b is None:
+        return a or b
+    return lambda t: (a(t), b(t))[-1]
 
 
 def _plan(

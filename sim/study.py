@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.fanout.jobs import Outcome
+from memshare.fanout.options import IN_PROCESS, FanOut
 from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
+from memshare.sim.jobs import JobsProgress, ran_on, run_sim_jobs, sim_job
 from memshare.sim.metrics import flatten
 from memshare.sim.options import (
     SimOptions,
@@ -42,7 +45,6 @@ from memshare.sim.run import (
     keys_warning,
     perf,
     resolve,
-    run_config,
     write_run,
 )
 
@@ -90,9 +92,12 @@ def simulate(
     plot: bool = False,
     progress: StudyProgress | None = None,
     warn: Warn | None = None,
+    fan: FanOut = IN_PROCESS,
+    jobs_progress: JobsProgress = None,
 ) -> StudyResult:
-    """Run every ``--policy`` on the trace; write run directories (and plots). ``warn`` gets
-    each distinct warning (:func:`warn_before_runs`) before the first run.
+    """Run every ``--policy`` on the trace, a job each (:mod:`memshare.sim.jobs`, run as
+    ``fan`` says); write run directories (and plots). ``warn`` gets each distinct warning
+    (:func:`warn_before_runs`) before the first run.
 
     ``output`` (default :func:`default_output`) is claimed before the first run
     (:func:`claim_runs`) and written only when every run finished, whole
@@ -105,18 +110,20 @@ def simulate(
     out_dir = output or default_output(opts)
     claim_runs(out_dir, overwrite=overwrite)
     multi = len(configs) > 1
-    done = [
-        run_config(cfg, trace, progress=_ticker(progress, cfg.policy, trace, cfg.limit))
-        for cfg in configs
-    ]
+    jobs = [sim_job(cfg, trace, cfg.policy) for cfg in configs]
+    done = run_sim_jobs(
+        jobs, trace, fan, out_dir, run_progress=progress, jobs_progress=jobs_progress
+    )
     runs = [
-        LabeledRun(o.config.policy, o, out_dir / o.config.policy if multi else out_dir)
+        LabeledRun(
+            o.value.config.policy, o.value, out_dir / o.value.config.policy if multi else out_dir
+        )
         for o in done
     ]
     result = StudyResult(runs, out_dir)
     with staged_output(out_dir) as stage:
-        for r in runs:
-            write_run(r.out, stage / r.directory.relative_to(out_dir))
+        for r, o in zip(runs, done, strict=True):
+            write_run(r.out, stage / r.directory.relative_to(out_dir), ran_on(o))
         if multi:
             comparison = {r.label: r.out.metrics for r in runs}
             _write_json(stage / "comparison.json", {"policies": comparison})
@@ -124,6 +131,7 @@ def simulate(
             from memshare.sim.plots import plot_runs
 
             result.plots = [out_dir / p.name for p in plot_runs(runs, stage)]
+    fan.store(out_dir).clear()
     return result
 
 
@@ -136,8 +144,11 @@ def sweep(
     plot: bool = False,
     progress: StudyProgress | None = None,
     warn: Warn | None = None,
+    fan: FanOut = IN_PROCESS,
+    jobs_progress: JobsProgress = None,
 ) -> SweepResult:
-    """Run every policy at every value of ``spec``; write the points, a table and a plot.
+    """Run every policy at every value of ``spec``, a job each (run as ``fan`` says); write
+    the points, a table and a plot.
 
     Every point is checked (:func:`plan_sweep`) and ``output`` claimed before the first run;
     the folder is written whole when the last run finished, replacing an earlier run."""
@@ -146,20 +157,28 @@ def sweep(
     warn_before_runs([cfg for _, configs in planned for cfg in configs], trace, warn)
     out_dir = output or default_output(opts, spec)
     claim_runs(out_dir, overwrite=overwrite)
-    points: list[tuple[Any, list[LabeledRun]]] = []
+    jobs = [
+        sim_job(cfg, trace, f"{spec.key}={value} {cfg.policy}")
+        for value, configs in planned
+        for cfg in configs
+    ]
+    done = iter(
+        run_sim_jobs(jobs, trace, fan, out_dir, run_progress=progress, jobs_progress=jobs_progress)
+    )
+    points: list[tuple[Any, list[tuple[LabeledRun, Outcome]]]] = []
     for value, configs in planned:
         runs = []
         for cfg in configs:
-            label = f"{spec.key}={value} {cfg.policy}"
-            out = run_config(cfg, trace, progress=_ticker(progress, label, trace, cfg.limit))
-            runs.append(LabeledRun(cfg.policy, out, out_dir / spec.label(value) / cfg.policy))
+            o = next(done)
+            where = out_dir / spec.label(value) / cfg.policy
+            runs.append((LabeledRun(cfg.policy, o.value, where), o))
         points.append((value, runs))
-    result = SweepResult(spec, points, out_dir)
+    result = SweepResult(spec, [(v, [r for r, _ in runs]) for v, runs in points], out_dir)
     rows = sweep_rows(result)
     with staged_output(out_dir) as stage:
         for _, runs in points:
-            for r in runs:
-                write_run(r.out, stage / r.directory.relative_to(out_dir))
+            for r, o in runs:
+                write_run(r.out, stage / r.directory.relative_to(out_dir), ran_on(o))
         table = {"key": spec.key, "values": list(spec.values), "rows": rows}
         _write_json(stage / SWEEP_JSON, table)
         (stage / "sweep.csv").write_text(_csv(rows), encoding="utf-8")
@@ -167,6 +186,7 @@ def sweep(
             from memshare.sim.plots import plot_sweep
 
             result.plots = [out_dir / p.name for p in plot_sweep(result, stage)]
+    fan.store(out_dir).clear()
     return result
 
 
@@ -252,16 +272,6 @@ def sweep_json(result: SweepResult) -> dict[str, Any]:
         "rows": sweep_rows(result),
         "plots": [str(p) for p in result.plots],
     }
-
-
-def _ticker(
-    progress: StudyProgress | None, label: str, trace: LoadedTrace, limit: int | None
-) -> Callable[[int], None] | None:
-    if progress is None:
-        return None
-    total = min(len(trace.records), limit or len(trace.records))
-    progress(label, 0, total)
-    return lambda n: progress(label, n, total)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -1,0 +1,84 @@
+"""Simulator runs as fan-out jobs (:mod:`memshare.fanout`): one job per run of ``simulate``,
+``sweep`` and ``study``, the trace shipped once to every worker.
+
+Invariants: a job's key names its config and the trace's committed manifest, so ``--resume``
+reuses a result only for the same run of the same trace; the simulator is deterministic, so a
+job's result is byte-identical whichever executor ran it; the driver writes every file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from memshare.fanout.host import Host
+from memshare.fanout.jobs import Job, Outcome, job_key
+from memshare.fanout.local import LocalExecutor
+from memshare.fanout.options import FanOut
+from memshare.fanout.run import fan_out, raise_failures
+from memshare.fanout.tally import Tally
+from memshare.sim.config import SimConfig
+from memshare.sim.run import LoadedTrace, RunOutput, run_config
+
+JobsProgress = Callable[[Tally], None] | None  # the CLI's bar over the jobs
+RunProgress = Callable[[str, int, int], None] | None  # (run label, requests done, total)
+
+
+def sim_job(cfg: SimConfig, trace: LoadedTrace, label: str, *, metrics_only: bool = False) -> Job:
+    """The job that simulates ``cfg`` on ``trace`` (``metrics_only``: it returns the metrics
+    dict alone, all a study reads)."""
+    manifest = json.loads(trace.manifest.to_json())
+    spec = {"config": cfg.to_dict(), "trace": manifest, "metrics_only": metrics_only}
+    return Job(job_key("sim", spec), label, run_sim_job, (cfg, label, metrics_only))
+
+
+def run_sim_job(
+    host: Host, trace: LoadedTrace, cfg: SimConfig, label: str, metrics_only: bool
+) -> RunOutput | dict[str, Any]:
+    """Simulate ``cfg`` (a job's function: runs on any host)."""
+    out = run_config(cfg, trace, progress=host.ticker(label, _requests(trace, cfg.limit)))
+    if metrics_only:
+        return out.metrics
+    for q in out.result.requests:  # the run's live links (trace sketches, SimPy events)
+        q.block_info = q.done = q.state = None
+    return out
+
+
+def run_sim_jobs(
+    jobs: Sequence[Job],
+    trace: LoadedTrace,
+    fan: FanOut,
+    output: Path | None,
+    *,
+    run_progress: RunProgress = None,
+    jobs_progress: JobsProgress = None,
+) -> list[Outcome]:
+    """Run ``jobs`` as ``fan`` says, results kept in ``output``'s job store (none without an
+    ``output``) until the caller wrote ``output`` (then
+    :meth:`~memshare.fanout.store.JobStore.clear`). In-process,
+    ``run_progress(label, done, total)`` gets each run's requests; every executor reports
+    the jobs' tally to ``jobs_progress``. A job that refused its input fails the command with
+    one line naming it, after the others finished (their results stay in the store)."""
+    executor = fan.executor()
+    if isinstance(executor, LocalExecutor):
+        executor.host.report = run_progress
+    store = None if output is None else fan.store(output)
+    try:
+        outcomes = fan_out(jobs, executor, shared=trace, store=store, progress=jobs_progress)
+    finally:
+        executor.close()
+    raise_failures(outcomes, "--resume")
+    return outcomes
+
+
+def ran_on(o: Outcome) -> dict[str, Any] | None:
+    """Where a run's job ran (``perf.json``'s ``ran_on``), None when taken from the store."""
+    if o.where is None:
+        return None
+    return o.where.to_dict() | {"attempts": o.attempts, "resumed": o.resumed}
+
+
+def _requests(trace: LoadedTrace, limit: int | None) -> int:
+    return min(len(trace.records), limit or len(trace.records))
