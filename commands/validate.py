@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from memshare.commands.fanout_args import FanOutArgs
 from memshare.commands.options import (
     DeviceOpt,
     DtypeOpt,
@@ -108,23 +109,33 @@ class ValidateArgs:
 
 
 @spread
-def validate_cmd(args: ValidateArgs, as_json: JsonOpt = False) -> None:
+def validate_cmd(args: ValidateArgs, fan: FanOutArgs, as_json: JsonOpt = False) -> None:
     """Run the real model on the paged engine for every simulated run under RUN and report
     measured memory, fidelity and time beside the simulator's prediction (validation.json):
     teacher-forced texts for fidelity, throughput at a KV budget where none must queue, and
     answers generated under each policy for a trace captured from a dataset. With
     --engine vllm, real vLLM serves the budget run of each none/prefix run instead."""
+    from memshare.errors import InputError
+    from memshare.fanout.options import IN_PROCESS
     from memshare.validate.options import ValidateOptions
     from memshare.validate.report import render_validation
     from memshare.validate.validation import validate
     from memshare.validate.vllm.validate import validate_vllm
 
+    fan_out = fan.fan_out()
     with Bar(as_json) as bar:
         opts = ValidateOptions(**fields_of(args))
         if opts.engine == "vllm":
+            if fan_out != IN_PROCESS:
+                raise InputError(
+                    f"--ray {fan.ray}" if fan.ray else "--resume",
+                    "applies to --engine torch (vLLM serves its runs itself)",
+                    "leave --ray, --workers and --resume out",
+                )
             report = validate_vllm(opts, status=bar.status)
         else:
-            report = validate(opts, status=bar.status, progress=bar.progress)
+            report = validate(opts, bar.status, bar.progress, fan=fan_out, jobs_progress=bar.jobs)
+        bar.summary(fan_out.ray and "ray")
     if as_json:
         print_json(report)
         return

@@ -63,6 +63,13 @@ class Outcome:
     def ok(self) -> bool:
         return self.error is None
 
+    def ran_on(self) -> dict[str, Any] | None:
+        """Where the job ran, how often, and whether its result came from the job store
+        (``perf.json``'s and ``validation.json``'s ``ran_on``)."""
+        if self.where is None:
+            return None
+        return self.where.to_dict() | {"attempts": self.attempts, "resumed": self.resumed}
+
 
 def job_key(kind: str, spec: Any) -> str:
     """``kind-<digest>``: the digest of ``spec`` (a JSON-able description of every input that

@@ -28,5 +28,13 @@ class LocalExecutor:
             tally.finished(outcome)
             yield outcome
 
+    def workers_for(self, cpus: float) -> int:
+        """One job at a time."""
+        return 1
+
+    def threads_per_job(self, jobs: int) -> int | None:
+        """The command's own thread count."""
+        return None
+
     def close(self) -> None:
         """Nothing to release."""

@@ -90,13 +90,23 @@ class RayExecutor:
         """CPUs the cluster has in all."""
         return float(ray.cluster_resources().get("CPU", 1.0))
 
+    def workers_for(self, cpus: float) -> int:
+        """``--workers``, else as many jobs of ``cpus`` CPUs as the cluster holds."""
+        return self.requested or max(1, int(self.cluster_cpus() // max(cpus, 1e-9)))
+
+    def threads_per_job(self, jobs: int) -> int | None:
+        """The cluster's CPUs shared by the jobs that run at once (``--workers``, else one
+        CPU per job)."""
+        if self.requested is None:
+            return 1
+        return max(1, int(self.cluster_cpus() // min(jobs, self.requested)))
+
     def run(self, jobs: Sequence[Job], shared: Any, tally: Tally) -> Iterator[Outcome]:
         """The jobs' outcomes as they finish (see the module's invariants)."""
         if not jobs:
             return
         cpus, gpus = jobs[0].cpus, jobs[0].gpus
-        fit = max(1, int(self.cluster_cpus() // max(cpus, 1e-9)))
-        self.workers = min(len(jobs), self.requested or fit)
+        self.workers = min(len(jobs), self.workers_for(cpus))
         actor_class = ray.remote(RayHost).options(
             num_cpus=cpus, num_gpus=gpus, scheduling_strategy="SPREAD", max_restarts=0
         )

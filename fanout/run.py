@@ -29,6 +29,12 @@ class Executor(Protocol):
     def run(self, jobs: Sequence[Job], shared: Any, tally: Tally) -> Iterator[Outcome]:
         """An iterator of the jobs' outcomes, in the order they finish."""
 
+    def workers_for(self, cpus: float) -> int:
+        """How many jobs of ``cpus`` CPUs each it runs at once."""
+
+    def threads_per_job(self, jobs: int) -> int | None:
+        """CPU threads each of ``jobs`` jobs may use (None in-process: the command's own)."""
+
     def close(self) -> None:
         """Release the workers (Ray: the actors; the instance it started, if any)."""
 

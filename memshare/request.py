@@ -20,14 +20,18 @@ Invariants (kept by the scheduler):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 
 from memshare.hashing import block_hash, chain_hashes
 from memshare.kv_manager import BlockInfoFn, RequestState
 from memshare.policy import RequestInfo, ReusedSpan
+
+R = TypeVar("R", bound="Request")
 
 
 @dataclass(slots=True, eq=False)
@@ -132,3 +136,13 @@ def resumed_info(req: Request) -> RequestInfo:
     if info.hashes_cover_tail and info.prompt_len % info.block_size:
         hashes = hashes[: info.prompt_len // info.block_size]
     return replace(info, prompt_len=req.num_tokens, block_hashes=hashes, hashes_cover_tail=False)
+
+
+def detached(req: R) -> R:
+    """A copy of a finished request without its live links (its block source, which holds
+    the trace's sketches or the engine's KV, and the manager's state): what a run's result
+    keeps and ships to another process."""
+    out = copy.copy(req)
+    out.block_info = None
+    out.state = None
+    return out

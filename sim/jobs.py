@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from memshare.fanout.local import LocalExecutor
 from memshare.fanout.options import FanOut
 from memshare.fanout.run import fan_out, raise_failures
 from memshare.fanout.tally import Tally
+from memshare.request import detached
 from memshare.sim.config import SimConfig
 from memshare.sim.run import LoadedTrace, RunOutput, run_config
 
@@ -41,9 +43,10 @@ def run_sim_job(
     out = run_config(cfg, trace, progress=host.ticker(label, _requests(trace, cfg.limit)))
     if metrics_only:
         return out.metrics
-    for q in out.result.requests:  # the run's live links (trace sketches, SimPy events)
-        q.block_info = q.done = q.state = None
-    return out
+    requests = [detached(q) for q in out.result.requests]
+    for q in requests:
+        q.done = None  # the run's SimPy event
+    return replace(out, result=replace(out.result, requests=requests))
 
 
 def run_sim_jobs(
@@ -71,13 +74,6 @@ def run_sim_jobs(
         executor.close()
     raise_failures(outcomes, "--resume")
     return outcomes
-
-
-def ran_on(o: Outcome) -> dict[str, Any] | None:
-    """Where a run's job ran (``perf.json``'s ``ran_on``), None when taken from the store."""
-    if o.where is None:
-        return None
-    return o.where.to_dict() | {"attempts": o.attempts, "resumed": o.resumed}
 
 
 def _requests(trace: LoadedTrace, limit: int | None) -> int:

@@ -29,7 +29,7 @@ from memshare.fanout.jobs import Outcome
 from memshare.fanout.options import IN_PROCESS, FanOut
 from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
-from memshare.sim.jobs import JobsProgress, ran_on, run_sim_jobs, sim_job
+from memshare.sim.jobs import JobsProgress, run_sim_jobs, sim_job
 from memshare.sim.metrics import flatten
 from memshare.sim.options import (
     SimOptions,
@@ -123,7 +123,7 @@ def simulate(
     result = StudyResult(runs, out_dir)
     with staged_output(out_dir) as stage:
         for r, o in zip(runs, done, strict=True):
-            write_run(r.out, stage / r.directory.relative_to(out_dir), ran_on(o))
+            write_run(r.out, stage / r.directory.relative_to(out_dir), o.ran_on())
         if multi:
             comparison = {r.label: r.out.metrics for r in runs}
             _write_json(stage / "comparison.json", {"policies": comparison})
@@ -178,7 +178,7 @@ def sweep(
     with staged_output(out_dir) as stage:
         for _, runs in points:
             for r, o in runs:
-                write_run(r.out, stage / r.directory.relative_to(out_dir), ran_on(o))
+                write_run(r.out, stage / r.directory.relative_to(out_dir), o.ran_on())
         table = {"key": spec.key, "values": list(spec.values), "rows": rows}
         _write_json(stage / SWEEP_JSON, table)
         (stage / "sweep.csv").write_text(_csv(rows), encoding="utf-8")

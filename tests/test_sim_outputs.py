@@ -139,7 +139,9 @@ def test_a_run_that_fails_midway_leaves_the_earlier_run_intact(
     with pytest.raises(interrupt):
         sweep(opts, parse_sweep("kv_blocks=100,300"), out, overwrite=True, progress=stop)
     assert tree(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left
+    # no staging folder left; the job store keeps the finished run (none), whole, for --resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.jobs", "run"]
+    assert [p.suffix for p in (tmp_path / ".run.jobs").iterdir()] == [".pkl"]
 
 
 def test_a_sweep_point_refused_late_writes_nothing(demo: Path, tmp_path: Path) -> None:

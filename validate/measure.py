@@ -35,6 +35,7 @@ from memshare.errors import InputError
 from memshare.kv_manager import blocks_for_all
 from memshare.policy import Policy
 from memshare.registry import make_policy
+from memshare.request import Request
 from memshare.scheduler import SchedulerConfig
 from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
 from memshare.sim.cost_model import BatchShape, plan_shape
@@ -69,6 +70,14 @@ class Measured:
     fidelity: FidelityAccumulator = field(default_factory=FidelityAccumulator)
     first_share_pos: dict[str, int] = field(default_factory=dict)  # request -> position
     shapes: list[BatchShape] = field(default_factory=list)  # per step, for the cost fit
+    _by_rid: dict[str, Request] = field(default_factory=dict, repr=False)
+
+    def computed_past(self, rid: str, end: int) -> bool:
+        """Whether this run's request ``rid`` has computed (or finished) up to ``end``."""
+        if not self._by_rid:
+            self._by_rid = {q.rid: q for q in self.engine.requests}
+        q = self._by_rid[rid]
+        return q.finished or q.num_computed >= end
 
 
 def teacher_forced_workload(trace: LoadedTrace, run: RunDir, limit: int | None) -> Workload:
@@ -220,6 +229,7 @@ def run_lockstep(
         eng.logits_sink = _sink(held[j], shared_reqs[j])
     total = sum(len(t) for t in wl.texts.values())
     alive = [True] * len(engines)
+    owed: dict[tuple[str, int], set[int]] = {}
     while any(alive):
         if groups:
             stepped = step_groups(groups, len(engines))
@@ -234,7 +244,7 @@ def run_lockstep(
             share_seen[j] = len(eng.shares)
             if eng.last_plan is not None:
                 measured[j].shapes.append(plan_shape(eng.last_plan))
-        _pair(held, own, wl)
+        _pair(held, own, wl, owed)
         if progress is not None:
             progress("engines", min(total, _positions(base_m)), total)
     for group, _ in groups:
@@ -278,23 +288,37 @@ def _sink(
 
 
 def _pair(
-    held: list[dict[tuple[str, int], tuple[Any, bool]]], own: list[Measured], wl: Workload
+    held: list[dict[tuple[str, int], tuple[Any, bool]]],
+    own: list[Measured],
+    wl: Workload,
+    owed: dict[tuple[str, int], set[int]],
 ) -> None:
-    """Compare every chunk all runs have produced; drop what is compared."""
+    """Compare each base chunk with every run that produced it, and drop what is compared.
+
+    A run's figures depend on it and the base alone, whichever runs step beside them: a base
+    chunk waits (``owed``: the runs yet to compare it) until each run produced it or went
+    past it without computing it (a prefix-cache hit: that run has no logits there)."""
     base = held[0]
     for key in list(base):
-        if not all(key in held[j + 1] for j in range(len(own))):
-            continue
         rid, pos = key
-        logits, _ = base.pop(key)
+        logits, _ = base[key]
         n = int(logits.shape[0])
+        waiting = owed.setdefault(key, set(range(len(own))))
         pairs = []
-        for j, m in enumerate(own):
-            shared_logits, after = held[j + 1].pop(key)
-            if after:
-                m.first_share_pos.setdefault(rid, pos)
-            pairs.append((m.fidelity, shared_logits, np.full(n, after, dtype=bool)))
-        add_pairs(rid, pos, logits, pairs, next_token_targets(wl.texts[rid], pos, n))
+        for j in sorted(waiting):
+            m = own[j]
+            if key in held[j + 1]:
+                shared_logits, after = held[j + 1].pop(key)
+                if after:
+                    m.first_share_pos.setdefault(rid, pos)
+                pairs.append((m.fidelity, shared_logits, np.full(n, after, dtype=bool)))
+                waiting.discard(j)
+            elif m.computed_past(rid, pos + n):
+                waiting.discard(j)
+        if pairs:
+            add_pairs(rid, pos, logits, pairs, next_token_targets(wl.texts[rid], pos, n))
+        if not waiting:
+            del base[key], owed[key]
 
 
 def sketch_vs_exact(engine: PagedEngine, tau: float | None) -> dict[str, Any]:

@@ -23,42 +23,46 @@ says at which step the executors parted.
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from memshare.atomic import write_atomic
 from memshare.errors import InputError
+from memshare.fanout.local import LocalExecutor
+from memshare.fanout.options import IN_PROCESS, FanOut
+from memshare.fanout.run import fan_out, raise_failures
+from memshare.fanout.tally import Tally
 from memshare.limits import check_tokens_per_block
-from memshare.sim.config import SimConfig
-from memshare.sim.cost_model import BatchShape
 from memshare.sim.run import LoadedTrace, RunOutput
 from memshare.validate.budget import (
     BudgetWorkload,
-    budget_report,
     budget_workload,
     predict_at_budget,
-    run_at_budget,
 )
 from memshare.validate.cost_fit import COST_TOML, fit_and_write
 from memshare.validate.engine.heap import tame_heap
-from memshare.validate.engine.records import StepRecord
 from memshare.validate.generated import (
-    AnswerComparer,
     EngineWriter,
-    GenRun,
-    generate_answers,
     generation_cap,
     is_generated,
+)
+from memshare.validate.jobs import (
+    EngineShared,
+    GroupResult,
+    ModelSpec,
+    Series,
+    Shaped,
+    engine_jobs,
+    group_labels,
+    manifest_of,
 )
 from memshare.validate.measure import (
     Progress,
     Workload,
     predict,
-    run_lockstep,
     teacher_forced_workload,
 )
 from memshare.validate.options import (
@@ -68,7 +72,6 @@ from memshare.validate.options import (
     check_outputs,
     forget_earlier_validation,
 )
-from memshare.validate.policy_entry import policy_report
 from memshare.validate.runs.folders import RunDir, check_model, find_runs, load_checked_trace
 from memshare.validate.runs.tokens import check_scale
 from memshare.validate.runs.workload import (
@@ -97,8 +100,11 @@ def validate(
     o: ValidateOptions,
     status: Callable[[str], None] | None = None,
     progress: Progress | None = None,
+    fan: FanOut = IN_PROCESS,
+    jobs_progress: Callable[[Tally], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure every run under ``o.run`` on the torch engine; returns (and writes) the
+    """Measure every run under ``o.run`` on the torch engine, its engine parts fanned out as
+    ``fan`` says (:mod:`memshare.validate.jobs`); returns (and writes) the
     ``validation.json`` object (``--engine vllm``:
     :func:`~memshare.validate.vllm.validate.validate_vllm`)."""
     from memshare.traces.model.device import check_device
@@ -111,45 +117,108 @@ def validate(
     st = _study(o)  # bad input fails before the model loads
     check_outputs(o, len(st.runs))
     check_device(o.device)
-    if status:
-        status("loading the model")
-    backend = load_model(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
-    check_model(st.trace, backend.model_info().name)
-    runs, trace, wl = _on_engine(o, st, backend)
-    bw = None if o.fidelity_only else budget_workload(trace, runs[0], o.limit, o.kv_fraction)
-    if status:
-        status("simulating")
-    predicted = {r.label: predict(r.config, wl, o.gpu) for r in runs}
-    base_cfg = runs[0].config.with_(policy="none", policy_params={})
-    base_pred = predict(base_cfg, wl, o.gpu)
-    if status:
-        status("running the engines")
-    forget_earlier_validation(o)
-    # one part at a time: a part's engines (a model copy each) are dropped before the next
-    out = EngineWriter(backend, o.device, o.dtype, wl.block_size)
-    tf_sub = Path("engine", "teacher_forced") if st.generated else Path("engine")
-    policies, series, shaped = _teacher_forced(
-        runs, predicted, base_pred, wl, backend.model, out, tf_sub, progress, o.one_pass
-    )
-    gc.collect()
-    if bw is None:
+    executor = fan.executor()
+    try:
+        if status:
+            status("loading the model")
+        threads = o.threads or executor.threads_per_job(len(st.runs))
+        spec = ModelSpec(o.model, o.device, o.dtype, threads)
+        backend = load_model(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
+        if isinstance(executor, LocalExecutor):  # in-process: the jobs use this model
+            executor.host.cached(("model", spec), lambda: backend)
+            executor.host.report = progress
+        check_model(st.trace, backend.model_info().name)
+        runs, trace, wl = _on_engine(o, st, backend)
+        if status:
+            status("simulating")
+        shared = _shared(o, st, spec, runs, trace, wl)
+        if status:
+            status("running the engines")
+        forget_earlier_validation(o)
+        groups = group_labels(runs, executor.workers_for(spec.threads or 1))
+        jobs = engine_jobs(shared, groups, _key_spec(o, trace))
+        store = fan.store(o.run / VALIDATION)
+        done = fan_out(jobs, executor, shared=shared, store=store, progress=jobs_progress)
+    finally:
+        executor.close()
+    raise_failures(done, "--resume")
+    policies, series, shaped = _merge(o, runs, backend, wl.block_size, [d.value for d in done])
+    if shared.bw is None:
         for entry in policies.values():
             entry |= dict.fromkeys(NOT_MEASURED)
-    else:
-        shaped += _budget_parts(
-            o, runs, trace, bw, base_cfg, backend, out, progress, policies, generated=st.generated
-        )
-    report = _report(o, st, runs, trace, wl, bw, backend.source.name) | {"policies": policies}
+    report = _report(o, st, runs, trace, wl, shared.bw, backend.source.name)
+    report["policies"] = policies
+    report["jobs"] = [
+        {"runs": list(g), "ran_on": d.ran_on()} for g, d in zip(groups, done, strict=True)
+    ]
     if o.plot:
         _plot(o, len(runs), series, report)
     if o.fit_cost_model:
         # the teacher-forced runs (prefill) and the runs at the budget (decode, preemption)
-        report["cost_model_fit"] = _fit(o, shaped, predicted[runs[0].label])
+        report["cost_model_fit"] = _fit(o, shaped, shared.predicted[runs[0].label])
     write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    store.clear()
     return report
 
 
-@dataclass
+def _shared(
+    o: ValidateOptions,
+    st: _Study,
+    spec: ModelSpec,
+    runs: list[RunDir],
+    trace: LoadedTrace,
+    wl: Workload,
+) -> EngineShared:
+    """What every engine job reads: the workloads and the simulator's predictions."""
+    bw = None if o.fidelity_only else budget_workload(trace, runs[0], o.limit, o.kv_fraction)
+    base_cfg = runs[0].config.with_(policy="none", policy_params={})
+    budget_pred = {r.label: predict_at_budget(r.config, bw, o.gpu) for r in runs if bw}
+    return EngineShared(
+        spec=spec,
+        runs=runs,
+        predicted={r.label: predict(r.config, wl, o.gpu) for r in runs},
+        base_pred=predict(base_cfg, wl, o.gpu),
+        wl=wl,
+        tf_sub=Path("engine", "teacher_forced") if st.generated else Path("engine"),
+        one_pass=o.one_pass,
+        bw=bw,
+        budget_pred=budget_pred,
+        budget_base_pred=None if bw is None else predict_at_budget(base_cfg, bw, o.gpu),
+        answers_trace=trace if st.generated and bw is not None else None,
+    )
+
+
+def _merge(
+    o: ValidateOptions,
+    runs: Sequence[RunDir],
+    backend: Any,
+    block_size: int,
+    results: Sequence[GroupResult],
+) -> tuple[dict[str, Any], Series, Shaped]:
+    """The groups' results in run order; their engine files written (by the driver alone)."""
+    out = EngineWriter(backend, o.device, o.dtype, block_size)
+    entries: dict[str, Any] = {}
+    series: dict[str, Any] = {}
+    shaped: Shaped = []
+    for res in results:
+        entries |= res.policies
+        series |= {s[0]: s for s in res.series}
+        shaped += res.shaped
+        for w in res.writes:
+            out.write(w.folder, w.config, w.result, w.rows)
+    order = [r.label for r in runs]
+    return {k: entries[k] for k in order}, [series[k] for k in order], shaped
+
+
+def _key_spec(o: ValidateOptions, trace: LoadedTrace) -> dict[str, Any]:
+    """Every option and input that shapes an engine job's result (its store key)."""
+    opts = {
+        k: str(v) for k, v in dataclasses.asdict(o).items() if k not in ("plot", "fit_cost_model")
+    }
+    return {"options": opts, "trace": manifest_of(trace)}
+
+
+@dataclasses.dataclass
 class _Study:
     """The runs to validate and their trace, checked before the model loads."""
 
@@ -214,36 +283,6 @@ def _on_engine(
     return runs, trace, teacher_forced_workload(trace, runs[0], o.limit)
 
 
-def _budget_parts(
-    o: ValidateOptions,
-    runs: Sequence[RunDir],
-    trace: LoadedTrace,
-    bw: BudgetWorkload,
-    base_cfg: SimConfig,
-    backend: Any,
-    out: EngineWriter,
-    progress: Progress | None,
-    policies: dict[str, Any],
-    *,
-    generated: bool,
-) -> Shaped:
-    """The parts on the budget workload: throughput at the budget, then (``generated``: a
-    dataset trace) generated answers; each run's figures merged into ``policies``. Returns
-    the steps for the fit."""
-    budget_pred = {r.label: predict_at_budget(r.config, bw, o.gpu) for r in runs}
-    budget_base_pred = predict_at_budget(base_cfg, bw, o.gpu)
-    budget, shaped = _at_budget(runs, budget_pred, budget_base_pred, bw, backend.model, progress)
-    for label, entry in budget.items():
-        policies[label] |= entry
-    gc.collect()
-    if generated:
-        answers = _answers(runs, trace, bw, backend, out, progress)
-        for label, entry in answers.items():
-            policies[label] |= entry
-        gc.collect()
-    return shaped
-
-
 def _report(
     o: ValidateOptions,
     st: _Study,
@@ -302,101 +341,6 @@ def _plot(o: ValidateOptions, num_runs: int, series: Series, report: dict[str, A
 
         plot_frontier(o.run / "frontier.png", report)
         report["plots"].append(str(o.run / "frontier.png"))
-
-
-Shaped = list[tuple[Sequence[BatchShape], Sequence[StepRecord]]]  # steps for the cost fit
-Series = list[tuple[str, Sequence[float], Sequence[float]]]  # run, predicted, measured pages
-
-
-def _teacher_forced(
-    runs: Sequence[RunDir],
-    predicted: dict[str, RunOutput],
-    base_pred: RunOutput,
-    wl: Workload,
-    model: Any,
-    out: EngineWriter,
-    sub: Path,
-    progress: Progress | None,
-    one_pass: bool,
-) -> tuple[dict[str, Any], Series, Shaped]:
-    """The teacher-forced part: each run's ``validation.json`` entry, its engine files under
-    ``RUN/<run>/<sub>``, the pages-in-use series for the plot and the steps for the fit (none
-    under ``one_pass``: a shared pass times no run on its own)."""
-    base_m, measured = run_lockstep(
-        model, [r.config for r in runs], wl, progress, one_pass=one_pass
-    )
-    base_ppl = next((m.fidelity.metrics().ppl_base for m in measured if m is not base_m), None)
-    policies: dict[str, Any] = {}
-    for r, m in zip(runs, measured, strict=True):
-        entry = policy_report(r, predicted[r.label], base_pred, m, base_m, wl, timed=not one_pass)
-        if m is base_m:  # the unshared run itself: its text's perplexity is the base's
-            entry["ppl"] = {"base": base_ppl, "shared": base_ppl}
-        rows = {
-            q.rid: {"answer": None, "first_share_position": m.first_share_pos.get(q.rid)}
-            for q in m.engine.requests
-        }
-        out.write(r.path / sub, r.config, m.engine.result(), rows)
-        policies[r.label] = entry
-    series: Series = [
-        (
-            r.label,
-            predicted[r.label].result.timeline.live_pages,
-            [s.live_pages for s in m.engine.steps],
-        )
-        for r, m in zip(runs, measured, strict=True)
-    ]
-    shaped: Shaped = [] if one_pass else [(m.shapes, m.engine.steps) for m in measured]
-    return policies, series, shaped
-
-
-def _at_budget(
-    runs: Sequence[RunDir],
-    pred: dict[str, RunOutput],
-    base_pred: RunOutput,
-    bw: BudgetWorkload,
-    model: Any,
-    progress: Progress | None,
-) -> tuple[dict[str, dict[str, Any]], Shaped]:
-    """Throughput at the KV budget: each run's figures, and the steps for the fit."""
-    base, gens = run_at_budget(model, [r.config for r in runs], bw, progress)
-    entries = {
-        r.label: budget_report(pred[r.label], base_pred, g, base)
-        for r, g in zip(runs, gens, strict=True)
-    }
-    shaped: Shaped = [(g.shapes, g.engine.steps) for g in _unique([base, *gens])]
-    return entries, shaped
-
-
-def _answers(
-    runs: Sequence[RunDir],
-    trace: LoadedTrace,
-    bw: BudgetWorkload,
-    backend: Any,
-    out: EngineWriter,
-    progress: Progress | None,
-) -> dict[str, dict[str, Any]]:
-    """Generated answers: each run's figures; its generated run's files in ``engine/``."""
-    base, gens = generate_answers(
-        backend.model,
-        [r.config for r in runs],
-        trace,
-        bw.records,
-        bw.block_size,
-        context=backend.context_limit,
-        eos_ids=backend.eos_ids,
-        token_starts=backend.token_starts,
-        progress=progress,
-    )
-    answered = AnswerComparer(base, bw.records, out.decode)
-    entries: dict[str, dict[str, Any]] = {}
-    for r, g in zip(runs, gens, strict=True):
-        entries[r.label], rows = answered.of(g)
-        out.write(r.path / "engine", r.config, g.engine.result(), rows)
-    return entries
-
-
-def _unique(runs: Sequence[GenRun]) -> list[GenRun]:
-    return list({id(g): g for g in runs}.values())
 
 
 def _fit(o: ValidateOptions, shaped: Shaped, pred: RunOutput) -> dict[str, Any]:
