@@ -21,15 +21,16 @@ OUTSIDE = (
     "it wrote is whole"
 )
 UNCHANGED = "{where} is as it was: a run's folder is moved into place only when the run finishes"
+RESUMABLE = f"{UNCHANGED}; its finished runs are kept for the same command with --resume"
 ON_DISK: dict[str, str] = {
     "capture": "{where} holds the requests committed so far; the same command resumes there",
     "import": "{where} holds no finished trace (no reader accepts it); import again",
-    "simulate": UNCHANGED,
-    "sweep": UNCHANGED,
-    "study": UNCHANGED,
+    "simulate": RESUMABLE,
+    "sweep": RESUMABLE,
+    "study": RESUMABLE,
     "generate": UNCHANGED,
-    "validate": "{where} holds no validation.json of this run; the engine outputs of the runs "
-    "finished so far are under its */engine/ folders",
+    "validate": "{where} holds no validation.json of this run; its finished jobs are kept for "
+    "the same command with --resume",
     "calibrate": "{where} is as it was: the layer map is written whole when calibration ends",
     "demo": "{where} holds the stages finished so far; `memshare demo` again redoes the rest",
 }

@@ -3,7 +3,7 @@ in this process (today's behaviour, the default)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from memshare.fanout.host import Host
@@ -20,7 +20,7 @@ class LocalExecutor:
         self.host = host or Host()
         self.workers = 1
 
-    def run(self, jobs: Sequence[Job], shared: Any, tally: Tally) -> Iterator[Outcome]:
+    def run(self, jobs: Sequence[Job], shared: Any, tally: Tally) -> Generator[Outcome, None, None]:
         """Each job's outcome, in job order."""
         for job in jobs:
             tally.started(job)

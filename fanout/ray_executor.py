@@ -5,8 +5,9 @@ Invariants:
 
 - Every instance memshare starts (``--ray auto``) listens and connects on 127.0.0.1 only
   (:func:`connect`); ``--ray ADDRESS`` joins the cluster there as it is.
-- A job whose actor or node dies is resubmitted to a fresh actor (placed by Ray on a live
-  node) up to :data:`MAX_ATTEMPTS` times, counted in the tally as retried; a job that refused
+- A job whose actor or node dies is resubmitted (to a fresh actor, placed by Ray on a live
+  node, where the cluster has room for one; else to the actors left) up to
+  :data:`MAX_ATTEMPTS` times, counted in the tally as retried; a job that refused
   its input comes back once with its one line; any other exception in a job is a bug and is
   raised with its traceback.
 - Leaving :meth:`RayExecutor.run` early (Ctrl-C, an error) kills the actors, which cancels
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from memshare.errors import InputError
@@ -101,7 +102,7 @@ class RayExecutor:
             return 1
         return max(1, int(self.cluster_cpus() // min(jobs, self.requested)))
 
-    def run(self, jobs: Sequence[Job], shared: Any, tally: Tally) -> Iterator[Outcome]:
+    def run(self, jobs: Sequence[Job], shared: Any, tally: Tally) -> Generator[Outcome, None, None]:
         """The jobs' outcomes as they finish (see the module's invariants)."""
         if not jobs:
             return
@@ -132,7 +133,9 @@ class RayExecutor:
                     ray.kill(actor, no_restart=True)
                     if attempts >= MAX_ATTEMPTS:
                         raise RuntimeError(f"{job.label}: lost its worker {attempts} times") from e
-                    idle.append(actor_class.remote())
+                    live = len(idle) + len(running)
+                    if live == 0 or ray.available_resources().get("CPU", 0.0) >= cpus:
+                        idle.append(actor_class.remote())  # a node lost: fewer workers
                     pending.append((job, attempts + 1))
                     tally.retry(job)
                     continue

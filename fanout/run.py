@@ -10,7 +10,7 @@ other jobs still run.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
 from memshare.errors import InputError
@@ -26,7 +26,7 @@ class Executor(Protocol):
     name: str  # "in-process" or "ray"
     workers: int  # jobs it runs at once
 
-    def run(self, jobs: Sequence[Job], shared: Any, tally: Tally) -> Iterator[Outcome]:
+    def run(self, jobs: Sequence[Job], shared: Any, tally: Tally) -> Generator[Outcome, None, None]:
         """An iterator of the jobs' outcomes, in the order they finish."""
 
     def workers_for(self, cpus: float) -> int:

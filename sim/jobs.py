@@ -37,9 +37,13 @@ def sim_job(cfg: SimConfig, trace: LoadedTrace, label: str, *, metrics_only: boo
 
 
 def run_sim_job(
-    host: Host, trace: LoadedTrace, cfg: SimConfig, label: str, metrics_only: bool
+    host: Host, trace: LoadedTrace | None, cfg: SimConfig, label: str, metrics_only: bool
 ) -> RunOutput | dict[str, Any]:
-    """Simulate ``cfg`` (a job's function: runs on any host)."""
+    """Simulate ``cfg`` (a job's function: runs on any host) on ``trace``, or, when the
+    fan-out shipped none, on its own ``cfg.trace`` read from disk (once per host)."""
+    if trace is None:
+        path = Path(cfg.trace)
+        trace = host.cached(("trace", str(path.resolve())), lambda: LoadedTrace.load(path))
     out = run_config(cfg, trace, progress=host.ticker(label, _requests(trace, cfg.limit)))
     if metrics_only:
         return out.metrics
