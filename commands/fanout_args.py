@@ -23,7 +23,7 @@ class FanOutArgs:
             "--ray",
             metavar="auto|ADDRESS",
             help="Run the jobs on Ray: auto starts or joins a local instance (127.0.0.1 "
-            "only); ADDRESS joins a cluster (pip install 'memshare[ray]').",
+            "only); ADDRESS joins a cluster (needs the ray extra: docs/fanout.md).",
         ),
     ] = None
     workers: Annotated[

@@ -86,10 +86,23 @@ def _imports_of(path: Path) -> list[tuple[str, bool]]:
     return found
 
 
+def _mapped_folders() -> dict[str, list[str]]:
+    """Each top folder pyproject.toml maps to an import name: ``{"traces": ["traces"]}`` for
+    ``memshare.traces = traces`` (the core, ``memshare/``, maps to ``[]``)."""
+    import tomllib
+
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return {folder: name.split(".")[1:] for name, folder in table["package-dir"].items()}
+
+
+MAPPED = _mapped_folders() | {"cli": ["cli"]}
+
+
 def _source_files() -> list[Path]:
     files = [ROOT / "cli.py"]
-    for folder in ("memshare", "traces", "sim", "validate", "commands"):
-        files += [p for p in (ROOT / folder).rglob("*.py") if not p.is_symlink()]
+    for folder in MAPPED:
+        if folder != "cli":
+            files += [p for p in (ROOT / folder).rglob("*.py") if not p.is_symlink()]
     return sorted(files)
 
 
@@ -97,9 +110,7 @@ def _module_name(path: Path) -> str:
     """``memshare.traces.model.loader`` for traces/model/loader.py."""
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
-    mapped = {"memshare": [], "traces": ["traces"], "sim": ["sim"], "validate": ["validate"]}
-    mapped |= {"commands": ["commands"], "cli": ["cli"]}
-    names = ["memshare", *mapped[parts[0]], *parts[1:]]
+    names = ["memshare", *MAPPED[parts[0]], *parts[1:]]
     return ".".join(names[:-1] if names[-1] == "__init__" else names)
 
 

@@ -31,9 +31,10 @@ from typing import Any
 
 from memshare.atomic import write_atomic
 from memshare.errors import InputError
+from memshare.fanout.jobs import Outcome
 from memshare.fanout.local import LocalExecutor
 from memshare.fanout.options import IN_PROCESS, FanOut
-from memshare.fanout.run import fan_out, raise_failures
+from memshare.fanout.run import Executor, fan_out, raise_failures
 from memshare.fanout.tally import Tally
 from memshare.limits import check_tokens_per_block
 from memshare.sim.run import LoadedTrace, RunOutput
@@ -108,7 +109,6 @@ def validate(
     ``validation.json`` object (``--engine vllm``:
     :func:`~memshare.validate.vllm.validate.validate_vllm`)."""
     from memshare.traces.model.device import check_device
-    from memshare.traces.model.loader import load_model
 
     check_options(o)
     if o.engine != "torch":  # vLLM sits above the study: the command picks the executor
@@ -119,46 +119,74 @@ def validate(
     check_device(o.device)
     executor = fan.executor()
     try:
-        if status:
-            status("loading the model")
-        threads = o.threads or executor.threads_per_job(len(st.runs))
-        spec = ModelSpec(o.model, o.device, o.dtype, threads)
-        backend = load_model(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
-        if isinstance(executor, LocalExecutor):  # in-process: the jobs use this model
-            executor.host.cached(("model", spec), lambda: backend)
-            executor.host.report = progress
-        check_model(st.trace, backend.model_info().name)
-        runs, trace, wl = _on_engine(o, st, backend)
-        if status:
-            status("simulating")
-        shared = _shared(o, st, spec, runs, trace, wl)
-        if status:
-            status("running the engines")
-        forget_earlier_validation(o)
-        groups = group_labels(runs, executor.workers_for(spec.threads or 1))
-        jobs = engine_jobs(shared, groups, _key_spec(o, trace))
-        store = fan.store(o.run / VALIDATION)
-        done = fan_out(jobs, executor, shared=shared, store=store, progress=jobs_progress)
+        ran = _run_engines(o, st, executor, fan, status, progress, jobs_progress)
     finally:
         executor.close()
-    raise_failures(done, "--resume")
-    policies, series, shaped = _merge(o, runs, backend, wl.block_size, [d.value for d in done])
-    if shared.bw is None:
+    raise_failures(ran.done, "--resume")
+    results = [d.value for d in ran.done]
+    policies, series, shaped = _merge(o, ran.runs, ran.backend, ran.wl.block_size, results)
+    if ran.shared.bw is None:
         for entry in policies.values():
             entry |= dict.fromkeys(NOT_MEASURED)
-    report = _report(o, st, runs, trace, wl, shared.bw, backend.source.name)
+    report = _report(o, st, ran.runs, ran.trace, ran.wl, ran.shared.bw, ran.backend.source.name)
     report["policies"] = policies
     report["jobs"] = [
-        {"runs": list(g), "ran_on": d.ran_on()} for g, d in zip(groups, done, strict=True)
+        {"runs": list(g), "ran_on": d.ran_on()} for g, d in zip(ran.groups, ran.done, strict=True)
     ]
     if o.plot:
-        _plot(o, len(runs), series, report)
+        _plot(o, len(ran.runs), series, report)
     if o.fit_cost_model:
         # the teacher-forced runs (prefill) and the runs at the budget (decode, preemption)
-        report["cost_model_fit"] = _fit(o, shaped, shared.predicted[runs[0].label])
+        report["cost_model_fit"] = _fit(o, shaped, ran.shared.predicted[ran.runs[0].label])
     write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    store.clear()
+    fan.store(o.run / VALIDATION).clear()
     return report
+
+
+@dataclasses.dataclass
+class _Ran:
+    """The engine jobs' outcomes and what they ran on."""
+
+    backend: Any  # the driver's model: the tokenizer for workload traces and engine files
+    runs: list[RunDir]
+    trace: LoadedTrace
+    wl: Workload
+    shared: EngineShared
+    groups: list[tuple[str, ...]]  # each job's runs
+    done: list[Outcome]  # each job's outcome, in group order
+
+
+def _run_engines(
+    o: ValidateOptions,
+    st: _Study,
+    executor: Executor,
+    fan: FanOut,
+    status: Callable[[str], None] | None,
+    progress: Progress | None,
+    jobs_progress: Callable[[Tally], None] | None,
+) -> _Ran:
+    """Load the model, simulate the predictions, and run the engine groups as jobs."""
+    from memshare.traces.model.loader import load_model
+
+    say = status or (lambda _: None)
+    say("loading the model")
+    threads = o.threads or executor.threads_per_job(len(st.runs))
+    spec = ModelSpec(o.model, o.device, o.dtype, threads)
+    backend = load_model(o.model, device=o.device, dtype=o.dtype, threads=o.threads)
+    if isinstance(executor, LocalExecutor):  # in-process: the jobs use this model
+        executor.host.cached(("model", spec), lambda: backend)
+        executor.host.report = progress
+    check_model(st.trace, backend.model_info().name)
+    runs, trace, wl = _on_engine(o, st, backend)
+    say("simulating")
+    shared = _shared(o, st, spec, runs, trace, wl)
+    say("running the engines")
+    forget_earlier_validation(o)
+    groups = group_labels(runs, executor.workers_for(spec.threads or 1))
+    jobs = engine_jobs(shared, groups, _key_spec(o, trace))
+    store = fan.store(o.run / VALIDATION)
+    done = fan_out(jobs, executor, shared=shared, store=store, progress=jobs_progress)
+    return _Ran(backend, runs, trace, wl, shared, groups, done)
 
 
 def _shared(
