@@ -14,20 +14,16 @@ import pytest
 from helpers_cli import memshare, ok
 
 from memshare.fanout.loopback import loopback_first
+from memshare.fanout.options import FanOut
+from memshare.fanout.run import fan_out
+from memshare.fanout.tally import Tally
+from memshare.sim.jobs import sim_job
+from memshare.sim.options import SimOptions, build_configs, parse_sweep
+from memshare.sim.run import LoadedTrace
+from memshare.sim.study import sweep
 
-loopback_first()  # before ray is imported anywhere in this process
-
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from memshare.fanout.options import FanOut  # noqa: E402
-from memshare.fanout.ray_executor import RayExecutor  # noqa: E402
-from memshare.fanout.run import fan_out  # noqa: E402
-from memshare.fanout.tally import Tally  # noqa: E402
-from memshare.sim.jobs import sim_job  # noqa: E402
-from memshare.sim.options import SimOptions, build_configs, parse_sweep  # noqa: E402
-from memshare.sim.run import LoadedTrace  # noqa: E402
-from memshare.sim.study import sweep  # noqa: E402
+# ray is imported inside the tests, after this (collected in .venv-vllm too, which has no ray)
+loopback_first()
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 R1 = DATA / "reasoning"
@@ -45,6 +41,13 @@ def tree(folder: Path) -> dict[str, bytes]:
     }
 
 
+def loopback_nodes() -> set[str]:
+    """The addresses of the nodes of the Ray instance this process joined."""
+    import ray
+
+    return {n["NodeManagerAddress"] for n in ray.nodes()}
+
+
 def ran_on(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text())["ran_on"] for p in sorted(folder.rglob("perf.json"))]
 
@@ -52,6 +55,8 @@ def ran_on(folder: Path) -> list[dict[str, Any]]:
 @pytest.fixture
 def local_ray() -> Iterator[str]:
     """A local Ray instance of 2 CPUs (the machine's), shut down after the test."""
+    import ray
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield "auto"
@@ -74,10 +79,12 @@ def test_a_sweep_on_ray_equals_in_process(smol: Path, tmp_path: Path, local_ray:
     assert len(where) == 16 and {w["address"] for w in where} == {"127.0.0.1"}
     assert len({w["pid"] for w in where}) == 2  # two worker actors served the 16 jobs
     assert {w["node"] for w in ran_on(tmp_path / "local")} == {"local"}
-    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    assert loopback_nodes() == {"127.0.0.1"}
 
 
 def test_a_job_with_a_missing_trace_fails_alone(smol: Path, tmp_path: Path, local_ray: str) -> None:
+    from memshare.fanout.ray_executor import RayExecutor
+
     trace = LoadedTrace.load(smol)
     good = build_configs(SimOptions(trace=smol, policies=("none", "prefix")), trace.manifest)
     bad = good[0].with_(trace=str(tmp_path / "gone"))
@@ -103,11 +110,14 @@ def mooncake(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_nodes_share_a_sweep_and_losing_one_loses_no_job(
     mooncake: Path, tmp_path: Path
 ) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+        assert loopback_nodes() == {"127.0.0.1"}
         assert len(ray.nodes()) == 2
         opts = SimOptions(trace=mooncake, policies=("none", "prefix"), limit=1500)
         spec = parse_sweep("kv_blocks=300,400,500,600,700,800,900,1000")
