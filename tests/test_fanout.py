@@ -101,3 +101,20 @@ def test_a_sweep_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path: Pa
     perfs = [p.read_text() for p in out.rglob("perf.json")]
     assert sum('"resumed": true' in p for p in perfs) == kept  # taken from the store, not rerun
     assert not store.exists()  # the store goes once the output is whole
+
+
+@pytest.mark.vllm
+def test_ray_without_its_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    """Runs in .venv-vllm, which holds the vllm extra and not the ray one: ``--ray`` refuses
+    in one line, before any work, naming the install."""
+    import importlib.util
+
+    from test_hardening import smol_kv_trace
+
+    assert importlib.util.find_spec("ray") is None, "this environment has Ray"
+    trace = smol_kv_trace(tmp_path / "kv")
+    res = memshare(
+        "sweep", str(trace), "kv_blocks=10,20", "--ray", "auto", "-o", str(tmp_path / "o")
+    )
+    assert_one_line_error(res, "--ray auto", "Ray is not installed", "memshare[ray]")
+    assert not (tmp_path / "o").exists()
