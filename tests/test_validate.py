@@ -91,6 +91,9 @@ def test_lossy_policy_reports_its_gap_and_loss(validated: tuple[Path, dict[str, 
     assert cf["kv_saved"]["measured"] > 0.05 and cf["shares"] > 0
     assert cf["top1_agreement"] < 1.0 and cf["kl_mean"] > 1e-3
     assert cf["top1_agreement_after_first_share"] <= cf["top1_agreement"] + 1e-9
+    lo, hi = cf["top1_agreement_ci95"]  # binomial over positions, around the figure
+    assert lo < cf["top1_agreement"] < hi and lo >= 0.0 and hi <= 1.0
+    assert rep["policies"]["none"]["top1_agreement_ci95"] == [1.0, 1.0]
     assert cf["ppl"]["shared"] != cf["ppl"]["base"]
     assert cf["first_share_position"]
     gap = cf["kv_saved"]["measured"] - cf["kv_saved"]["predicted"]

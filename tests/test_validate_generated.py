@@ -152,6 +152,10 @@ def test_answers_and_agreement_recomputed_from_the_outputs(
             fractions.append(1.0 if d is None else d / max(len(mine), len(theirs)))
         assert p["answer_agreement"] == pytest.approx(sum(agree) / len(agree)), name
         assert acc["shared"] == pytest.approx(sum(correct) / len(correct)), name
+        lo, hi = p["answer_agreement_ci95"]  # exact binomial over the problems
+        assert lo <= p["answer_agreement"] <= hi and hi - lo > 0.05  # a few problems: wide
+        lo, hi = p["accuracy_ci95"]["shared"]
+        assert lo <= acc["shared"] <= hi
         assert p["token_agreement"]["mean_fraction"] == pytest.approx(
             sum(fractions) / len(fractions)
         )

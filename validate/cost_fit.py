@@ -10,17 +10,17 @@ the GPU's peaks, and ``S`` its sequence count. Each ``max`` picks a regime (comp
 memory-bound); with the regimes fixed, ``T`` is linear in ``x = (g, a, w, step, seq)``.
 :func:`fit_cost_model` alternates: assign each step's regimes under the current ``x``
 (starting from the prior, by default ``presets/cost.toml``), solve the linear least squares
-with numpy, repeat until no regime changes or ``max_iter``; it returns the iterate with the
+with scipy, repeat until no regime changes or ``max_iter``; it returns the iterate with the
 smallest training objective.
 
 Invariants:
 
 - The objective is the sum of squared *relative* errors ``((T_model - T)/T)^2`` (rows weighted
   by ``1/T``), so millisecond decode steps count as much as second-long prefills.
-- Bounds by clip-and-refit (an active set): a solved value outside its bound is fixed at the
-  bound and the others are solved again. Efficiencies stay in ``[EFFICIENCY_MIN, 1]`` (``1``
-  is the most :class:`CostCoefficients` and ``simulate --cost-model`` accept), overheads
-  ``>= 0``; such values are listed in ``CostFit.at_bound``.
+- Bounded least squares (``scipy.optimize.lsq_linear``, BVLS: the exact bounded optimum, an
+  active set): efficiencies stay in ``[EFFICIENCY_MIN, 1]`` (``1`` is the most
+  :class:`CostCoefficients` and ``simulate --cost-model`` accept), overheads ``>= 0``; values
+  the optimum puts on a bound are listed in ``CostFit.at_bound``.
 - A coefficient that the data cannot determine (its column is zero, or a combination of
   earlier ones, under the final regimes; e.g. ``attn_efficiency`` from decode-only steps on a
   GPU where decode attention is bandwidth-bound) keeps its prior value exactly and is listed
@@ -32,7 +32,8 @@ Invariants:
   reads, atomically, after checking that :func:`~memshare.sim.config.load_cost` reads the
   temp file back to exactly the fitted coefficients.
 
-Imports numpy and the simulator's config and cost model only (no simpy, no torch).
+Imports numpy, scipy (lazily) and the simulator's config and cost model only (no simpy, no
+torch).
 """
 
 from __future__ import annotations
@@ -262,22 +263,20 @@ _HI = np.array([1 / EFFICIENCY_MIN] * 3 + [math.inf] * 2)
 def _solve(
     k: Array, r: npt.NDArray[np.bool_], t: Array, x0: Array
 ) -> tuple[Array, tuple[int, ...], tuple[int, ...]]:
-    """Relative least squares under regimes ``r``; returns (x, fitted, clipped) indices."""
+    """Relative least squares under regimes ``r``, bounded (``scipy.optimize.lsq_linear``);
+    returns (x, fitted, at a bound) indices."""
+    from scipy.optimize import lsq_linear
+
     d = _design(k, r) / t[:, None]  # rows weighted by 1/T: relative error
     free = _identifiable(d)
     x, fixed = x0.copy(), [i for i in range(5) if i not in free]
-    fitted = tuple(free)
-    while free:
-        rhs = 1.0 - d[:, fixed] @ x[fixed]
-        x[free] = np.linalg.lstsq(d[:, free], rhs, rcond=None)[0]
-        out = [i for i in free if not _LO[i] <= x[i] <= _HI[i]]
-        if not out:
-            break
-        x[out] = np.clip(x[out], _LO[out], _HI[out])
-        fixed += out
-        free = [i for i in free if i not in out]
-    clipped = tuple(i for i in fitted if i not in free)
-    return x, fitted, clipped
+    if not free:
+        return x, (), ()
+    rhs = 1.0 - d[:, fixed] @ x[fixed]
+    res = lsq_linear(d[:, free], rhs, bounds=(_LO[free], _HI[free]), method="bvls")
+    x[free] = res.x
+    bound = tuple(i for i, active in zip(free, res.active_mask, strict=True) if active != 0)
+    return x, tuple(free), bound
 
 
 def _to_x(c: CostCoefficients) -> Array:

@@ -40,6 +40,7 @@ from memshare.validate.engine.live_blocks import TokenStarts
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.records import PagedRunResult
 from memshare.validate.engine.store import PageStore
+from memshare.validate.intervals import binomial_interval
 from memshare.validate.measure import Progress, policy_of
 
 Decode = Callable[[Sequence[int]], str]
@@ -294,9 +295,12 @@ def answer_report(per: dict[str, RequestAnswer], base: dict[str, RequestAnswer])
     """A policy's ``answer_agreement``, ``accuracy`` {"base", "shared"} and
     ``token_agreement`` (``validation.json``)."""
     diverged = [a.first_divergence for a in per.values() if a.first_divergence is not None]
+    agrees = [a.agrees for a in per.values()]
     return {
-        "answer_agreement": _mean(a.agrees for a in per.values()),
+        "answer_agreement": _mean(agrees),
+        "answer_agreement_ci95": binomial_interval(sum(agrees), len(agrees)),
         "accuracy": {"base": _accuracy(base), "shared": _accuracy(per)},
+        "accuracy_ci95": {"base": _accuracy_ci(base), "shared": _accuracy_ci(per)},
         "token_agreement": {
             "mean_fraction": _mean(a.token_fraction for a in per.values()),
             "first_divergence_mean": float(np.mean(diverged)) if diverged else None,
@@ -304,6 +308,12 @@ def answer_report(per: dict[str, RequestAnswer], base: dict[str, RequestAnswer])
             "requests": len(per),
         },
     }
+
+
+def _accuracy_ci(per: dict[str, RequestAnswer]) -> list[float] | None:
+    """The exact binomial 95% interval of the accuracy over the graded problems."""
+    graded = [a.correct for a in per.values() if a.correct is not None]
+    return binomial_interval(sum(graded), len(graded))
 
 
 def _accuracy(per: dict[str, RequestAnswer]) -> float | None:

@@ -18,6 +18,7 @@ from memshare.sim.run import RunOutput
 from memshare.validate.budget import pme
 from memshare.validate.engine.paged_engine import PagedEngine
 from memshare.validate.fidelity import FidelityMetrics
+from memshare.validate.intervals import binomial_interval, ratio_bootstrap
 from memshare.validate.measure import Measured, Workload, first_differing_step, sketch_vs_exact
 from memshare.validate.runs.folders import RunDir
 
@@ -41,6 +42,7 @@ def policy_report(
     if tau is None and run.config.policy in ("cf-topk",):
         tau = 0.2
     fid = m.fidelity.metrics() if m is not base else None
+    texts = list(m.fidelity.per_request().values()) if m is not base else []
     return {
         "policy": run.config.policy,
         "policy_params": dict(run.config.policy_params),
@@ -48,9 +50,11 @@ def policy_report(
         "first_differing_step": first_diff,
         "steps": {"predicted": len(tl.scheduled_seqs), "measured": len(eng.steps)},
         **_pages(pred, base_pred, eng, base.engine),
-        **_fidelity(fid),
+        **_fidelity(fid, texts),
         "answer_agreement": None,  # generated answers (generated.answer_report): dataset
-        "accuracy": None,  # traces only
+        "answer_agreement_ci95": None,  # traces only
+        "accuracy": None,
+        "accuracy_ci95": None,
         "token_agreement": None,
         "first_share_position": dict(sorted(m.first_share_pos.items())),
         "per_request": _per_request(pred, eng),
@@ -91,10 +95,19 @@ def _pages(
     }
 
 
-def _fidelity(fid: FidelityMetrics | None) -> dict[str, Any]:
-    """Top-1 agreement, KL and perplexity against the unshared run (``None``: it is that run)."""
+def _fidelity(fid: FidelityMetrics | None, texts: list[FidelityMetrics]) -> dict[str, Any]:
+    """Top-1 agreement (with its 95% intervals: binomial over positions, bootstrap over the
+    ``texts``' own figures), KL and perplexity against the unshared run (``None``: it is that
+    run, exact)."""
+    exact = [1.0, 1.0]
     return {
         "top1_agreement": 1.0 if fid is None else fid.top1_agreement,
+        "top1_agreement_ci95": exact
+        if fid is None
+        else binomial_interval(fid.top1_agree, fid.positions),
+        "top1_agreement_ci95_texts": exact
+        if fid is None
+        else ratio_bootstrap([t.top1_agree for t in texts], [t.positions for t in texts]),
         "top1_agreement_after_first_share": None
         if fid is None
         else fid.top1_agreement_after_first_share,

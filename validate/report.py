@@ -15,6 +15,15 @@ def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _pct_ci(x: Any, p: dict[str, Any], key: str) -> str:
+    """``98.6% [97.9-99.1]``: the figure and its 95% interval (over texts where there are
+    several, else over positions: docs/fidelity.md)."""
+    ci = p.get(f"{key}_ci95_texts") or p.get(f"{key}_ci95")
+    if x is None or not ci:
+        return _pct(x)
+    return f"{100 * x:.1f}% [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]"
+
+
 def _num(x: Any, fmt: str = ",.1f") -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -39,7 +48,7 @@ def render_validation(report: dict[str, Any], console: Console) -> None:
         "steps same",
         "KV saved",
         "pages mean",
-        "top-1 agree",
+        "top-1 agree [95%]",
         "after 1st share",
         "KL mean",
         "PPL base -> shared",
@@ -56,7 +65,7 @@ def render_validation(report: dict[str, Any], console: Console) -> None:
             "yes" if p["steps_identical"] else f"no (step {p['first_differing_step']})",
             f"{_pct(saved['predicted'])} / {_pct(saved['measured'])}",
             _pair(p["pages_mean"]),
-            _pct(p["top1_agreement"]),
+            _pct_ci(p["top1_agreement"], p, "top1_agreement"),
             _pct(p["top1_agreement_after_first_share"]),
             _num(p["kl_mean"], ".4f"),
             f"{_num(ppl['base'], '.2f')} -> {_num(ppl['shared'], '.2f')}",
