@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -64,16 +65,28 @@ def connect(address: str) -> bool:
             ray.shutdown()
             raise RuntimeError(f"--ray auto: the local Ray instance listens on {exposed}")
         return True
+    fix = "start one with `ray start --head --node-ip-address 127.0.0.1`, or use --ray auto"
+    reachable(address, fix)  # ray.init retries an unreachable address for minutes
     try:
         ray.init(address=address, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"--ray {address}",
-            f"cannot join a Ray cluster there ({first})",
-            "start one with `ray start --head --node-ip-address 127.0.0.1`, or use --ray auto",
-        ) from None
+        problem = f"cannot join a Ray cluster there ({first})"
+        raise InputError(f"--ray {address}", problem, fix) from None
     return False
+
+
+def reachable(address: str, fix: str, timeout_s: float = 5.0) -> None:
+    """Refuse, in one line, a ``HOST:PORT`` that is malformed or takes no connection."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    where = f"--ray {address}"
+    if not colon or not host or not port.isdigit():
+        raise InputError(where, "is not auto or HOST:PORT", f"e.g. --ray 127.0.0.1:6379; {fix}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = (e.strerror or type(e).__name__).lower()
+        raise InputError(where, f"no Ray cluster answers there ({reason})", fix) from None
 
 
 class RayExecutor:

@@ -66,6 +66,8 @@ def test_fan_out_options_refuse_in_one_line(tmp_path: Path) -> None:
         (["--workers", "2"], ["--workers 2", "--ray auto"]),
         (["--ray", "auto", "--workers", "0"], ["--workers 0", "at least 1"]),
         (["--ray", " "], ["--ray", "auto or a cluster"]),
+        (["--ray", "nonsense"], ["--ray nonsense", "HOST:PORT"]),
+        (["--ray", "127.0.0.1:1"], ["--ray 127.0.0.1:1", "no Ray cluster answers there"]),
     ):
         res = memshare("sweep", str(trace), "kv_blocks=10,20", "-o", str(tmp_path / "o"), *extra)
         assert_one_line_error(res, *needles)
