@@ -5,11 +5,11 @@ Invariants:
 
 - Every instance memshare starts (``--ray auto``) listens and connects on 127.0.0.1 only
   (:func:`connect`); ``--ray ADDRESS`` joins the cluster there as it is.
-- A job whose actor or node dies is resubmitted (to a fresh actor, placed by Ray on a live
-  node, where the cluster has room for one; else to the actors left) up to
-  :data:`MAX_ATTEMPTS` times, counted in the tally as retried; a job that refused
-  its input comes back once with its one line; any other exception in a job is a bug and is
-  raised with its traceback.
+- A job whose actor or node dies is resubmitted to the actors left (to a fresh actor, placed
+  by Ray on a live node, when none is left: a replacement beside live ones could wait forever
+  for the lost node's room) up to :data:`MAX_ATTEMPTS` times, counted in the tally as
+  retried; a job that refused its input comes back once with its one line; any other
+  exception in a job is a bug and is raised with its traceback.
 - Leaving :meth:`RayExecutor.run` early (Ctrl-C, an error) kills the actors, which cancels
   their running jobs; nothing is written by a worker.
 """
@@ -146,9 +146,8 @@ class RayExecutor:
                     ray.kill(actor, no_restart=True)
                     if attempts >= MAX_ATTEMPTS:
                         raise RuntimeError(f"{job.label}: lost its worker {attempts} times") from e
-                    live = len(idle) + len(running)
-                    if live == 0 or ray.available_resources().get("CPU", 0.0) >= cpus:
-                        idle.append(actor_class.remote())  # a node lost: fewer workers
+                    if not idle and not running:  # the last worker: a fresh one, where Ray
+                        idle.append(actor_class.remote())  # finds room (else: fewer workers)
                     pending.append((job, attempts + 1))
                     tally.retry(job)
                     continue
