@@ -8,7 +8,6 @@ job's result is byte-identical whichever executor ran it; the driver writes ever
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -31,8 +30,7 @@ RunProgress = Callable[[str, int, int], None] | None  # (run label, requests don
 def sim_job(cfg: SimConfig, trace: LoadedTrace, label: str, *, metrics_only: bool = False) -> Job:
     """The job that simulates ``cfg`` on ``trace`` (``metrics_only``: it returns the metrics
     dict alone, all a study reads)."""
-    manifest = json.loads(trace.manifest.to_json())
-    spec = {"config": cfg.to_dict(), "trace": manifest, "metrics_only": metrics_only}
+    spec = {"config": cfg.to_dict(), "trace": trace.identity(), "metrics_only": metrics_only}
     return Job(job_key("sim", spec), label, run_sim_job, (cfg, label, metrics_only))
 
 

@@ -55,6 +55,11 @@ class LoadedTrace:
     records: list[RequestRecord]  # committed requests, file order
     kv_rows: dict[str, KVRows] | None  # request id -> KV rows (traces with sketches)
 
+    def identity(self) -> dict[str, Any]:
+        """The committed manifest as JSON (its data files' sha256 included): what names this
+        trace's content, e.g. in a fan-out job's key."""
+        return dict(json.loads(self.manifest.to_json()))
+
     @property
     def has_sketches(self) -> bool:
         """Whether requests carry per-block KV sketches (sharing policies need them)."""

@@ -13,7 +13,6 @@ the model once (:meth:`~memshare.fanout.host.Host.cached`) and serves every grou
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -212,8 +211,3 @@ def _answers(
 
 def _unique(runs: Sequence[GenRun]) -> list[GenRun]:
     return list({id(g): g for g in runs}.values())
-
-
-def manifest_of(trace: LoadedTrace) -> Any:
-    """The trace's committed manifest as JSON (a job key's part)."""
-    return json.loads(trace.manifest.to_json())

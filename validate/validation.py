@@ -58,7 +58,6 @@ from memshare.validate.jobs import (
     Shaped,
     engine_jobs,
     group_labels,
-    manifest_of,
 )
 from memshare.validate.measure import (
     Progress,
@@ -243,7 +242,7 @@ def _key_spec(o: ValidateOptions, trace: LoadedTrace) -> dict[str, Any]:
     opts = {
         k: str(v) for k, v in dataclasses.asdict(o).items() if k not in ("plot", "fit_cost_model")
     }
-    return {"options": opts, "trace": manifest_of(trace)}
+    return {"options": opts, "trace": trace.identity()}
 
 
 @dataclasses.dataclass
