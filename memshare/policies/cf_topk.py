@@ -48,6 +48,15 @@ _TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
 # 100 every one up to 99 times its norm; a larger tau is the same "share anything" setting
 TAU_MAX = 100.0
 NUM_PERM_MAX = 4096  # MinHash error sqrt(J(1 - J) / P) <= 0.8% here; more buys nothing
+# Layer granularity compares the first _PROBE_COORDS sketch coordinates of every candidate
+# first. Their float32 sum of squared differences can only fall short of the full check's
+# exact sum (the same float32 differences, fewer of them) by its own rounding (< 32 float32
+# ulps, relative 2e-6), and the full check's float32 sum, sqrt and division err by under
+# 2e-5 relative, plus underflow of at most d * 2**-149 absolute: a pair whose partial sum
+# exceeds (tau ||x||)^2 * _PROBE_SLACK + _PROBE_FLOOR has a full distance > tau for sure.
+_PROBE_COORDS = 32
+_PROBE_SLACK = 1.05
+_PROBE_FLOOR = 1e-30
 
 
 @dataclass
@@ -154,6 +163,9 @@ class CfTopK:
             chain.sig_len.append(0)
             chain.sigs.append(None)
             chain.sig_live.append(False)
+        if pos < chain.last_pos:
+            chain.in_order = False  # an earlier step resumed
+        chain.last_pos = pos
         chain.step_blocks[pos].append(i)
         if blk.token_ids is not None:
             chain.step_tokens[pos].append(np.asarray(blk.token_ids))
@@ -171,19 +183,17 @@ class CfTopK:
             return None
         norm = np.maximum(chain.norm[j], _TINY, dtype=np.float32)
         limits = chain.limits if chain.limits is not None else self._limits(len(xs))
-        if self.granularity == "block":
-            cands = self._probe_pass(chain, j, cands, norm, limits)
-            if not cands:
-                return None
+        if self.granularity == "layer":
+            return self._decide_layer(chain, j, xs, cands, norm, limits, table)
+        cands = self._probe_pass(chain, j, cands, norm, limits)
+        if not cands:
+            return None
         # float32 differences (cast, then subtract: one pass per candidate)
         k_only = self.share == "k"
         x = xs[:, 0] if k_only else xs
         if len(cands) == 1:
             one = self._held(chain, cands[0])
             diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
-        elif self.granularity == "layer":  # no probe: every candidate, cast once per step
-            diff = np.stack([self._step_f32(chain, j, c) for c in cands])
-            np.subtract(diff, np.asarray(x, dtype=np.float32), out=diff)
         else:
             diff = np.empty((len(cands), *x.shape), dtype=np.float32)
             xf = np.asarray(x, dtype=np.float32)  # the same cast, done once
@@ -192,9 +202,105 @@ class CfTopK:
                 np.subtract(held[:, 0] if k_only else held, xf, diff[i], dtype=np.float32)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if k_only else [0, 1]
-        if self.granularity == "block":
-            return self._block_share(chain, j, cands, dist, limits, cols, table)
-        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table)
+        return self._block_share(chain, j, cands, dist, limits, cols, table)
+
+    def _decide_layer(
+        self,
+        chain: Chain,
+        j: int,
+        xs: np.ndarray,
+        cands: list[int],
+        norm: np.ndarray,
+        limits: Limits,
+        table: Sequence[KVBlock],
+    ) -> BlockDecision | None:
+        """Layer granularity: each layer of block ``j`` points at its nearest confirming
+        candidate. A bound on the first ``_PROBE_COORDS`` coordinates drops the (candidate,
+        layer) pairs that cannot confirm; only the candidates with a pair left are compared
+        in full, with the float32 arithmetic of comparing every candidate, so the decision
+        is the one :meth:`_compare_all` gives (tests/test_cf_topk_reference.py)."""
+        if not chain.in_order or cands[-1] >= j:  # a candidate may still change: no bound
+            chain.in_order = False
+            return self._compare_all(chain, j, xs, cands, norm, table)
+        k_only = self.share == "k"
+        ncol = 1 if k_only else 2
+        s = min(_PROBE_COORDS, xs.shape[-1])
+        rows, order = self._probe_rows(chain, j, cands, ncol, s)  # (n, L, C, s), n >= m
+        xp = np.array(xs[:, :ncol, :s], dtype=np.float32)  # j holds its own: undecided
+        g = rows - xp
+        part = np.vecdot(g, g)  # (n, L, C): float32 sums over s of the full check's terms
+        tau = max(self.tau, limits.tau)
+        # (tau ||x||)^2 with slack: see _PROBE_SLACK for why a pair above it cannot confirm
+        bound = np.square(norm[:, :ncol] * np.float64(tau))
+        bound *= _PROBE_SLACK
+        bound += _PROBE_FLOOR
+        out = part > bound  # NaN is never out: such a pair is compared in full
+        dead = (out[..., 0] if k_only else out.any(axis=2)).all(axis=1)  # (n,)
+        picked = [order[i] for i in np.flatnonzero(~dead).tolist()]
+        if len(order) > len(cands):  # rows of the step's earlier candidates not in ``cands``
+            now = set(cands)
+            picked = [c for c in picked if c in now]
+        chain.probe_of[j] = xp  # what j holds, unless it shares below
+        if not picked:
+            return None
+        # rows are in order of first appearance: back to the candidates' (sorted) order
+        cands = _distinct_content(chain, sorted(picked), len(xs)) if len(picked) > 1 else picked
+        x = np.asarray(xs[:, 0] if k_only else xs, dtype=np.float32)
+        if len(cands) == 1:
+            diff = np.subtract(self._step_f32(chain, j, cands[0]), x)[None]
+        else:
+            diff = np.stack([self._step_f32(chain, j, c) for c in cands])
+            np.subtract(diff, x, out=diff)
+        dist = self._rel(diff, norm)  # (m, L)
+        cols = [0] if k_only else [0, 1]
+        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, xp)
+
+    def _compare_all(
+        self,
+        chain: Chain,
+        j: int,
+        xs: np.ndarray,
+        cands: list[int],
+        norm: np.ndarray,
+        table: Sequence[KVBlock],
+    ) -> BlockDecision | None:
+        """Layer granularity, every candidate compared in full (used where a candidate may
+        still change what it holds, which the bound's cached rows would miss)."""
+        k_only = self.share == "k"
+        x = xs[:, 0] if k_only else xs
+        if len(cands) == 1:
+            one = self._held(chain, cands[0])
+            diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
+        else:  # every candidate, cast once per step
+            diff = np.stack([self._step_f32(chain, j, c) for c in cands])
+            np.subtract(diff, np.asarray(x, dtype=np.float32), out=diff)
+        dist = self._rel(diff, norm)  # (m, L)
+        cols = [0] if k_only else [0, 1]
+        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, None)
+
+    @staticmethod
+    def _probe_rows(
+        chain: Chain, j: int, cands: list[int], ncol: int, s: int
+    ) -> tuple[np.ndarray, list[int]]:
+        """(n, L, C, s) float32 probe rows of every candidate seen in block ``j``'s step and
+        the block of each row (order of first appearance; each of ``cands`` is there)."""
+        pos = chain.step_pos[chain.step_of[j]]
+        store = chain.pstack
+        if store is None or chain.pstack_pos != pos:
+            store = chain.pstack = Rows((len(chain.sketch[cands[0]]), ncol, s), np.float32)
+            chain.pstack_pos, chain.pstack_cands, chain.pstack_set = pos, [], set()
+        seen, order, rows = chain.pstack_set, chain.pstack_cands, chain.probe_of
+        for c in cands:
+            if c not in seen:
+                row = rows.get(c)
+                if row is None:  # never decided with candidates: it holds its own sketch
+                    if c in chain.layer_content:  # kept under python -O: a wrong bound
+                        raise RuntimeError("cf-topk: a shared block has no probe rows")
+                    row = rows[c] = np.array(chain.sketch[c][:, :ncol, :s], dtype=np.float32)
+                store.put(len(order), row)
+                order.append(c)
+                seen.add(c)
+        return store.view(), order
 
     def _step_f32(self, chain: Chain, j: int, c: int) -> np.ndarray:
         """Candidate ``c``'s held sketch (K and V, or K only) as float32, kept while block
@@ -223,9 +329,14 @@ class CfTopK:
         owners = chain.layer_content.get(c)
         if owners is None:
             return own
+        first = int(owners[0])
+        if (owners == first).all():  # every layer holds one block's content
+            return chain.sketch[first]  # type: ignore[no-any-return]
         held = own.copy()
-        for layer in np.flatnonzero(owners != c).tolist():
-            held[layer] = chain.sketch[int(owners[layer])][layer]
+        for o in np.unique(owners).tolist():  # few owners: one gather each
+            if o != c:
+                layers = np.flatnonzero(owners == o)
+                held[layers] = chain.sketch[o][layers]
         return held
 
     def _limits(self, layers: int) -> Limits:
@@ -326,15 +437,40 @@ class CfTopK:
         ok: np.ndarray,
         cols: list[int],
         table: Sequence[KVBlock],
+        probe: np.ndarray | None,
     ) -> BlockDecision | None:
+        """Each layer of ``j`` points at its nearest confirming candidate (the first on
+        ties); ``probe``: j's own probe rows, which then take the shared layers' content."""
+        nlayers = dist.shape[1]
+        if len(cands) == 1:  # the common case: one candidate left after the bound
+            layers = np.flatnonzero(ok[0])
+            if layers.size == 0:
+                return None
+            c = cands[0]
+            mask = np.zeros(table[j].pages.shape, dtype=bool)
+            source = table[j].pages.copy()
+            pages = table[c].pages
+            for col in cols:
+                mask[layers, col] = True
+                source[layers, col] = pages[layers, col]
+            held = np.full(nlayers, j, dtype=np.int64)
+            held[layers] = self._owners(chain, c, nlayers)[layers]
+            link(chain, j, c)
+            chain.layer_content[j] = held
+            if probe is not None:
+                probe[layers] = chain.probe_of[c][layers]  # j's rows now hold c's content
+            d = _mean32(dist[0, layers])
+            return BlockDecision(
+                j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
+            )
         masked = np.where(ok, dist, np.inf)
         best = np.argmin(masked, axis=0)  # (L,) best candidate per layer
-        layers = np.flatnonzero(np.isfinite(masked[best, np.arange(dist.shape[1])]))
+        layers = np.flatnonzero(np.isfinite(masked[best, np.arange(nlayers)]))
         if layers.size == 0:
             return None
         mask = np.zeros(table[j].pages.shape, dtype=bool)
         source = table[j].pages.copy()
-        held = np.full(dist.shape[1], j, dtype=np.int64)  # whose content each layer holds
+        held = np.full(nlayers, j, dtype=np.int64)  # whose content each layer holds
         pick = best[layers]  # the chosen candidate (row) of each shared layer
         rows = np.unique(pick).tolist()
         pages = np.stack([table[cands[r]].pages for r in rows])  # (chosen, L, 2)
@@ -347,7 +483,9 @@ class CfTopK:
         for r in rows:
             link(chain, j, cands[r])
         chain.layer_content[j] = held
-        d = float(dist[best[layers], layers].mean())
+        if probe is not None:
+            probe[layers] = np.stack([chain.probe_of[cands[r]] for r in rows])[at, layers]
+        d = _mean32(dist[best[layers], layers])
         return BlockDecision(
             j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
         )
@@ -363,3 +501,27 @@ def _lowest_total(dist: np.ndarray, eligible: list[int]) -> tuple[int, float]:
         rows = dist[eligible].sum(axis=1)
         return eligible[int(np.argmin(rows))], float(rows.min())
     return eligible[totals.index(lowest)], lowest
+
+
+def _mean32(values: np.ndarray) -> float:
+    """``float(values.mean())`` of a non-empty 1-d float32 array, without ``mean``'s
+    overhead: numpy sums in float32, divides that by the count in float64 and rounds the
+    quotient to float32."""
+    return float(np.float32(float(np.add.reduce(values)) / values.size))
+
+
+def _distinct_content(chain: Chain, cands: list[int], layers: int) -> list[int]:
+    """``cands`` (sorted) less each candidate that holds, at every layer, the content of an
+    earlier one: its distances equal that one's, which wins every tie, so it is never
+    chosen (a block shared whole with another candidate is the common case)."""
+    owners = chain.layer_content
+    seen: list[np.ndarray] = []
+    keep: list[int] = []
+    for c in cands:
+        held = owners.get(c)
+        if held is None:
+            held = np.full(layers, c, dtype=np.int64)
+        if not any(np.array_equal(held, other) for other in seen):
+            keep.append(c)
+            seen.append(held)
+    return keep
