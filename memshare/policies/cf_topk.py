@@ -41,6 +41,7 @@ from memshare.minhash import NGRAM_MAX, MinHasher, hasher_bytes
 from memshare.policies.cf_topk_index import Chain, Limits, NeighbourIndex, Rows, link
 from memshare.policies.params import COUNT_MAX, SEED_MAX, Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
+from memshare.sketch import to_float32
 
 _TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
 # tau bounds a relative distance ||x - c|| / ||x||, which is >= 0 and, by the triangle
@@ -226,17 +227,18 @@ class CfTopK:
         ncol = 1 if k_only else 2
         s = min(_PROBE_COORDS, xs.shape[-1])
         rows, order = self._probe_rows(chain, j, cands, ncol, s)  # (n, L, C, s), n >= m
-        xp = np.array(xs[:, :ncol, :s], dtype=np.float32)  # j holds its own: undecided
+        x = to_float32(xs[:, 0] if k_only else xs)  # j holds its own sketch: undecided
+        xp = np.array(x[:, None, :s] if k_only else x[..., :s])  # (L, C, s), kept below
         g = rows - xp
         part = np.vecdot(g, g)  # (n, L, C): float32 sums over s of the full check's terms
         tau = max(self.tau, limits.tau)
         # (tau ||x||)^2 with slack: see _PROBE_SLACK for why a pair above it cannot confirm
-        bound = np.square(norm[:, :ncol] * np.float64(tau))
-        bound *= _PROBE_SLACK
+        bound = np.square(norm[:, :ncol], dtype=np.float64)
+        bound *= tau * tau * _PROBE_SLACK
         bound += _PROBE_FLOOR
         out = part > bound  # NaN is never out: such a pair is compared in full
-        dead = (out[..., 0] if k_only else out.any(axis=2)).all(axis=1)  # (n,)
-        picked = [order[i] for i in np.flatnonzero(~dead).tolist()]
+        dead = out.all(axis=(1, 2)) if k_only else out.any(axis=2).all(axis=1)  # (n,)
+        picked = [order[i] for i, gone in enumerate(dead.tolist()) if not gone]
         if len(order) > len(cands):  # rows of the step's earlier candidates not in ``cands``
             now = set(cands)
             picked = [c for c in picked if c in now]
@@ -245,7 +247,6 @@ class CfTopK:
             return None
         # rows are in order of first appearance: back to the candidates' (sorted) order
         cands = _distinct_content(chain, sorted(picked), len(xs)) if len(picked) > 1 else picked
-        x = np.asarray(xs[:, 0] if k_only else xs, dtype=np.float32)
         if len(cands) == 1:
             diff = np.subtract(self._step_f32(chain, j, cands[0]), x)[None]
         else:
@@ -312,7 +313,7 @@ class CfTopK:
         got = chain.f32.get(c)
         if got is None:
             held = self._held(chain, c)
-            got = chain.f32[c] = np.asarray(held[:, 0] if self.share == "k" else held, np.float32)
+            got = chain.f32[c] = to_float32(held[:, 0] if self.share == "k" else held)
         return got
 
     @staticmethod
@@ -443,23 +444,24 @@ class CfTopK:
         ties); ``probe``: j's own probe rows, which then take the shared layers' content."""
         nlayers = dist.shape[1]
         if len(cands) == 1:  # the common case: one candidate left after the bound
-            layers = np.flatnonzero(ok[0])
-            if layers.size == 0:
+            here = ok[0]  # (L,) the layers that share
+            n = int(np.count_nonzero(here))
+            if n == 0:
                 return None
             c = cands[0]
-            mask = np.zeros(table[j].pages.shape, dtype=bool)
-            source = table[j].pages.copy()
+            mine = table[j].pages
+            mask = np.zeros(mine.shape, dtype=bool)
+            source = mine.copy()
             pages = table[c].pages
             for col in cols:
-                mask[layers, col] = True
-                source[layers, col] = pages[layers, col]
-            held = np.full(nlayers, j, dtype=np.int64)
-            held[layers] = self._owners(chain, c, nlayers)[layers]
+                mask[:, col] = here
+                np.copyto(source[:, col], pages[:, col], where=here)
+            owners = chain.layer_content.get(c)
+            chain.layer_content[j] = np.where(here, c if owners is None else owners, j)
             link(chain, j, c)
-            chain.layer_content[j] = held
-            if probe is not None:
-                probe[layers] = chain.probe_of[c][layers]  # j's rows now hold c's content
-            d = _mean32(dist[0, layers])
+            if probe is not None:  # j's rows now hold c's content where it shares
+                np.copyto(probe, chain.probe_of[c], where=here[:, None, None])
+            d = float(np.float32(float(np.add.reduce(dist[0][here])) / n))  # see _mean32
             return BlockDecision(
                 j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
             )
