@@ -226,6 +226,7 @@ class CfTopK:
         k_only = self.share == "k"
         ncol = 1 if k_only else 2
         s = min(_PROBE_COORDS, xs.shape[-1])
+        cands = _distinct_content(chain, cands)
         rows, order = self._probe_rows(chain, j, cands, ncol, s)  # (n, L, C, s), n >= m
         x = to_float32(xs[:, 0] if k_only else xs)  # j holds its own sketch: undecided
         xp = np.array(x[:, None, :s] if k_only else x[..., :s])  # (L, C, s), kept below
@@ -246,7 +247,7 @@ class CfTopK:
         if not picked:
             return None
         # rows are in order of first appearance: back to the candidates' (sorted) order
-        cands = _distinct_content(chain, sorted(picked), len(xs)) if len(picked) > 1 else picked
+        cands = sorted(picked) if len(picked) > 1 else picked
         if len(cands) == 1:
             diff = np.subtract(self._step_f32(chain, j, cands[0]), x)[None]
         else:
@@ -457,7 +458,8 @@ class CfTopK:
                 mask[:, col] = here
                 np.copyto(source[:, col], pages[:, col], where=here)
             owners = chain.layer_content.get(c)
-            chain.layer_content[j] = np.where(here, c if owners is None else owners, j)
+            held = chain.layer_content[j] = np.where(here, c if owners is None else owners, j)
+            chain.content_key[j] = _content_key(held)
             link(chain, j, c)
             if probe is not None:  # j's rows now hold c's content where it shares
                 np.copyto(probe, chain.probe_of[c], where=here[:, None, None])
@@ -485,6 +487,7 @@ class CfTopK:
         for r in rows:
             link(chain, j, cands[r])
         chain.layer_content[j] = held
+        chain.content_key[j] = _content_key(held)
         if probe is not None:
             probe[layers] = np.stack([chain.probe_of[cands[r]] for r in rows])[at, layers]
         d = _mean32(dist[best[layers], layers])
@@ -512,18 +515,25 @@ def _mean32(values: np.ndarray) -> float:
     return float(np.float32(float(np.add.reduce(values)) / values.size))
 
 
-def _distinct_content(chain: Chain, cands: list[int], layers: int) -> list[int]:
+def _distinct_content(chain: Chain, cands: list[int]) -> list[int]:
     """``cands`` (sorted) less each candidate that holds, at every layer, the content of an
     earlier one: its distances equal that one's, which wins every tie, so it is never
-    chosen (a block shared whole with another candidate is the common case)."""
-    owners = chain.layer_content
-    seen: list[np.ndarray] = []
+    chosen. Blocks that shared with the same blocks (a step repeated again and again) are
+    the common case."""
+    keys = chain.content_key
+    seen: set[int | bytes] = set()
     keep: list[int] = []
     for c in cands:
-        held = owners.get(c)
-        if held is None:
-            held = np.full(layers, c, dtype=np.int64)
-        if not any(np.array_equal(held, other) for other in seen):
+        key = keys.get(c, c)
+        if key not in seen:
+            seen.add(key)
             keep.append(c)
-            seen.append(held)
     return keep
+
+
+def _content_key(held: np.ndarray) -> int | bytes:
+    """A key equal for two blocks exactly when their layers hold the same blocks' content
+    (``held``: the owner per layer): the owner where it is one block (as for a block that
+    holds its own sketch, whose key is its index), else the owners' bytes."""
+    first = int(held[0])
+    return first if bool((held == first).all()) else held.tobytes()

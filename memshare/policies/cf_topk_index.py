@@ -113,6 +113,9 @@ class Chain:
     # float32 casts of candidates' held sketches for step position ``f32_pos`` (layer mode)
     f32_pos: int = -1
     f32: dict[int, np.ndarray] = field(default_factory=dict)
+    # layer granularity: logical -> what its layers hold, as a key equal for equal content
+    # (see cf_topk._content_key); a block missing here holds its own sketch (key: itself)
+    content_key: dict[int, int | bytes] = field(default_factory=dict)
     # layer granularity: logical -> (L, C, s) float32, the first ``s`` coordinates of the
     # compared columns (K, or K and V) of what the block's entry holds. Set when the block is
     # decided (its own rows, the layers it shares overwritten by their content's), or when
