@@ -57,7 +57,7 @@ NUM_PERM_MAX = 4096  # MinHash error sqrt(J(1 - J) / P) <= 0.8% here; more buys 
 # exceeds (tau ||x||)^2 * _PROBE_SLACK + _PROBE_FLOOR has a full distance > tau for sure.
 _PROBE_COORDS = 32
 _PROBE_SLACK = 1.05
-_PROBE_FLOOR = 1e-30
+_PROBE_FLOOR = np.float32(1e-30)
 
 
 @dataclass
@@ -234,8 +234,8 @@ class CfTopK:
         part = np.vecdot(g, g)  # (n, L, C): float32 sums over s of the full check's terms
         tau = max(self.tau, limits.tau)
         # (tau ||x||)^2 with slack: see _PROBE_SLACK for why a pair above it cannot confirm
-        bound = np.square(norm[:, :ncol], dtype=np.float64)
-        bound *= tau * tau * _PROBE_SLACK
+        bound = np.square(norm[:, :ncol])  # float32: its roundings are within the slack
+        bound *= np.float32(tau * tau * _PROBE_SLACK)
         bound += _PROBE_FLOOR
         out = part > bound  # NaN is never out: such a pair is compared in full
         dead = out.all(axis=(1, 2)) if k_only else out.any(axis=2).all(axis=1)  # (n,)
@@ -289,7 +289,9 @@ class CfTopK:
         pos = chain.step_pos[chain.step_of[j]]
         store = chain.pstack
         if store is None or chain.pstack_pos != pos:
-            store = chain.pstack = Rows((len(chain.sketch[cands[0]]), ncol, s), np.float32)
+            if store is None:
+                store = chain.pstack = Rows((len(chain.sketch[cands[0]]), ncol, s), np.float32)
+            store.clear()
             chain.pstack_pos, chain.pstack_cands, chain.pstack_set = pos, [], set()
         seen, order, rows = chain.pstack_set, chain.pstack_cands, chain.probe_of
         for c in cands:

@@ -48,6 +48,10 @@ class Rows:
         """Rows ``0 .. n-1``."""
         return self._a[: self.n]
 
+    def clear(self) -> None:
+        """Hold no rows (the memory is kept; rows are written again before they are read)."""
+        self.n = 0
+
 
 class Limits(NamedTuple):
     """Constants of one model depth: probe layers, layers allowed to fail, layers needed."""
