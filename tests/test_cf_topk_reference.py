@@ -36,10 +36,14 @@ class Req:
     norm: np.ndarray
 
 
-def make_req(rng: np.random.Generator, d: int, dtype: type[np.floating], tau: float) -> Req:
+def make_req(
+    rng: np.random.Generator, d: int, dtype: type[np.floating], tau: float, resume: bool = False
+) -> Req:
     """Steps of 1-3 blocks; about half repeat an earlier step's tokens with KV at relative
     distances of 0.5 to 1.5 tau per layer (some differences only in the first 32
-    coordinates, some far below float32's resolution), a few sketches with NaN or inf."""
+    coordinates, some far below float32's resolution), a few sketches with NaN or inf;
+    ``resume``: some blocks go back to an earlier step (its blocks then come after later
+    steps' blocks, so a candidate may be a block not yet decided)."""
     steps: list[int] = []
     src: list[int] = []  # per block: the block it copies, or -1
     while len(steps) < 40:
@@ -54,6 +58,9 @@ def make_req(rng: np.random.Generator, d: int, dtype: type[np.floating], tau: fl
             src += [-1] * n
         steps += [s] * n
     count = len(steps)
+    if resume:
+        for i in rng.choice(np.arange(8, count), size=6, replace=False).tolist():
+            steps[i] = int(rng.integers(0, steps[i]))
     tokens = rng.integers(100, 50_000, size=(count, BS))
     sketch = rng.standard_normal((count, LAYERS, 2, d)).astype(np.float32)
     scale = max(tau, 0.05)
@@ -199,12 +206,20 @@ def same(a: BlockDecision, b: BlockDecision) -> bool:
 
 @pytest.mark.parametrize("share", ["k", "kv"])
 @pytest.mark.parametrize("tau", [0.0, 0.1, 0.4, 1.5])
-@pytest.mark.parametrize(("d", "dtype"), [(256, np.float16), (64, np.float32), (16, np.float16)])
+@pytest.mark.parametrize(
+    ("d", "dtype", "resume"),
+    [
+        (256, np.float16, False),
+        (64, np.float32, False),
+        (16, np.float16, False),
+        (64, np.float16, True),
+    ],
+)
 def test_layer_decisions_equal_the_brute_force_reference(
-    share: str, tau: float, d: int, dtype: type[np.floating]
+    share: str, tau: float, d: int, dtype: type[np.floating], resume: bool
 ) -> None:
-    rng = np.random.default_rng([7, d, int(tau * 10), len(share)])
-    reqs = [make_req(rng, d, dtype, tau) for _ in range(3)]
+    rng = np.random.default_rng([7, d, int(tau * 10), len(share), int(resume)])
+    reqs = [make_req(rng, d, dtype, tau, resume) for _ in range(3)]
     params: dict[str, object] = {
         "granularity": "layer",
         "share": share,
@@ -214,7 +229,10 @@ def test_layer_decisions_equal_the_brute_force_reference(
     }
     got, got_stats = drive(CfTopK(**params), reqs)  # type: ignore[arg-type]
     want, want_stats = drive(Reference(**params), reqs)  # type: ignore[arg-type]
-    print(len(want), sum(int(np.count_nonzero(w.share_mask)) for w in want if w.share_mask is not None))
+    print(
+        len(want),
+        sum(int(np.count_nonzero(w.share_mask)) for w in want if w.share_mask is not None),
+    )
     assert len(want) > 5  # the data must give the check something to compare
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
