@@ -171,7 +171,7 @@ def drive(policy: CfTopK, reqs: list[Req]) -> tuple[list[BlockDecision], Manager
     seen: list[BlockDecision] = []
     total = sum(len(r.steps) for r in reqs)
     pool = BlockPool(num_blocks=total + 8, num_layers=LAYERS)
-    mgr = KVCacheManager(pool, Recorder(policy, seen), BS)  # type: ignore[arg-type]
+    mgr = KVCacheManager(pool, Recorder(policy, seen), BS)
     for n, r in enumerate(reqs):
         rid = f"r{n}"
 
@@ -200,7 +200,7 @@ def same(a: BlockDecision, b: BlockDecision) -> bool:
         (a.index, a.expect, a.share_block) == (b.index, b.expect, b.share_block)
         and eq(a.share_mask, b.share_mask)
         and eq(a.share_source, b.share_source)
-        and (a.distance == b.distance or a.distance != a.distance and b.distance != b.distance)
+        and (a.distance == b.distance or (a.distance != a.distance and b.distance != b.distance))
     )
 
 

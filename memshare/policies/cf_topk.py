@@ -22,6 +22,17 @@ Our precise version of MemShare (docs/policies.md), per request:
    that are not exclusively owned (prefix hits, published blocks) are left alone. Shared
    pages are read-only: full blocks are never written again.
 
+Cost (layer granularity): most blocks have no candidates and cost a lookup; a block with
+candidates used to cast and compare every candidate's whole sketch, which made the mean
+decision 30 times the median. Now candidates holding the same content as an earlier one are
+dropped (they never win a tie), a sound bound on the first ``_PROBE_COORDS`` coordinates of
+each candidate's held sketch (float32 rows kept per block, ``Chain.probe_of``) drops the
+(candidate, layer) pairs that cannot confirm, and only candidates with a pair left are
+compared in full, by the same float32 arithmetic: the decisions are those of comparing every
+candidate (``tests/test_cf_topk_reference.py`` checks them against a brute-force reference).
+Where a step resumes after a later one began (a candidate may still change), every candidate
+is compared in full, as before.
+
 Deterministic: ties break towards the earlier step and the lower block id. This module holds
 the policy (recording filled blocks, confirming and making shares); the per-request state and
 the candidates of step 2 are :mod:`~memshare.policies.cf_topk_index`'s.
@@ -49,12 +60,14 @@ _TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
 # 100 every one up to 99 times its norm; a larger tau is the same "share anything" setting
 TAU_MAX = 100.0
 NUM_PERM_MAX = 4096  # MinHash error sqrt(J(1 - J) / P) <= 0.8% here; more buys nothing
-# Layer granularity compares the first _PROBE_COORDS sketch coordinates of every candidate
-# first. Their float32 sum of squared differences can only fall short of the full check's
-# exact sum (the same float32 differences, fewer of them) by its own rounding (< 32 float32
-# ulps, relative 2e-6), and the full check's float32 sum, sqrt and division err by under
-# 2e-5 relative, plus underflow of at most d * 2**-149 absolute: a pair whose partial sum
-# exceeds (tau ||x||)^2 * _PROBE_SLACK + _PROBE_FLOOR has a full distance > tau for sure.
+# Layer granularity bounds first: for each (candidate, layer) the float32 sum of squared
+# differences over the first _PROBE_COORDS sketch coordinates. Those are some of the very
+# float32 differences the full check sums, so the exact partial sum never exceeds the full
+# one; the float32 roundings (partial sum, bound: relative < 1e-5; the full check's sum,
+# sqrt and division: < 2e-5) are covered by _PROBE_SLACK, float32 underflow (at most
+# d * 2**-149 in all) by _PROBE_FLOOR. So a pair whose partial sum exceeds
+# (tau ||x||)^2 * _PROBE_SLACK + _PROBE_FLOOR has a full distance > tau: it cannot confirm.
+# NaN compares false, so such a pair is always checked in full.
 _PROBE_COORDS = 32
 _PROBE_SLACK = 1.05
 _PROBE_FLOOR = np.float32(1e-30)
@@ -335,7 +348,7 @@ class CfTopK:
             return own
         first = int(owners[0])
         if (owners == first).all():  # every layer holds one block's content
-            return chain.sketch[first]  # type: ignore[no-any-return]
+            return chain.sketch[first]
         held = own.copy()
         for o in np.unique(owners).tolist():  # few owners: one gather each
             if o != c:
