@@ -152,6 +152,8 @@ class CfTopK:
     # ------------------------------------------------------------------ recording
     def _record(self, chain: Chain, blk: FullBlock, block: KVBlock) -> None:
         i = blk.index
+        if i in chain.phys:
+            chain.in_order = False  # a block filled again: compare every candidate in full
         chain.phys[i] = block.block_id
         sketch, step = blk.sketch, blk.step
         if sketch is not None and blk.norm is not None:
