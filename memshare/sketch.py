@@ -130,6 +130,34 @@ def relative_distance(
     return out
 
 
+# float16 -> float32 by integer operations: the half's sign and its exponent and mantissa
+# bits shifted into place give a float32 of value half * 2**-112 (normal and subnormal halves
+# alike), and scaling by 2**112 is exact
+_HALF_BITS = np.array([0x8FFFE000], dtype=np.uint32).view(np.int32)[0]  # sign, exp, mantissa
+_HALF_SCALE = np.float32(2.0**112)
+_HALF_EXP = 0x7C00  # an all-ones half exponent: inf or NaN
+
+
+def to_float32(a: np.ndarray) -> FloatArray:
+    """``a`` as float32, exactly; may share memory with ``a`` if it is float32 already.
+
+    numpy widens float16 one value at a time (about 2 ns each); for float16 input with no
+    inf or NaN this does it in four vectorised integer passes and an exact scaling (2-3x
+    faster), bit for bit the same values as ``a.astype(np.float32)``.
+    """
+    if a.dtype != np.float16:
+        return np.asarray(a, dtype=np.float32)
+    half = a.view(np.int16)
+    if int(np.max(half & 0x7FFF, initial=0)) >= _HALF_EXP:
+        return a.astype(np.float32)  # inf or NaN: numpy's cast keeps their bits
+    bits = half.astype(np.int32)  # sign-extended: bits 16-31 copy the sign
+    bits <<= 13  # exponent and mantissa into float32's places, the sign into bits 28-31
+    bits &= _HALF_BITS  # keep the sign bit, clear bits 28-30
+    out: FloatArray = bits.view(np.float32)
+    out *= _HALF_SCALE
+    return out
+
+
 def pairwise_distances(a: npt.ArrayLike, b: npt.ArrayLike | None = None) -> npt.NDArray[Any]:
     """Euclidean distances between the rows of ``a`` (``n x k``) and of ``b`` (``m x k``).
 

@@ -12,6 +12,7 @@ from memshare.sketch import (
     relative_distance,
     sketch_blocks,
     sketch_vectors,
+    to_float32,
 )
 
 
@@ -79,3 +80,15 @@ def test_relative_distance_and_pairwise() -> None:
     brute = np.linalg.norm(a[:, None] - a[None], axis=-1)
     np.testing.assert_allclose(pairwise_distances(a), brute, atol=1e-9)
     assert np.isinf(relative_distance([0.0, 0.0], [1.0, 0.0]))
+
+
+def test_to_float32_equals_numpys_cast_bit_for_bit() -> None:
+    every = np.arange(65536, dtype=np.uint16).view(np.float16)  # all halves, inf/NaN too
+    finite = every[np.isfinite(every)]
+    for a in (every, finite, finite[::-1].reshape(-1, 62)[:, 3:40], np.zeros(0, np.float16)):
+        got = to_float32(a)
+        assert got.dtype == np.float32 and got.shape == a.shape
+        assert np.array_equal(got.view(np.uint32), a.astype(np.float32).view(np.uint32))
+    x = np.arange(6, dtype=np.float32)
+    assert to_float32(x) is x  # float32 stays as it is
+    assert to_float32(x.astype(np.float64)).dtype == np.float32

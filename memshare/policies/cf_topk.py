@@ -22,6 +22,17 @@ Our precise version of MemShare (docs/policies.md), per request:
    that are not exclusively owned (prefix hits, published blocks) are left alone. Shared
    pages are read-only: full blocks are never written again.
 
+Cost (layer granularity): most blocks have no candidates and cost a lookup; a block with
+candidates used to cast and compare every candidate's whole sketch, which made the mean
+decision 30 times the median. Now candidates holding the same content as an earlier one are
+dropped (they never win a tie), a sound bound on the first ``_PROBE_COORDS`` coordinates of
+each candidate's held sketch (float32 rows kept per block, ``Chain.probe_of``) drops the
+(candidate, layer) pairs that cannot confirm, and only candidates with a pair left are
+compared in full, by the same float32 arithmetic: the decisions are those of comparing every
+candidate (``tests/test_cf_topk_reference.py`` checks them against a brute-force reference).
+Where a step resumes after a later one began (a candidate may still change), every candidate
+is compared in full, as before.
+
 Deterministic: ties break towards the earlier step and the lower block id. This module holds
 the policy (recording filled blocks, confirming and making shares); the per-request state and
 the candidates of step 2 are :mod:`~memshare.policies.cf_topk_index`'s.
@@ -41,6 +52,7 @@ from memshare.minhash import NGRAM_MAX, MinHasher, hasher_bytes
 from memshare.policies.cf_topk_index import Chain, Limits, NeighbourIndex, Rows, link
 from memshare.policies.params import COUNT_MAX, SEED_MAX, Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
+from memshare.sketch import to_float32
 
 _TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
 # tau bounds a relative distance ||x - c|| / ||x||, which is >= 0 and, by the triangle
@@ -48,6 +60,17 @@ _TINY = np.float32(1e-12)  # norms are clamped to this (an all-zero block)
 # 100 every one up to 99 times its norm; a larger tau is the same "share anything" setting
 TAU_MAX = 100.0
 NUM_PERM_MAX = 4096  # MinHash error sqrt(J(1 - J) / P) <= 0.8% here; more buys nothing
+# Layer granularity bounds first: for each (candidate, layer) the float32 sum of squared
+# differences over the first _PROBE_COORDS sketch coordinates. Those are some of the very
+# float32 differences the full check sums, so the exact partial sum never exceeds the full
+# one; the float32 roundings (partial sum, bound: relative < 1e-5; the full check's sum,
+# sqrt and division: < 2e-5) are covered by _PROBE_SLACK, float32 underflow (at most
+# d * 2**-149 in all) by _PROBE_FLOOR. So a pair whose partial sum exceeds
+# (tau ||x||)^2 * _PROBE_SLACK + _PROBE_FLOOR has a full distance > tau: it cannot confirm.
+# NaN compares false, so such a pair is always checked in full.
+_PROBE_COORDS = 32
+_PROBE_SLACK = 1.05
+_PROBE_FLOOR = np.float32(1e-30)
 
 
 @dataclass
@@ -129,6 +152,8 @@ class CfTopK:
     # ------------------------------------------------------------------ recording
     def _record(self, chain: Chain, blk: FullBlock, block: KVBlock) -> None:
         i = blk.index
+        if i in chain.phys:
+            chain.in_order = False  # a block filled again: compare every candidate in full
         chain.phys[i] = block.block_id
         sketch, step = blk.sketch, blk.step
         if sketch is not None and blk.norm is not None:
@@ -154,6 +179,9 @@ class CfTopK:
             chain.sig_len.append(0)
             chain.sigs.append(None)
             chain.sig_live.append(False)
+        if pos < chain.last_pos:
+            chain.in_order = False  # an earlier step resumed
+        chain.last_pos = pos
         chain.step_blocks[pos].append(i)
         if blk.token_ids is not None:
             chain.step_tokens[pos].append(np.asarray(blk.token_ids))
@@ -171,19 +199,17 @@ class CfTopK:
             return None
         norm = np.maximum(chain.norm[j], _TINY, dtype=np.float32)
         limits = chain.limits if chain.limits is not None else self._limits(len(xs))
-        if self.granularity == "block":
-            cands = self._probe_pass(chain, j, cands, norm, limits)
-            if not cands:
-                return None
+        if self.granularity == "layer":
+            return self._decide_layer(chain, j, xs, cands, norm, limits, table)
+        cands = self._probe_pass(chain, j, cands, norm, limits)
+        if not cands:
+            return None
         # float32 differences (cast, then subtract: one pass per candidate)
         k_only = self.share == "k"
         x = xs[:, 0] if k_only else xs
         if len(cands) == 1:
             one = self._held(chain, cands[0])
             diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
-        elif self.granularity == "layer":  # no probe: every candidate, cast once per step
-            diff = np.stack([self._step_f32(chain, j, c) for c in cands])
-            np.subtract(diff, np.asarray(x, dtype=np.float32), out=diff)
         else:
             diff = np.empty((len(cands), *x.shape), dtype=np.float32)
             xf = np.asarray(x, dtype=np.float32)  # the same cast, done once
@@ -192,9 +218,108 @@ class CfTopK:
                 np.subtract(held[:, 0] if k_only else held, xf, diff[i], dtype=np.float32)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if k_only else [0, 1]
-        if self.granularity == "block":
-            return self._block_share(chain, j, cands, dist, limits, cols, table)
-        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table)
+        return self._block_share(chain, j, cands, dist, limits, cols, table)
+
+    def _decide_layer(
+        self,
+        chain: Chain,
+        j: int,
+        xs: np.ndarray,
+        cands: list[int],
+        norm: np.ndarray,
+        limits: Limits,
+        table: Sequence[KVBlock],
+    ) -> BlockDecision | None:
+        """Layer granularity: each layer of block ``j`` points at its nearest confirming
+        candidate. A bound on the first ``_PROBE_COORDS`` coordinates drops the (candidate,
+        layer) pairs that cannot confirm; only the candidates with a pair left are compared
+        in full, with the float32 arithmetic of comparing every candidate, so the decision
+        is the one :meth:`_compare_all` gives (tests/test_cf_topk_reference.py)."""
+        if not chain.in_order or cands[-1] >= j:  # a candidate may still change: no bound
+            chain.in_order = False
+            return self._compare_all(chain, j, xs, cands, norm, table)
+        k_only = self.share == "k"
+        ncol = 1 if k_only else 2
+        s = min(_PROBE_COORDS, xs.shape[-1])
+        cands = _distinct_content(chain, cands)
+        rows, order = self._probe_rows(chain, j, cands, ncol, s)  # (n, L, C, s), n >= m
+        x = to_float32(xs[:, 0] if k_only else xs)  # j holds its own sketch: undecided
+        xp = np.array(x[:, None, :s] if k_only else x[..., :s])  # (L, C, s), kept below
+        g = rows - xp
+        part = np.vecdot(g, g)  # (n, L, C): float32 sums over s of the full check's terms
+        tau = max(self.tau, limits.tau)
+        # (tau ||x||)^2 with slack: see _PROBE_SLACK for why a pair above it cannot confirm
+        bound = np.square(norm[:, :ncol])  # float32: its roundings are within the slack
+        bound *= np.float32(tau * tau * _PROBE_SLACK)
+        bound += _PROBE_FLOOR
+        out = part > bound  # NaN is never out: such a pair is compared in full
+        dead = out.all(axis=(1, 2)) if k_only else out.any(axis=2).all(axis=1)  # (n,)
+        picked = [order[i] for i, gone in enumerate(dead.tolist()) if not gone]
+        if len(order) > len(cands):  # rows of the step's earlier candidates not in ``cands``
+            now = set(cands)
+            picked = [c for c in picked if c in now]
+        chain.probe_of[j] = xp  # what j holds, unless it shares below
+        if not picked:
+            return None
+        # rows are in order of first appearance: back to the candidates' (sorted) order
+        cands = sorted(picked) if len(picked) > 1 else picked
+        if len(cands) == 1:
+            diff = np.subtract(self._step_f32(chain, j, cands[0]), x)[None]
+        else:
+            diff = np.stack([self._step_f32(chain, j, c) for c in cands])
+            np.subtract(diff, x, out=diff)
+        dist = self._rel(diff, norm)  # (m, L)
+        cols = [0] if k_only else [0, 1]
+        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, xp)
+
+    def _compare_all(
+        self,
+        chain: Chain,
+        j: int,
+        xs: np.ndarray,
+        cands: list[int],
+        norm: np.ndarray,
+        table: Sequence[KVBlock],
+    ) -> BlockDecision | None:
+        """Layer granularity, every candidate compared in full (used where a candidate may
+        still change what it holds, which the bound's cached rows would miss)."""
+        k_only = self.share == "k"
+        x = xs[:, 0] if k_only else xs
+        if len(cands) == 1:
+            one = self._held(chain, cands[0])
+            diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
+        else:  # every candidate, cast once per step
+            diff = np.stack([self._step_f32(chain, j, c) for c in cands])
+            np.subtract(diff, np.asarray(x, dtype=np.float32), out=diff)
+        dist = self._rel(diff, norm)  # (m, L)
+        cols = [0] if k_only else [0, 1]
+        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, None)
+
+    @staticmethod
+    def _probe_rows(
+        chain: Chain, j: int, cands: list[int], ncol: int, s: int
+    ) -> tuple[np.ndarray, list[int]]:
+        """(n, L, C, s) float32 probe rows of every candidate seen in block ``j``'s step and
+        the block of each row (order of first appearance; each of ``cands`` is there)."""
+        pos = chain.step_pos[chain.step_of[j]]
+        store = chain.pstack
+        if store is None or chain.pstack_pos != pos:
+            if store is None:
+                store = chain.pstack = Rows((len(chain.sketch[cands[0]]), ncol, s), np.float32)
+            store.clear()
+            chain.pstack_pos, chain.pstack_cands, chain.pstack_set = pos, [], set()
+        seen, order, rows = chain.pstack_set, chain.pstack_cands, chain.probe_of
+        for c in cands:
+            if c not in seen:
+                row = rows.get(c)
+                if row is None:  # never decided with candidates: it holds its own sketch
+                    if c in chain.layer_content:  # kept under python -O: a wrong bound
+                        raise RuntimeError("cf-topk: a shared block has no probe rows")
+                    row = rows[c] = np.array(chain.sketch[c][:, :ncol, :s], dtype=np.float32)
+                store.put(len(order), row)
+                order.append(c)
+                seen.add(c)
+        return store.view(), order
 
     def _step_f32(self, chain: Chain, j: int, c: int) -> np.ndarray:
         """Candidate ``c``'s held sketch (K and V, or K only) as float32, kept while block
@@ -206,7 +331,7 @@ class CfTopK:
         got = chain.f32.get(c)
         if got is None:
             held = self._held(chain, c)
-            got = chain.f32[c] = np.asarray(held[:, 0] if self.share == "k" else held, np.float32)
+            got = chain.f32[c] = to_float32(held[:, 0] if self.share == "k" else held)
         return got
 
     @staticmethod
@@ -223,9 +348,14 @@ class CfTopK:
         owners = chain.layer_content.get(c)
         if owners is None:
             return own
+        first = int(owners[0])
+        if (owners == first).all():  # every layer holds one block's content
+            return chain.sketch[first]
         held = own.copy()
-        for layer in np.flatnonzero(owners != c).tolist():
-            held[layer] = chain.sketch[int(owners[layer])][layer]
+        for o in np.unique(owners).tolist():  # few owners: one gather each
+            if o != c:
+                layers = np.flatnonzero(owners == o)
+                held[layers] = chain.sketch[o][layers]
         return held
 
     def _limits(self, layers: int) -> Limits:
@@ -326,15 +456,42 @@ class CfTopK:
         ok: np.ndarray,
         cols: list[int],
         table: Sequence[KVBlock],
+        probe: np.ndarray | None,
     ) -> BlockDecision | None:
+        """Each layer of ``j`` points at its nearest confirming candidate (the first on
+        ties); ``probe``: j's own probe rows, which then take the shared layers' content."""
+        nlayers = dist.shape[1]
+        if len(cands) == 1:  # the common case: one candidate left after the bound
+            here = ok[0]  # (L,) the layers that share
+            n = int(np.count_nonzero(here))
+            if n == 0:
+                return None
+            c = cands[0]
+            mine = table[j].pages
+            mask = np.zeros(mine.shape, dtype=bool)
+            source = mine.copy()
+            pages = table[c].pages
+            for col in cols:
+                mask[:, col] = here
+                np.copyto(source[:, col], pages[:, col], where=here)
+            owners = chain.layer_content.get(c)
+            held = chain.layer_content[j] = np.where(here, c if owners is None else owners, j)
+            chain.content_key[j] = _content_key(held)
+            link(chain, j, c)
+            if probe is not None:  # j's rows now hold c's content where it shares
+                np.copyto(probe, chain.probe_of[c], where=here[:, None, None])
+            d = float(np.float32(float(np.add.reduce(dist[0][here])) / n))  # see _mean32
+            return BlockDecision(
+                j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
+            )
         masked = np.where(ok, dist, np.inf)
         best = np.argmin(masked, axis=0)  # (L,) best candidate per layer
-        layers = np.flatnonzero(np.isfinite(masked[best, np.arange(dist.shape[1])]))
+        layers = np.flatnonzero(np.isfinite(masked[best, np.arange(nlayers)]))
         if layers.size == 0:
             return None
         mask = np.zeros(table[j].pages.shape, dtype=bool)
         source = table[j].pages.copy()
-        held = np.full(dist.shape[1], j, dtype=np.int64)  # whose content each layer holds
+        held = np.full(nlayers, j, dtype=np.int64)  # whose content each layer holds
         pick = best[layers]  # the chosen candidate (row) of each shared layer
         rows = np.unique(pick).tolist()
         pages = np.stack([table[cands[r]].pages for r in rows])  # (chosen, L, 2)
@@ -347,7 +504,10 @@ class CfTopK:
         for r in rows:
             link(chain, j, cands[r])
         chain.layer_content[j] = held
-        d = float(dist[best[layers], layers].mean())
+        chain.content_key[j] = _content_key(held)
+        if probe is not None:
+            probe[layers] = np.stack([chain.probe_of[cands[r]] for r in rows])[at, layers]
+        d = _mean32(dist[best[layers], layers])
         return BlockDecision(
             j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
         )
@@ -363,3 +523,34 @@ def _lowest_total(dist: np.ndarray, eligible: list[int]) -> tuple[int, float]:
         rows = dist[eligible].sum(axis=1)
         return eligible[int(np.argmin(rows))], float(rows.min())
     return eligible[totals.index(lowest)], lowest
+
+
+def _mean32(values: np.ndarray) -> float:
+    """``float(values.mean())`` of a non-empty 1-d float32 array, without ``mean``'s
+    overhead: numpy sums in float32, divides that by the count in float64 and rounds the
+    quotient to float32."""
+    return float(np.float32(float(np.add.reduce(values)) / values.size))
+
+
+def _distinct_content(chain: Chain, cands: list[int]) -> list[int]:
+    """``cands`` (sorted) less each candidate that holds, at every layer, the content of an
+    earlier one: its distances equal that one's, which wins every tie, so it is never
+    chosen. Blocks that shared with the same blocks (a step repeated again and again) are
+    the common case."""
+    keys = chain.content_key
+    seen: set[int | bytes] = set()
+    keep: list[int] = []
+    for c in cands:
+        key = keys.get(c, c)
+        if key not in seen:
+            seen.add(key)
+            keep.append(c)
+    return keep
+
+
+def _content_key(held: np.ndarray) -> int | bytes:
+    """A key equal for two blocks exactly when their layers hold the same blocks' content
+    (``held``: the owner per layer): the owner where it is one block (as for a block that
+    holds its own sketch, whose key is its index), else the owners' bytes."""
+    first = int(held[0])
+    return first if bool((held == first).all()) else held.tobytes()

@@ -48,6 +48,10 @@ class Rows:
         """Rows ``0 .. n-1``."""
         return self._a[: self.n]
 
+    def clear(self) -> None:
+        """Hold no rows (the memory is kept; rows are written again before they are read)."""
+        self.n = 0
+
 
 class Limits(NamedTuple):
     """Constants of one model depth: probe layers, layers allowed to fail, layers needed."""
@@ -113,6 +117,24 @@ class Chain:
     # float32 casts of candidates' held sketches for step position ``f32_pos`` (layer mode)
     f32_pos: int = -1
     f32: dict[int, np.ndarray] = field(default_factory=dict)
+    # layer granularity: logical -> what its layers hold, as a key equal for equal content
+    # (see cf_topk._content_key); a block missing here holds its own sketch (key: itself)
+    content_key: dict[int, int | bytes] = field(default_factory=dict)
+    # layer granularity: logical -> (L, C, s) float32, the first ``s`` coordinates of the
+    # compared columns (K, or K and V) of what the block's entry holds. Set when the block is
+    # decided (its own rows, the layers it shares overwritten by their content's), or when
+    # it is first a candidate and holds its own sketch; rewritten whenever it shares.
+    probe_of: dict[int, np.ndarray] = field(default_factory=dict)
+    # those rows of the candidates of step position ``pstack_pos`` seen so far, stacked in
+    # order of first appearance (``pstack_cands``); a step's candidates only grow
+    pstack_pos: int = -1
+    pstack_cands: list[int] = field(default_factory=list)
+    pstack_set: set[int] = field(default_factory=set)
+    pstack: Rows | None = None
+    # the blocks' steps came in order (no step resumed after a later one began): then every
+    # candidate of block j is below j and decided, so what it holds is final
+    last_pos: int = -1
+    in_order: bool = True
 
 
 @dataclass(frozen=True)
