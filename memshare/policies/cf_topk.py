@@ -49,7 +49,14 @@ import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.minhash import NGRAM_MAX, MinHasher, hasher_bytes
-from memshare.policies.cf_topk_index import Chain, Limits, NeighbourIndex, Rows, link
+from memshare.policies.cf_topk_held import (
+    distinct_content,
+    held_sketch,
+    lowest_total,
+    probe_rows,
+)
+from memshare.policies.cf_topk_index import Chain, Limits, NeighbourIndex, Rows
+from memshare.policies.cf_topk_share import layer_share
 from memshare.policies.params import COUNT_MAX, SEED_MAX, Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 from memshare.sketch import to_float32
@@ -208,13 +215,13 @@ class CfTopK:
         k_only = self.share == "k"
         x = xs[:, 0] if k_only else xs
         if len(cands) == 1:
-            one = self._held(chain, cands[0])
+            one = held_sketch(chain, cands[0])
             diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
         else:
             diff = np.empty((len(cands), *x.shape), dtype=np.float32)
             xf = np.asarray(x, dtype=np.float32)  # the same cast, done once
             for i, c in enumerate(cands):
-                held = self._held(chain, c)
+                held = held_sketch(chain, c)
                 np.subtract(held[:, 0] if k_only else held, xf, diff[i], dtype=np.float32)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if k_only else [0, 1]
@@ -241,8 +248,8 @@ class CfTopK:
         k_only = self.share == "k"
         ncol = 1 if k_only else 2
         s = min(_PROBE_COORDS, xs.shape[-1])
-        cands = _distinct_content(chain, cands)
-        rows, order = self._probe_rows(chain, j, cands, ncol, s)  # (n, L, C, s), n >= m
+        cands = distinct_content(chain, cands)
+        rows, order = probe_rows(chain, j, cands, ncol, s)  # (n, L, C, s), n >= m
         x = to_float32(xs[:, 0] if k_only else xs)  # j holds its own sketch: undecided
         xp = np.array(x[:, None, :s] if k_only else x[..., :s])  # (L, C, s), kept below
         g = rows - xp
@@ -270,7 +277,7 @@ class CfTopK:
             np.subtract(diff, x, out=diff)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if k_only else [0, 1]
-        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, xp)
+        return layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, xp)
 
     def _compare_all(
         self,
@@ -286,40 +293,14 @@ class CfTopK:
         k_only = self.share == "k"
         x = xs[:, 0] if k_only else xs
         if len(cands) == 1:
-            one = self._held(chain, cands[0])
+            one = held_sketch(chain, cands[0])
             diff = np.subtract(one[:, 0] if k_only else one, x, dtype=np.float32)[None]
         else:  # every candidate, cast once per step
             diff = np.stack([self._step_f32(chain, j, c) for c in cands])
             np.subtract(diff, np.asarray(x, dtype=np.float32), out=diff)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if k_only else [0, 1]
-        return self._layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, None)
-
-    @staticmethod
-    def _probe_rows(
-        chain: Chain, j: int, cands: list[int], ncol: int, s: int
-    ) -> tuple[np.ndarray, list[int]]:
-        """(n, L, C, s) float32 probe rows of every candidate seen in block ``j``'s step and
-        the block of each row (order of first appearance; each of ``cands`` is there)."""
-        pos = chain.step_pos[chain.step_of[j]]
-        store = chain.pstack
-        if store is None or chain.pstack_pos != pos:
-            if store is None:
-                store = chain.pstack = Rows((len(chain.sketch[cands[0]]), ncol, s), np.float32)
-            store.clear()
-            chain.pstack_pos, chain.pstack_cands, chain.pstack_set = pos, [], set()
-        seen, order, rows = chain.pstack_set, chain.pstack_cands, chain.probe_of
-        for c in cands:
-            if c not in seen:
-                row = rows.get(c)
-                if row is None:  # never decided with candidates: it holds its own sketch
-                    if c in chain.layer_content:  # kept under python -O: a wrong bound
-                        raise RuntimeError("cf-topk: a shared block has no probe rows")
-                    row = rows[c] = np.array(chain.sketch[c][:, :ncol, :s], dtype=np.float32)
-                store.put(len(order), row)
-                order.append(c)
-                seen.add(c)
-        return store.view(), order
+        return layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, None)
 
     def _step_f32(self, chain: Chain, j: int, c: int) -> np.ndarray:
         """Candidate ``c``'s held sketch (K and V, or K only) as float32, kept while block
@@ -330,33 +311,9 @@ class CfTopK:
             chain.f32_pos, chain.f32 = pos, {}
         got = chain.f32.get(c)
         if got is None:
-            held = self._held(chain, c)
+            held = held_sketch(chain, c)
             got = chain.f32[c] = to_float32(held[:, 0] if self.share == "k" else held)
         return got
-
-    @staticmethod
-    def _owners(chain: Chain, c: int, layers: int) -> np.ndarray:
-        """(L,) the block whose content each layer of block ``c`` holds."""
-        got = chain.layer_content.get(c)
-        return np.full(layers, c, dtype=np.int64) if got is None else got
-
-    @staticmethod
-    def _held(chain: Chain, c: int) -> np.ndarray:
-        """The sketch of what block ``c``'s entry holds now: its own, except layers shared
-        with another block (layer granularity), which hold that block's content."""
-        own: np.ndarray = chain.sketch[c]
-        owners = chain.layer_content.get(c)
-        if owners is None:
-            return own
-        first = int(owners[0])
-        if (owners == first).all():  # every layer holds one block's content
-            return chain.sketch[first]
-        held = own.copy()
-        for o in np.unique(owners).tolist():  # few owners: one gather each
-            if o != c:
-                layers = np.flatnonzero(owners == o)
-                held[layers] = chain.sketch[o][layers]
-        return held
 
     def _limits(self, layers: int) -> Limits:
         """The per-depth constants for ``layers`` (computed once per depth)."""
@@ -434,7 +391,7 @@ class CfTopK:
                 eligible = [i for i, n in enumerate(confirmed) if n >= need]
             if not eligible:
                 return None
-            best, lowest = _lowest_total(dist, eligible)
+            best, lowest = lowest_total(dist, eligible)
         c = cands[best]
         target = table[c]
         d = lowest / layers
@@ -446,111 +403,3 @@ class CfTopK:
         mask = np.zeros(target.pages.shape, dtype=bool)
         mask[:, cols] = True
         return BlockDecision(j, expect=me, share_mask=mask, share_source=target.pages, distance=d)
-
-    def _layer_share(
-        self,
-        chain: Chain,
-        j: int,
-        cands: list[int],
-        dist: np.ndarray,
-        ok: np.ndarray,
-        cols: list[int],
-        table: Sequence[KVBlock],
-        probe: np.ndarray | None,
-    ) -> BlockDecision | None:
-        """Each layer of ``j`` points at its nearest confirming candidate (the first on
-        ties); ``probe``: j's own probe rows, which then take the shared layers' content."""
-        nlayers = dist.shape[1]
-        if len(cands) == 1:  # the common case: one candidate left after the bound
-            here = ok[0]  # (L,) the layers that share
-            n = int(np.count_nonzero(here))
-            if n == 0:
-                return None
-            c = cands[0]
-            mine = table[j].pages
-            mask = np.zeros(mine.shape, dtype=bool)
-            source = mine.copy()
-            pages = table[c].pages
-            for col in cols:
-                mask[:, col] = here
-                np.copyto(source[:, col], pages[:, col], where=here)
-            owners = chain.layer_content.get(c)
-            held = chain.layer_content[j] = np.where(here, c if owners is None else owners, j)
-            chain.content_key[j] = _content_key(held)
-            link(chain, j, c)
-            if probe is not None:  # j's rows now hold c's content where it shares
-                np.copyto(probe, chain.probe_of[c], where=here[:, None, None])
-            d = float(np.float32(float(np.add.reduce(dist[0][here])) / n))  # see _mean32
-            return BlockDecision(
-                j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
-            )
-        masked = np.where(ok, dist, np.inf)
-        best = np.argmin(masked, axis=0)  # (L,) best candidate per layer
-        layers = np.flatnonzero(np.isfinite(masked[best, np.arange(nlayers)]))
-        if layers.size == 0:
-            return None
-        mask = np.zeros(table[j].pages.shape, dtype=bool)
-        source = table[j].pages.copy()
-        held = np.full(nlayers, j, dtype=np.int64)  # whose content each layer holds
-        pick = best[layers]  # the chosen candidate (row) of each shared layer
-        rows = np.unique(pick).tolist()
-        pages = np.stack([table[cands[r]].pages for r in rows])  # (chosen, L, 2)
-        owners = np.stack([self._owners(chain, cands[r], len(held)) for r in rows])
-        at = np.searchsorted(rows, pick)
-        for col in cols:
-            mask[layers, col] = True
-            source[layers, col] = pages[at, layers, col]
-        held[layers] = owners[at, layers]
-        for r in rows:
-            link(chain, j, cands[r])
-        chain.layer_content[j] = held
-        chain.content_key[j] = _content_key(held)
-        if probe is not None:
-            probe[layers] = np.stack([chain.probe_of[cands[r]] for r in rows])[at, layers]
-        d = _mean32(dist[best[layers], layers])
-        return BlockDecision(
-            j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d
-        )
-
-
-def _lowest_total(dist: np.ndarray, eligible: list[int]) -> tuple[int, float]:
-    """(row, total) of the ``eligible`` row of ``dist`` with the lowest float32 row sum;
-    the first on ties, and numpy's argmin/min rules where a total is NaN."""
-    sums = dist.sum(axis=1).tolist()  # float32 row sums, exact as floats
-    totals = [sums[i] for i in eligible]
-    lowest = min(totals)
-    if lowest != lowest or any(t != t for t in totals):
-        rows = dist[eligible].sum(axis=1)
-        return eligible[int(np.argmin(rows))], float(rows.min())
-    return eligible[totals.index(lowest)], lowest
-
-
-def _mean32(values: np.ndarray) -> float:
-    """``float(values.mean())`` of a non-empty 1-d float32 array, without ``mean``'s
-    overhead: numpy sums in float32, divides that by the count in float64 and rounds the
-    quotient to float32."""
-    return float(np.float32(float(np.add.reduce(values)) / values.size))
-
-
-def _distinct_content(chain: Chain, cands: list[int]) -> list[int]:
-    """``cands`` (sorted) less each candidate that holds, at every layer, the content of an
-    earlier one: its distances equal that one's, which wins every tie, so it is never
-    chosen. Blocks that shared with the same blocks (a step repeated again and again) are
-    the common case."""
-    keys = chain.content_key
-    seen: set[int | bytes] = set()
-    keep: list[int] = []
-    for c in cands:
-        key = keys.get(c, c)
-        if key not in seen:
-            seen.add(key)
-            keep.append(c)
-    return keep
-
-
-def _content_key(held: np.ndarray) -> int | bytes:
-    """A key equal for two blocks exactly when their layers hold the same blocks' content
-    (``held``: the owner per layer): the owner where it is one block (as for a block that
-    holds its own sketch, whose key is its index), else the owners' bytes."""
-    first = int(held[0])
-    return first if bool((held == first).all()) else held.tobytes()
