@@ -44,7 +44,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from memshare.pool_check import PoolInvariantError, check_pool
+
+__all__ = ["BlockPool", "KVBlock", "PoolInvariantError", "PoolStats"]
+
 PageMap = np.ndarray  # (num_layers, 2) int64 page ids: [layer, 0] = K page, [layer, 1] = V page
+Rows = np.ndarray | list[np.ndarray]  # blocks' page ids, one row (1-D array) per block
 
 
 @dataclass(eq=False, slots=True)
@@ -83,6 +88,9 @@ class BlockPool:
     num_layers: int = 1
     layer_map: np.ndarray | None = None  # (L,) layer whose pages each layer uses; None = own
     stats: PoolStats = field(default_factory=PoolStats)
+    # count page by page from the start (else only from the first page-level share): the same
+    # page ids and counts either way, the plain path the fast one is checked against
+    page_accounting: bool = False
 
     def __post_init__(self) -> None:
         if self.num_blocks < 0 or self.num_layers <= 0:
@@ -98,17 +106,27 @@ class BlockPool:
         self._owner_layers = np.unique(lm)  # layers that own pages
         self.num_pages = self.num_blocks * 2 * self.num_layers
         # per-page counts for ids < capacity (>= _fresh); ids >= _fresh were never held
-        self.holders = np.zeros(0, dtype=np.int32)
-        self.pins = np.zeros(0, dtype=np.int32)
+        self._holders = np.zeros(0, dtype=np.int32)
+        self._pins = np.zeros(0, dtype=np.int32)
         self._fresh = 0  # next never-held page id (high-water mark)
         self._recycled = np.zeros(0, dtype=np.int64)  # released pages, a stack: top at end
         self._n_recycled = 0
+        # Whole-block accounting (``_paged`` False): while no page is shared, every block holds
+        # its own ``pages_per_block`` distinct pages, so each page has one holder, pinned iff
+        # its block is live, and the counts follow from block counts. Released pages then go
+        # on ``_groups`` whole (each a destroyed block's ``distinct``, popped as one block's
+        # pages): exactly the page stack's order, as ``_release`` would push them. The first
+        # page-level share (or a read of ``holders``/``pins``) builds the per-page arrays.
+        self._paged = False
+        self._groups: list[np.ndarray] = []
         self._n_free = self.num_pages  # recycled + never-held pages
         self._n_pinned = 0
         self._next_id = 0
         self._blocks: dict[int, KVBlock] = {}
         self._free_queue: OrderedDict[int, KVBlock] = OrderedDict()  # LRU head first
         self._by_hash: dict[int, dict[int, KVBlock]] = {}  # hash -> blocks, first published first
+        if self.page_accounting:
+            self._to_pages()
 
     # ----------------------------------------------------------------- queries
     @property
@@ -145,15 +163,29 @@ class BlockPool:
         """An existing block by id (KeyError if it was destroyed)."""
         return self._blocks[block_id]
 
+    @property
+    def holders(self) -> np.ndarray:
+        """Per page id ``< capacity``: existing blocks holding it (page accounting from now)."""
+        self._to_pages()
+        return self._holders
+
+    @property
+    def pins(self) -> np.ndarray:
+        """Per page id ``< capacity``: live blocks holding it (page accounting from now)."""
+        self._to_pages()
+        return self._pins
+
     def pages_pinned_by_touch(self, blocks: list[KVBlock]) -> int:
         """Reclaimable pages that ``touch(blocks)`` would pin (so no allocation may take)."""
         idle = [b.distinct for b in blocks if b.ref_cnt == 0]
         if not idle:
             return 0
+        if not self._paged:  # an idle block's pages are its own and unpinned: count blocks
+            return sum({id(b): len(b.distinct) for b in blocks if not b.ref_cnt}.values())
         pages = np.concatenate(idle)
         if not _distinct(pages):
             pages = np.unique(pages)
-        return int(np.count_nonzero(self.pins[pages] == 0))
+        return int(np.count_nonzero(self._pins[pages] == 0))
 
     def can_allocate(self, n: int) -> bool:
         """Whether ``allocate(n)`` would succeed now."""
@@ -170,17 +202,24 @@ class BlockPool:
             return None
         while self._n_free < need:
             self._evict_one()
-        taken = self._take(need).reshape(n, per)
-        self.holders[taken] += 1
-        # fresh pages come off the free stack: distinct and unpinned, so pinning is a count
-        flat = taken.ravel()
-        self.pins[flat] += 1
-        self._n_pinned += need
-        distinct = np.sort(taken, axis=1)
+        self._n_pinned += need  # free pages are distinct and unpinned: pinning is a count
+        if self._paged:
+            taken = self._take(need).reshape(n, per)
+            self._holders[taken] += 1
+            self._pins[taken.ravel()] += 1
+            distinct = np.sort(taken, axis=1)
+        else:
+            taken = distinct = self._take_groups(n)
+        return self._new_blocks(taken, distinct)
+
+    def _new_blocks(self, taken: Rows, distinct: Rows) -> list[KVBlock]:
+        """Blocks with ``ref_cnt == 1`` over the rows of ``taken`` (one block's pages each,
+        owner layers' K, V in order); ``distinct[i]`` is row ``i`` sorted."""
         assert self.layer_map is not None
         owners, lm = self._owner_layers, self.layer_map
         identity = len(owners) == self.num_layers
         blocks: list[KVBlock] = []
+        n = len(taken)
         for i in range(n):
             own = taken[i].reshape(-1, 2)
             if identity:
@@ -206,8 +245,12 @@ class BlockPool:
                 revived.append(blk.distinct)
             blk.ref_cnt += 1
         self.stats.hits += len(blocks)
-        if revived:
+        if not revived:
+            return
+        if self._paged:
             self._pin(np.concatenate(revived))
+        else:  # a revived block's pages were its own and unpinned
+            self._n_pinned += sum(len(d) for d in revived)
 
     def free(self, blocks: list[KVBlock]) -> None:
         """Drop one reference from each block, in the order given (pass a table reversed).
@@ -223,7 +266,10 @@ class BlockPool:
                 released.append(blk)
         if not released:
             return
-        self._unpin(np.concatenate([blk.distinct for blk in released]))
+        if self._paged:
+            self._unpin(np.concatenate([blk.distinct for blk in released]))
+        else:  # their pages were theirs alone
+            self._n_pinned -= sum(len(blk.distinct) for blk in released)
         for blk in released:
             if blk.block_hash is not None:
                 self._free_queue[blk.block_id] = blk
@@ -247,9 +293,10 @@ class BlockPool:
         """
         if blk.ref_cnt <= 0:
             raise ValueError(f"share_pages on a block that is not live: {blk!r}")
+        self._to_pages()
         src = np.asarray(source)[mask]
         if src.size and (
-            np.any(src < 0) or np.any(src >= self._fresh) or np.any(self.holders[src] <= 0)
+            np.any(src < 0) or np.any(src >= self._fresh) or np.any(self._holders[src] <= 0)
         ):
             raise ValueError("share_pages: a source page holds no KV")
         new_pages = blk.pages.copy()
@@ -257,13 +304,13 @@ class BlockPool:
         new_distinct = np.unique(new_pages)
         gained = np.setdiff1d(new_distinct, blk.distinct, assume_unique=True)
         lost = np.setdiff1d(blk.distinct, new_distinct, assume_unique=True)
-        self.holders[gained] += 1
+        self._holders[gained] += 1
         self._pin(gained)
         self._unpin(lost)
-        self.holders[lost] -= 1
+        self._holders[lost] -= 1
         self._release(lost)
         blk.pages, blk.distinct = new_pages, new_distinct
-        return int(np.count_nonzero(self.holders[lost] == 0))
+        return int(np.count_nonzero(self._holders[lost] == 0))
 
     def evict_all_cached(self) -> None:
         """Drop every cached-free block (e.g. a cache reset)."""
@@ -271,6 +318,38 @@ class BlockPool:
             self._evict_one()
 
     # ----------------------------------------------------------------- internals
+    def _take_groups(self, n: int) -> list[np.ndarray]:
+        """Whole-block accounting: ``n`` blocks' pages, each sorted, in the order ``_take``
+        would give them (released groups, last first, then fresh ids); takes them."""
+        per = self.pages_per_block
+        groups = self._groups
+        k = min(n, len(groups))
+        rows = [groups.pop() for _ in range(k)]
+        if k < n:
+            f = self._fresh
+            fresh = np.arange(f, f + (n - k) * per, dtype=np.int64).reshape(n - k, per)
+            self._fresh = f + (n - k) * per
+            rows.extend(fresh)
+        self._n_recycled -= k * per
+        self._n_free -= n * per
+        return rows
+
+    def _to_pages(self) -> None:
+        """Switch to page-by-page accounting (once): build ``holders``, ``pins`` and the
+        page stack from the blocks and the released groups."""
+        if self._paged:
+            return
+        self._paged = True
+        self._grow(self._fresh)
+        for blk in self._blocks.values():
+            self._holders[blk.distinct] += 1
+            if blk.ref_cnt > 0:
+                self._pins[blk.distinct] += 1
+        stack = [g[::-1] for g in self._groups]
+        self._groups = []
+        self._recycled = np.concatenate(stack) if stack else np.zeros(0, dtype=np.int64)
+        self._n_recycled = len(self._recycled)
+
     def _take(self, need: int) -> np.ndarray:
         """``need`` free pages: recycled ones (last released first), then fresh ids in
         increasing order. The caller has made sure ``need <= _n_free``."""
@@ -288,11 +367,11 @@ class BlockPool:
     def _grow(self, size: int) -> None:
         """Make ``holders``/``pins`` cover page ids ``< size`` (capacity doubles, capped at
         the budget)."""
-        cap = len(self.holders)
+        cap = len(self._holders)
         if size <= cap:
             return
         new_cap = min(max(size, 2 * cap, 1024), self.num_pages)
-        for name in ("holders", "pins"):
+        for name in ("_holders", "_pins"):
             old = getattr(self, name)
             arr = np.zeros(new_cap, dtype=np.int32)
             arr[:cap] = old
@@ -301,12 +380,12 @@ class BlockPool:
     def _pin(self, pages: np.ndarray) -> None:
         """One more live holder for each entry of ``pages`` (repeats allowed)."""
         if _distinct(pages):  # the common case: plain fancy indexing, no ufunc.at / unique
-            self.pins[pages] += 1
-            self._n_pinned += int(np.count_nonzero(self.pins[pages] == 1))
+            self._pins[pages] += 1
+            self._n_pinned += int(np.count_nonzero(self._pins[pages] == 1))
             return
-        np.add.at(self.pins, pages, 1)
+        np.add.at(self._pins, pages, 1)
         touched = np.unique(pages)
-        counts = self.pins[touched]
+        counts = self._pins[touched]
         # a page is newly pinned iff its count now equals its multiplicity in ``pages``
         mult = np.bincount(np.searchsorted(touched, pages), minlength=len(touched))
         self._n_pinned += int(np.count_nonzero(counts == mult))
@@ -314,15 +393,15 @@ class BlockPool:
     def _unpin(self, pages: np.ndarray) -> None:
         """One live holder fewer for each entry of ``pages`` (repeats allowed)."""
         if _distinct(pages):
-            self.pins[pages] -= 1
-            self._n_pinned -= int(np.count_nonzero(self.pins[pages] == 0))
+            self._pins[pages] -= 1
+            self._n_pinned -= int(np.count_nonzero(self._pins[pages] == 0))
             return
-        np.subtract.at(self.pins, pages, 1)
-        self._n_pinned -= int(np.count_nonzero(self.pins[np.unique(pages)] == 0))
+        np.subtract.at(self._pins, pages, 1)
+        self._n_pinned -= int(np.count_nonzero(self._pins[np.unique(pages)] == 0))
 
     def _release(self, pages: np.ndarray) -> None:
         """Push pages whose holder count reached 0 onto the free stack."""
-        gone = pages[self.holders[pages] == 0]
+        gone = pages[self._holders[pages] == 0]
         k = len(gone)
         if not k:
             return
@@ -342,8 +421,14 @@ class BlockPool:
             del same[blk.block_id]
             if not same:
                 del self._by_hash[blk.block_hash]
-        self.holders[blk.distinct] -= 1
-        self._release(blk.distinct)
+        if self._paged:
+            self._holders[blk.distinct] -= 1
+            self._release(blk.distinct)
+        else:  # its pages were its own: they go back as one group
+            self._groups.append(blk.distinct)
+            k = len(blk.distinct)
+            self._n_recycled += k
+            self._n_free += k
 
     def _evict_one(self) -> None:
         _, blk = self._free_queue.popitem(last=False)
@@ -353,66 +438,11 @@ class BlockPool:
     # ----------------------------------------------------------------- checking
     def check(self, live_refs: dict[int, int] | None = None) -> None:
         """Recompute every invariant from scratch; :class:`PoolInvariantError` names the first
-        broken one. Explicit raises, not ``assert``: the check holds under ``python -O`` too.
+        broken one (:func:`memshare.pool_check.check_pool`; it changes no accounting mode).
 
         ``live_refs``: block id -> number of block-table entries pointing at it, if known.
         """
-        cap = len(self.holders)
-        ok = len(self.pins) == cap and self._fresh <= cap <= self.num_pages
-        _require(ok, "bad capacity")
-        holders = np.zeros(cap, dtype=np.int64)
-        pins = np.zeros(cap, dtype=np.int64)
-        for blk in self._blocks.values():
-            _require(blk.ref_cnt >= 0, "negative ref count: {!r}", blk)
-            ok = np.array_equal(blk.distinct, np.unique(blk.pages))
-            _require(ok, "stale distinct {!r}", blk)
-            holders[blk.distinct] += 1
-            if blk.ref_cnt > 0:
-                pins[blk.distinct] += 1
-                _require(blk.block_id not in self._free_queue, "live block queued: {!r}", blk)
-            else:
-                _require(blk.block_id in self._free_queue, "unreferenced block leaked: {!r}", blk)
-                _require(blk.block_hash is not None, "unhashed block queued: {!r}", blk)
-            if blk.block_hash is not None:
-                same = self._by_hash.get(blk.block_hash, {})
-                _require(same.get(blk.block_id) is blk, "hash map misses {!r}", blk)
-        for h, same in self._by_hash.items():
-            _require(bool(same), "empty hash entry {}", h)
-            for bid, blk in same.items():
-                _require(blk.block_hash == h and self._blocks.get(bid) is blk, "stale hash")
-        for bid in self._free_queue:
-            _require(bid in self._blocks, "free queue holds destroyed block {}", bid)
-        _require(np.array_equal(holders, self.holders), "holder counts drifted")
-        _require(np.array_equal(pins, self.pins), "pin counts drifted")
-        _require(self._n_pinned == int(np.count_nonzero(pins)), "pinned page count drifted")
-        _require(not np.any(holders[self._fresh :]), "a never-held page is referenced")
-        free = self._recycled[: self._n_recycled]
-        _require(len(np.unique(free)) == len(free), "a page is on the free stack twice")
-        _require(bool(np.all(free < self._fresh)), "a never-held page is on the recycle stack")
-        _require(bool(np.all(self.holders[free] == 0)), "a page is both free and referenced")
-        ok = self._n_free == self._n_recycled + self.num_pages - self._fresh
-        _require(ok, "free count")
-        ok = self._n_free + int(np.count_nonzero(holders)) == self.num_pages
-        _require(ok, "free + used != total pages")
-        if live_refs is not None:
-            for bid, blk in self._blocks.items():
-                ok = blk.ref_cnt == live_refs.get(bid, 0)
-                _require(ok, "ref count != table refs: {!r}", blk)
-            ok = all(bid in self._blocks for bid in live_refs)
-            _require(ok, "table points at a dead block")
-
-
-class PoolInvariantError(AssertionError):
-    """A :class:`BlockPool` invariant is broken (raised by :meth:`BlockPool.check`). An
-    ``AssertionError`` so that callers written against the old ``assert`` checks still catch
-    it, but raised explicitly: ``python -O`` does not remove it."""
-
-
-def _require(ok: bool | np.bool_, message: str, *args: object) -> None:
-    """Raise :class:`PoolInvariantError` with ``message.format(*args)`` unless ``ok`` (the
-    message is formatted only on failure: ``check`` runs once per block on hot paths)."""
-    if not ok:
-        raise PoolInvariantError(message.format(*args))
+        check_pool(self, live_refs)
 
 
 def _distinct(pages: np.ndarray) -> bool:
