@@ -47,10 +47,10 @@ Decode fast path: while a request decodes past its prompt, ``allocate_slots`` ha
 do until its next block fills or a new block is needed. The scheduler counts such tokens in
 ``Request.lag`` and tells the manager the sum when something happens (or before a free),
 which is exactly what the manager would have done token by token. When nothing waits and
-every running request is in that state, :meth:`Scheduler.quiet_burst` says how many such
-steps lie ahead and a cost-model executor may run them back to back
-(:meth:`Scheduler.run_burst`; tokens are then not known, only counted). Both shortcuts are
-checked against the plain path (``fast_decode=False``) for identical files.
+every running request decodes tokens that are not known, only counted, a cost-model executor
+may run many steps at once (:class:`~memshare.decode_burst.DecodeBurst`), touching only the
+requests that need the manager or finish in each. Both shortcuts are checked against the
+plain path (``fast_decode=False``) for identical files.
 """
 
 from __future__ import annotations
@@ -264,53 +264,6 @@ class Scheduler:
                 req.append_token(None if sampled is None else sampled[j])
                 if req.finish_reason:
                     finished.append(req)
-        return self._retire(finished)
-
-    # ----------------------------------------------------------------- decode bursts
-    def quiet_burst(self) -> tuple[int, int]:
-        """``(k, kv)``: the next ``k`` steps are pure fast-path decodes of every running request.
-
-        That holds while nothing waits, every running request decodes one token a step within
-        its ``quiet`` tokens (the manager and the pool are untouched) and none finishes before
-        step ``k``. ``kv`` is the first of those steps' context tokens in all (``sum c + 1``);
-        step ``j`` (from 0) has ``kv + j * len(running)``. ``(0, 0)`` when no such step is
-        ahead. Only for requests whose tokens are not tracked (a cost-model executor).
-        """
-        running = self.running
-        if self.waiting or not running or len(running) > self.cfg.max_num_batched_tokens:
-            return 0, 0
-        k = 1 << 62
-        kv = 0
-        for req in running:
-            c = req.num_computed
-            if c != req.num_tokens - 1 or req.token_ids is not None or req.stop_ids:
-                return 0, 0
-            room = req.quiet - req.lag
-            if room < k:
-                k = room
-            left = req.max_tokens - req.num_output
-            if left < k:
-                k = left
-            if k <= 0:
-                return 0, 0
-            kv += c + 1
-        return k, kv
-
-    def run_burst(self, k: int) -> list[Request]:
-        """Apply ``k`` steps of :meth:`quiet_burst` at once.
-
-        Exactly what ``k`` calls of :meth:`schedule` and :meth:`complete` with unknown tokens
-        would do: every running request computes ``k`` tokens (counted in ``lag``) and samples
-        ``k``; those whose last token that is finish.
-        """
-        finished: list[Request] = []
-        for req in self.running:
-            req.num_computed += k
-            req.lag += k
-            req.num_output += k
-            if req.num_output >= req.max_tokens:
-                req.finish_reason = "length"
-                finished.append(req)
         return self._retire(finished)
 
     # ----------------------------------------------------------------- internals

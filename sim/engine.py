@@ -24,6 +24,7 @@ import numpy as np
 import simpy
 
 from memshare.block_pool import BlockPool
+from memshare.decode_burst import DecodeBurst
 from memshare.kv_manager import cdiv
 from memshare.request import Request
 from memshare.scheduler import Scheduler, StepPlan
@@ -122,7 +123,8 @@ class Engine:
         self._chunked = scheduler.cfg.enable_chunked_prefill
         self._budget = scheduler.cfg.max_num_batched_tokens
         env = self.env
-        if arrival.mode == "closed":
+        self._closed = arrival.mode == "closed"
+        if self._closed:
             assert arrival.clients is not None
             source = iter(self.requests)
             for _ in range(arrival.clients):
@@ -209,56 +211,70 @@ class Engine:
             self._answered = True
 
     # ----------------------------------------------------------------- decode bursts
-    def _burst_times(self, k: int, kv: int, now: float) -> list[float]:
-        """Durations of up to ``k`` quiet decode steps from ``now``, stopping before the first
-        step that would start at or after the next arrival (which that step must see)."""
+    def _next_arrival(self, now: float) -> float:
+        """When the next request arrives (open loop), or a closed-loop client answered during
+        the step that ends now submits its next; ``inf`` if none is known."""
         nxt = self._times[self._next] if self._next < len(self._times) else math.inf
         if self._resubmit_at >= now:  # a closed-loop client submits during this step
             nxt = min(nxt, self._resubmit_at)
-        r = len(self.sched.running)
-        step_time = self.cost.step_time
-        dts: list[float] = []
-        t = now
-        for j in range(k):
-            if j and t >= nxt:
-                break
-            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=kv + j * r))
-            dts.append(dt)
-            t = t + dt
-        return dts
+        return nxt
 
-    def _burst(self, dts: list[float]) -> Generator[Any, Any, None]:
-        """Run quiet decode steps back to back: the same rows, times and outcome as one
-        :meth:`Scheduler.schedule` / :meth:`Scheduler.complete` pair per step, without
-        visiting each request every step (see :meth:`Scheduler.quiet_burst`)."""
-        env, sched, pool, tl = self.env, self.sched, self.pool, self.timeline
-        r = len(sched.running)
-        live = pool.pinned_pages
-        cached = pool.used_pages - live
-        k = len(dts)
-        for dt in dts:
-            tl.time_s.append(env.now)
-            yield env.timeout(dt)
-        tl.dt_s.extend(dts)
-        for col, value in (
-            (tl.running, r),
-            (tl.waiting, 0),
-            (tl.scheduled_seqs, r),
-            (tl.scheduled_tokens, r),
-            (tl.prefill_tokens, 0),
-            (tl.decode_seqs, r),
-            (tl.admitted, 0),
-            (tl.preempted, 0),
-            (tl.live_pages, live),
-            (tl.cached_pages, cached),
-        ):
-            col.extend([value] * k)
-        finished = sched.run_burst(k)
-        tl.finished.extend([0] * (k - 1))
-        tl.finished.append(len(finished))
-        self._finish(finished)
+    def _burst(self, burst: DecodeBurst, now: float) -> Generator[Any, Any, bool]:
+        """Run quiet decode steps back to back (:class:`~memshare.decode_burst.DecodeBurst`):
+        the same rows, times and outcome as one :meth:`Scheduler.schedule` /
+        :meth:`Scheduler.complete` pair per step. Stops before a step that would start at or
+        after the next arrival (which that step must see), before one that would preempt, and
+        after one that answers a closed-loop client; False if no step ran."""
+        sched, pool, tl = self.sched, self.pool, self.timeline
+        nxt = self._next_arrival(now)
+        step_time = self.cost.step_time
+        closed = self._closed
+        t = now
+        last: list[Request] = []  # closed loop: requests the last step finished
+        start = len(tl)
+        while sched.running and (t < nxt or len(tl) == start) and burst.schedule():
+            r = burst.r
+            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=burst.kv))
+            self._decode_row(t, dt, r)
+            t = t + dt  # what SimPy's clock will read at the step's end
+            finished = burst.complete()
+            tl.finished.append(len(finished))
+            if finished and closed:
+                last = finished
+                break
+            for req in finished:  # open loop: nobody waits on them
+                _sim(req).finish = t
+                self._done(_sim(req))
+        burst.close()
+        if len(tl) == start:
+            return False
+        if now + (t - now) == t:  # one event instead of one per step, same clock
+            yield self.env.timeout(t - now)
+        else:
+            for dt in tl.dt_s[start:]:
+                yield self.env.timeout(dt)
+        self._finish(last)
         if self.check_invariants:
             pool.check(sched.manager.table_refs())
+        return True
+
+    def _decode_row(self, now: float, dt: float, r: int) -> None:
+        """Append the timeline row (all columns but ``finished``) of a step in which ``r``
+        running requests decode one token each and nothing waits."""
+        tl = self.timeline
+        tl.time_s.append(now)
+        tl.dt_s.append(dt)
+        tl.running.append(r)
+        tl.waiting.append(0)
+        tl.scheduled_seqs.append(r)
+        tl.scheduled_tokens.append(r)
+        tl.prefill_tokens.append(0)
+        tl.decode_seqs.append(r)
+        tl.admitted.append(0)
+        tl.preempted.append(0)
+        live = self.pool.pinned_pages
+        tl.live_pages.append(live)
+        tl.cached_pages.append(self.pool.used_pages - live)
 
     # ----------------------------------------------------------------- steps
     def _row(self, now: float, dt: float, shape: BatchShape, plan: StepPlan) -> None:
@@ -294,12 +310,9 @@ class Engine:
                 self._wake = None
                 continue
             now = env.now
-            k, kv = sched.quiet_burst()
-            if k >= 2:
-                dts = self._burst_times(k, kv, now)
-                if len(dts) >= 2:
-                    yield from self._burst(dts)
-                    continue
+            burst = DecodeBurst.start(sched)
+            if burst is not None and (yield from self._burst(burst, now)):
+                continue
             plan = sched.schedule()
             if plan.empty:
                 raise RuntimeError(

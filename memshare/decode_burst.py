@@ -1,0 +1,146 @@
+"""Decode bursts: many scheduler steps at once while every running request decodes.
+
+A cost-model executor (the simulator) knows no tokens, only counts, so a step in which nothing
+waits and every running request decodes one token is decided by very little: which requests
+need the manager this step (their ``quiet`` tokens ran out: a block filled or a new one is
+needed) and which finish. :class:`DecodeBurst` runs such steps one by one but touches only
+those requests; every other request is caught up lazily, in one addition, when it next needs
+the manager, finishes, or the burst ends.
+
+Invariant: after :meth:`DecodeBurst.close`, the scheduler, the manager, the pool and every
+request are exactly as the same number of :meth:`~memshare.scheduler.Scheduler.schedule` /
+:meth:`~memshare.scheduler.Scheduler.complete` pairs (with unknown tokens) would leave them,
+and the manager saw the same calls in the same order: within a step, reservations in running
+order, then commits, then frees of the finished in running order. A step whose reservations
+the pool could not all supply is not run (:meth:`DecodeBurst.schedule` returns False and
+changes nothing): the plain path preempts there.
+"""
+
+from __future__ import annotations
+
+from memshare.request import Request
+from memshare.scheduler import Scheduler
+
+
+class DecodeBurst:
+    """Quiet-decode steps of every running request, run lazily (module doc).
+
+    ``r`` and ``kv`` are the running requests and their context tokens in all (``sum c + 1``)
+    of the next step; ``j`` counts the steps run.
+    """
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.j = 0  # steps run so far
+        reqs = list(sched.running)
+        self._reqs = reqs  # running order at the start: a request's rank is its index
+        self._base = [0] * len(reqs)  # first step not yet applied to each request
+        self._due: dict[int, list[int]] = {}  # step -> ranks whose quiet tokens run out then
+        self._ends: dict[int, list[int]] = {}  # step -> ranks that finish at its end
+        self._now: list[int] = []  # ranks that reserved blocks in the current step
+        self.r = len(reqs)
+        self.kv = 0
+        for rank, req in enumerate(reqs):
+            self.kv += req.num_computed + 1
+            last = req.max_tokens - req.num_output - 1  # the step whose token is its last
+            self._ends.setdefault(last, []).append(rank)
+            if req.quiet - req.lag <= last:
+                self._due.setdefault(req.quiet - req.lag, []).append(rank)
+
+    @staticmethod
+    def start(sched: Scheduler) -> DecodeBurst | None:
+        """A burst from the scheduler's state, or ``None`` where its next step is not one: a
+        request waits, or a running one is not a pure decode of unknown tokens (prefill,
+        known tokens, stop ids, reused spans held), or the fast path is off."""
+        running = sched.running
+        if (
+            sched.waiting
+            or not running
+            or not sched.fast_decode
+            or len(running) > sched.cfg.max_num_batched_tokens
+        ):
+            return None
+        for req in running:
+            st = req.state
+            if (
+                req.num_computed != req.prompt_len + req.num_output - 1
+                or req.token_ids is not None
+                or req.stop_ids
+                or st is None
+                or st.reuse_pins
+            ):
+                return None
+        return DecodeBurst(sched)
+
+    def _catch_up(self, rank: int, step: int) -> Request:
+        """Apply the quiet steps ``base .. step - 1`` of one request: what ``schedule`` (``lag``
+        and ``num_computed``) and ``complete`` (``num_output``) did to it in each."""
+        req = self._reqs[rank]
+        d = step - self._base[rank]
+        if d:
+            req.num_computed += d
+            req.lag += d
+            req.num_output += d
+            self._base[rank] = step
+        return req
+
+    def schedule(self) -> bool:
+        """Reserve this step's blocks, in running order, for the requests whose quiet tokens
+        ran out; False (nothing changed) if the pool cannot supply them all."""
+        j = self.j
+        due = self._due.pop(j, None)
+        self._now = []
+        if not due:
+            return True
+        due.sort()
+        sched = self.sched
+        mgr = sched.manager
+        need = 0
+        for rank in due:
+            req = self._reqs[rank]
+            need += mgr.num_blocks_needed(req.rid, req.lag + j - self._base[rank] + 1)
+        if need and not mgr.pool.can_allocate(need):
+            self._due[j] = due
+            return False
+        for rank in due:
+            req = self._catch_up(rank, j)
+            if not sched._allocate(req, 1):  # the pool check above admitted it
+                raise RuntimeError(f"the pool refused blocks it admitted for {req.rid!r}")
+            req.num_computed += 1
+            req.num_output += 1
+            self._base[rank] = j + 1
+            nxt = j + 1 + req.quiet
+            if nxt < req.max_tokens - req.num_output + j + 1:  # before it finishes
+                self._due.setdefault(nxt, []).append(rank)
+        self._now = due
+        return True
+
+    def complete(self) -> list[Request]:
+        """Finish this step: commit the blocks it filled (policies deciding after the step),
+        finish the requests whose last token it was (freed in running order); returns them."""
+        j = self.j
+        sched = self.sched
+        mgr = sched.manager
+        if mgr.after_step:
+            for rank in self._now:
+                mgr.commit(self._reqs[rank].rid)
+        self.j = j + 1
+        self.kv += self.r
+        ranks = self._ends.pop(j, None)
+        if not ranks:
+            return []
+        ranks.sort()
+        finished: list[Request] = []
+        for rank in ranks:
+            req = self._catch_up(rank, j + 1)
+            req.finish_reason = "length"
+            finished.append(req)
+            self.kv -= req.num_computed + 1
+        self.r -= len(finished)
+        return sched._retire(finished)
+
+    def close(self) -> None:
+        """Catch every request up to the steps run (the burst ends here)."""
+        for rank, req in enumerate(self._reqs):
+            if not req.finish_reason:
+                self._catch_up(rank, self.j)
