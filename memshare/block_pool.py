@@ -44,26 +44,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from memshare.kv_block import KVBlock, PageLayout, PageMap
 from memshare.pool_check import PoolInvariantError, check_pool
 
-__all__ = ["BlockPool", "KVBlock", "PoolInvariantError", "PoolStats"]
-
-PageMap = np.ndarray  # (num_layers, 2) int64 page ids: [layer, 0] = K page, [layer, 1] = V page
-Rows = np.ndarray | list[np.ndarray]  # blocks' page ids, one row (1-D array) per block
-
-
-@dataclass(eq=False, slots=True)
-class KVBlock:
-    """A physical KV block: the target of block-table entries."""
-
-    block_id: int  # unique for the pool's lifetime, never reused (deterministic handle)
-    pages: PageMap  # page ids holding this block's KV, per layer and K/V
-    distinct: np.ndarray  # sorted unique page ids of ``pages`` (what this block holds)
-    ref_cnt: int = 0  # number of block-table entries (requests) pointing at this block
-    block_hash: int | None = None  # published prefix-cache key, or None
-
-    def __repr__(self) -> str:
-        return f"KVBlock(id={self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+__all__ = ["BlockPool", "KVBlock", "PageMap", "PoolInvariantError", "PoolStats"]
 
 
 @dataclass
@@ -103,7 +87,9 @@ class BlockPool:
         ):
             raise ValueError("layer_map must map each layer to itself or an earlier owner layer")
         self.layer_map = lm
-        self._owner_layers = np.unique(lm)  # layers that own pages
+        self._layout = PageLayout(self.num_layers, lm)
+        self._owner_layers = self._layout.owners  # layers that own pages
+        self._per = self._layout.per
         self.num_pages = self.num_blocks * 2 * self.num_layers
         # per-page counts for ids < capacity (>= _fresh); ids >= _fresh were never held
         self._holders = np.zeros(0, dtype=np.int32)
@@ -112,13 +98,14 @@ class BlockPool:
         self._recycled = np.zeros(0, dtype=np.int64)  # released pages, a stack: top at end
         self._n_recycled = 0
         # Whole-block accounting (``_paged`` False): while no page is shared, every block holds
-        # its own ``pages_per_block`` distinct pages, so each page has one holder, pinned iff
-        # its block is live, and the counts follow from block counts. Released pages then go
-        # on ``_groups`` whole (each a destroyed block's ``distinct``, popped as one block's
-        # pages): exactly the page stack's order, as ``_release`` would push them. The first
-        # page-level share (or a read of ``holders``/``pins``) builds the per-page arrays.
+        # its own ``per`` pages, so each page has one holder, pinned iff its block is live. The
+        # page stack then only ever holds whole blocks' pages, and by induction those are
+        # always one *slot*'s ``per`` consecutive ids (fresh ids come in slots too): released
+        # slots go on ``_slots`` (top at end), which pops exactly the pages, in the order, the
+        # page stack would. The first page-level share (or a read of ``holders``/``pins``)
+        # builds the per-page arrays and the page stack.
         self._paged = False
-        self._groups: list[np.ndarray] = []
+        self._slots: list[int] = []
         self._n_free = self.num_pages  # recycled + never-held pages
         self._n_pinned = 0
         self._next_id = 0
@@ -132,7 +119,7 @@ class BlockPool:
     @property
     def pages_per_block(self) -> int:
         """Pages a freshly allocated block holds (2L, fewer under a cross-layer map)."""
-        return 2 * len(self._owner_layers)
+        return self._per
 
     @property
     def used_pages(self) -> int:
@@ -177,11 +164,11 @@ class BlockPool:
 
     def pages_pinned_by_touch(self, blocks: list[KVBlock]) -> int:
         """Reclaimable pages that ``touch(blocks)`` would pin (so no allocation may take)."""
+        if not self._paged:  # an idle block's pages are its own and unpinned: count blocks
+            return self._per * len({id(b) for b in blocks if not b.ref_cnt})
         idle = [b.distinct for b in blocks if b.ref_cnt == 0]
         if not idle:
             return 0
-        if not self._paged:  # an idle block's pages are its own and unpinned: count blocks
-            return sum({id(b): len(b.distinct) for b in blocks if not b.ref_cnt}.values())
         pages = np.concatenate(idle)
         if not _distinct(pages):
             pages = np.unique(pages)
@@ -203,54 +190,40 @@ class BlockPool:
         while self._n_free < need:
             self._evict_one()
         self._n_pinned += need  # free pages are distinct and unpinned: pinning is a count
+        nid, layout, table = self._next_id, self._layout, self._blocks
         if self._paged:
             taken = self._take(need).reshape(n, per)
             self._holders[taken] += 1
             self._pins[taken.ravel()] += 1
             distinct = np.sort(taken, axis=1)
+            blocks = [
+                KVBlock(nid + i, -1, layout, 1, None, layout.place(taken[i]), distinct[i])
+                for i in range(n)
+            ]
         else:
-            taken = distinct = self._take_groups(n)
-        return self._new_blocks(taken, distinct)
-
-    def _new_blocks(self, taken: Rows, distinct: Rows) -> list[KVBlock]:
-        """Blocks with ``ref_cnt == 1`` over the rows of ``taken`` (one block's pages each,
-        owner layers' K, V in order); ``distinct[i]`` is row ``i`` sorted."""
-        assert self.layer_map is not None
-        owners, lm = self._owner_layers, self.layer_map
-        identity = len(owners) == self.num_layers
-        blocks: list[KVBlock] = []
-        n = len(taken)
-        for i in range(n):
-            own = taken[i].reshape(-1, 2)
-            if identity:
-                pages = own.copy()
-            else:
-                pages = np.empty((self.num_layers, 2), dtype=np.int64)
-                pages[owners] = own
-                pages = pages[lm]
-            blk = KVBlock(self._next_id, pages, distinct[i], ref_cnt=1)
-            self._next_id += 1
-            self._blocks[blk.block_id] = blk
-            blocks.append(blk)
+            blocks = [KVBlock(nid + i, s, layout, 1) for i, s in enumerate(self._take_slots(n))]
+        for blk in blocks:
+            table[blk.block_id] = blk
+        self._next_id = nid + n
         self.stats.allocated_blocks += n
         self.stats.peak_used_pages = max(self.stats.peak_used_pages, self.used_pages)
         return blocks
 
     def touch(self, blocks: list[KVBlock]) -> None:
         """Add one reference to each block (a hit or a share), reviving cached-free ones."""
-        revived: list[np.ndarray] = []
+        revived: list[KVBlock] = []
         for blk in blocks:
             if blk.ref_cnt == 0:
                 del self._free_queue[blk.block_id]
-                revived.append(blk.distinct)
+                revived.append(blk)
             blk.ref_cnt += 1
         self.stats.hits += len(blocks)
         if not revived:
             return
         if self._paged:
-            self._pin(np.concatenate(revived))
+            self._pin(np.concatenate([blk.distinct for blk in revived]))
         else:  # a revived block's pages were its own and unpinned
-            self._n_pinned += sum(len(d) for d in revived)
+            self._n_pinned += self._per * len(revived)
 
     def free(self, blocks: list[KVBlock]) -> None:
         """Drop one reference from each block, in the order given (pass a table reversed).
@@ -269,7 +242,7 @@ class BlockPool:
         if self._paged:
             self._unpin(np.concatenate([blk.distinct for blk in released]))
         else:  # their pages were theirs alone
-            self._n_pinned -= sum(len(blk.distinct) for blk in released)
+            self._n_pinned -= self._per * len(released)
         for blk in released:
             if blk.block_hash is not None:
                 self._free_queue[blk.block_id] = blk
@@ -318,25 +291,24 @@ class BlockPool:
             self._evict_one()
 
     # ----------------------------------------------------------------- internals
-    def _take_groups(self, n: int) -> list[np.ndarray]:
-        """Whole-block accounting: ``n`` blocks' pages, each sorted, in the order ``_take``
-        would give them (released groups, last first, then fresh ids); takes them."""
-        per = self.pages_per_block
-        groups = self._groups
-        k = min(n, len(groups))
-        rows = [groups.pop() for _ in range(k)]
+    def _take_slots(self, n: int) -> list[int]:
+        """Whole-block accounting: ``n`` slots, in the order ``_take`` would give their pages
+        (released slots, last first, then fresh ones); takes them."""
+        per, slots = self._per, self._slots
+        k = min(n, len(slots))
+        got = slots[len(slots) - k :][::-1]
+        del slots[len(slots) - k :]
         if k < n:
-            f = self._fresh
-            fresh = np.arange(f, f + (n - k) * per, dtype=np.int64).reshape(n - k, per)
-            self._fresh = f + (n - k) * per
-            rows.extend(fresh)
+            first = self._fresh // per
+            got.extend(range(first, first + n - k))
+            self._fresh += (n - k) * per
         self._n_recycled -= k * per
         self._n_free -= n * per
-        return rows
+        return got
 
     def _to_pages(self) -> None:
-        """Switch to page-by-page accounting (once): build ``holders``, ``pins`` and the
-        page stack from the blocks and the released groups."""
+        """Switch to page-by-page accounting (once): give every block its arrays and build
+        ``holders``, ``pins`` and the page stack from the blocks and the released slots."""
         if self._paged:
             return
         self._paged = True
@@ -345,8 +317,10 @@ class BlockPool:
             self._holders[blk.distinct] += 1
             if blk.ref_cnt > 0:
                 self._pins[blk.distinct] += 1
-        stack = [g[::-1] for g in self._groups]
-        self._groups = []
+            blk.slot = -1
+        per = self._per
+        stack = [np.arange((s + 1) * per - 1, s * per - 1, -1) for s in self._slots]
+        self._slots = []
         self._recycled = np.concatenate(stack) if stack else np.zeros(0, dtype=np.int64)
         self._n_recycled = len(self._recycled)
 
@@ -424,11 +398,10 @@ class BlockPool:
         if self._paged:
             self._holders[blk.distinct] -= 1
             self._release(blk.distinct)
-        else:  # its pages were its own: they go back as one group
-            self._groups.append(blk.distinct)
-            k = len(blk.distinct)
-            self._n_recycled += k
-            self._n_free += k
+        else:  # its pages were its own: they go back as its slot
+            self._slots.append(blk.slot)
+            self._n_recycled += self._per
+            self._n_free += self._per
 
     def _evict_one(self) -> None:
         _, blk = self._free_queue.popitem(last=False)

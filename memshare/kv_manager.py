@@ -36,6 +36,7 @@ from memshare.policy import (
     Policy,
     PrefixHit,
     RequestInfo,
+    policy_block_decisions,
     policy_shares_blocks,
 )
 
@@ -107,6 +108,9 @@ class KVCacheManager:
 
     def __post_init__(self) -> None:
         self.after_step = policy_shares_blocks(self.policy)
+        self._decides = policy_block_decisions(self.policy)  # which full blocks to ask about
+        self._entry_shape = (self.pool.num_layers, 2)  # every block's page map: (L, 2)
+        self._entry_pages = 2 * self.pool.num_layers  # pages one table entry names
 
     def lookup(self, info: RequestInfo) -> PrefixHit:
         """The policy's cached prefix for ``info`` now (changes nothing). A scheduler that sizes
@@ -250,10 +254,19 @@ class KVCacheManager:
             n_full = max(
                 n_full, min(cdiv(info.prompt_len, self.block_size), len(info.block_hashes))
             )
+        if n_full <= state.num_full:
+            return
+        self.stats.full_blocks += n_full - state.num_full
+        self.stats.pages_written += (n_full - state.num_full) * self._entry_pages
+        if self._decides == "none":  # the policy would answer nothing
+            state.num_full = n_full
+            return
+        unhashed = self._decides == "hashed" and state.block_info is None
+        hashes = info.block_hashes
         for i in range(state.num_full, n_full):
-            self.stats.full_blocks += 1
-            self.stats.pages_written += state.table[i].pages.size
             state.num_full = i + 1
+            if unhashed and i >= len(hashes):  # no hash: the policy would answer nothing
+                continue
             fb = self._full_block(state, i)
             for decision in self.policy.on_block_full(fb, state.table, self.pool):
                 self._apply(state, decision)
@@ -273,7 +286,7 @@ class KVCacheManager:
             return
         st = self.stats
         if self.observer is not None and d.shares and d.share_block != own.block_id:
-            mask = d.share_mask if d.share_mask is not None else np.ones(own.pages.shape, bool)
+            mask = d.share_mask if d.share_mask is not None else np.ones(self._entry_shape, bool)
             self.observer(state.info.req_id, d, own, np.asarray(mask, dtype=bool))
         if d.share_block is not None and d.share_block != own.block_id:
             target = self.pool.block(d.share_block)
@@ -281,8 +294,8 @@ class KVCacheManager:
             self.pool.free([own])
             state.table[d.index] = target
             st.shared_blocks += 1
-            self._count_pages(state, int(own.pages.size))
-            self._count_layers(np.ones(own.pages.shape, dtype=bool))
+            self._count_pages(state, self._entry_pages)
+            self._count_layers(np.ones(self._entry_shape, dtype=bool))
         elif d.share_mask is not None:
             assert d.share_source is not None
             self.pool.share_pages(own, d.share_mask, d.share_source)

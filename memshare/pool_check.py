@@ -98,6 +98,7 @@ def _page_state(pool: BlockPool) -> tuple[bool, np.ndarray, np.ndarray, np.ndarr
     for blk in pool._blocks.values():
         holders[blk.distinct] += 1
         pins[blk.distinct] += int(blk.ref_cnt > 0)
-    stack = [g[::-1] for g in pool._groups]
+    per = pool._per
+    stack = [np.arange((s + 1) * per - 1, s * per - 1, -1) for s in pool._slots]
     free = np.concatenate(stack) if stack else np.zeros(0, dtype=np.int64)
     return False, holders, pins, free
