@@ -18,6 +18,8 @@ changes nothing): the plain path preempts there.
 
 from __future__ import annotations
 
+import heapq
+
 from memshare.request import Request
 from memshare.scheduler import Scheduler
 
@@ -38,14 +40,38 @@ class DecodeBurst:
         self._due: dict[int, list[int]] = {}  # step -> ranks whose quiet tokens run out then
         self._ends: dict[int, list[int]] = {}  # step -> ranks that finish at its end
         self._now: list[int] = []  # ranks that reserved blocks in the current step
+        self._steps: list[int] = []  # heap of the steps in ``_due`` or ``_ends`` (stale ok)
         self.r = len(reqs)
         self.kv = 0
         for rank, req in enumerate(reqs):
             self.kv += req.num_computed + 1
             last = req.max_tokens - req.num_output - 1  # the step whose token is its last
-            self._ends.setdefault(last, []).append(rank)
+            self._add(self._ends, last, rank)
             if req.quiet - req.lag <= last:
-                self._due.setdefault(req.quiet - req.lag, []).append(rank)
+                self._add(self._due, req.quiet - req.lag, rank)
+
+    def _add(self, book: dict[int, list[int]], step: int, rank: int) -> None:
+        """Note that ``rank`` acts at ``step`` (in ``_due`` or ``_ends``)."""
+        ranks = book.get(step)
+        if ranks is None:
+            book[step] = [rank]
+            heapq.heappush(self._steps, step)
+        else:
+            ranks.append(rank)
+
+    def next_event(self) -> int:
+        """The first step (``>= j``) in which some request needs the manager or finishes;
+        the steps before it are quiet (:meth:`skip`)."""
+        steps, j, due, ends = self._steps, self.j, self._due, self._ends
+        while steps and (steps[0] < j or (steps[0] not in due and steps[0] not in ends)):
+            heapq.heappop(steps)
+        return steps[0] if steps else 1 << 62
+
+    def skip(self, k: int) -> None:
+        """Run ``k`` quiet steps (none of them reaches :meth:`next_event`): every request
+        decodes one token, nothing else happens."""
+        self.j += k
+        self.kv += k * self.r
 
     @staticmethod
     def start(sched: Scheduler) -> DecodeBurst | None:
@@ -111,7 +137,7 @@ class DecodeBurst:
             self._base[rank] = j + 1
             nxt = j + 1 + req.quiet
             if nxt < req.max_tokens - req.num_output + j + 1:  # before it finishes
-                self._due.setdefault(nxt, []).append(rank)
+                self._add(self._due, nxt, rank)
         self._now = due
         return True
 

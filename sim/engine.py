@@ -232,7 +232,13 @@ class Engine:
         t = now
         last: list[Request] = []  # closed loop: requests the last step finished
         start = len(tl)
-        while sched.running and (t < nxt or len(tl) == start) and burst.schedule():
+        while sched.running and (t < nxt or len(tl) == start):
+            quiet = burst.next_event() - burst.j
+            if quiet > 0:
+                t = self._quiet_steps(burst, t, nxt, quiet)
+                continue
+            if not burst.schedule():
+                break
             r = burst.r
             dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=burst.kv))
             self._decode_row(t, dt, r)
@@ -257,6 +263,44 @@ class Engine:
         if self.check_invariants:
             pool.check(sched.manager.table_refs())
         return True
+
+    def _quiet_steps(self, burst: DecodeBurst, t: float, nxt: float, m: int) -> float:
+        """Run up to ``m`` quiet steps of ``burst`` from ``t`` (the first always, the others
+        only while they start before ``nxt``); their rows differ only in time and duration.
+        Returns the time the last one ends."""
+        tl, pool = self.timeline, self.pool
+        step_time = self.cost.step_time
+        r, kv = burst.r, burst.kv
+        times: list[float] = []
+        dts: list[float] = []
+        while True:
+            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=kv))
+            times.append(t)
+            dts.append(dt)
+            t = t + dt  # what SimPy's clock will read at the step's end
+            kv += r
+            if len(times) == m or t >= nxt:
+                break
+        k = len(times)
+        burst.skip(k)
+        tl.time_s += times
+        tl.dt_s += dts
+        live = pool.pinned_pages
+        for col, value in (
+            (tl.running, r),
+            (tl.waiting, 0),
+            (tl.scheduled_seqs, r),
+            (tl.scheduled_tokens, r),
+            (tl.prefill_tokens, 0),
+            (tl.decode_seqs, r),
+            (tl.admitted, 0),
+            (tl.preempted, 0),
+            (tl.finished, 0),
+            (tl.live_pages, live),
+            (tl.cached_pages, pool.used_pages - live),
+        ):
+            col += [value] * k
+        return t
 
     def _decode_row(self, now: float, dt: float, r: int) -> None:
         """Append the timeline row (all columns but ``finished``) of a step in which ``r``

@@ -347,8 +347,8 @@ def timeline_csv(r: EngineResult) -> str:
         map(f9, tl.time_s),
         map(f9, tl.dt_s),
         *(map(str, col) for col in ints),
-        map(f3, [p / ppb for p in tl.live_pages]),
-        map(f3, [p / ppb for p in tl.cached_pages]),
+        map({p: f3(p / ppb) for p in set(tl.live_pages)}.__getitem__, tl.live_pages),
+        map({p: f3(p / ppb) for p in set(tl.cached_pages)}.__getitem__, tl.cached_pages),
     ]
     lines = [",".join(TIMELINE_COLUMNS), *map(",".join, zip(*cols, strict=True))]
     return "\n".join(lines) + "\n"
