@@ -105,10 +105,12 @@ class KVCacheManager:
     stats: ManagerStats = field(default_factory=ManagerStats)
     after_step: bool = field(init=False)  # the policy decides at commit (else at reservation)
     observer: ShareObserver | None = None  # sees every share before it is applied (audit)
+    ask_all: bool = False  # ask the policy about every full block, even where it answers none
 
     def __post_init__(self) -> None:
         self.after_step = policy_shares_blocks(self.policy)
-        self._decides = policy_block_decisions(self.policy)  # which full blocks to ask about
+        # which full blocks to ask the policy about
+        self._decides = "all" if self.ask_all else policy_block_decisions(self.policy)
         self._entry_shape = (self.pool.num_layers, 2)  # every block's page map: (L, 2)
         self._entry_pages = 2 * self.pool.num_layers  # pages one table entry names
 

@@ -230,9 +230,17 @@ def keys_warning(cfg: SimConfig, trace: LoadedTrace) -> str | None:
 
 
 def run_config(
-    cfg: SimConfig, trace: LoadedTrace | None = None, progress: Progress | None = None
+    cfg: SimConfig,
+    trace: LoadedTrace | None = None,
+    progress: Progress | None = None,
+    *,
+    plain: bool = False,
 ) -> RunOutput:
-    """Simulate ``cfg`` (loading its trace unless given) and compute its metrics."""
+    """Simulate ``cfg`` (loading its trace unless given) and compute its metrics.
+
+    ``plain``: take no shortcut (no decode fast path or bursts, page-by-page pool accounting,
+    the policy asked about every full block): the same files, slower; what the tests check
+    the shortcuts against."""
     trace = trace or LoadedTrace.load(Path(cfg.trace))
     policy = make_policy(cfg.policy, **cfg.policy_params)
     try:  # cross-layer sharing (kvsharer): the pool allocates owner layers only
@@ -242,11 +250,16 @@ def run_config(
     res = resolve(cfg, trace)
     records = trace.records[: cfg.limit] if cfg.limit else trace.records
     requests = build_requests(records, trace.manifest, res.block_size, trace.kv_rows)
-    pool = BlockPool(num_blocks=res.num_blocks, num_layers=res.pool_layers, layer_map=layer_map)
-    manager = KVCacheManager(pool, policy, res.block_size)
+    pool = BlockPool(
+        num_blocks=res.num_blocks,
+        num_layers=res.pool_layers,
+        layer_map=layer_map,
+        page_accounting=plain,
+    )
+    manager = KVCacheManager(pool, policy, res.block_size, ask_all=plain)
     engine = Engine(
         requests,
-        Scheduler(cfg.scheduler, manager),
+        Scheduler(cfg.scheduler, manager, fast_decode=not plain),
         CostModel(cfg.model, cfg.gpu, cfg.cost),
         cfg.arrival,
         time_scale=cfg.time_scale,
