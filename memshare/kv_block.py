@@ -42,7 +42,8 @@ class PageLayout:
             return own.copy()
         pages = np.empty((self.num_layers, 2), dtype=np.int64)
         pages[self.owners] = own
-        return pages[self.layer_map]
+        placed: PageMap = pages[self.layer_map]
+        return placed
 
 
 @dataclass(eq=False, slots=True)
