@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 
 from memshare.request import Request
-from memshare.scheduler import Scheduler
+from memshare.scheduler import Chunk, Scheduler, StepPlan
 
 
 class DecodeBurst:
@@ -41,6 +41,9 @@ class DecodeBurst:
         self._ends: dict[int, list[int]] = {}  # step -> ranks that finish at its end
         self._now: list[int] = []  # ranks that reserved blocks in the current step
         self._steps: list[int] = []  # heap of the steps in ``_due`` or ``_ends`` (stale ok)
+        self._dirty = True  # the pool changed since the last admission check (or none yet)
+        self._handed = False  # the burst ended inside a step (:meth:`handover`)
+        self.check = False  # this step must check whether the waiting head is admitted
         self.r = len(reqs)
         self.kv = 0
         for rank, req in enumerate(reqs):
@@ -63,6 +66,8 @@ class DecodeBurst:
         """The first step (``>= j``) in which some request needs the manager or finishes;
         the steps before it are quiet (:meth:`skip`)."""
         steps, j, due, ends = self._steps, self.j, self._due, self._ends
+        if self._dirty and self.sched.waiting:  # this step checks the waiting queue's head
+            return j
         while steps and (steps[0] < j or (steps[0] not in due and steps[0] not in ends)):
             heapq.heappop(steps)
         return steps[0] if steps else 1 << 62
@@ -79,12 +84,7 @@ class DecodeBurst:
         request waits, or a running one is not a pure decode of unknown tokens (prefill,
         known tokens, stop ids, reused spans held), or the fast path is off."""
         running = sched.running
-        if (
-            sched.waiting
-            or not running
-            or not sched.fast_decode
-            or len(running) > sched.cfg.max_num_batched_tokens
-        ):
+        if not running or not sched.fast_decode or len(running) > sched.cfg.max_num_batched_tokens:
             return None
         for req in running:
             st = req.state
@@ -116,6 +116,8 @@ class DecodeBurst:
         j = self.j
         due = self._due.pop(j, None)
         self._now = []
+        self.check = self._dirty
+        self._dirty = False
         if not due:
             return True
         due.sort()
@@ -132,13 +134,12 @@ class DecodeBurst:
             req = self._catch_up(rank, j)
             if not sched._allocate(req, 1):  # the pool check above admitted it
                 raise RuntimeError(f"the pool refused blocks it admitted for {req.rid!r}")
-            req.num_computed += 1
-            req.num_output += 1
-            self._base[rank] = j + 1
+            req.num_computed += 1  # its token of this step, sampled at completion
             nxt = j + 1 + req.quiet
-            if nxt < req.max_tokens - req.num_output + j + 1:  # before it finishes
+            if nxt < req.max_tokens - req.num_output + j:  # before it finishes
                 self._add(self._due, nxt, rank)
         self._now = due
+        self.check = True
         return True
 
     def complete(self) -> list[Request]:
@@ -150,11 +151,16 @@ class DecodeBurst:
         if mgr.after_step:
             for rank in self._now:
                 mgr.commit(self._reqs[rank].rid)
+            self._dirty = bool(self._now)
+        for rank in self._now:
+            self._reqs[rank].num_output += 1
+            self._base[rank] = j + 1
         self.j = j + 1
         self.kv += self.r
         ranks = self._ends.pop(j, None)
         if not ranks:
             return []
+        self._dirty = True
         ranks.sort()
         finished: list[Request] = []
         for rank in ranks:
@@ -167,6 +173,31 @@ class DecodeBurst:
 
     def close(self) -> None:
         """Catch every request up to the steps run (the burst ends here)."""
+        if self._handed:
+            return
         for rank, req in enumerate(self._reqs):
             if not req.finish_reason:
                 self._catch_up(rank, self.j)
+
+    def handover(self) -> StepPlan:
+        """End the burst inside its current step, whose reservations :meth:`schedule` made:
+        schedule the step's quiet tokens, admit waiting requests (step 2) and return the
+        step's plan, for the executor to run and complete as a plain step."""
+        j = self.j
+        now = set(self._now)
+        plan = StepPlan()
+        for rank, req in enumerate(self._reqs):
+            if req.finish_reason:
+                continue
+            if rank in now:  # reserved this step: its token is counted already
+                c = req.num_computed - 1
+            else:  # a quiet token, as ``_schedule_running`` counts it in ``lag``
+                self._catch_up(rank, j)
+                c = req.num_computed
+                req.num_computed = c + 1
+                req.lag += 1
+            plan.chunks.append(Chunk(req, c, 1, 0, True))
+        self._handed = True
+        sched = self.sched
+        sched._schedule_waiting(plan, sched.cfg.max_num_batched_tokens - len(plan.chunks))
+        return plan

@@ -145,15 +145,8 @@ class KVCacheManager:
         covered = len(hit_blocks) * self.block_size
         cow_tail = covered > info.prompt_len  # a hashed partial tail block was hit
         need = max(0, cdiv(hit.num_tokens + n_new, self.block_size) - len(hit_blocks))
-        # Hit blocks with ref 0 sit in the free queue: touching them pins their pages, which
-        # our own allocation then may not evict, so the fit check discounts them. So do the
-        # sources of reused spans (KVShare): held until the request's prompt is computed.
         pins = list({id(sp.source): sp.source for sp in hit.spans}.values())
-        revive = self.pool.pages_pinned_by_touch(hit_blocks + pins)
-        gate = need
-        if reserve_tokens is not None:
-            gate = max(need, cdiv(reserve_tokens, self.block_size) - len(hit_blocks))
-        if gate * self.pool.pages_per_block > self.pool.available_pages - revive:
+        if not self._fits(need, hit_blocks, pins, reserve_tokens):
             return None
         self.pool.touch(hit_blocks)
         self.pool.touch(pins)
@@ -175,6 +168,32 @@ class KVCacheManager:
         if not self.after_step:
             self._report_full(state)
         return hit
+
+    def admits(
+        self, info: RequestInfo, num_new_tokens: int, hit: PrefixHit, reserve_tokens: int | None
+    ) -> bool:
+        """Whether :meth:`admit` with these arguments would admit the request now (changes
+        nothing)."""
+        n_new = min(num_new_tokens, info.prompt_len - hit.num_tokens)
+        hit_blocks = list(hit.blocks)
+        need = max(0, cdiv(hit.num_tokens + n_new, self.block_size) - len(hit_blocks))
+        pins = list({id(sp.source): sp.source for sp in hit.spans}.values())
+        return self._fits(need, hit_blocks, pins, reserve_tokens)
+
+    def _fits(
+        self, need: int, hit_blocks: list[KVBlock], pins: list[KVBlock], reserve: int | None
+    ) -> bool:
+        """The admission gate: ``need`` new blocks (at least the blocks of ``reserve`` tokens
+        beyond the hit) fit beside the pages touching the hit and span sources would pin.
+
+        Hit blocks with ref 0 sit in the free queue: touching them pins their pages, which our
+        own allocation then may not evict, so the check discounts them. So do the sources of
+        reused spans (KVShare): held until the request's prompt is computed."""
+        revive = self.pool.pages_pinned_by_touch(hit_blocks + pins)
+        gate = need
+        if reserve is not None:
+            gate = max(need, cdiv(reserve, self.block_size) - len(hit_blocks))
+        return gate * self.pool.pages_per_block <= self.pool.available_pages - revive
 
     def allocate_slots(self, req_id: str, num_new_tokens: int) -> bool:
         """Grow a request's table for ``num_new_tokens`` more tokens; False (no change) if the

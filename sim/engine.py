@@ -118,6 +118,7 @@ class Engine:
         self._next = 0  # open loop: index of the next arrival
         self._resubmit_at = -math.inf  # closed loop: when a client last got its answer
         self._answered = False  # closed loop: a client got its answer since the last yield
+        self._handed: StepPlan | None = None  # a step a decode burst began, to run plainly
         pool = self.pool
         self._capacity = pool.num_pages // pool.pages_per_block  # blocks the pool can hold
         self._chunked = scheduler.cfg.enable_chunked_prefill
@@ -240,6 +241,9 @@ class Engine:
             if not burst.schedule():
                 break
             r = burst.r
+            if burst.check and sched.admissible(self._budget - r):
+                self._handed = burst.handover()  # this step admits: a plain step from here
+                break
             dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=burst.kv))
             self._decode_row(t, dt, r)
             t = t + dt  # what SimPy's clock will read at the step's end
@@ -288,7 +292,7 @@ class Engine:
         live = pool.pinned_pages
         for col, value in (
             (tl.running, r),
-            (tl.waiting, 0),
+            (tl.waiting, len(self.sched.waiting)),
             (tl.scheduled_seqs, r),
             (tl.scheduled_tokens, r),
             (tl.prefill_tokens, 0),
@@ -304,12 +308,12 @@ class Engine:
 
     def _decode_row(self, now: float, dt: float, r: int) -> None:
         """Append the timeline row (all columns but ``finished``) of a step in which ``r``
-        running requests decode one token each and nothing waits."""
+        running requests decode one token each and nothing is admitted."""
         tl = self.timeline
         tl.time_s.append(now)
         tl.dt_s.append(dt)
         tl.running.append(r)
-        tl.waiting.append(0)
+        tl.waiting.append(len(self.sched.waiting))
         tl.scheduled_seqs.append(r)
         tl.scheduled_tokens.append(r)
         tl.prefill_tokens.append(0)
@@ -356,8 +360,11 @@ class Engine:
             now = env.now
             burst = DecodeBurst.start(sched)
             if burst is not None and (yield from self._burst(burst, now)):
-                continue
-            plan = sched.schedule()
+                if self._handed is None:
+                    continue
+                now = env.now  # the burst ended inside a step that starts now
+            plan = self._handed if self._handed is not None else sched.schedule()
+            self._handed = None
             if plan.empty:
                 raise RuntimeError(
                     f"scheduler made no progress at t={now}: {len(sched.running)} running, "
@@ -368,6 +375,13 @@ class Engine:
                 if math.isnan(req.first_scheduled):
                     req.first_scheduled = now
             shape = plan_shape(plan)
+            q = len(plan.quiet)
+            if q:  # compact decodes: one-token chunks, each sampling (ints: order-free)
+                shape.num_seqs += q
+                shape.num_tokens += q
+                shape.num_sampled += q
+                shape.decode_seqs += q
+                shape.decode_kv_tokens += plan.quiet_kv
             dt = cost.step_time(shape)
             self._row(now, dt, shape, plan)
             yield env.timeout(dt)

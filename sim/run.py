@@ -259,7 +259,7 @@ def run_config(
     manager = KVCacheManager(pool, policy, res.block_size, ask_all=plain)
     engine = Engine(
         requests,
-        Scheduler(cfg.scheduler, manager, fast_decode=not plain),
+        Scheduler(cfg.scheduler, manager, fast_decode=not plain, compact_decodes=not plain),
         CostModel(cfg.model, cfg.gpu, cfg.cost),
         cfg.arrival,
         time_scale=cfg.time_scale,
