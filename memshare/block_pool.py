@@ -241,13 +241,25 @@ class BlockPool:
             return
         if self._paged:
             self._unpin(np.concatenate([blk.distinct for blk in released]))
-        else:  # their pages were theirs alone
-            self._n_pinned -= self._per * len(released)
+            for blk in released:
+                if blk.block_hash is not None:
+                    self._free_queue[blk.block_id] = blk
+                else:
+                    self._destroy(blk)
+            return
+        # whole blocks: their pages were theirs alone; an unhashed one goes back as its slot
+        per, table, queue, slots = self._per, self._blocks, self._free_queue, self._slots
+        self._n_pinned -= per * len(released)
+        gone = 0
         for blk in released:
             if blk.block_hash is not None:
-                self._free_queue[blk.block_id] = blk
-            else:
-                self._destroy(blk)
+                queue[blk.block_id] = blk
+            else:  # _destroy, for a block without a hash
+                del table[blk.block_id]
+                slots.append(blk.slot)
+                gone += per
+        self._n_recycled += gone
+        self._n_free += gone
 
     def publish(self, blk: KVBlock, block_hash: int) -> bool:
         """Make a live, full block findable under ``block_hash`` (after any block already

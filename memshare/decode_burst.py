@@ -86,7 +86,7 @@ class DecodeBurst:
         running = sched.running
         if not running or not sched.fast_decode or len(running) > sched.cfg.max_num_batched_tokens:
             return None
-        for req in running:
+        for req in reversed(running):  # the newest (still prefilling, if any) first
             st = req.state
             if (
                 req.num_computed != req.prompt_len + req.num_output - 1

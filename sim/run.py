@@ -336,12 +336,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def timeline_csv(r: EngineResult) -> str:
-    """``timeline.csv`` text: one row per step, fixed float formats (built column by column:
-    the same text as formatting row by row)."""
+    """``timeline.csv`` text: one row per step, fixed float formats (one ``%`` format per
+    row; page counts, which repeat, formatted once per distinct value)."""
     tl = r.timeline
     ppb = r.pages_per_block
-    f9, f3 = "{:.9f}".format, "{:.3f}".format
-    ints = (
+    f3 = "{:.3f}".format
+    live = {p: f3(p / ppb) for p in set(tl.live_pages)}
+    cached = {p: f3(p / ppb) for p in set(tl.cached_pages)}
+    row = "%d,%.9f,%.9f" + ",%d" * 9 + ",%s,%s"
+    rows = zip(
+        range(len(tl.time_s)),
+        tl.time_s,
+        tl.dt_s,
         tl.running,
         tl.waiting,
         tl.scheduled_seqs,
@@ -351,20 +357,11 @@ def timeline_csv(r: EngineResult) -> str:
         tl.admitted,
         tl.preempted,
         tl.finished,
+        map(live.__getitem__, tl.live_pages),
+        map(cached.__getitem__, tl.cached_pages),
+        strict=True,
     )
-    n = len(tl.time_s)
-    if any(len(col) != n for col in (tl.dt_s, *ints, tl.live_pages, tl.cached_pages)):
-        raise ValueError("timeline columns differ in length")
-    cols = [
-        map(str, range(n)),
-        map(f9, tl.time_s),
-        map(f9, tl.dt_s),
-        *(map(str, col) for col in ints),
-        map({p: f3(p / ppb) for p in set(tl.live_pages)}.__getitem__, tl.live_pages),
-        map({p: f3(p / ppb) for p in set(tl.cached_pages)}.__getitem__, tl.cached_pages),
-    ]
-    lines = [",".join(TIMELINE_COLUMNS), *map(",".join, zip(*cols, strict=True))]
-    return "\n".join(lines) + "\n"
+    return "\n".join([",".join(TIMELINE_COLUMNS), *[row % x for x in rows]]) + "\n"
 
 
 REQUEST_COLUMNS = (
