@@ -32,6 +32,11 @@ also under ``python -O``; driven by the property tests):
   increasing order. This is exactly the order of one free stack initialised to all pages, so
   page ids are deterministic; ``holders``/``pins`` cover ids ``< _fresh`` (their capacity
   grows by doubling), so a pool of 10^9 free blocks costs what the blocks in use cost.
+- Whole-block accounting (until the first page-level share, unless ``page_accounting``):
+  every block holds its own ``pages_per_block`` pages, one *slot* of consecutive ids, so the
+  counts follow from block counts and the page stack holds whole slots; the same page ids,
+  counts and order as page accounting (``tests/test_pool_accounting.py``), page arrays built
+  when read (:mod:`memshare.kv_block`). ``holders``/``pins`` switch to page accounting.
 - The hash map maps ``h`` to the existing blocks whose ``block_hash == h``, in the order they
   were published; a lookup finds the first (vLLM keeps duplicates: a fully cached, block-aligned
   prompt recomputes its last block and publishes it again under the same hash).
