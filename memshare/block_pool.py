@@ -211,7 +211,9 @@ class BlockPool:
             table[blk.block_id] = blk
         self._next_id = nid + n
         self.stats.allocated_blocks += n
-        self.stats.peak_used_pages = max(self.stats.peak_used_pages, self.used_pages)
+        used = self.num_pages - self._n_free
+        if used > self.stats.peak_used_pages:
+            self.stats.peak_used_pages = used
         return blocks
 
     def touch(self, blocks: list[KVBlock]) -> None:

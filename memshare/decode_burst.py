@@ -45,13 +45,17 @@ class DecodeBurst:
         self._handed = False  # the burst ended inside a step (:meth:`handover`)
         self.check = False  # this step must check whether the waiting head is admitted
         self.r = len(reqs)
-        self.kv = 0
+        kv = 0
+        due, ends = self._due, self._ends
         for rank, req in enumerate(reqs):
-            self.kv += req.num_computed + 1
+            kv += req.num_computed + 1
             last = req.max_tokens - req.num_output - 1  # the step whose token is its last
-            self._add(self._ends, last, rank)
+            ends.setdefault(last, []).append(rank)
             if req.quiet - req.lag <= last:
-                self._add(self._due, req.quiet - req.lag, rank)
+                due.setdefault(req.quiet - req.lag, []).append(rank)
+        self.kv = kv
+        self._steps = list(due.keys() | ends.keys())
+        heapq.heapify(self._steps)
 
     def _add(self, book: dict[int, list[int]], step: int, rank: int) -> None:
         """Note that ``rank`` acts at ``step`` (in ``_due`` or ``_ends``)."""
@@ -120,16 +124,33 @@ class DecodeBurst:
         self._dirty = False
         if not due:
             return True
-        due.sort()
         sched = self.sched
         mgr = sched.manager
-        need = 0
-        for rank in due:
-            req = self._reqs[rank]
-            need += mgr.num_blocks_needed(req.rid, req.lag + j - self._base[rank] + 1)
-        if need and not mgr.pool.can_allocate(need):
+        if len(due) > 1:  # all of the step's reservations must fit, or none is made
+            due.sort()
+            need = 0
+            for rank in due:
+                req = self._reqs[rank]
+                need += mgr.num_blocks_needed(req.rid, req.lag + j - self._base[rank] + 1)
+            if need and not mgr.pool.can_allocate(need):
+                self._due[j] = due
+                return False
+        elif not mgr.allocate_slots(
+            self._reqs[due[0]].rid, self._reqs[due[0]].lag + j - self._base[due[0]] + 1
+        ):  # one reservation: it fails changing nothing
             self._due[j] = due
             return False
+        else:  # it is made: only the scheduler's side is left
+            req = self._catch_up(due[0], j)
+            req.lag = 0
+            sched._set_quiet(req)
+            req.num_computed += 1
+            nxt = j + 1 + req.quiet
+            if nxt < req.max_tokens - req.num_output + j:  # before it finishes
+                self._add(self._due, nxt, due[0])
+            self._now = due
+            self.check = True
+            return True
         for rank in due:
             req = self._catch_up(rank, j)
             if not sched._allocate(req, 1):  # the pool check above admitted it

@@ -201,7 +201,11 @@ class KVCacheManager:
         state = self.requests[req_id]
         total = state.num_tokens + num_new_tokens
         cow = state.cow_tail and total > state.info.prompt_len
-        need = max(0, cdiv(total, self.block_size) - len(state.table)) + int(cow)
+        need = -(-total // self.block_size) - len(state.table)
+        if need < 0:
+            need = 0
+        if cow:
+            need += 1
         new = self.pool.allocate(need)
         if new is None:
             return False

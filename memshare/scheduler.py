@@ -347,8 +347,12 @@ class Scheduler:
             return
         bs = self.block_size
         room = len(st.table) * bs - st.num_tokens  # tokens that fit without a new block
-        to_full = (max(st.num_full, st.num_tokens // bs) + 1) * bs - st.num_tokens - 1
-        req.quiet = max(0, min(room, to_full))
+        full = st.num_tokens // bs
+        if st.num_full > full:
+            full = st.num_full
+        to_full = (full + 1) * bs - st.num_tokens - 1
+        quiet = room if room < to_full else to_full
+        req.quiet = quiet if quiet > 0 else 0
 
     def _release(self, req: Request) -> None:
         """Free a request's blocks in the manager (lagging tokens need no telling)."""
