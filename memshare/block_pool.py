@@ -102,13 +102,9 @@ class BlockPool:
         self._fresh = 0  # next never-held page id (high-water mark)
         self._recycled = np.zeros(0, dtype=np.int64)  # released pages, a stack: top at end
         self._n_recycled = 0
-        # Whole-block accounting (``_paged`` False): while no page is shared, every block holds
-        # its own ``per`` pages, so each page has one holder, pinned iff its block is live. The
-        # page stack then only ever holds whole blocks' pages, and by induction those are
-        # always one *slot*'s ``per`` consecutive ids (fresh ids come in slots too): released
-        # slots go on ``_slots`` (top at end), which pops exactly the pages, in the order, the
-        # page stack would. The first page-level share (or a read of ``holders``/``pins``)
-        # builds the per-page arrays and the page stack.
+        # Whole-block accounting (``_paged`` False): the page stack only ever holds whole
+        # blocks' pages, by induction one *slot* of ``per`` consecutive ids each; ``_slots``
+        # (top at end) pops them in the page stack's order. ``_to_pages`` ends it for good.
         self._paged = False
         self._slots: list[int] = []
         self._n_free = self.num_pages  # recycled + never-held pages
@@ -237,6 +233,9 @@ class BlockPool:
 
         A block reaching 0 is queued for LRU eviction if it has a hash, else destroyed.
         """
+        if not self._paged:
+            self._free_whole(blocks)
+            return
         released: list[KVBlock] = []
         for blk in blocks:
             if blk.ref_cnt <= 0:
@@ -246,25 +245,32 @@ class BlockPool:
                 released.append(blk)
         if not released:
             return
-        if self._paged:
-            self._unpin(np.concatenate([blk.distinct for blk in released]))
-            for blk in released:
-                if blk.block_hash is not None:
-                    self._free_queue[blk.block_id] = blk
-                else:
-                    self._destroy(blk)
-            return
-        # whole blocks: their pages were theirs alone; an unhashed one goes back as its slot
-        per, table, queue, slots = self._per, self._blocks, self._free_queue, self._slots
-        self._n_pinned -= per * len(released)
-        gone = 0
+        self._unpin(np.concatenate([blk.distinct for blk in released]))
         for blk in released:
             if blk.block_hash is not None:
-                queue[blk.block_id] = blk
-            else:  # _destroy, for a block without a hash
-                del table[blk.block_id]
-                slots.append(blk.slot)
-                gone += per
+                self._free_queue[blk.block_id] = blk
+            else:
+                self._destroy(blk)
+
+    def _free_whole(self, blocks: list[KVBlock]) -> None:
+        """:meth:`free` under whole-block accounting, in one pass: a released block's pages
+        were its own; one with a hash is queued, one without goes back as its slot."""
+        per, table, queue, slots = self._per, self._blocks, self._free_queue, self._slots
+        released = gone = 0
+        for blk in blocks:
+            ref = blk.ref_cnt
+            if ref <= 0:
+                raise ValueError(f"double free of {blk!r}")
+            blk.ref_cnt = ref - 1
+            if ref == 1:
+                released += per
+                if blk.block_hash is not None:
+                    queue[blk.block_id] = blk
+                else:  # _destroy, for a block without a hash
+                    del table[blk.block_id]
+                    slots.append(blk.slot)
+                    gone += per
+        self._n_pinned -= released
         self._n_recycled += gone
         self._n_free += gone
 
