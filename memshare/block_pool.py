@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from memshare.kv_block import KVBlock, PageLayout, PageMap
+from memshare.kv_block import KVBlock, PageLayout, PageMap, slot_stack
 from memshare.pool_check import PoolInvariantError, check_pool
 
 __all__ = ["BlockPool", "KVBlock", "PageMap", "PoolInvariantError", "PoolStats"]
@@ -343,10 +343,8 @@ class BlockPool:
             if blk.ref_cnt > 0:
                 self._pins[blk.distinct] += 1
             blk.slot = -1
-        per = self._per
-        stack = [np.arange((s + 1) * per - 1, s * per - 1, -1) for s in self._slots]
+        self._recycled = slot_stack(self._slots, self._per)
         self._slots = []
-        self._recycled = np.concatenate(stack) if stack else np.zeros(0, dtype=np.int64)
         self._n_recycled = len(self._recycled)
 
     def _take(self, need: int) -> np.ndarray:

@@ -91,3 +91,10 @@ class KVBlock:
 
     def __repr__(self) -> str:
         return f"KVBlock(id={self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+
+
+def slot_stack(slots: list[int], per: int) -> np.ndarray:
+    """The page stack (top at end) that released ``slots`` (pushed in order) stand for: each
+    slot's ``per`` pages pushed highest first, so that they pop lowest first."""
+    stack = [np.arange((s + 1) * per - 1, s * per - 1, -1, dtype=np.int64) for s in slots]
+    return np.concatenate(stack) if stack else np.zeros(0, dtype=np.int64)

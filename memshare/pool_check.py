@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from memshare.kv_block import slot_stack
+
 if TYPE_CHECKING:
     from memshare.block_pool import BlockPool
 
@@ -98,7 +100,5 @@ def _page_state(pool: BlockPool) -> tuple[bool, np.ndarray, np.ndarray, np.ndarr
     for blk in pool._blocks.values():
         holders[blk.distinct] += 1
         pins[blk.distinct] += int(blk.ref_cnt > 0)
-    per = pool._per
-    stack = [np.arange((s + 1) * per - 1, s * per - 1, -1) for s in pool._slots]
-    free = np.concatenate(stack) if stack else np.zeros(0, dtype=np.int64)
+    free = slot_stack(pool._slots, pool._per)
     return False, holders, pins, free
