@@ -32,6 +32,11 @@ also under ``python -O``; driven by the property tests):
   increasing order. This is exactly the order of one free stack initialised to all pages, so
   page ids are deterministic; ``holders``/``pins`` cover ids ``< _fresh`` (their capacity
   grows by doubling), so a pool of 10^9 free blocks costs what the blocks in use cost.
+- Whole-block accounting (until the first page-level share, unless ``page_accounting``):
+  every block holds its own ``pages_per_block`` pages, one *slot* of consecutive ids, so the
+  counts follow from block counts and the page stack holds whole slots; the same page ids,
+  counts and order as page accounting (``tests/test_pool_accounting.py``), page arrays built
+  when read (:mod:`memshare.kv_block`). ``holders``/``pins`` switch to page accounting.
 - The hash map maps ``h`` to the existing blocks whose ``block_hash == h``, in the order they
   were published; a lookup finds the first (vLLM keeps duplicates: a fully cached, block-aligned
   prompt recomputes its last block and publishes it again under the same hash).
@@ -44,21 +49,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PageMap = np.ndarray  # (num_layers, 2) int64 page ids: [layer, 0] = K page, [layer, 1] = V page
+from memshare.kv_block import KVBlock, PageLayout, PageMap, slot_stack
+from memshare.pool_check import PoolInvariantError, check_pool
 
-
-@dataclass(eq=False, slots=True)
-class KVBlock:
-    """A physical KV block: the target of block-table entries."""
-
-    block_id: int  # unique for the pool's lifetime, never reused (deterministic handle)
-    pages: PageMap  # page ids holding this block's KV, per layer and K/V
-    distinct: np.ndarray  # sorted unique page ids of ``pages`` (what this block holds)
-    ref_cnt: int = 0  # number of block-table entries (requests) pointing at this block
-    block_hash: int | None = None  # published prefix-cache key, or None
-
-    def __repr__(self) -> str:
-        return f"KVBlock(id={self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+__all__ = ["BlockPool", "KVBlock", "PageMap", "PoolInvariantError", "PoolStats"]
 
 
 @dataclass
@@ -83,6 +77,9 @@ class BlockPool:
     num_layers: int = 1
     layer_map: np.ndarray | None = None  # (L,) layer whose pages each layer uses; None = own
     stats: PoolStats = field(default_factory=PoolStats)
+    # count page by page from the start (else only from the first page-level share): the same
+    # page ids and counts either way, the plain path the fast one is checked against
+    page_accounting: bool = False
 
     def __post_init__(self) -> None:
         if self.num_blocks < 0 or self.num_layers <= 0:
@@ -95,26 +92,35 @@ class BlockPool:
         ):
             raise ValueError("layer_map must map each layer to itself or an earlier owner layer")
         self.layer_map = lm
-        self._owner_layers = np.unique(lm)  # layers that own pages
+        self._layout = PageLayout(self.num_layers, lm)
+        self._owner_layers = self._layout.owners  # layers that own pages
+        self._per = self._layout.per
         self.num_pages = self.num_blocks * 2 * self.num_layers
         # per-page counts for ids < capacity (>= _fresh); ids >= _fresh were never held
-        self.holders = np.zeros(0, dtype=np.int32)
-        self.pins = np.zeros(0, dtype=np.int32)
+        self._holders = np.zeros(0, dtype=np.int32)
+        self._pins = np.zeros(0, dtype=np.int32)
         self._fresh = 0  # next never-held page id (high-water mark)
         self._recycled = np.zeros(0, dtype=np.int64)  # released pages, a stack: top at end
         self._n_recycled = 0
+        # Whole-block accounting (``_paged`` False): the page stack only ever holds whole
+        # blocks' pages, by induction one *slot* of ``per`` consecutive ids each; ``_slots``
+        # (top at end) pops them in the page stack's order. ``_to_pages`` ends it for good.
+        self._paged = False
+        self._slots: list[int] = []
         self._n_free = self.num_pages  # recycled + never-held pages
         self._n_pinned = 0
         self._next_id = 0
         self._blocks: dict[int, KVBlock] = {}
         self._free_queue: OrderedDict[int, KVBlock] = OrderedDict()  # LRU head first
         self._by_hash: dict[int, dict[int, KVBlock]] = {}  # hash -> blocks, first published first
+        if self.page_accounting:
+            self._to_pages()
 
     # ----------------------------------------------------------------- queries
     @property
     def pages_per_block(self) -> int:
         """Pages a freshly allocated block holds (2L, fewer under a cross-layer map)."""
-        return 2 * len(self._owner_layers)
+        return self._per
 
     @property
     def used_pages(self) -> int:
@@ -145,15 +151,29 @@ class BlockPool:
         """An existing block by id (KeyError if it was destroyed)."""
         return self._blocks[block_id]
 
+    @property
+    def holders(self) -> np.ndarray:
+        """Per page id ``< capacity``: existing blocks holding it (page accounting from now)."""
+        self._to_pages()
+        return self._holders
+
+    @property
+    def pins(self) -> np.ndarray:
+        """Per page id ``< capacity``: live blocks holding it (page accounting from now)."""
+        self._to_pages()
+        return self._pins
+
     def pages_pinned_by_touch(self, blocks: list[KVBlock]) -> int:
         """Reclaimable pages that ``touch(blocks)`` would pin (so no allocation may take)."""
+        if not self._paged:  # an idle block's pages are its own and unpinned: count blocks
+            return self._per * len({id(b) for b in blocks if not b.ref_cnt})
         idle = [b.distinct for b in blocks if b.ref_cnt == 0]
         if not idle:
             return 0
         pages = np.concatenate(idle)
         if not _distinct(pages):
             pages = np.unique(pages)
-        return int(np.count_nonzero(self.pins[pages] == 0))
+        return int(np.count_nonzero(self._pins[pages] == 0))
 
     def can_allocate(self, n: int) -> bool:
         """Whether ``allocate(n)`` would succeed now."""
@@ -170,50 +190,52 @@ class BlockPool:
             return None
         while self._n_free < need:
             self._evict_one()
-        taken = self._take(need).reshape(n, per)
-        self.holders[taken] += 1
-        # fresh pages come off the free stack: distinct and unpinned, so pinning is a count
-        flat = taken.ravel()
-        self.pins[flat] += 1
-        self._n_pinned += need
-        distinct = np.sort(taken, axis=1)
-        assert self.layer_map is not None
-        owners, lm = self._owner_layers, self.layer_map
-        identity = len(owners) == self.num_layers
-        blocks: list[KVBlock] = []
-        for i in range(n):
-            own = taken[i].reshape(-1, 2)
-            if identity:
-                pages = own.copy()
-            else:
-                pages = np.empty((self.num_layers, 2), dtype=np.int64)
-                pages[owners] = own
-                pages = pages[lm]
-            blk = KVBlock(self._next_id, pages, distinct[i], ref_cnt=1)
-            self._next_id += 1
-            self._blocks[blk.block_id] = blk
-            blocks.append(blk)
+        self._n_pinned += need  # free pages are distinct and unpinned: pinning is a count
+        nid, layout, table = self._next_id, self._layout, self._blocks
+        if self._paged:
+            taken = self._take(need).reshape(n, per)
+            self._holders[taken] += 1
+            self._pins[taken.ravel()] += 1
+            distinct = np.sort(taken, axis=1)
+            blocks = [
+                KVBlock(nid + i, -1, layout, 1, None, layout.place(taken[i]), distinct[i])
+                for i in range(n)
+            ]
+        else:
+            blocks = [KVBlock(nid + i, s, layout, 1) for i, s in enumerate(self._take_slots(n))]
+        for blk in blocks:
+            table[blk.block_id] = blk
+        self._next_id = nid + n
         self.stats.allocated_blocks += n
-        self.stats.peak_used_pages = max(self.stats.peak_used_pages, self.used_pages)
+        used = self.num_pages - self._n_free
+        if used > self.stats.peak_used_pages:
+            self.stats.peak_used_pages = used
         return blocks
 
     def touch(self, blocks: list[KVBlock]) -> None:
         """Add one reference to each block (a hit or a share), reviving cached-free ones."""
-        revived: list[np.ndarray] = []
+        revived: list[KVBlock] = []
         for blk in blocks:
             if blk.ref_cnt == 0:
                 del self._free_queue[blk.block_id]
-                revived.append(blk.distinct)
+                revived.append(blk)
             blk.ref_cnt += 1
         self.stats.hits += len(blocks)
-        if revived:
-            self._pin(np.concatenate(revived))
+        if not revived:
+            return
+        if self._paged:
+            self._pin(np.concatenate([blk.distinct for blk in revived]))
+        else:  # a revived block's pages were its own and unpinned
+            self._n_pinned += self._per * len(revived)
 
     def free(self, blocks: list[KVBlock]) -> None:
         """Drop one reference from each block, in the order given (pass a table reversed).
 
         A block reaching 0 is queued for LRU eviction if it has a hash, else destroyed.
         """
+        if not self._paged:
+            self._free_whole(blocks)
+            return
         released: list[KVBlock] = []
         for blk in blocks:
             if blk.ref_cnt <= 0:
@@ -229,6 +251,28 @@ class BlockPool:
                 self._free_queue[blk.block_id] = blk
             else:
                 self._destroy(blk)
+
+    def _free_whole(self, blocks: list[KVBlock]) -> None:
+        """:meth:`free` under whole-block accounting, in one pass: a released block's pages
+        were its own; one with a hash is queued, one without goes back as its slot."""
+        per, table, queue, slots = self._per, self._blocks, self._free_queue, self._slots
+        released = gone = 0
+        for blk in blocks:
+            ref = blk.ref_cnt
+            if ref <= 0:
+                raise ValueError(f"double free of {blk!r}")
+            blk.ref_cnt = ref - 1
+            if ref == 1:
+                released += per
+                if blk.block_hash is not None:
+                    queue[blk.block_id] = blk
+                else:  # _destroy, for a block without a hash
+                    del table[blk.block_id]
+                    slots.append(blk.slot)
+                    gone += per
+        self._n_pinned -= released
+        self._n_recycled += gone
+        self._n_free += gone
 
     def publish(self, blk: KVBlock, block_hash: int) -> bool:
         """Make a live, full block findable under ``block_hash`` (after any block already
@@ -247,9 +291,10 @@ class BlockPool:
         """
         if blk.ref_cnt <= 0:
             raise ValueError(f"share_pages on a block that is not live: {blk!r}")
+        self._to_pages()
         src = np.asarray(source)[mask]
         if src.size and (
-            np.any(src < 0) or np.any(src >= self._fresh) or np.any(self.holders[src] <= 0)
+            np.any(src < 0) or np.any(src >= self._fresh) or np.any(self._holders[src] <= 0)
         ):
             raise ValueError("share_pages: a source page holds no KV")
         new_pages = blk.pages.copy()
@@ -257,13 +302,13 @@ class BlockPool:
         new_distinct = np.unique(new_pages)
         gained = np.setdiff1d(new_distinct, blk.distinct, assume_unique=True)
         lost = np.setdiff1d(blk.distinct, new_distinct, assume_unique=True)
-        self.holders[gained] += 1
+        self._holders[gained] += 1
         self._pin(gained)
         self._unpin(lost)
-        self.holders[lost] -= 1
+        self._holders[lost] -= 1
         self._release(lost)
         blk.pages, blk.distinct = new_pages, new_distinct
-        return int(np.count_nonzero(self.holders[lost] == 0))
+        return int(np.count_nonzero(self._holders[lost] == 0))
 
     def evict_all_cached(self) -> None:
         """Drop every cached-free block (e.g. a cache reset)."""
@@ -271,6 +316,37 @@ class BlockPool:
             self._evict_one()
 
     # ----------------------------------------------------------------- internals
+    def _take_slots(self, n: int) -> list[int]:
+        """Whole-block accounting: ``n`` slots, in the order ``_take`` would give their pages
+        (released slots, last first, then fresh ones); takes them."""
+        per, slots = self._per, self._slots
+        k = min(n, len(slots))
+        got = slots[len(slots) - k :][::-1]
+        del slots[len(slots) - k :]
+        if k < n:
+            first = self._fresh // per
+            got.extend(range(first, first + n - k))
+            self._fresh += (n - k) * per
+        self._n_recycled -= k * per
+        self._n_free -= n * per
+        return got
+
+    def _to_pages(self) -> None:
+        """Switch to page-by-page accounting (once): give every block its arrays and build
+        ``holders``, ``pins`` and the page stack from the blocks and the released slots."""
+        if self._paged:
+            return
+        self._paged = True
+        self._grow(self._fresh)
+        for blk in self._blocks.values():
+            self._holders[blk.distinct] += 1
+            if blk.ref_cnt > 0:
+                self._pins[blk.distinct] += 1
+            blk.slot = -1
+        self._recycled = slot_stack(self._slots, self._per)
+        self._slots = []
+        self._n_recycled = len(self._recycled)
+
     def _take(self, need: int) -> np.ndarray:
         """``need`` free pages: recycled ones (last released first), then fresh ids in
         increasing order. The caller has made sure ``need <= _n_free``."""
@@ -288,11 +364,11 @@ class BlockPool:
     def _grow(self, size: int) -> None:
         """Make ``holders``/``pins`` cover page ids ``< size`` (capacity doubles, capped at
         the budget)."""
-        cap = len(self.holders)
+        cap = len(self._holders)
         if size <= cap:
             return
         new_cap = min(max(size, 2 * cap, 1024), self.num_pages)
-        for name in ("holders", "pins"):
+        for name in ("_holders", "_pins"):
             old = getattr(self, name)
             arr = np.zeros(new_cap, dtype=np.int32)
             arr[:cap] = old
@@ -301,12 +377,12 @@ class BlockPool:
     def _pin(self, pages: np.ndarray) -> None:
         """One more live holder for each entry of ``pages`` (repeats allowed)."""
         if _distinct(pages):  # the common case: plain fancy indexing, no ufunc.at / unique
-            self.pins[pages] += 1
-            self._n_pinned += int(np.count_nonzero(self.pins[pages] == 1))
+            self._pins[pages] += 1
+            self._n_pinned += int(np.count_nonzero(self._pins[pages] == 1))
             return
-        np.add.at(self.pins, pages, 1)
+        np.add.at(self._pins, pages, 1)
         touched = np.unique(pages)
-        counts = self.pins[touched]
+        counts = self._pins[touched]
         # a page is newly pinned iff its count now equals its multiplicity in ``pages``
         mult = np.bincount(np.searchsorted(touched, pages), minlength=len(touched))
         self._n_pinned += int(np.count_nonzero(counts == mult))
@@ -314,15 +390,15 @@ class BlockPool:
     def _unpin(self, pages: np.ndarray) -> None:
         """One live holder fewer for each entry of ``pages`` (repeats allowed)."""
         if _distinct(pages):
-            self.pins[pages] -= 1
-            self._n_pinned -= int(np.count_nonzero(self.pins[pages] == 0))
+            self._pins[pages] -= 1
+            self._n_pinned -= int(np.count_nonzero(self._pins[pages] == 0))
             return
-        np.subtract.at(self.pins, pages, 1)
-        self._n_pinned -= int(np.count_nonzero(self.pins[np.unique(pages)] == 0))
+        np.subtract.at(self._pins, pages, 1)
+        self._n_pinned -= int(np.count_nonzero(self._pins[np.unique(pages)] == 0))
 
     def _release(self, pages: np.ndarray) -> None:
         """Push pages whose holder count reached 0 onto the free stack."""
-        gone = pages[self.holders[pages] == 0]
+        gone = pages[self._holders[pages] == 0]
         k = len(gone)
         if not k:
             return
@@ -342,8 +418,13 @@ class BlockPool:
             del same[blk.block_id]
             if not same:
                 del self._by_hash[blk.block_hash]
-        self.holders[blk.distinct] -= 1
-        self._release(blk.distinct)
+        if self._paged:
+            self._holders[blk.distinct] -= 1
+            self._release(blk.distinct)
+        else:  # its pages were its own: they go back as its slot
+            self._slots.append(blk.slot)
+            self._n_recycled += self._per
+            self._n_free += self._per
 
     def _evict_one(self) -> None:
         _, blk = self._free_queue.popitem(last=False)
@@ -353,66 +434,11 @@ class BlockPool:
     # ----------------------------------------------------------------- checking
     def check(self, live_refs: dict[int, int] | None = None) -> None:
         """Recompute every invariant from scratch; :class:`PoolInvariantError` names the first
-        broken one. Explicit raises, not ``assert``: the check holds under ``python -O`` too.
+        broken one (:func:`memshare.pool_check.check_pool`; it changes no accounting mode).
 
         ``live_refs``: block id -> number of block-table entries pointing at it, if known.
         """
-        cap = len(self.holders)
-        ok = len(self.pins) == cap and self._fresh <= cap <= self.num_pages
-        _require(ok, "bad capacity")
-        holders = np.zeros(cap, dtype=np.int64)
-        pins = np.zeros(cap, dtype=np.int64)
-        for blk in self._blocks.values():
-            _require(blk.ref_cnt >= 0, "negative ref count: {!r}", blk)
-            ok = np.array_equal(blk.distinct, np.unique(blk.pages))
-            _require(ok, "stale distinct {!r}", blk)
-            holders[blk.distinct] += 1
-            if blk.ref_cnt > 0:
-                pins[blk.distinct] += 1
-                _require(blk.block_id not in self._free_queue, "live block queued: {!r}", blk)
-            else:
-                _require(blk.block_id in self._free_queue, "unreferenced block leaked: {!r}", blk)
-                _require(blk.block_hash is not None, "unhashed block queued: {!r}", blk)
-            if blk.block_hash is not None:
-                same = self._by_hash.get(blk.block_hash, {})
-                _require(same.get(blk.block_id) is blk, "hash map misses {!r}", blk)
-        for h, same in self._by_hash.items():
-            _require(bool(same), "empty hash entry {}", h)
-            for bid, blk in same.items():
-                _require(blk.block_hash == h and self._blocks.get(bid) is blk, "stale hash")
-        for bid in self._free_queue:
-            _require(bid in self._blocks, "free queue holds destroyed block {}", bid)
-        _require(np.array_equal(holders, self.holders), "holder counts drifted")
-        _require(np.array_equal(pins, self.pins), "pin counts drifted")
-        _require(self._n_pinned == int(np.count_nonzero(pins)), "pinned page count drifted")
-        _require(not np.any(holders[self._fresh :]), "a never-held page is referenced")
-        free = self._recycled[: self._n_recycled]
-        _require(len(np.unique(free)) == len(free), "a page is on the free stack twice")
-        _require(bool(np.all(free < self._fresh)), "a never-held page is on the recycle stack")
-        _require(bool(np.all(self.holders[free] == 0)), "a page is both free and referenced")
-        ok = self._n_free == self._n_recycled + self.num_pages - self._fresh
-        _require(ok, "free count")
-        ok = self._n_free + int(np.count_nonzero(holders)) == self.num_pages
-        _require(ok, "free + used != total pages")
-        if live_refs is not None:
-            for bid, blk in self._blocks.items():
-                ok = blk.ref_cnt == live_refs.get(bid, 0)
-                _require(ok, "ref count != table refs: {!r}", blk)
-            ok = all(bid in self._blocks for bid in live_refs)
-            _require(ok, "table points at a dead block")
-
-
-class PoolInvariantError(AssertionError):
-    """A :class:`BlockPool` invariant is broken (raised by :meth:`BlockPool.check`). An
-    ``AssertionError`` so that callers written against the old ``assert`` checks still catch
-    it, but raised explicitly: ``python -O`` does not remove it."""
-
-
-def _require(ok: bool | np.bool_, message: str, *args: object) -> None:
-    """Raise :class:`PoolInvariantError` with ``message.format(*args)`` unless ``ok`` (the
-    message is formatted only on failure: ``check`` runs once per block on hot paths)."""
-    if not ok:
-        raise PoolInvariantError(message.format(*args))
+        check_pool(self, live_refs)
 
 
 def _distinct(pages: np.ndarray) -> bool:

@@ -36,6 +36,7 @@ from memshare.policy import (
     Policy,
     PrefixHit,
     RequestInfo,
+    policy_block_decisions,
     policy_shares_blocks,
 )
 
@@ -104,9 +105,14 @@ class KVCacheManager:
     stats: ManagerStats = field(default_factory=ManagerStats)
     after_step: bool = field(init=False)  # the policy decides at commit (else at reservation)
     observer: ShareObserver | None = None  # sees every share before it is applied (audit)
+    ask_all: bool = False  # ask the policy about every full block, even where it answers none
 
     def __post_init__(self) -> None:
         self.after_step = policy_shares_blocks(self.policy)
+        # which full blocks to ask the policy about
+        self._decides = "all" if self.ask_all else policy_block_decisions(self.policy)
+        self._entry_shape = (self.pool.num_layers, 2)  # every block's page map: (L, 2)
+        self._entry_pages = 2 * self.pool.num_layers  # pages one table entry names
 
     def lookup(self, info: RequestInfo) -> PrefixHit:
         """The policy's cached prefix for ``info`` now (changes nothing). A scheduler that sizes
@@ -139,15 +145,8 @@ class KVCacheManager:
         covered = len(hit_blocks) * self.block_size
         cow_tail = covered > info.prompt_len  # a hashed partial tail block was hit
         need = max(0, cdiv(hit.num_tokens + n_new, self.block_size) - len(hit_blocks))
-        # Hit blocks with ref 0 sit in the free queue: touching them pins their pages, which
-        # our own allocation then may not evict, so the fit check discounts them. So do the
-        # sources of reused spans (KVShare): held until the request's prompt is computed.
         pins = list({id(sp.source): sp.source for sp in hit.spans}.values())
-        revive = self.pool.pages_pinned_by_touch(hit_blocks + pins)
-        gate = need
-        if reserve_tokens is not None:
-            gate = max(need, cdiv(reserve_tokens, self.block_size) - len(hit_blocks))
-        if gate * self.pool.pages_per_block > self.pool.available_pages - revive:
+        if not self._fits(need, hit_blocks, pins, reserve_tokens):
             return None
         self.pool.touch(hit_blocks)
         self.pool.touch(pins)
@@ -170,13 +169,43 @@ class KVCacheManager:
             self._report_full(state)
         return hit
 
+    def admits(
+        self, info: RequestInfo, num_new_tokens: int, hit: PrefixHit, reserve_tokens: int | None
+    ) -> bool:
+        """Whether :meth:`admit` with these arguments would admit the request now (changes
+        nothing)."""
+        n_new = min(num_new_tokens, info.prompt_len - hit.num_tokens)
+        hit_blocks = list(hit.blocks)
+        need = max(0, cdiv(hit.num_tokens + n_new, self.block_size) - len(hit_blocks))
+        pins = list({id(sp.source): sp.source for sp in hit.spans}.values())
+        return self._fits(need, hit_blocks, pins, reserve_tokens)
+
+    def _fits(
+        self, need: int, hit_blocks: list[KVBlock], pins: list[KVBlock], reserve: int | None
+    ) -> bool:
+        """The admission gate: ``need`` new blocks (at least the blocks of ``reserve`` tokens
+        beyond the hit) fit beside the pages touching the hit and span sources would pin.
+
+        Hit blocks with ref 0 sit in the free queue: touching them pins their pages, which our
+        own allocation then may not evict, so the check discounts them. So do the sources of
+        reused spans (KVShare): held until the request's prompt is computed."""
+        revive = self.pool.pages_pinned_by_touch(hit_blocks + pins)
+        gate = need
+        if reserve is not None:
+            gate = max(need, cdiv(reserve, self.block_size) - len(hit_blocks))
+        return gate * self.pool.pages_per_block <= self.pool.available_pages - revive
+
     def allocate_slots(self, req_id: str, num_new_tokens: int) -> bool:
         """Grow a request's table for ``num_new_tokens`` more tokens; False (no change) if the
         pool cannot supply the blocks. Reports blocks that become full to the policy."""
         state = self.requests[req_id]
         total = state.num_tokens + num_new_tokens
         cow = state.cow_tail and total > state.info.prompt_len
-        need = max(0, cdiv(total, self.block_size) - len(state.table)) + int(cow)
+        need = -(-total // self.block_size) - len(state.table)
+        if need < 0:
+            need = 0
+        if cow:
+            need += 1
         new = self.pool.allocate(need)
         if new is None:
             return False
@@ -250,10 +279,19 @@ class KVCacheManager:
             n_full = max(
                 n_full, min(cdiv(info.prompt_len, self.block_size), len(info.block_hashes))
             )
+        if n_full <= state.num_full:
+            return
+        self.stats.full_blocks += n_full - state.num_full
+        self.stats.pages_written += (n_full - state.num_full) * self._entry_pages
+        if self._decides == "none":  # the policy would answer nothing
+            state.num_full = n_full
+            return
+        unhashed = self._decides == "hashed" and state.block_info is None
+        hashes = info.block_hashes
         for i in range(state.num_full, n_full):
-            self.stats.full_blocks += 1
-            self.stats.pages_written += state.table[i].pages.size
             state.num_full = i + 1
+            if unhashed and i >= len(hashes):  # no hash: the policy would answer nothing
+                continue
             fb = self._full_block(state, i)
             for decision in self.policy.on_block_full(fb, state.table, self.pool):
                 self._apply(state, decision)
@@ -273,7 +311,7 @@ class KVCacheManager:
             return
         st = self.stats
         if self.observer is not None and d.shares and d.share_block != own.block_id:
-            mask = d.share_mask if d.share_mask is not None else np.ones(own.pages.shape, bool)
+            mask = d.share_mask if d.share_mask is not None else np.ones(self._entry_shape, bool)
             self.observer(state.info.req_id, d, own, np.asarray(mask, dtype=bool))
         if d.share_block is not None and d.share_block != own.block_id:
             target = self.pool.block(d.share_block)
@@ -281,8 +319,8 @@ class KVCacheManager:
             self.pool.free([own])
             state.table[d.index] = target
             st.shared_blocks += 1
-            self._count_pages(state, int(own.pages.size))
-            self._count_layers(np.ones(own.pages.shape, dtype=bool))
+            self._count_pages(state, self._entry_pages)
+            self._count_layers(np.ones(self._entry_shape, dtype=bool))
         elif d.share_mask is not None:
             assert d.share_source is not None
             self.pool.share_pages(own, d.share_mask, d.share_source)

@@ -164,6 +164,19 @@ def policy_shares_blocks(policy: Policy) -> bool:
     return bool(getattr(policy, "shares_blocks", True))
 
 
+def policy_block_decisions(policy: Policy) -> str:
+    """Which full blocks the policy may answer with a decision: its optional
+    ``block_decisions`` attribute, ``"all"`` when absent (the safe side).
+
+    ``"none"``: it never decides on a full block (``none``); ``"hashed"``: only on blocks with
+    a chained hash (``prefix`` publishes them; a block without one gets no answer). The manager
+    does not ask about the others, which changes nothing but the time spent asking."""
+    mode = str(getattr(policy, "block_decisions", "all"))
+    if mode not in ("all", "hashed", "none"):
+        raise ValueError(f"policy block_decisions must be all, hashed or none, not {mode!r}")
+    return mode
+
+
 def policy_judges_keys(policy: Policy) -> bool:
     """Whether the policy decides by comparing blocks' key sketches: its optional
     ``judges_keys`` attribute, False when absent.

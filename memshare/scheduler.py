@@ -47,10 +47,10 @@ Decode fast path: while a request decodes past its prompt, ``allocate_slots`` ha
 do until its next block fills or a new block is needed. The scheduler counts such tokens in
 ``Request.lag`` and tells the manager the sum when something happens (or before a free),
 which is exactly what the manager would have done token by token. When nothing waits and
-every running request is in that state, :meth:`Scheduler.quiet_burst` says how many such
-steps lie ahead and a cost-model executor may run them back to back
-(:meth:`Scheduler.run_burst`; tokens are then not known, only counted). Both shortcuts are
-checked against the plain path (``fast_decode=False``) for identical files.
+every running request decodes tokens that are not known, only counted, a cost-model executor
+may run many steps at once (:class:`~memshare.decode_burst.DecodeBurst`), touching only the
+requests that need the manager or finish in each. Both shortcuts are checked against the
+plain path (``fast_decode=False``) for identical files.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 
 from memshare.errors import InputError
 from memshare.kv_manager import KVCacheManager
-from memshare.policy import ReusedSpan
+from memshare.policy import PrefixHit, RequestInfo, ReusedSpan
 from memshare.request import Request, resumed_info
 
 
@@ -105,27 +105,40 @@ class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)  # scheduled requests, in order
     preempted: int = 0  # requests preempted while building this step
     admitted: int = 0  # waiting requests admitted this step
+    # Compact decodes (``Scheduler(compact_decodes=True)``): requests decoding one token of
+    # which nothing is known and with which nothing happens (no block, no finish) are listed
+    # here instead of as chunks, each a decode chunk ``Chunk(req, c, 1, 0, True)``; their
+    # context tokens in all (``sum c + 1``) are ``quiet_kv``.
+    quiet: list[Request] = field(default_factory=list)
+    quiet_kv: int = 0
 
     @property
     def empty(self) -> bool:
         """Nothing scheduled."""
-        return not self.chunks
+        return not self.chunks and not self.quiet
 
     @property
     def num_tokens(self) -> int:
         """Tokens scheduled in all."""
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_tokens for c in self.chunks) + len(self.quiet)
 
 
 class Scheduler:
     """Continuous batching with chunked prefill, FCFS and preemption by recompute."""
 
     def __init__(
-        self, cfg: SchedulerConfig, manager: KVCacheManager, *, fast_decode: bool = True
+        self,
+        cfg: SchedulerConfig,
+        manager: KVCacheManager,
+        *,
+        fast_decode: bool = True,
+        compact_decodes: bool = False,
     ) -> None:
         self.cfg = cfg
         self.manager = manager
         self.fast_decode = fast_decode  # use the decode fast path (same results, faster)
+        # list quiet decodes of token-less requests in ``StepPlan.quiet`` (cost-model executors)
+        self.compact_decodes = compact_decodes and fast_decode
         self.block_size = manager.block_size
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests go to the front
         self.running: list[Request] = []  # admission order (newest last)
@@ -154,6 +167,8 @@ class Scheduler:
         blocks do not fit; returns the token budget left."""
         thr = self.cfg.long_prefill_token_threshold
         running = self.running
+        compact = self.compact_decodes
+        quiet = plan.quiet
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -166,6 +181,21 @@ class Scheduler:
                 n = budget
             if n <= req.quiet - req.lag:  # decode fast path: nothing for the manager to do
                 req.lag += n
+                if (  # a token-less decode that does not finish: counted, no chunk
+                    compact
+                    and n == 1
+                    and c + 1 == want
+                    and req.num_output + 1 < req.max_tokens
+                    and req.token_ids is None
+                    and not req.stop_ids
+                    and not req.reuse_spans
+                ):
+                    req.num_computed = want
+                    quiet.append(req)
+                    plan.quiet_kv += want
+                    budget -= 1
+                    i += 1
+                    continue
             else:
                 ok = self._allocate(req, n)
                 while not ok:
@@ -186,25 +216,15 @@ class Scheduler:
         """Step 2: admit waiting requests FCFS (prefix lookup at admission) while nothing was
         preempted this step and budget and ``max_num_seqs`` allow; stop at the first that
         does not fit (head-of-line blocking)."""
-        cfg = self.cfg
         mgr = self.manager
-        thr = cfg.long_prefill_token_threshold
         running = self.running
         waiting = self.waiting
-        while not plan.preempted and waiting and budget > 0 and len(running) < cfg.max_num_seqs:
-            req = waiting[0]
-            info = req.info if req.num_output == 0 else resumed_info(req)
-            hit = mgr.lookup(info)
-            c = hit.num_tokens
-            want = req.num_tokens
-            n = want - c
-            if 0 < thr < n:
-                n = thr
-            if not cfg.enable_chunked_prefill and n > budget and req.num_output == 0:
+        while not plan.preempted:
+            head = self._head_chunk(budget)
+            if head is None:
                 break
-            if n > budget:
-                n = budget
-            full = want if cfg.reserve_full_prompt else None
+            req, info, hit, n = head
+            full = req.num_tokens if self.cfg.reserve_full_prompt else None
             if mgr.admit(info, n, req.block_info, hit=hit, reserve_tokens=full) is None:
                 break
             waiting.popleft()
@@ -213,12 +233,41 @@ class Scheduler:
             req.lag = 0
             self._set_quiet(req)
             req.reuse_spans = hit.spans
+            c = hit.num_tokens
             if req.hit_tokens < 0:
                 req.hit_tokens = c
                 req.hit_blocks = len(hit.blocks)
-            self._add_chunk(plan, req, c, n, want)
+            self._add_chunk(plan, req, c, n, req.num_tokens)
             budget -= n
             plan.admitted += 1
+
+    def _head_chunk(self, budget: int) -> tuple[Request, RequestInfo, PrefixHit, int] | None:
+        """The head of the waiting queue, what it admits (prompt, or prompt and generated
+        tokens after a preemption), its prefix hit and the tokens its first chunk takes; None
+        where budget, ``max_num_seqs`` or chunking rules out an admission this step."""
+        cfg = self.cfg
+        if not self.waiting or budget <= 0 or len(self.running) >= cfg.max_num_seqs:
+            return None
+        req = self.waiting[0]
+        info = req.info if req.num_output == 0 else resumed_info(req)
+        hit = self.manager.lookup(info)
+        n = req.num_tokens - hit.num_tokens
+        thr = cfg.long_prefill_token_threshold
+        if 0 < thr < n:
+            n = thr
+        if not cfg.enable_chunked_prefill and n > budget and req.num_output == 0:
+            return None
+        return req, info, hit, min(n, budget)
+
+    def admissible(self, budget: int) -> bool:
+        """Whether step 2 would admit the head of the waiting queue now, with ``budget``
+        tokens left and nothing preempted (changes nothing; a policy's lookup is read-only)."""
+        head = self._head_chunk(budget)
+        if head is None:
+            return False
+        req, info, hit, n = head
+        full = req.num_tokens if self.cfg.reserve_full_prompt else None
+        return self.manager.admits(info, n, hit, full)
 
     def _add_chunk(self, plan: StepPlan, req: Request, c: int, n: int, want: int) -> None:
         """Schedule ``n`` tokens of ``req`` after its ``c`` computed ones into ``plan``."""
@@ -254,6 +303,8 @@ class Scheduler:
                 req = chunk.req
                 if req.lag == 0 and req.state is not None:
                     mgr.commit(req.rid)
+        for req in plan.quiet:  # their tokens are only counted; none finishes
+            req.num_output += 1
         finished: list[Request] = []
         for j, chunk in enumerate(plan.chunks):
             req = chunk.req
@@ -264,53 +315,6 @@ class Scheduler:
                 req.append_token(None if sampled is None else sampled[j])
                 if req.finish_reason:
                     finished.append(req)
-        return self._retire(finished)
-
-    # ----------------------------------------------------------------- decode bursts
-    def quiet_burst(self) -> tuple[int, int]:
-        """``(k, kv)``: the next ``k`` steps are pure fast-path decodes of every running request.
-
-        That holds while nothing waits, every running request decodes one token a step within
-        its ``quiet`` tokens (the manager and the pool are untouched) and none finishes before
-        step ``k``. ``kv`` is the first of those steps' context tokens in all (``sum c + 1``);
-        step ``j`` (from 0) has ``kv + j * len(running)``. ``(0, 0)`` when no such step is
-        ahead. Only for requests whose tokens are not tracked (a cost-model executor).
-        """
-        running = self.running
-        if self.waiting or not running or len(running) > self.cfg.max_num_batched_tokens:
-            return 0, 0
-        k = 1 << 62
-        kv = 0
-        for req in running:
-            c = req.num_computed
-            if c != req.num_tokens - 1 or req.token_ids is not None or req.stop_ids:
-                return 0, 0
-            room = req.quiet - req.lag
-            if room < k:
-                k = room
-            left = req.max_tokens - req.num_output
-            if left < k:
-                k = left
-            if k <= 0:
-                return 0, 0
-            kv += c + 1
-        return k, kv
-
-    def run_burst(self, k: int) -> list[Request]:
-        """Apply ``k`` steps of :meth:`quiet_burst` at once.
-
-        Exactly what ``k`` calls of :meth:`schedule` and :meth:`complete` with unknown tokens
-        would do: every running request computes ``k`` tokens (counted in ``lag``) and samples
-        ``k``; those whose last token that is finish.
-        """
-        finished: list[Request] = []
-        for req in self.running:
-            req.num_computed += k
-            req.lag += k
-            req.num_output += k
-            if req.num_output >= req.max_tokens:
-                req.finish_reason = "length"
-                finished.append(req)
         return self._retire(finished)
 
     # ----------------------------------------------------------------- internals
@@ -343,8 +347,12 @@ class Scheduler:
             return
         bs = self.block_size
         room = len(st.table) * bs - st.num_tokens  # tokens that fit without a new block
-        to_full = (max(st.num_full, st.num_tokens // bs) + 1) * bs - st.num_tokens - 1
-        req.quiet = max(0, min(room, to_full))
+        full = st.num_tokens // bs
+        if st.num_full > full:
+            full = st.num_full
+        to_full = (full + 1) * bs - st.num_tokens - 1
+        quiet = room if room < to_full else to_full
+        req.quiet = quiet if quiet > 0 else 0
 
     def _release(self, req: Request) -> None:
         """Free a request's blocks in the manager (lagging tokens need no telling)."""

@@ -24,6 +24,7 @@ import numpy as np
 import simpy
 
 from memshare.block_pool import BlockPool
+from memshare.decode_burst import DecodeBurst
 from memshare.kv_manager import cdiv
 from memshare.request import Request
 from memshare.scheduler import Scheduler, StepPlan
@@ -117,12 +118,14 @@ class Engine:
         self._next = 0  # open loop: index of the next arrival
         self._resubmit_at = -math.inf  # closed loop: when a client last got its answer
         self._answered = False  # closed loop: a client got its answer since the last yield
+        self._handed: StepPlan | None = None  # a step a decode burst began, to run plainly
         pool = self.pool
         self._capacity = pool.num_pages // pool.pages_per_block  # blocks the pool can hold
         self._chunked = scheduler.cfg.enable_chunked_prefill
         self._budget = scheduler.cfg.max_num_batched_tokens
         env = self.env
-        if arrival.mode == "closed":
+        self._closed = arrival.mode == "closed"
+        if self._closed:
             assert arrival.clients is not None
             source = iter(self.requests)
             for _ in range(arrival.clients):
@@ -209,56 +212,117 @@ class Engine:
             self._answered = True
 
     # ----------------------------------------------------------------- decode bursts
-    def _burst_times(self, k: int, kv: int, now: float) -> list[float]:
-        """Durations of up to ``k`` quiet decode steps from ``now``, stopping before the first
-        step that would start at or after the next arrival (which that step must see)."""
+    def _next_arrival(self, now: float) -> float:
+        """When the next request arrives (open loop), or a closed-loop client answered during
+        the step that ends now submits its next; ``inf`` if none is known."""
         nxt = self._times[self._next] if self._next < len(self._times) else math.inf
         if self._resubmit_at >= now:  # a closed-loop client submits during this step
             nxt = min(nxt, self._resubmit_at)
-        r = len(self.sched.running)
-        step_time = self.cost.step_time
-        dts: list[float] = []
-        t = now
-        for j in range(k):
-            if j and t >= nxt:
-                break
-            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=kv + j * r))
-            dts.append(dt)
-            t = t + dt
-        return dts
+        return nxt
 
-    def _burst(self, dts: list[float]) -> Generator[Any, Any, None]:
-        """Run quiet decode steps back to back: the same rows, times and outcome as one
-        :meth:`Scheduler.schedule` / :meth:`Scheduler.complete` pair per step, without
-        visiting each request every step (see :meth:`Scheduler.quiet_burst`)."""
-        env, sched, pool, tl = self.env, self.sched, self.pool, self.timeline
-        r = len(sched.running)
+    def _burst(self, burst: DecodeBurst, now: float) -> Generator[Any, Any, bool]:
+        """Run quiet decode steps back to back (:class:`~memshare.decode_burst.DecodeBurst`):
+        the same rows, times and outcome as one :meth:`Scheduler.schedule` /
+        :meth:`Scheduler.complete` pair per step. Stops before a step that would start at or
+        after the next arrival (which that step must see), before one that would preempt, and
+        after one that answers a closed-loop client; False if no step ran."""
+        sched, pool, tl = self.sched, self.pool, self.timeline
+        nxt = self._next_arrival(now)
+        step_time = self.cost.step_time
+        closed = self._closed
+        t = now
+        last: list[Request] = []  # closed loop: requests the last step finished
+        start = len(tl)
+        while sched.running and (t < nxt or len(tl) == start):
+            quiet = burst.next_event() - burst.j
+            if quiet > 0:
+                t = self._quiet_steps(burst, t, nxt, quiet)
+                continue
+            if not burst.schedule():
+                break
+            r = burst.r
+            if burst.check and sched.admissible(self._budget - r):
+                self._handed = burst.handover()  # this step admits: a plain step from here
+                break
+            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=burst.kv))
+            self._decode_row(t, dt, r)
+            t = t + dt  # what SimPy's clock will read at the step's end
+            finished = burst.complete()
+            tl.finished.append(len(finished))
+            if finished and closed:
+                last = finished
+                break
+            for req in finished:  # open loop: nobody waits on them
+                _sim(req).finish = t
+                self._done(_sim(req))
+        burst.close()
+        if len(tl) == start:
+            return False
+        if now + (t - now) == t:  # one event instead of one per step, same clock
+            yield self.env.timeout(t - now)
+        else:
+            for dt in tl.dt_s[start:]:
+                yield self.env.timeout(dt)
+        self._finish(last)
+        if self.check_invariants:
+            pool.check(sched.manager.table_refs())
+        return True
+
+    def _quiet_steps(self, burst: DecodeBurst, t: float, nxt: float, m: int) -> float:
+        """Run up to ``m`` quiet steps of ``burst`` from ``t`` (the first always, the others
+        only while they start before ``nxt``); their rows differ only in time and duration.
+        Returns the time the last one ends."""
+        tl, pool = self.timeline, self.pool
+        step_time = self.cost.step_time
+        r, kv = burst.r, burst.kv
+        times: list[float] = []
+        dts: list[float] = []
+        while True:
+            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=kv))
+            times.append(t)
+            dts.append(dt)
+            t = t + dt  # what SimPy's clock will read at the step's end
+            kv += r
+            if len(times) == m or t >= nxt:
+                break
+        k = len(times)
+        burst.skip(k)
+        tl.time_s += times
+        tl.dt_s += dts
         live = pool.pinned_pages
-        cached = pool.used_pages - live
-        k = len(dts)
-        for dt in dts:
-            tl.time_s.append(env.now)
-            yield env.timeout(dt)
-        tl.dt_s.extend(dts)
         for col, value in (
             (tl.running, r),
-            (tl.waiting, 0),
+            (tl.waiting, len(self.sched.waiting)),
             (tl.scheduled_seqs, r),
             (tl.scheduled_tokens, r),
             (tl.prefill_tokens, 0),
             (tl.decode_seqs, r),
             (tl.admitted, 0),
             (tl.preempted, 0),
+            (tl.finished, 0),
             (tl.live_pages, live),
-            (tl.cached_pages, cached),
+            (tl.cached_pages, pool.used_pages - live),
         ):
-            col.extend([value] * k)
-        finished = sched.run_burst(k)
-        tl.finished.extend([0] * (k - 1))
-        tl.finished.append(len(finished))
-        self._finish(finished)
-        if self.check_invariants:
-            pool.check(sched.manager.table_refs())
+            col += [value] * k
+        return t
+
+    def _decode_row(self, now: float, dt: float, r: int) -> None:
+        """Append the timeline row (all columns but ``finished``) of a step in which ``r``
+        running requests decode one token each and nothing is admitted."""
+        tl = self.timeline
+        tl.time_s.append(now)
+        tl.dt_s.append(dt)
+        tl.running.append(r)
+        tl.waiting.append(len(self.sched.waiting))
+        tl.scheduled_seqs.append(r)
+        tl.scheduled_tokens.append(r)
+        tl.prefill_tokens.append(0)
+        tl.decode_seqs.append(r)
+        tl.admitted.append(0)
+        tl.preempted.append(0)
+        live = self.pool.pinned_pages
+        tl.live_pages.append(live)
+        tl.cached_pages.append(self.pool.used_pages - live)
 
     # ----------------------------------------------------------------- steps
     def _row(self, now: float, dt: float, shape: BatchShape, plan: StepPlan) -> None:
@@ -294,13 +358,13 @@ class Engine:
                 self._wake = None
                 continue
             now = env.now
-            k, kv = sched.quiet_burst()
-            if k >= 2:
-                dts = self._burst_times(k, kv, now)
-                if len(dts) >= 2:
-                    yield from self._burst(dts)
+            burst = DecodeBurst.start(sched)
+            if burst is not None and (yield from self._burst(burst, now)):
+                if self._handed is None:
                     continue
-            plan = sched.schedule()
+                now = env.now  # the burst ended inside a step that starts now
+            plan = self._handed if self._handed is not None else sched.schedule()
+            self._handed = None
             if plan.empty:
                 raise RuntimeError(
                     f"scheduler made no progress at t={now}: {len(sched.running)} running, "
@@ -311,6 +375,13 @@ class Engine:
                 if math.isnan(req.first_scheduled):
                     req.first_scheduled = now
             shape = plan_shape(plan)
+            q = len(plan.quiet)
+            if q:  # compact decodes: one-token chunks, each sampling (ints: order-free)
+                shape.num_seqs += q
+                shape.num_tokens += q
+                shape.num_sampled += q
+                shape.decode_seqs += q
+                shape.decode_kv_tokens += plan.quiet_kv
             dt = cost.step_time(shape)
             self._row(now, dt, shape, plan)
             yield env.timeout(dt)

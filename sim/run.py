@@ -235,9 +235,17 @@ def keys_warning(cfg: SimConfig, trace: LoadedTrace) -> str | None:
 
 
 def run_config(
-    cfg: SimConfig, trace: LoadedTrace | None = None, progress: Progress | None = None
+    cfg: SimConfig,
+    trace: LoadedTrace | None = None,
+    progress: Progress | None = None,
+    *,
+    plain: bool = False,
 ) -> RunOutput:
-    """Simulate ``cfg`` (loading its trace unless given) and compute its metrics."""
+    """Simulate ``cfg`` (loading its trace unless given) and compute its metrics.
+
+    ``plain``: take no shortcut (no decode fast path or bursts, page-by-page pool accounting,
+    the policy asked about every full block): the same files, slower; what the tests check
+    the shortcuts against."""
     trace = trace or LoadedTrace.load(Path(cfg.trace))
     policy = make_policy(cfg.policy, **cfg.policy_params)
     try:  # cross-layer sharing (kvsharer): the pool allocates owner layers only
@@ -247,11 +255,16 @@ def run_config(
     res = resolve(cfg, trace)
     records = trace.records[: cfg.limit] if cfg.limit else trace.records
     requests = build_requests(records, trace.manifest, res.block_size, trace.kv_rows)
-    pool = BlockPool(num_blocks=res.num_blocks, num_layers=res.pool_layers, layer_map=layer_map)
-    manager = KVCacheManager(pool, policy, res.block_size)
+    pool = BlockPool(
+        num_blocks=res.num_blocks,
+        num_layers=res.pool_layers,
+        layer_map=layer_map,
+        page_accounting=plain,
+    )
+    manager = KVCacheManager(pool, policy, res.block_size, ask_all=plain)
     engine = Engine(
         requests,
-        Scheduler(cfg.scheduler, manager),
+        Scheduler(cfg.scheduler, manager, fast_decode=not plain, compact_decodes=not plain),
         CostModel(cfg.model, cfg.gpu, cfg.cost),
         cfg.arrival,
         time_scale=cfg.time_scale,
@@ -329,33 +342,32 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def timeline_csv(r: EngineResult) -> str:
-    """``timeline.csv`` text: one row per step, fixed float formats."""
+    """``timeline.csv`` text: one row per step, fixed float formats (one ``%`` format per
+    row; page counts, which repeat, formatted once per distinct value)."""
     tl = r.timeline
     ppb = r.pages_per_block
-    lines = [",".join(TIMELINE_COLUMNS)]
-    for i, row in enumerate(
-        zip(
-            tl.time_s,
-            tl.dt_s,
-            tl.running,
-            tl.waiting,
-            tl.scheduled_seqs,
-            tl.scheduled_tokens,
-            tl.prefill_tokens,
-            tl.decode_seqs,
-            tl.admitted,
-            tl.preempted,
-            tl.finished,
-            tl.live_pages,
-            tl.cached_pages,
-            strict=True,
-        )
-    ):
-        t, dt, *ints, live, cached = row
-        lines.append(
-            f"{i},{t:.9f},{dt:.9f},{','.join(map(str, ints))},{live / ppb:.3f},{cached / ppb:.3f}"
-        )
-    return "\n".join(lines) + "\n"
+    f3 = "{:.3f}".format
+    live = {p: f3(p / ppb) for p in set(tl.live_pages)}
+    cached = {p: f3(p / ppb) for p in set(tl.cached_pages)}
+    row = "%d,%.9f,%.9f" + ",%d" * 9 + ",%s,%s"
+    rows = zip(
+        range(len(tl.time_s)),
+        tl.time_s,
+        tl.dt_s,
+        tl.running,
+        tl.waiting,
+        tl.scheduled_seqs,
+        tl.scheduled_tokens,
+        tl.prefill_tokens,
+        tl.decode_seqs,
+        tl.admitted,
+        tl.preempted,
+        tl.finished,
+        map(live.__getitem__, tl.live_pages),
+        map(cached.__getitem__, tl.cached_pages),
+        strict=True,
+    )
+    return "\n".join([",".join(TIMELINE_COLUMNS), *[row % x for x in rows]]) + "\n"
 
 
 REQUEST_COLUMNS = (

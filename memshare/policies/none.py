@@ -18,6 +18,7 @@ class NoSharing:
     name: str = "none"
     PARAMS: ClassVar[dict[str, Param]] = {}  # none
     shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
+    block_decisions: ClassVar[str] = "none"  # never answers a full block: not asked
 
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """Nothing is ever cached."""

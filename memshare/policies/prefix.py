@@ -33,6 +33,7 @@ class PrefixCaching:
     publish: Literal["all", "prompt"] = "all"  # which full blocks become findable
     name: str = "prefix"
     shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
+    block_decisions: ClassVar[str] = "hashed"  # a block without a hash gets no answer
     _prompt_blocks: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     PARAMS: ClassVar[dict[str, Param]] = {
         "publish": Param("choice", "all", "which full blocks become findable", choices=PUBLISH),
