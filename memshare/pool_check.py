@@ -8,14 +8,16 @@ its block). Explicit raises, not ``assert``: the check holds under ``python -O``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from memshare.kv_block import slot_stack
 
-if TYPE_CHECKING:
-    from memshare.block_pool import BlockPool
+# The pool is typed Any here: memshare.block_pool imports this module, and the layout keeps
+# modules from importing each other (even for types); check_pool reads the pool's private
+# fields, which only BlockPool.check hands it.
+Pool = Any
 
 
 class PoolInvariantError(AssertionError):
@@ -31,7 +33,7 @@ def _require(ok: bool | np.bool_, message: str, *args: object) -> None:
         raise PoolInvariantError(message.format(*args))
 
 
-def check_pool(pool: BlockPool, live_refs: dict[int, int] | None = None) -> None:
+def check_pool(pool: Pool, live_refs: dict[int, int] | None = None) -> None:
     """Every invariant of ``pool`` (module doc); ``live_refs``: block id -> block-table entries
     pointing at it, if known. Changes nothing."""
     paged, stored_holders, stored_pins, free = _page_state(pool)
@@ -61,7 +63,7 @@ def check_pool(pool: BlockPool, live_refs: dict[int, int] | None = None) -> None
         _require(ok, "table points at a dead block")
 
 
-def _recount(pool: BlockPool, cap: int) -> tuple[np.ndarray, np.ndarray]:
+def _recount(pool: Pool, cap: int) -> tuple[np.ndarray, np.ndarray]:
     """Holders and pins per page id ``< cap`` from the existing blocks; checks each block's
     own invariants (ref count, distinct pages, free queue, hash map) on the way."""
     holders = np.zeros(cap, dtype=np.int64)
@@ -90,7 +92,7 @@ def _recount(pool: BlockPool, cap: int) -> tuple[np.ndarray, np.ndarray]:
     return holders, pins
 
 
-def _page_state(pool: BlockPool) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
+def _page_state(pool: Pool) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
     """``(paged, holders, pins, free stack)`` as stored (page accounting) or as implied by the
     blocks (whole-block accounting: each page held once, by its block); changes nothing."""
     if pool._paged:
