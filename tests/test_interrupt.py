@@ -20,6 +20,8 @@ import pytest
 from helpers_cli import memshare, ok
 
 MOONCAKE_DEMO = Path(__file__).resolve().parents[1] / "memshare" / "data" / "mooncake_demo.jsonl"
+MOONCAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "workloads"
+MOONCAKE_FULL = MOONCAKE / "mooncake_synthetic_trace.jsonl"
 POLICIES = ("none", "prefix", "exact-dedup", "token-dedup")
 
 
@@ -30,6 +32,16 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def long_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full public Mooncake trace: 4 policies take seconds to simulate on it (the demo
+    slice, well under a second since the simulator's decode bursts)."""
+    assert MOONCAKE_FULL.is_file(), f"public data not found: {MOONCAKE_FULL}"
+    out = tmp_path_factory.mktemp("interrupt") / "long"
+    ok(memshare("import", "mooncake", str(MOONCAKE_FULL), "-o", str(out)))
+    return out
+
+
 def _simulate(trace: Path, out: Path) -> list[str]:
     args = ["simulate", str(trace), "-o", str(out), "--json"]
     for p in POLICIES:
@@ -37,7 +49,9 @@ def _simulate(trace: Path, out: Path) -> list[str]:
     return args
 
 
-def test_ctrl_c_mid_simulate_is_130_one_line_and_leaves_no_run(trace: Path, tmp_path: Path) -> None:
+def test_ctrl_c_mid_simulate_is_130_one_line_and_leaves_no_run(
+    trace: Path, long_trace: Path, tmp_path: Path
+) -> None:
     warm = tmp_path / "warm"
     ok(memshare(*_simulate(trace, warm)))  # imports done: the interrupt lands in the work
     started = time.perf_counter()
@@ -45,7 +59,7 @@ def test_ctrl_c_mid_simulate_is_130_one_line_and_leaves_no_run(trace: Path, tmp_
     timer = threading.Timer(0.3, _thread.interrupt_main)
     timer.start()
     try:
-        res = memshare(*_simulate(trace, out))
+        res = memshare(*_simulate(long_trace, out))
     finally:
         timer.cancel()
     elapsed = time.perf_counter() - started
