@@ -1,10 +1,10 @@
-"""The 95% intervals of validate's fidelity figures (memshare.validate.intervals)."""
+"""The 95% intervals of validate's fidelity figures (memshare.validate.fidelity)."""
 
 from __future__ import annotations
 
 import math
 
-from memshare.validate.intervals import binomial_interval, ratio_bootstrap
+from memshare.validate.fidelity import binomial_interval, ratio_bootstrap
 
 
 def test_binomial_interval_is_clopper_pearson() -> None:

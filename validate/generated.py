@@ -40,7 +40,7 @@ from memshare.validate.engine.live_blocks import TokenStarts
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.records import PagedRunResult
 from memshare.validate.engine.store import PageStore
-from memshare.validate.intervals import binomial_interval
+from memshare.validate.fidelity import binomial_interval
 from memshare.validate.measure import Progress, policy_of
 
 Decode = Callable[[Sequence[int]], str]

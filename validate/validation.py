@@ -5,7 +5,7 @@ workload (:func:`~memshare.validate.measure.predict`) beside the paged engine's 
 (:func:`~memshare.validate.measure.run_lockstep`): KV pages in use (step by step, peak, mean;
 the saving against the unshared run), fidelity against the unshared engine (top-1 agreement,
 KL, perplexity), every share's exact distance on the live KV against ``tau``, and the
-teacher-forced run's time (:mod:`~memshare.validate.policy_entry`). Then
+teacher-forced run's time (:mod:`~memshare.validate.jobs`). Then
 (:mod:`~memshare.validate.budget`) throughput, TTFT and TPOT at a KV budget where ``none``
 must queue or preempt, predicted and measured; and for a trace captured from a dataset,
 answers generated under each policy (:mod:`~memshare.validate.generated`: agreement with the
