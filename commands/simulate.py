@@ -195,7 +195,7 @@ def study_cmd(
         bar.summary(fan_out.ray and "ray")
     with staged_output(output) as stage:
         write_study(rows, stage, plot=plot)
-    fan_out.store(output).clear()
+    fan_out.forget(output)
     if as_json:
         print_json(rows_json(rows))
         return

@@ -4,6 +4,7 @@ once, and the executor it names."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,11 @@ class FanOut:
     def store(self, output: Path) -> JobStore:
         """The job store of a command that writes ``output`` (emptied unless resuming)."""
         return JobStore(store_path(output), resume=self.resume)
+
+    @staticmethod
+    def forget(output: Path) -> None:
+        """Remove the job store of ``output``, once ``output`` is written whole."""
+        shutil.rmtree(store_path(output), ignore_errors=True)
 
 
 IN_PROCESS = FanOut()

@@ -62,7 +62,7 @@ def run_sim_jobs(
 ) -> list[Outcome]:
     """Run ``jobs`` as ``fan`` says, results kept in ``output``'s job store (none without an
     ``output``) until the caller wrote ``output`` (then
-    :meth:`~memshare.fanout.store.JobStore.clear`). In-process,
+    :meth:`~memshare.fanout.options.FanOut.forget`). In-process,
     ``run_progress(label, done, total)`` gets each run's requests; every executor reports
     the jobs' tally to ``jobs_progress``. A job that refused its input fails the command with
     one line naming it, after the others finished (their results stay in the store)."""

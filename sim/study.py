@@ -131,7 +131,7 @@ def simulate(
             from memshare.sim.plots import plot_runs
 
             result.plots = [out_dir / p.name for p in plot_runs(runs, stage)]
-    fan.store(out_dir).clear()
+    fan.forget(out_dir)
     return result
 
 
@@ -186,7 +186,7 @@ def sweep(
             from memshare.sim.plots import plot_sweep
 
             result.plots = [out_dir / p.name for p in plot_sweep(result, stage)]
-    fan.store(out_dir).clear()
+    fan.forget(out_dir)
     return result
 
 

@@ -138,7 +138,7 @@ def validate(
         # the teacher-forced runs (prefill) and the runs at the budget (decode, preemption)
         report["cost_model_fit"] = _fit(o, shaped, ran.shared.predicted[ran.runs[0].label])
     write_atomic(o.run / VALIDATION, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    fan.store(o.run / VALIDATION).clear()
+    fan.forget(o.run / VALIDATION)
     return report
 
 
