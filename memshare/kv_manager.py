@@ -37,8 +37,10 @@ from memshare.policy import (
     PrefixHit,
     RequestInfo,
     policy_block_decisions,
+    policy_check_depth,
     policy_shares_blocks,
 )
+from memshare.share_log import ShareLog
 
 BlockInfoFn = Callable[[int], FullBlock]  # logical index -> what the policy sees of it
 # Called before a share is applied: request id, the decision, the entry's own block (its pages
@@ -106,8 +108,10 @@ class KVCacheManager:
     after_step: bool = field(init=False)  # the policy decides at commit (else at reservation)
     observer: ShareObserver | None = None  # sees every share before it is applied (audit)
     ask_all: bool = False  # ask the policy about every full block, even where it answers none
+    share_log: ShareLog | None = None  # every applied share and when (the fidelity model)
 
     def __post_init__(self) -> None:
+        policy_check_depth(self.policy, self.pool.num_layers)
         self.after_step = policy_shares_blocks(self.policy)
         # which full blocks to ask the policy about
         self._decides = "all" if self.ask_all else policy_block_decisions(self.policy)
@@ -320,12 +324,18 @@ class KVCacheManager:
             state.table[d.index] = target
             st.shared_blocks += 1
             self._count_pages(state, self._entry_pages)
-            self._count_layers(np.ones(self._entry_shape, dtype=bool))
+            whole = np.ones(self._entry_shape, dtype=bool)
+            self._count_layers(whole)
+            if self.share_log is not None:
+                self.share_log.record(state.info.req_id, state.num_tokens, whole, d)
         elif d.share_mask is not None:
             assert d.share_source is not None
             self.pool.share_pages(own, d.share_mask, d.share_source)
             self._count_pages(state, int(d.share_mask.sum()))
             self._count_layers(np.asarray(d.share_mask, dtype=bool))
+            if self.share_log is not None:
+                mask = np.asarray(d.share_mask, dtype=bool)
+                self.share_log.record(state.info.req_id, state.num_tokens, mask, d)
         if d.shares and d.distance is not None:
             st.shared_distance_sum += d.distance
             st.shared_distance_n += 1

@@ -102,6 +102,10 @@ class BlockDecision:
     share_mask: np.ndarray | None = None  # (L, 2) bool: pages to point at ``share_source``
     share_source: np.ndarray | None = None  # (L, 2) page ids to share where the mask is set
     distance: float | None = None  # relative distance that confirmed the share (metrics)
+    # (L,) float32: each shared layer's confirmed distance (NaN at layers not shared); None
+    # where the policy compares no distances per layer (the fidelity model then takes
+    # ``distance``, or 1 where that is None too)
+    layer_distance: np.ndarray | None = None
 
     @property
     def shares(self) -> bool:
@@ -128,6 +132,15 @@ class Policy(Protocol):
     def on_request_end(self, req_id: str) -> None:
         """Forget per-request state."""
         ...
+
+
+def policy_check_depth(policy: Policy, num_layers: int) -> None:
+    """Let the policy refuse a model of ``num_layers`` layers before any block fills (the
+    optional ``check_depth(num_layers)`` hook: ``cf-topk``'s per-layer thresholds naming a
+    layer past the model raise an InputError)."""
+    hook = getattr(policy, "check_depth", None)
+    if hook is not None:
+        hook(num_layers)
 
 
 def policy_layer_map(policy: Policy, num_layers: int) -> np.ndarray | None:

@@ -57,6 +57,8 @@ from memshare.policies.cf_topk_held import (
 )
 from memshare.policies.cf_topk_index import Chain, Limits, NeighbourIndex, Rows
 from memshare.policies.cf_topk_share import layer_share
+from memshare.policies.cf_topk_taus import parse_spec, scales, unscaled
+from memshare.policies.cf_topk_taus import table as table_of
 from memshare.policies.params import COUNT_MAX, SEED_MAX, Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 from memshare.sketch import to_float32
@@ -93,12 +95,14 @@ class CfTopK:
     ngram: int = 3  # MinHash shingle length
     num_perm: int = 32  # MinHash signature length
     seed: int = 0
+    tau_layers: str = ""  # per-layer/part thresholds (policies/cf_topk_taus.py); "": tau
     name: str = "cf-topk"
     judges_keys: ClassVar[bool] = True  # compares key sketches (pre-RoPE keys assumed)
     _index: NeighbourIndex = field(init=False, repr=False)
     _chains: dict[str, Chain] = field(init=False, repr=False, default_factory=dict)
     # model depth (layers) -> its constants (probe layers, layers allowed/needed, tau)
     _consts: dict[int, Limits] = field(init=False, repr=False, default_factory=dict)
+    _taus: list[tuple[str, int, int | None, float]] | None = field(init=False, repr=False)
     PARAMS: ClassVar[dict[str, Param]] = {
         "k": Param("int", 4, "neighbour steps per step", 1, COUNT_MAX),
         "tau": Param(
@@ -124,16 +128,27 @@ class CfTopK:
             cost=hasher_bytes,
         ),
         "seed": Param("int", 0, "MinHash seed", 0, SEED_MAX),
+        "tau_layers": Param(
+            "text",
+            "0-9:0.4,10-29:0.1",
+            "thresholds per layer and part ([k|v]LAYERS:TAU entries, TAU a number or off; "
+            "@FILE.json), the others keep tau",
+        ),
     }
 
     def __post_init__(self) -> None:
         check_fields(self, self.PARAMS, self.name)
+        self._taus = parse_spec(self.tau_layers, TAU_MAX) if self.tau_layers.strip() else None
         hasher = MinHasher(self.num_perm, self.ngram, self.seed)
         self._index = NeighbourIndex(
             self.k, self.ngram, self.num_perm, self.granularity == "layer", hasher
         )
 
     # ------------------------------------------------------------------ protocol
+    def check_depth(self, num_layers: int) -> None:
+        """Refuse a model whose depth ``tau_layers`` does not fit (InputError)."""
+        self._limits(num_layers)
+
     def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
         """No prefix reuse (compose with ``prefix`` for that)."""
         return PrefixHit()
@@ -206,6 +221,23 @@ class CfTopK:
             return None
         norm = np.maximum(chain.norm[j], _TINY, dtype=np.float32)
         limits = chain.limits if chain.limits is not None else self._limits(len(xs))
+        if limits.scale is not None:  # per-layer thresholds: folded into the norms
+            with np.errstate(divide="ignore", invalid="ignore"):
+                got = self._decide_scaled(chain, j, xs, cands, norm * limits.scale, limits, table)
+            return None if got is None else unscaled(got, limits, self.share == "k")
+        return self._decide_scaled(chain, j, xs, cands, norm, limits, table)
+
+    def _decide_scaled(
+        self,
+        chain: Chain,
+        j: int,
+        xs: np.ndarray,
+        cands: list[int],
+        norm: np.ndarray,
+        limits: Limits,
+        table: Sequence[KVBlock],
+    ) -> BlockDecision | None:
+        """The decision on block ``j`` against ``cands``, distances over ``norm``."""
         if self.granularity == "layer":
             return self._decide_layer(chain, j, xs, cands, norm, limits, table)
         cands = self._probe_pass(chain, j, cands, norm, limits)
@@ -244,7 +276,7 @@ class CfTopK:
         is the one :meth:`_compare_all` gives (tests/test_cf_topk_reference.py)."""
         if not chain.in_order or cands[-1] >= j:  # a candidate may still change: no bound
             chain.in_order = False
-            return self._compare_all(chain, j, xs, cands, norm, table)
+            return self._compare_all(chain, j, xs, cands, norm, limits, table)
         k_only = self.share == "k"
         ncol = 1 if k_only else 2
         s = min(_PROBE_COORDS, xs.shape[-1])
@@ -254,7 +286,7 @@ class CfTopK:
         xp = np.array(x[:, None, :s] if k_only else x[..., :s])  # (L, C, s), kept below
         g = rows - xp
         part = np.vecdot(g, g)  # (n, L, C): float32 sums over s of the full check's terms
-        tau = max(self.tau, limits.tau)
+        tau = max(limits.cmp, limits.tau)
         # (tau ||x||)^2 with slack: see _PROBE_SLACK for why a pair above it cannot confirm
         bound = np.square(norm[:, :ncol])  # float32: its roundings are within the slack
         bound *= np.float32(tau * tau * _PROBE_SLACK)
@@ -277,7 +309,7 @@ class CfTopK:
             np.subtract(diff, x, out=diff)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if k_only else [0, 1]
-        return layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, xp)
+        return layer_share(chain, j, cands, dist, dist <= limits.cmp, cols, table, xp)
 
     def _compare_all(
         self,
@@ -286,6 +318,7 @@ class CfTopK:
         xs: np.ndarray,
         cands: list[int],
         norm: np.ndarray,
+        limits: Limits,
         table: Sequence[KVBlock],
     ) -> BlockDecision | None:
         """Layer granularity, every candidate compared in full (used where a candidate may
@@ -300,7 +333,7 @@ class CfTopK:
             np.subtract(diff, np.asarray(x, dtype=np.float32), out=diff)
         dist = self._rel(diff, norm)  # (m, L)
         cols = [0] if k_only else [0, 1]
-        return layer_share(chain, j, cands, dist, dist <= self.tau, cols, table, None)
+        return layer_share(chain, j, cands, dist, dist <= limits.cmp, cols, table, None)
 
     def _step_f32(self, chain: Chain, j: int, c: int) -> np.ndarray:
         """Candidate ``c``'s held sketch (K and V, or K only) as float32, kept while block
@@ -321,8 +354,11 @@ class CfTopK:
         if got is None:
             need = math.ceil(self.min_layers * layers - 1e-9)
             probe = np.unique(np.linspace(0, layers - 1, min(4, layers)).round().astype(np.int64))
-            tau = float(np.float32(self.tau))
-            got = self._consts[layers] = Limits(probe, layers - need, need, tau)
+            scale, cmp = None, self.tau
+            if self._taus is not None:
+                scale, cmp = scales(table_of(self._taus, self.tau, layers))
+            tau = float(np.float32(cmp))
+            got = self._consts[layers] = Limits(probe, layers - need, need, tau, cmp, scale)
         return got
 
     def _probe_pass(
@@ -345,7 +381,8 @@ class CfTopK:
         g = stack - (xp[:, 0] if self.share == "k" else xp)
         if limits.allowed != 0:
             pd = self._rel(g, normp)
-            ok: list[bool] = (np.count_nonzero(pd > self.tau, axis=1) <= limits.allowed).tolist()
+            bad = np.count_nonzero(pd > limits.cmp, axis=1)
+            ok: list[bool] = (bad <= limits.allowed).tolist()
             return [c for c, kept in zip(cands, ok, strict=True) if kept]
         # the worst layer (of K and V) decides; NaN fails
         pd = np.vecdot(g, g)
@@ -387,7 +424,7 @@ class CfTopK:
                 worst = dist.max(axis=1).tolist()
                 eligible = [i for i, w in enumerate(worst) if w <= tau]
             else:
-                confirmed = np.count_nonzero(dist <= self.tau, axis=1).tolist()
+                confirmed = np.count_nonzero(dist <= limits.cmp, axis=1).tolist()
                 eligible = [i for i, n in enumerate(confirmed) if n >= need]
             if not eligible:
                 return None
@@ -397,9 +434,19 @@ class CfTopK:
         d = lowest / layers
         chain.content[j] = c  # every compared page of j now holds c's (c is an owner)
         me = chain.phys[j]
+        per_layer = np.asarray(dist[best], dtype=np.float32)
         if len(cols) == 2:
             chain.phys[j] = target.block_id
-            return BlockDecision(j, expect=me, share_block=target.block_id, distance=d)
+            return BlockDecision(
+                j, expect=me, share_block=target.block_id, distance=d, layer_distance=per_layer
+            )
         mask = np.zeros(target.pages.shape, dtype=bool)
         mask[:, cols] = True
-        return BlockDecision(j, expect=me, share_mask=mask, share_source=target.pages, distance=d)
+        return BlockDecision(
+            j,
+            expect=me,
+            share_mask=mask,
+            share_source=target.pages,
+            distance=d,
+            layer_distance=per_layer,
+        )

@@ -59,7 +59,9 @@ class Limits(NamedTuple):
     probe: np.ndarray  # up to four layers spread over the depth, checked first
     allowed: int  # layers allowed to fail tau (block granularity)
     need: int  # layers that must confirm
-    tau: float  # tau as a float32 (numpy compares float32 distances in float32)
+    tau: float  # ``cmp`` as a float32 (numpy compares float32 distances in float32)
+    cmp: float  # the threshold distances are compared with (``tau``, or t_ref of a table)
+    scale: np.ndarray | None = None  # (L, 2) per-page threshold / cmp (tau_layers), or None
 
 
 @dataclass(slots=True)

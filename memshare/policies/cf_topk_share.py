@@ -57,8 +57,17 @@ def layer_share(
     chain.content_key[j] = content_key(held)
     if probe is not None:
         probe[layers] = np.stack([chain.probe_of[cands[r]] for r in rows])[at, layers]
-    d = mean32(dist[best[layers], layers])
-    return BlockDecision(j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d)
+    chosen = dist[best[layers], layers]
+    per_layer = np.full(nlayers, np.nan, dtype=np.float32)
+    per_layer[layers] = chosen
+    return BlockDecision(
+        j,
+        expect=chain.phys[j],
+        share_mask=mask,
+        share_source=source,
+        distance=mean32(chosen),
+        layer_distance=per_layer,
+    )
 
 
 def _share_one(
@@ -90,4 +99,12 @@ def _share_one(
     if probe is not None:  # j's rows now hold c's content where it shares
         np.copyto(probe, chain.probe_of[c], where=here[:, None, None])
     d = float(np.float32(float(np.add.reduce(dist[here])) / n))  # see mean32
-    return BlockDecision(j, expect=chain.phys[j], share_mask=mask, share_source=source, distance=d)
+    per_layer = np.where(here, dist, np.float32(np.nan)).astype(np.float32, copy=False)
+    return BlockDecision(
+        j,
+        expect=chain.phys[j],
+        share_mask=mask,
+        share_source=source,
+        distance=d,
+        layer_distance=per_layer,
+    )

@@ -23,6 +23,7 @@ from memshare.policy import (
     Policy,
     PrefixHit,
     RequestInfo,
+    policy_check_depth,
     policy_judges_keys,
     policy_layer_map,
     policy_shares_blocks,
@@ -67,6 +68,11 @@ class Composite:
         """Every member forgets the request."""
         for member in self.members:
             member.on_request_end(req_id)
+
+    def check_depth(self, num_layers: int) -> None:
+        """Every member's depth check."""
+        for member in self.members:
+            policy_check_depth(member, num_layers)
 
     def layer_map(self, num_layers: int) -> np.ndarray | None:
         """The first member layer map, if any."""

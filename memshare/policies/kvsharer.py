@@ -19,15 +19,20 @@ import numpy as np
 
 from memshare.block_pool import BlockPool, KVBlock
 from memshare.errors import InputError
-from memshare.policies.params import Param, check_fields
+from memshare.policies.params import COUNT_MAX, Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
 
 
-def load_layer_map(path: Path) -> np.ndarray:
-    """The ``layer_map`` array of a calibration file, checked; InputError names the file."""
+def load_layer_map(path: Path, layers: int = -1) -> np.ndarray:
+    """The ``layer_map`` array of a calibration file, checked; InputError names the file.
+    ``layers >= 0``: the map of the first ``layers`` pairs the calibration accepted, in the
+    order it accepted them (its ``trials``), the knob ``memshare tune`` searches."""
     try:
         raw = json.loads(path.read_text())
         lm = np.asarray(raw["layer_map"], dtype=np.int64)
+        accepted = [
+            (int(t["layer"]), int(t["uses"])) for t in raw.get("trials", []) if t["accepted"]
+        ]
     except FileNotFoundError:
         raise InputError(
             f"layer_map_file {path}", "does not exist", "run `memshare calibrate -o FILE` first"
@@ -49,7 +54,28 @@ def load_layer_map(path: Path) -> np.ndarray:
             "field 'layer_map' must map each layer to itself or an earlier owner",
             "re-run `memshare calibrate`",
         )
-    return lm
+    return lm if layers < 0 else first_pairs(lm, accepted, layers, path)
+
+
+def first_pairs(
+    lm: np.ndarray, accepted: list[tuple[int, int]], layers: int, path: Path
+) -> np.ndarray:
+    """The map of the first ``layers`` accepted pairs (InputError if the file has fewer)."""
+    shared = int(np.count_nonzero(lm != np.arange(len(lm))))
+    if layers == shared:
+        return lm
+    if len(accepted) != shared or layers > shared:
+        have = f"{len(accepted)} accepted pairs in order" if accepted else "no trials in order"
+        raise InputError(
+            "--set layers",
+            f"{layers} shared layers asked, {path} has {shared} shared layers ({have})",
+            f"give 0..{shared if len(accepted) == shared else 0}, or calibrate with a larger "
+            "--target",
+        )
+    out = np.arange(len(lm))
+    for layer, uses in accepted[:layers]:
+        out[layer] = uses
+    return out
 
 
 @dataclass
@@ -57,12 +83,20 @@ class KVSharer:
     """Cross-layer sharing with a fixed, calibrated layer map."""
 
     layer_map_file: str = ""  # JSON written by `memshare calibrate`
+    layers: int = -1  # shared layers: the first N pairs calibration accepted (-1: all)
     name: str = "kvsharer"
     shares_blocks: ClassVar[bool] = False  # only publishes: asked at reservation
     _map: np.ndarray | None = field(default=None, init=False, repr=False)
     PARAMS: ClassVar[dict[str, Param]] = {
         "layer_map_file": Param(
             "file", "PATH", "the JSON file `memshare calibrate -o PATH` writes"
+        ),
+        "layers": Param(
+            "int",
+            -1,
+            "shared layers: the first N pairs the calibration accepted (-1: every one)",
+            -1,
+            COUNT_MAX,
         ),
     }
 
@@ -74,7 +108,7 @@ class KVSharer:
                 "pass --set layer_map_file=PATH (written by `memshare calibrate -o PATH`)",
             )
         check_fields(self, self.PARAMS, self.name)
-        self._map = load_layer_map(Path(self.layer_map_file))
+        self._map = load_layer_map(Path(self.layer_map_file), self.layers)
 
     def layer_map(self, num_layers: int) -> np.ndarray:
         """The map for a pool of ``num_layers`` layers (ValueError if the model differs)."""
