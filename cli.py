@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from memshare.commands import bench, capture, demo, engine, simulate, traces, validate
+from memshare.commands import bench, capture, demo, engine, simulate, traces, tune, validate
 from memshare.commands.interrupt import EXIT_INTERRUPTED, OUTSIDE, Interrupted, interruptible
 from memshare.errors import InputError
 
@@ -55,6 +55,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "validate": validate.validate_cmd,
     "calibrate": engine.calibrate_cmd,
     "study": simulate.study_cmd,
+    "tune": tune.tune_cmd,
 }
 BENCH_COMMANDS: dict[str, Callable[..., None]] = {
     "policy": bench.bench_policy_cmd,

@@ -131,6 +131,13 @@ ModelConfigOpt = Annotated[
     str | None,
     typer.Option(help="Model preset or TOML (default: the trace's model, else llama-3.1-8b)."),
 ]
+FidelityModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Fidelity model file (memshare tune, validate --fit-fidelity-model): also "
+        "predict each run's top-1 agreement and KL against no sharing."
+    ),
+]
 CostOpt = Annotated[
     str | None, typer.Option("--cost-model", help="TOML of cost coefficients (from validate).")
 ]
@@ -177,6 +184,7 @@ class SimArgs:
     chunked_prefill: ChunkedOpt = True
     long_prefill_threshold: LongPrefillOpt = 0
     reserve_full_prompt: ReserveOpt = True
+    fidelity_model: FidelityModelOpt = None
 
     def options(self) -> SimOptions:
         """The raw :class:`SimOptions` (checked by ``build_configs``); the CLI's one builder."""

@@ -21,28 +21,45 @@ from memshare.fanout.run import fan_out, raise_failures
 from memshare.fanout.tally import Tally
 from memshare.request import detached
 from memshare.sim.config import SimConfig
+from memshare.sim.fidelity_model import FidelityModel
 from memshare.sim.run import LoadedTrace, RunOutput, run_config
 
 JobsProgress = Callable[[Tally], None] | None  # the CLI's bar over the jobs
 RunProgress = Callable[[str, int, int], None] | None  # (run label, requests done, total)
 
 
-def sim_job(cfg: SimConfig, trace: LoadedTrace, label: str, *, metrics_only: bool = False) -> Job:
+def sim_job(
+    cfg: SimConfig,
+    trace: LoadedTrace,
+    label: str,
+    *,
+    metrics_only: bool = False,
+    fidelity: FidelityModel | None = None,
+) -> Job:
     """The job that simulates ``cfg`` on ``trace`` (``metrics_only``: it returns the metrics
-    dict alone, all a study reads)."""
+    dict alone, all a study reads; ``fidelity``: it predicts the run's fidelity too)."""
     spec = {"config": cfg.to_dict(), "trace": trace.identity(), "metrics_only": metrics_only}
-    return Job(job_key("sim", spec), label, run_sim_job, (cfg, label, metrics_only))
+    if fidelity is not None:
+        spec["fidelity_model"] = fidelity.to_json()
+    args = (cfg, label, metrics_only, fidelity)
+    return Job(job_key("sim", spec), label, run_sim_job, args)
 
 
 def run_sim_job(
-    host: Host, trace: LoadedTrace | None, cfg: SimConfig, label: str, metrics_only: bool
+    host: Host,
+    trace: LoadedTrace | None,
+    cfg: SimConfig,
+    label: str,
+    metrics_only: bool,
+    fidelity: FidelityModel | None = None,
 ) -> RunOutput | dict[str, Any]:
     """Simulate ``cfg`` (a job's function: runs on any host) on ``trace``, or, when the
     fan-out shipped none, on its own ``cfg.trace`` read from disk (once per host)."""
     if trace is None:
         path = Path(cfg.trace)
         trace = host.cached(("trace", str(path.resolve())), lambda: LoadedTrace.load(path))
-    out = run_config(cfg, trace, progress=host.ticker(label, _requests(trace, cfg.limit)))
+    ticker = host.ticker(label, _requests(trace, cfg.limit))
+    out = run_config(cfg, trace, progress=ticker, fidelity=fidelity)
     if metrics_only:
         return out.metrics
     requests = [detached(q) for q in out.result.requests]

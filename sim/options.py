@@ -69,6 +69,7 @@ class SimOptions:
     chunked_prefill: bool = True  # --chunked-prefill / --no-chunked-prefill
     long_prefill_threshold: int = 0  # --long-prefill-threshold (0: off)
     reserve_full_prompt: bool = True  # --reserve-full-prompt / --no-reserve-full-prompt
+    fidelity_model: Path | None = None  # --fidelity-model FILE: predict each run's fidelity
 
 
 def policy_params(

@@ -66,6 +66,11 @@ ROWS: list[tuple[str, str, Fmt]] = [
     ("sharing.page_share_rate", "share rate (pages)", _pct),
     ("sharing.mean_shared_distance", "mean rel. distance of shares", _num),
 ]
+# shown when a run has them (simulate --fidelity-model)
+FIDELITY_ROWS: list[tuple[str, str, Fmt]] = [
+    ("fidelity_predicted.top1_agreement", "top-1 agreement, predicted", _pct),
+    ("fidelity_predicted.kl_mean", "mean KL, predicted (nats)", _num),
+]
 
 
 def study_table(result: StudyResult) -> Table:
@@ -76,7 +81,8 @@ def study_table(result: StudyResult) -> Table:
     flats = [flatten(r.out.metrics) for r in result.runs]
     for r in result.runs:
         t.add_column(r.label, justify="right")
-    for key, name, fmt in ROWS:
+    extra = [row for row in FIDELITY_ROWS if any(row[0] in f for f in flats)]
+    for key, name, fmt in ROWS + extra:
         t.add_row(name, *(fmt(f.get(key)) for f in flats))
     return t
 

@@ -35,10 +35,12 @@ from memshare.kv_manager import KVCacheManager, blocks_for_all
 from memshare.policy import policy_judges_keys, policy_layer_map
 from memshare.registry import check_block_size, make_policy
 from memshare.scheduler import Scheduler
+from memshare.share_log import ShareLog
 from memshare.sim.arrivals import arrival_times
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import CostModel
 from memshare.sim.engine import TIMELINE_COLUMNS, Engine, EngineResult, Progress
+from memshare.sim.fidelity_model import FidelityModel
 from memshare.sim.metrics import compute_metrics
 from memshare.sim.workload import build_requests, served_output_len
 from memshare.traces.reader import KVRows, TraceReader
@@ -106,6 +108,7 @@ class RunOutput:
     resolved: Resolved  # what it resolved to
     metrics: dict[str, Any]  # metrics.json
     result: EngineResult  # requests and timeline
+    shares: ShareLog | None = None  # every share applied (runs with a fidelity model)
 
 
 def resolve(cfg: SimConfig, trace: LoadedTrace) -> Resolved:
@@ -240,8 +243,13 @@ def run_config(
     progress: Progress | None = None,
     *,
     plain: bool = False,
+    fidelity: FidelityModel | None = None,
 ) -> RunOutput:
     """Simulate ``cfg`` (loading its trace unless given) and compute its metrics.
+
+    ``fidelity``: also log every share and add the model's prediction of the run's top-1
+    agreement and KL against the unshared run (``fidelity_predicted`` in the metrics; each
+    request's compared positions: its prompt and output tokens but the last).
 
     ``plain``: take no shortcut (no decode fast path or bursts, page-by-page pool accounting,
     the policy asked about every full block): the same files, slower; what the tests check
@@ -262,6 +270,8 @@ def run_config(
         page_accounting=plain,
     )
     manager = KVCacheManager(pool, policy, res.block_size, ask_all=plain)
+    if fidelity is not None:
+        manager.share_log = ShareLog()
     engine = Engine(
         requests,
         Scheduler(cfg.scheduler, manager, fast_decode=not plain, compact_decodes=not plain),
@@ -283,7 +293,11 @@ def run_config(
         block_size=res.block_size,
         num_blocks=res.num_blocks,
     )
-    return RunOutput(cfg, res, metrics, result)
+    if fidelity is not None and manager.share_log is not None:
+        lengths = {r.id: r.prompt_len + r.output_len - 1 for r in records}
+        predicted = fidelity.predict(manager.share_log, lengths, res.block_size)
+        metrics["fidelity_predicted"] = predicted.to_json()
+    return RunOutput(cfg, res, metrics, result, manager.share_log)
 
 
 # --------------------------------------------------------------------------- files

@@ -29,6 +29,7 @@ from memshare.fanout.jobs import Outcome
 from memshare.fanout.options import IN_PROCESS, FanOut
 from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
+from memshare.sim.fidelity_model import FidelityModel
 from memshare.sim.jobs import JobsProgress, run_sim_jobs, sim_job
 from memshare.sim.metrics import flatten
 from memshare.sim.options import (
@@ -106,11 +107,12 @@ def simulate(
     configs = build_configs(opts, trace.manifest)
     for cfg in configs:
         resolve(cfg, trace)  # a budget or block size the trace cannot take fails here
+    model = FidelityModel.load(opts.fidelity_model) if opts.fidelity_model else None
     warn_before_runs(configs, trace, warn)
     out_dir = output or default_output(opts)
     claim_runs(out_dir, overwrite=overwrite)
     multi = len(configs) > 1
-    jobs = [sim_job(cfg, trace, cfg.policy) for cfg in configs]
+    jobs = [sim_job(cfg, trace, cfg.policy, fidelity=model) for cfg in configs]
     done = run_sim_jobs(
         jobs, trace, fan, out_dir, run_progress=progress, jobs_progress=jobs_progress
     )
@@ -154,11 +156,12 @@ def sweep(
     the folder is written whole when the last run finished, replacing an earlier run."""
     trace = LoadedTrace.load(Path(opts.trace))
     planned = plan_sweep(opts, spec, trace)
+    model = FidelityModel.load(opts.fidelity_model) if opts.fidelity_model else None
     warn_before_runs([cfg for _, configs in planned for cfg in configs], trace, warn)
     out_dir = output or default_output(opts, spec)
     claim_runs(out_dir, overwrite=overwrite)
     jobs = [
-        sim_job(cfg, trace, f"{spec.key}={value} {cfg.policy}")
+        sim_job(cfg, trace, f"{spec.key}={value} {cfg.policy}", fidelity=model)
         for value, configs in planned
         for cfg in configs
     ]

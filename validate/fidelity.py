@@ -76,6 +76,10 @@ class _Tally:
     nll_base: list[npt.NDArray[np.float64]] = field(default_factory=list)
     nll_shared: list[npt.NDArray[np.float64]] = field(default_factory=list)
     ranges: list[tuple[int, int]] = field(default_factory=list)  # sorted, disjoint
+    # per chunk, as added: (first position, top-1 agreed (n,), KL (n,)): the fidelity fit's
+    chunks: list[tuple[int, npt.NDArray[np.bool_], npt.NDArray[np.float64]]] = field(
+        default_factory=list
+    )
 
     def claim(self, start: int, end: int) -> None:
         i = bisect.bisect_left(self.ranges, (start, end))
@@ -121,6 +125,18 @@ class FidelityAccumulator:
         tallies = [self._tallies[rid]] if rid is not None else list(self._tallies.values())
         return _summarize(tallies)
 
+    def positions(
+        self, rid: str
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[np.float64]]:
+        """``(positions, top-1 agreed, KL)`` of every position of ``rid`` compared, in order."""
+        chunks = sorted(self._tallies[rid].chunks, key=lambda c: c[0])
+        if not chunks:
+            return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.float64)
+        pos = np.concatenate([np.arange(p, p + len(a), dtype=np.int64) for p, a, _ in chunks])
+        agree = np.concatenate([a for _, a, _ in chunks])
+        kl = np.concatenate([k for _, _, k in chunks])
+        return pos, agree, kl
+
     def per_request(self) -> dict[str, FidelityMetrics]:
         """``metrics(rid)`` of every request."""
         return {rid: self.metrics(rid) for rid in self._tallies}
@@ -164,15 +180,18 @@ def add_pairs(
     for tally, _, _ in checked:
         tally.claim(first_pos, first_pos + n)
     agree = [np.empty(n, bool) for _ in checked]
+    kls = [np.empty(n, np.float64) for _ in checked]
     for s in range(0, n, ROWS):
         e = min(n, s + ROWS)
         ref = _BaseRows(base[s:e], tgt[s:e])
-        for (tally, shared, _), ag in zip(checked, agree, strict=True):
+        for (tally, shared, _), ag, kc in zip(checked, agree, kls, strict=True):
             ag[s:e], kl, ns = ref.against(shared[s:e])
+            kc[s:e] = kl
             tally.kl.append(kl)
             tally.nll_base.append(ref.nll)
             tally.nll_shared.append(ns)
-    for (tally, _, late), ag in zip(checked, agree, strict=True):
+    for (tally, _, late), ag, kc in zip(checked, agree, kls, strict=True):
+        tally.chunks.append((first_pos, ag, kc))
         tally.positions += n
         tally.agree += int(ag.sum())
         tally.after += int(late.sum())

@@ -260,8 +260,8 @@ def policy_report(
         "steps_identical": first_diff is None,
         "first_differing_step": first_diff,
         "steps": {"predicted": len(tl.scheduled_seqs), "measured": len(eng.steps)},
-        **_pages(pred, base_pred, eng, base.engine),
-        **_fidelity(fid, texts),
+        **pages_report(pred, base_pred, eng, base.engine),
+        **fidelity_report(fid, texts),
         "answer_agreement": None,  # generated answers (generated.answer_report): dataset
         "answer_agreement_ci95": None,  # traces only
         "accuracy": None,
@@ -277,7 +277,7 @@ def policy_report(
     }
 
 
-def _pages(
+def pages_report(
     pred: RunOutput, base_pred: RunOutput, eng: PagedEngine, base: PagedEngine
 ) -> dict[str, Any]:
     """Pages in use (peak, mean), the KV saved against the unshared run, and sharing."""
@@ -306,7 +306,7 @@ def _pages(
     }
 
 
-def _fidelity(fid: FidelityMetrics | None, texts: list[FidelityMetrics]) -> dict[str, Any]:
+def fidelity_report(fid: FidelityMetrics | None, texts: list[FidelityMetrics]) -> dict[str, Any]:
     """Top-1 agreement (with its 95% intervals: binomial over positions, bootstrap over the
     ``texts``' own figures), KL and perplexity against the unshared run (``None``: it is that
     run, exact)."""

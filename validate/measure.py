@@ -39,6 +39,7 @@ from memshare.request import Request
 from memshare.scheduler import SchedulerConfig
 from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
 from memshare.sim.cost_model import BatchShape, plan_shape
+from memshare.sim.fidelity_model import FidelityModel
 from memshare.sim.run import LoadedTrace, RunOutput, resolve, run_config
 from memshare.traces.schema import RequestRecord
 from memshare.validate.engine.group import Groups, grouped_engines, step_groups
@@ -86,7 +87,16 @@ def teacher_forced_workload(trace: LoadedTrace, run: RunDir, limit: int | None) 
     cfg = run.config
     cap = limit or cfg.limit
     src = trace.records[:cap] if cap else trace.records
-    bs = resolve(cfg, trace).block_size
+    recorded = run.recorded.get("num_blocks")
+    budget = recorded if isinstance(recorded, int) else None
+    return texts_workload(trace, src, resolve(cfg, trace).block_size, budget)
+
+
+def texts_workload(
+    trace: LoadedTrace, src: Sequence[RequestRecord], bs: int, budget: int | None = None
+) -> Workload:
+    """``src``'s texts (prompt and output tokens) teacher-forced, one forced token each, under
+    the budget every text needs at once (or ``budget``, where that is positive and smaller)."""
     records: list[RequestRecord] = []
     specs: list[EngineSpec] = []
     texts: dict[str, list[int]] = {}
@@ -108,12 +118,11 @@ def teacher_forced_workload(trace: LoadedTrace, run: RunDir, limit: int | None) 
         )
         specs.append(EngineSpec(rec.id, ids, 1, rec.steps, forced=[tok]))
         texts[rec.id] = ids
-    budget = blocks_for_all((len(t) + 1 for t in texts.values()), bs)
-    recorded = run.recorded.get("num_blocks")
-    if isinstance(recorded, int) and 0 < recorded < budget:
-        budget = recorded
+    need = blocks_for_all((len(t) + 1 for t in texts.values()), bs)
+    if budget is not None and 0 < budget < need:
+        need = budget
     tr = LoadedTrace(trace.path, trace.manifest, records, trace.kv_rows)
-    return Workload(records, specs, texts, tr, bs, budget)
+    return Workload(records, specs, texts, tr, bs, need)
 
 
 def simulate_on(
@@ -125,6 +134,7 @@ def simulate_on(
     scheduler: SchedulerConfig | None = None,
     *,
     arrival: ArrivalSpec | None = None,
+    fidelity: FidelityModel | None = None,
 ) -> RunOutput:
     """The simulator's run of ``cfg`` on exactly an engine's workload (``trace``: its records,
     at their ``arrival_s``, all 0 s unless kept; or under ``arrival``), budget and block size,
@@ -137,13 +147,16 @@ def simulate_on(
         scheduler=scheduler or cfg.scheduler,
         gpu=load_gpu(gpu),
     )
-    return run_config(sim_cfg, trace)
+    return run_config(sim_cfg, trace, fidelity=fidelity)
 
 
-def predict(cfg: SimConfig, wl: Workload, gpu: str) -> RunOutput:
-    """The simulator's run of ``cfg`` on the teacher-forced workload (chunks of one block)."""
+def predict(
+    cfg: SimConfig, wl: Workload, gpu: str, fidelity: FidelityModel | None = None
+) -> RunOutput:
+    """The simulator's run of ``cfg`` on the teacher-forced workload (chunks of one block;
+    ``fidelity``: with the model's prediction of its fidelity)."""
     sched = replace(cfg.scheduler, long_prefill_token_threshold=wl.block_size)
-    return simulate_on(cfg, wl.trace, wl.num_blocks, wl.block_size, gpu, sched)
+    return simulate_on(cfg, wl.trace, wl.num_blocks, wl.block_size, gpu, sched, fidelity=fidelity)
 
 
 def first_differing_step(pred: RunOutput, engine: PagedEngine) -> int | None:

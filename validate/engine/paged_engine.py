@@ -37,6 +37,7 @@ from memshare.kv_manager import KVCacheManager, blocks_for_all, cdiv
 from memshare.policy import BlockDecision, Policy, policy_layer_map
 from memshare.request import Request, new_request
 from memshare.scheduler import Scheduler, SchedulerConfig, StepPlan
+from memshare.share_log import ShareLog
 from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
 from memshare.traces.segment import SegmenterConfig
 from memshare.validate.engine.batch import reusing_chunk
@@ -121,7 +122,9 @@ class PagedEngine:
             opts = _with_threshold(opts, bs)
         layers = int(model.config.num_hidden_layers)
         self.pool = _pool(layers, policy, specs, opts, fit=store is None)
-        self.manager = KVCacheManager(self.pool, policy, bs, observer=self._observe)
+        self.manager = KVCacheManager(
+            self.pool, policy, bs, observer=self._observe, share_log=ShareLog()
+        )
         self.scheduler = Scheduler(opts.scheduler, self.manager)
         self.store = _checked_store(store, model, self.pool.num_pages, bs)
         self._hf_model = model

@@ -1,0 +1,104 @@
+"""``memshare tune``: search a policy's settings in the simulator with a fitted fidelity model,
+validate the frontier on the real model, and print the winning setting."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memshare.commands.fanout_args import FanOutArgs
+from memshare.commands.options import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    OverwriteOpt,
+    SimSetOpt,
+    ThreadsOpt,
+    TraceArg,
+    output_option,
+    spread,
+)
+from memshare.commands.progress import Bar
+from memshare.commands.render import out, print_json
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneArgs:
+    """``tune``'s options in ``--help`` order."""
+
+    trace: TraceArg
+    target: Annotated[
+        str, typer.Option(help="top1=A (measured top-1 agreement >= A) or kl=K (mean KL <= K).")
+    ] = "top1=0.99"
+    policy: Annotated[str, typer.Option(help="The policy to tune (cf-topk).")] = "cf-topk"
+    sets: SimSetOpt = None
+    budget: Annotated[
+        int, typer.Option(help="Validate runs of frontier points, at most (calibration aside).")
+    ] = 4
+    holdout: Annotated[
+        str | None,
+        typer.Option(
+            help="Request ids held out for validation, comma-separated "
+            "(default: every second text)."
+        ),
+    ] = None
+    limit: Annotated[int | None, typer.Option(help="Use the trace's first N texts.", min=2)] = None
+    model: ModelOpt = None
+    device: DeviceOpt = "cpu"
+    dtype: DtypeOpt = "float32"
+    threads: ThreadsOpt = None
+
+
+@spread
+def tune_cmd(
+    args: TuneArgs,
+    fan: FanOutArgs,
+    output: Annotated[
+        Path | None, output_option("Output folder (default: runs/tune-TRACE).")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the setting that saves the most KV at the target fidelity: calibrate a fidelity
+    model on some texts, search the predicted frontier in the simulator, validate its points
+    on held-out texts and refit (tune.json, frontier.png, fidelity_model.json)."""
+    from memshare.sim.options import SimOptions, build_configs
+    from memshare.tune.loop import tune
+    from memshare.tune.report import winning_line
+    from memshare.tune.result import TuneOptions
+    from memshare.tune.target import Target
+    from memshare.validate.jobs import ModelSpec
+
+    target = Target.parse(args.target)
+    sets = ("granularity=layer", "share=k", *(args.sets or ()))
+    sim = SimOptions(args.trace, policies=(args.policy,), sets=sets, gpu="cpu")
+    (cfg,) = build_configs(sim)
+    holdout = [h.strip() for h in args.holdout.split(",") if h.strip()] if args.holdout else None
+    spec = ModelSpec(args.model, args.device, args.dtype, args.threads)
+    opts = TuneOptions(cfg, target, args.budget, holdout, args.limit, spec)
+    dest = output or Path("runs") / f"tune-{args.trace.resolve().name}"
+    fan_out = fan.fan_out()
+    with Bar(as_json) as bar:
+        result = tune(opts, dest, fan_out, bar.status, overwrite=overwrite)
+    best = result.best
+    if as_json:
+        print_json({"output": str(dest), "best": None if best is None else best[1].params})
+        return
+    for c, p in result.validated:
+        top1 = p.measured["top1_agreement"]
+        lo, hi = p.measured["top1_agreement_ci95"]
+        out.print(
+            f"{c.params.get('tau_layers') or c.params.get('tau')}: KV saved "
+            f"{100 * (p.kv_saved['measured'] or 0):.2f}% (predicted {100 * c.kv_saved:.2f}%), "
+            f"top-1 {100 * top1:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}] "
+            f"(predicted {100 * c.top1:.2f}%)"
+        )
+    if best is None:
+        out.print(f"no validated setting met {target.text()} -> {dest}")
+    else:
+        out.print(f"best at {target.text()}: {winning_line(opts, best[1].params)}")
+        out.print(f"[dim]-> {dest}/tune.json, frontier.png, fidelity_model.json[/dim]")

@@ -1,0 +1,184 @@
+"""The fidelity model: what the shares of a run cost in top-1 agreement and KL, predicted from
+the shares alone (docs/fidelity-model.md), so that the simulator can say it beside KV saved.
+
+Features: at position ``p`` of a request, for each layer ``l`` and part ``c`` (K, V), the
+distance-weighted count of shared pages the position reads, over the blocks it reads:
+``x[l, c](p) = sum(w_e[l, c] for shares e applied before p) / (p // block_size + 1)``, where
+``w_e`` is the share's distance at that page (:mod:`memshare.share_log`). Model: the chance
+that position ``p``'s top-1 token differs from the unshared run's is ``min(1, x(p) . a)``, its
+KL ``x(p) . b``, with ``a, b >= 0`` one sensitivity per layer and part, fitted on measured
+runs (:mod:`memshare.validate.fidelity_fit`). A run's prediction is the mean over its
+positions; its 95% interval adds the fit's leave-one-text-out residual quantiles, scaled by
+``1 / sqrt(texts)``.
+
+Invariants: no share gives a prediction of exactly 1.0 agreement and 0 KL; the prediction is a
+pure function of the share log and the request lengths; a file that is not a model is one
+InputError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memshare.atomic import write_atomic
+from memshare.errors import InputError
+from memshare.share_log import ShareLog
+
+FORMAT = "memshare-fidelity-model/1"
+
+
+def features(
+    from_token: np.ndarray, weight: np.ndarray, positions: int, block_size: int
+) -> np.ndarray:
+    """``(positions, 2L)`` float64 features of one request (module docstring) from its shares:
+    ``from_token (E,)`` and ``weight (E, L, 2)``."""
+    layers = weight.shape[1] if weight.ndim == 3 else 0
+    acc = np.zeros((positions + 1, 2 * layers), np.float64)
+    if len(from_token):
+        np.add.at(acc, np.minimum(from_token, positions), weight.reshape(len(weight), -1))
+    out = np.cumsum(acc[:positions], axis=0)
+    out /= (np.arange(positions) // block_size + 1)[:, None]
+    return out
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A run's predicted fidelity against the unshared run."""
+
+    positions: int
+    texts: int
+    top1_agreement: float
+    top1_agreement_ci95: list[float]
+    kl_mean: float
+    kl_mean_ci95: list[float]
+    exposure: float  # mean over positions of the features' sum (what the fit's range bounds)
+    outside_fit: bool  # exposure beyond the largest the model was fitted on: extrapolated
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain numbers, rounded to 6 places."""
+        return {
+            "positions": self.positions,
+            "texts": self.texts,
+            "top1_agreement": round(self.top1_agreement, 6),
+            "top1_agreement_ci95": [round(v, 6) for v in self.top1_agreement_ci95],
+            "kl_mean": round(self.kl_mean, 6),
+            "kl_mean_ci95": [round(v, 6) for v in self.kl_mean_ci95],
+            "exposure": round(self.exposure, 6),
+            "outside_fit": self.outside_fit,
+        }
+
+
+@dataclass
+class FidelityModel:
+    """Per-layer, per-part sensitivities (see the module docstring)."""
+
+    layers: int
+    top1: np.ndarray  # (2L,) disagreement per unit of feature, layer-major (K, V)
+    kl: np.ndarray  # (2L,) KL (nats) per unit of feature
+    residual_top1: list[float]  # 2.5% and 97.5% quantiles of measured - predicted, per text
+    residual_kl: list[float]
+    max_exposure: float  # the largest run exposure the fit saw
+    fitted_on: dict[str, Any] = field(default_factory=dict)  # texts, runs, positions, policies
+
+    def predict_request(
+        self, from_token: np.ndarray, weight: np.ndarray, positions: int, block_size: int
+    ) -> tuple[float, float, float]:
+        """``(disagreeing, KL sum, exposure sum)`` over one request's positions."""
+        if not len(from_token) or positions <= 0:
+            return 0.0, 0.0, 0.0
+        if weight.shape[1] != self.layers:
+            raise InputError(
+                "--fidelity-model",
+                f"fitted on a {self.layers}-layer model, the run's has {weight.shape[1]}",
+                "fit a model on validate runs of this model",
+            )
+        x = features(from_token, weight, positions, block_size)
+        dis = np.minimum(1.0, x @ self.top1)
+        return float(dis.sum()), float((x @ self.kl).sum()), float(x.sum())
+
+    def predict(self, log: ShareLog, lengths: dict[str, int], block_size: int) -> Prediction:
+        """The pooled prediction over requests ``lengths`` (request -> positions compared)."""
+        dis = kl = exp = 0.0
+        for rid, n in lengths.items():
+            ft, w = log.of(rid).arrays(self.layers)
+            a, b, c = self.predict_request(ft, w, n, block_size)
+            dis, kl, exp = dis + a, kl + b, exp + c
+        n = max(1, sum(lengths.values()))
+        texts = max(1, len(lengths))
+        top1, klm, exposure = 1.0 - dis / n, kl / n, exp / n
+        s = 1.0 / math.sqrt(texts)
+        lo, hi = self.residual_top1
+        klo, khi = self.residual_kl
+        return Prediction(
+            positions=sum(lengths.values()),
+            texts=len(lengths),
+            top1_agreement=top1,
+            top1_agreement_ci95=[max(0.0, min(1.0, top1 + v * s)) for v in (lo, hi)],
+            kl_mean=klm,
+            kl_mean_ci95=[max(0.0, klm + v * s) for v in (klo, khi)],
+            exposure=exposure,
+            outside_fit=exposure > self.max_exposure * (1 + 1e-9),
+        )
+
+    # ----------------------------------------------------------------- files
+    def to_json(self) -> dict[str, Any]:
+        """The file's object."""
+        return {
+            "format": FORMAT,
+            "layers": self.layers,
+            "feature": "distance-weighted shared pages read, over the blocks read, per layer/part",
+            "top1_disagreement_per_unit": _pairs(self.top1),
+            "kl_per_unit": _pairs(self.kl),
+            "residual_top1_q": self.residual_top1,
+            "residual_kl_q": self.residual_kl,
+            "max_exposure": self.max_exposure,
+            "fitted_on": self.fitted_on,
+        }
+
+    def save(self, path: Path) -> None:
+        """Write atomically."""
+        write_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    @staticmethod
+    def load(path: Path) -> FidelityModel:
+        """Read a model file (InputError naming the file and what is wrong)."""
+        where = f"--fidelity-model {path}"
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(
+                where, "does not exist", "fit one: memshare tune, or validate --fit-fidelity-model"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise InputError(where, f"is not JSON ({e})", "pass a fidelity model file") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise InputError(where, f"is not a {FORMAT} file", "pass a fidelity model file")
+        try:
+            layers = int(raw["layers"])
+            top1 = np.asarray(raw["top1_disagreement_per_unit"], np.float64).reshape(-1)
+            kl = np.asarray(raw["kl_per_unit"], np.float64).reshape(-1)
+            model = FidelityModel(
+                layers,
+                top1,
+                kl,
+                [float(v) for v in raw["residual_top1_q"]],
+                [float(v) for v in raw["residual_kl_q"]],
+                float(raw["max_exposure"]),
+                dict(raw.get("fitted_on", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(where, f"field missing or malformed ({e})", "fit it again") from None
+        ok = top1.shape == kl.shape == (2 * layers,) and len(model.residual_top1) == 2
+        if not ok or not (np.all(np.isfinite(top1)) and np.all(np.isfinite(kl))):
+            raise InputError(where, f"weights are not 2 x {layers} finite numbers", "fit it again")
+        return model
+
+
+def _pairs(w: np.ndarray) -> list[list[float]]:
+    return [[round(float(k), 9), round(float(v), 9)] for k, v in w.reshape(-1, 2)]

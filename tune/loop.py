@@ -1,0 +1,154 @@
+"""``memshare tune``: calibrate the fidelity model, search the predicted frontier, validate
+frontier points on held-out texts, refit, until the best measured point meets the target
+within the budget of validate runs (docs/tune.md).
+
+Invariants: every validate run is a fan-out job kept in the job store as soon as it finished,
+so ``--resume`` after an interruption repeats none (and the loop, being deterministic, makes
+the same choices again); the output folder is written whole at the end, never half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from memshare.errors import InputError
+from memshare.fanout.options import FanOut
+from memshare.fanout.run import fan_out, raise_failures
+from memshare.outdir import OutputKind, claim_output, staged_output
+from memshare.sim.config import SimConfig
+from memshare.sim.fidelity_model import FidelityModel
+from memshare.sim.run import LoadedTrace, resolve
+from memshare.tune.points import PointInputs, PointResult, point_job
+from memshare.tune.report import write_outputs
+from memshare.tune.result import TuneOptions, TuneResult
+from memshare.tune.search import Candidate, base_pages, frontier, layer_table, simulator
+from memshare.tune.target import Target, split
+from memshare.validate.fidelity_fit import fit
+from memshare.validate.measure import texts_workload
+
+Stage = Callable[[str], None]
+TUNE_OUTPUT = OutputKind("tune", "tune.json")
+CALIBRATION_TAUS = (0.3, 0.6, 1.0)  # one tau for every layer: the calibration runs
+
+
+def _check(opts: TuneOptions, trace: LoadedTrace) -> None:
+    cfg = opts.config
+    if cfg.policy != "cf-topk":
+        raise InputError(
+            "--policy",
+            f"tune searches cf-topk's per-layer thresholds; {cfg.policy} is not searched yet",
+            "use --policy cf-topk (validate measures other policies' settings)",
+        )
+    if cfg.policy_params.get("granularity") != "layer":
+        raise InputError(
+            "--set granularity", "tune searches thresholds per layer", "add --set granularity=layer"
+        )
+    if not trace.has_sketches:
+        raise InputError(str(trace.path), "has no KV sketches", "capture a kv trace (--texts)")
+    if opts.budget < 1:
+        raise InputError("--budget", f"{opts.budget} validate runs", "give 1 or more, e.g. 4")
+
+
+def tune(
+    opts: TuneOptions, output: Path, fan: FanOut, stage: Stage, *, overwrite: bool = False
+) -> TuneResult:
+    """The whole loop (module docstring); writes ``output`` at the end."""
+    trace = LoadedTrace.load(Path(opts.config.trace))
+    _check(opts, trace)
+    resolve(opts.config, trace)
+    ids = [r.id for r in trace.records[: opts.limit] if r.prompt_ids or r.output_ids]
+    cal, held = split(ids, opts.holdout)
+    claim_output(output, "-o", TUNE_OUTPUT, overwrite=overwrite)
+    bs = resolve(opts.config, trace).block_size
+    inputs = PointInputs(opts.spec, trace, bs, opts.gpu)
+    store = fan.store(output)
+    executor = fan.executor()
+
+    def measure(
+        cfgs: list[SimConfig], texts: list[str], model: FidelityModel | None
+    ) -> list[PointResult]:
+        jobs = [point_job(c, texts, model, trace.identity()) for c in cfgs]
+        outcomes = fan_out(jobs, executor, shared=inputs, store=store)
+        raise_failures(outcomes, "--resume")
+        return [o.value for o in outcomes]
+
+    try:
+        stage(f"calibrating on {len(cal)} texts: tau {', '.join(map(str, CALIBRATION_TAUS))}")
+        cal_cfgs = [_uniform(opts.config, t) for t in CALIBRATION_TAUS]
+        calibration = measure(cal_cfgs, cal, None)
+        rows = [r for p in calibration for r in p.fit]
+        layers = trace.manifest.model.num_layers if trace.manifest.model else 0
+        model = fit(rows, layers)
+        wl = texts_workload(trace, [r for r in trace.records if r.id in set(held)], bs)
+        validated: list[tuple[Candidate, PointResult]] = []
+        tried: set[str] = set()
+        single: list[Candidate] = []
+        front: list[Candidate] = []
+        for round_ in range(opts.budget):
+            sim = simulator(wl, opts.gpu, model)
+            base = base_pages(sim, opts.config)
+            stage(f"round {round_ + 1}: searching the predicted frontier on {len(held)} texts")
+            table = layer_table(sim, opts.config, model, wl, base)
+            single, front = table.uniform, frontier(sim, opts.config, table, base)
+            pick = _choose(front, validated, opts.target, tried)
+            if pick is None:
+                break
+            tried.add(repr(sorted(pick.params.items())))
+            stage(f"round {round_ + 1}: validating {_short(pick.params)} on {len(held)} texts")
+            (point,) = measure([opts.config.with_(policy_params=pick.params)], held, model)
+            validated.append((pick, point))
+            model = fit(rows + [r for _, p in validated for r in p.fit], layers)
+    finally:
+        executor.close()
+    best = _best(validated, opts.target)
+    split_ = {"calibration": cal, "held_out": held}
+    result = TuneResult(calibration, validated, single, front, best, model, split_)
+    with staged_output(output) as staging:
+        write_outputs(result, opts, staging)
+    fan.forget(output)
+    return result
+
+
+def _uniform(cfg: SimConfig, tau: float) -> SimConfig:
+    params = {k: v for k, v in cfg.policy_params.items() if k != "tau_layers"}
+    return cfg.with_(policy_params={**params, "tau": tau})
+
+
+def _short(params: dict[str, Any]) -> str:
+    return params.get("tau_layers") or f"tau={params.get('tau')}"
+
+
+def _measured(p: PointResult) -> tuple[float | None, float | None]:
+    return p.measured.get("top1_agreement"), p.measured.get("kl_mean")
+
+
+def _choose(
+    front: list[Candidate],
+    validated: list[tuple[Candidate, PointResult]],
+    target: Target,
+    tried: set[str],
+) -> Candidate | None:
+    """The next point to validate: between the largest measured saving that met the target
+    and the smallest that missed it, the largest predicted to meet it (else the most
+    faithful one there)."""
+    lo = max((c.kv_saved for c, p in validated if target.met(*_measured(p))), default=-1.0)
+    hi = min((c.kv_saved for c, p in validated if not target.met(*_measured(p))), default=2.0)
+    open_ = [
+        c for c in front if lo < c.kv_saved < hi and repr(sorted(c.params.items())) not in tried
+    ]
+    if not open_:
+        return None
+    meeting = [c for c in open_ if target.predicted_met(c)]
+    if meeting:
+        return max(meeting, key=lambda c: c.kv_saved)
+    return min(open_, key=lambda c: c.kv_saved)
+
+
+def _best(
+    validated: list[tuple[Candidate, PointResult]], target: Target
+) -> tuple[Candidate, PointResult] | None:
+    """The validated point with the largest measured saving that met the target."""
+    ok = [(c, p) for c, p in validated if target.met(*_measured(p))]
+    return max(ok, key=lambda cp: cp[1].kv_saved["measured"] or 0.0, default=None)

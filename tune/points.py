@@ -1,0 +1,94 @@
+"""``tune``'s measured points: a setting run on the real model beside the unshared run, on
+chosen texts, teacher-forced (``validate``'s lockstep engines), as fan-out jobs.
+
+Invariants: a point's figures depend on its setting, its texts and the trace alone (each job
+runs its own unshared engine), so a point measured in-process, on Ray or taken from the job
+store (``--resume``) is the same; every figure carries the simulator's prediction of the very
+same workload beside the measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from memshare.fanout.host import Host
+from memshare.fanout.jobs import Job, job_key
+from memshare.sim.config import SimConfig
+from memshare.sim.fidelity_model import FidelityModel
+from memshare.sim.run import LoadedTrace
+from memshare.validate.fidelity_fit import FitText, fit_texts
+from memshare.validate.jobs import ModelSpec, fidelity_report, pages_report
+from memshare.validate.measure import predict, run_lockstep, texts_workload
+
+
+@dataclass(frozen=True)
+class PointInputs:
+    """What every point job reads (shipped once to each worker)."""
+
+    spec: ModelSpec
+    trace: LoadedTrace
+    block_size: int
+    gpu: str  # cost-model preset of the predicted times (not used by tune's figures)
+
+
+@dataclass
+class PointResult:
+    """One measured setting."""
+
+    label: str
+    params: dict[str, Any]
+    texts: list[str]
+    kv_saved: dict[str, float | None]  # predicted, measured (vs the unshared run)
+    measured: dict[str, Any]  # validate's fidelity figures (top-1 with its intervals, KL)
+    predicted: dict[str, Any] | None  # the fidelity model's, when one was given
+    fit: list[FitText] = field(default_factory=list)  # the positions, for refitting
+
+
+def point_job(
+    cfg: SimConfig, texts: list[str], model: FidelityModel | None, trace_id: dict[str, Any]
+) -> Job:
+    """The job that measures ``cfg`` on ``texts`` (its key: setting, texts, trace, model)."""
+    spec = {
+        "config": cfg.to_dict(),
+        "texts": texts,
+        "trace": trace_id,
+        "fidelity_model": None if model is None else model.to_json(),
+    }
+    label = f"{cfg.policy} {' '.join(f'{k}={v}' for k, v in sorted(cfg.policy_params.items()))}"
+    return Job(job_key("tune-point", spec), label, measure_point, (cfg, texts, model))
+
+
+def measure_point(
+    host: Host,
+    inputs: PointInputs,
+    cfg: SimConfig,
+    texts: list[str],
+    model: FidelityModel | None,
+) -> PointResult:
+    """Measure ``cfg`` on ``texts`` (a job's function)."""
+    from memshare.traces.model.loader import load_model
+
+    s = inputs.spec
+    backend = host.cached(
+        ("model", s),
+        lambda: load_model(s.model, device=s.device, dtype=s.dtype, threads=s.threads),
+    )
+    wanted = set(texts)
+    src = [r for r in inputs.trace.records if r.id in wanted]
+    wl = texts_workload(inputs.trace, src, inputs.block_size)
+    pred = predict(cfg, wl, inputs.gpu, model)
+    base_pred = predict(cfg.with_(policy="none", policy_params={}), wl, inputs.gpu)
+    base, (m,) = run_lockstep(backend.model, [cfg], wl, None)
+    fid = m.fidelity.metrics()
+    per_text = list(m.fidelity.per_request().values())
+    pages = pages_report(pred, base_pred, m.engine, base.engine)
+    return PointResult(
+        label=cfg.policy,
+        params=dict(cfg.policy_params),
+        texts=list(texts),
+        kv_saved=pages["kv_saved"],
+        measured=fidelity_report(fid, per_text),
+        predicted=pred.metrics.get("fidelity_predicted"),
+        fit=fit_texts(cfg.policy, m, wl),
+    )

@@ -1,0 +1,38 @@
+"""What ``tune`` is asked and what it finds (shared by the loop and its report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memshare.sim.config import SimConfig
+from memshare.sim.fidelity_model import FidelityModel
+from memshare.tune.points import PointResult
+from memshare.tune.search import Candidate
+from memshare.tune.target import Target
+from memshare.validate.jobs import ModelSpec
+
+
+@dataclass
+class TuneOptions:
+    """What ``tune`` was asked (checked by :func:`tune`)."""
+
+    config: SimConfig  # the trace, the policy and its fixed parameters
+    target: Target
+    budget: int  # validate runs of frontier points, at most
+    holdout: list[str] | None
+    limit: int | None  # texts of the trace used (its first N)
+    spec: ModelSpec
+    gpu: str = "cpu"
+
+
+@dataclass
+class TuneResult:
+    """What ``tune`` found."""
+
+    calibration: list[PointResult]
+    validated: list[tuple[Candidate, PointResult]]
+    single_tau: list[Candidate]
+    frontier: list[Candidate]
+    best: tuple[Candidate, PointResult] | None
+    model: FidelityModel
+    texts: dict[str, list[str]] = field(default_factory=dict)
