@@ -74,7 +74,8 @@ def tune_cmd(
     from memshare.validate.jobs import ModelSpec
 
     target = Target.parse(args.target)
-    sets = ("granularity=layer", "share=k", *(args.sets or ()))
+    defaults = ("granularity=layer", "share=k") if args.policy == "cf-topk" else ()
+    sets = (*defaults, *(args.sets or ()))
     sim = SimOptions(args.trace, policies=(args.policy,), sets=sets, gpu="cpu")
     (cfg,) = build_configs(sim)
     holdout = [h.strip() for h in args.holdout.split(",") if h.strip()] if args.holdout else None

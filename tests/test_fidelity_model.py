@@ -100,8 +100,10 @@ def test_simulate_adds_the_prediction(tmp_path: Path, smol: Path) -> None:
     f = tmp_path / "m.json"
     FidelityModel(30, np.full(60, 0.01), np.full(60, 0.1), [-0.01, 0.01], [0, 0], 1.0).save(f)
     out = tmp_path / "o"
-    r = memshare("simulate", str(smol), "--policy", "none", "--policy", "token-dedup", "--arrival", "closed:6",
-                 "--fidelity-model", str(f), "-o", str(out))  # fmt: skip
+    r = memshare(
+        "simulate", str(smol), "--policy", "none", "--policy", "token-dedup",
+        "--arrival", "closed:6", "--fidelity-model", str(f), "-o", str(out),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     none = json.loads((out / "none" / "metrics.json").read_text())["fidelity_predicted"]
     dedup = json.loads((out / "token-dedup" / "metrics.json").read_text())["fidelity_predicted"]

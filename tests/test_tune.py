@@ -1,0 +1,128 @@
+"""``memshare tune`` end to end on the real model: a small kv trace captured from R1 texts,
+calibration, the simulator's search, validation on held-out texts, and the files it writes;
+``kill -9`` mid-run and ``--resume`` give the same ``tune.json``; bad options are one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_cli import assert_one_line_error, memshare, ok
+
+pytestmark = pytest.mark.slow  # the real model, several teacher-forced runs
+
+R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
+R1 = R1 / "deepseek_r1_aime24_math500.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 short R1 texts (their first 1,000 characters), captured with sketches."""
+    folder = tmp_path_factory.mktemp("tune")
+    rows = [json.loads(line) for line in R1.read_text().splitlines()[:4]]
+    texts = folder / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"reasoning": r["reasoning"][:1000]}) + "\n" for r in rows))
+    out = folder / "trace"
+    ok(memshare("capture", "-o", str(out), "--texts", str(texts), "--field", "reasoning"))
+    return out
+
+
+def _args(trace: Path, out: Path) -> list[str]:
+    return [
+        "tune", str(trace), "--target", "top1=0.95", "--budget", "2", "--threads", "1",
+        "--set", "window=1", "-o", str(out),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tuned(trace: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("tuned") / "out"
+    r = memshare(*_args(trace, out))
+    assert r.returncode == 0, r.stderr
+    return out, json.loads((out / "tune.json").read_text())
+
+
+def test_tune_writes_every_point_with_predictions_and_intervals(
+    tuned: tuple[Path, dict[str, Any]],
+) -> None:
+    out, t = tuned
+    assert (out / "frontier.png").stat().st_size > 10_000
+    assert (out / "fidelity_model.json").is_file()
+    cal, held = ["texts-00000", "texts-00002"], ["texts-00001", "texts-00003"]
+    assert t["texts"] == {"calibration": cal, "held_out": held}
+    assert [p["params"]["tau"] for p in t["calibration"]] == [0.3, 0.6, 1.0]
+    assert 1 <= len(t["validated"]) <= 2
+    for p in t["calibration"] + t["validated"]:
+        lo, hi = p["top1"]["measured_ci95"]
+        assert lo <= p["top1"]["measured"] <= hi
+        assert p["kv_saved"]["predicted"] == pytest.approx(p["kv_saved"]["measured"], abs=0.01)
+    for p in t["validated"]:  # predicted by the model fitted before it was measured
+        assert p["top1"]["predicted"] is not None and p["texts"] == held
+        assert "tau_layers" in p["params"] or "tau" in p["params"]
+    front = [c["kv_saved"] for c in t["frontier_predicted"]]
+    assert front == sorted(front) and len(front) >= 2
+    if t["best"] is not None:
+        assert t["best"]["top1"]["measured"] >= 0.95
+        assert t["command"].startswith("memshare simulate ")
+
+
+def test_the_winning_line_simulates(tuned: tuple[Path, dict[str, Any]], trace: Path) -> None:
+    out, t = tuned
+    params = (t["best"] or t["validated"][0])["params"]
+    sets = [a for k, v in params.items() for a in ("--set", f"{k}={v}")]
+    sim = out.parent / "sim"
+    r = memshare(
+        "simulate", str(trace), "--policy", "cf-topk", *sets, "--model-config", "smollm2-135m",
+        "--fidelity-model", str(out / "fidelity_model.json"), "-o", str(sim),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "fidelity_predicted" in json.loads((sim / "metrics.json").read_text())
+
+
+def test_kill_9_and_resume_give_the_same_tune_json(
+    trace: Path, tuned: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    _, want = tuned
+    out = tmp_path / "out"
+    store = tmp_path / ".out.jobs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "memshare.cli", *_args(trace, out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(list(store.glob("*.pkl"))) < 2:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = len(list(store.glob("*.pkl")))
+    assert kept >= 2 and not (out / "tune.json").exists()
+    r = memshare(*_args(trace, out), "--resume")
+    assert r.returncode == 0, r.stderr
+    got = json.loads((out / "tune.json").read_text())
+    assert got == want
+    assert not store.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--target", "top1=2"], "--target"),
+        (["--policy", "prefix"], "--policy"),
+        (["--set", "granularity=block"], "granularity"),
+        (["--holdout", "nope"], "--holdout"),
+        (["--budget", "0"], "--budget"),
+    ],
+)
+def test_bad_options_are_one_line(
+    extra: list[str], needle: str, trace: Path, tmp_path: Path
+) -> None:
+    r = memshare("tune", str(trace), *extra, "-o", str(tmp_path / "o"))
+    assert_one_line_error(r, needle)
+    assert not (tmp_path / "o").exists()
