@@ -7,7 +7,7 @@ distance-weighted count of shared pages the position reads, over the blocks it r
 ``w_e`` is the share's distance at that page (:mod:`memshare.share_log`). Model: the chance
 that position ``p``'s top-1 token differs from the unshared run's is ``min(1, x(p) . a)``, its
 KL ``x(p) . b``, with ``a, b >= 0`` one sensitivity per layer and part, fitted on measured
-runs (:mod:`memshare.validate.fidelity_fit`). A run's prediction is the mean over its
+runs (:mod:`memshare.tune.fit`). A run's prediction is the mean over its
 positions; its 95% interval adds the fit's leave-one-text-out residual quantiles, scaled by
 ``1 / sqrt(texts)``.
 

@@ -269,9 +269,8 @@ def run_config(
         layer_map=layer_map,
         page_accounting=plain,
     )
-    manager = KVCacheManager(pool, policy, res.block_size, ask_all=plain)
-    if fidelity is not None:
-        manager.share_log = ShareLog()
+    log = None if fidelity is None else ShareLog()
+    manager = KVCacheManager(pool, policy, res.block_size, ask_all=plain, share_log=log)
     engine = Engine(
         requests,
         Scheduler(cfg.scheduler, manager, fast_decode=not plain, compact_decodes=not plain),
@@ -293,11 +292,19 @@ def run_config(
         block_size=res.block_size,
         num_blocks=res.num_blocks,
     )
-    if fidelity is not None and manager.share_log is not None:
-        lengths = {r.id: r.prompt_len + r.output_len - 1 for r in records}
-        predicted = fidelity.predict(manager.share_log, lengths, res.block_size)
-        metrics["fidelity_predicted"] = predicted.to_json()
+    if fidelity is not None:
+        metrics["fidelity_predicted"] = _predicted(fidelity, manager, records, res.block_size)
     return RunOutput(cfg, res, metrics, result, manager.share_log)
+
+
+def _predicted(
+    model: FidelityModel, manager: KVCacheManager, records: list[Any], block_size: int
+) -> dict[str, Any]:
+    """The model's prediction over ``records`` (each: its prompt and output tokens but the
+    last, the positions whose next token a run computes)."""
+    assert manager.share_log is not None
+    lengths = {r.id: r.prompt_len + r.output_len - 1 for r in records}
+    return model.predict(manager.share_log, lengths, block_size).to_json()
 
 
 # --------------------------------------------------------------------------- files

@@ -19,9 +19,9 @@ from memshare.errors import InputError
 from memshare.policy import BlockDecision
 from memshare.share_log import ShareLog
 from memshare.sim.fidelity_model import FidelityModel, features
+from memshare.tune.fit import FitText, fit
 from memshare.tune.search import LayerTable, settings, spec_of
 from memshare.tune.target import Target, split
-from memshare.validate.fidelity_fit import FitText, fit
 
 L, BS = 3, 4
 

@@ -20,12 +20,12 @@ from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel
 from memshare.sim.run import LoadedTrace, resolve
+from memshare.tune.fit import fit
 from memshare.tune.points import PointInputs, PointResult, point_job
 from memshare.tune.report import write_outputs
 from memshare.tune.result import TuneOptions, TuneResult
 from memshare.tune.search import Candidate, base_pages, frontier, layer_table, simulator
 from memshare.tune.target import Target, split
-from memshare.validate.fidelity_fit import fit
 from memshare.validate.measure import texts_workload
 
 Stage = Callable[[str], None]

@@ -17,7 +17,7 @@ from memshare.fanout.jobs import Job, job_key
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel
 from memshare.sim.run import LoadedTrace
-from memshare.validate.fidelity_fit import FitText, fit_texts
+from memshare.tune.fit import FitText, fit_texts
 from memshare.validate.jobs import ModelSpec, fidelity_report, pages_report
 from memshare.validate.measure import predict, run_lockstep, texts_workload
 

@@ -57,7 +57,7 @@ from memshare.policies.cf_topk_held import (
 )
 from memshare.policies.cf_topk_index import Chain, Limits, NeighbourIndex, Rows
 from memshare.policies.cf_topk_share import layer_share
-from memshare.policies.cf_topk_taus import parse_spec, scales, unscaled
+from memshare.policies.cf_topk_taus import Entry, parse_spec, scales, unscaled
 from memshare.policies.cf_topk_taus import table as table_of
 from memshare.policies.params import COUNT_MAX, SEED_MAX, Param, check_fields
 from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo
@@ -102,7 +102,7 @@ class CfTopK:
     _chains: dict[str, Chain] = field(init=False, repr=False, default_factory=dict)
     # model depth (layers) -> its constants (probe layers, layers allowed/needed, tau)
     _consts: dict[int, Limits] = field(init=False, repr=False, default_factory=dict)
-    _taus: list[tuple[str, int, int | None, float]] | None = field(init=False, repr=False)
+    _taus: list[Entry] | None = field(init=False, repr=False)
     PARAMS: ClassVar[dict[str, Param]] = {
         "k": Param("int", 4, "neighbour steps per step", 1, COUNT_MAX),
         "tau": Param(
@@ -129,10 +129,7 @@ class CfTopK:
         ),
         "seed": Param("int", 0, "MinHash seed", 0, SEED_MAX),
         "tau_layers": Param(
-            "text",
-            "0-9:0.4,10-29:0.1",
-            "thresholds per layer and part ([k|v]LAYERS:TAU entries, TAU a number or off; "
-            "@FILE.json), the others keep tau",
+            "text", "0-9:0.4,10-29:0.1", "per-layer/part taus ([k|v]L-M:TAU|off, @F)"
         ),
     }
 

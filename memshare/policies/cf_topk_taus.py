@@ -34,15 +34,16 @@ OFF = -1.0  # a page that never shares
 _ENTRY = re.compile(r"^(?P<part>[kv]?)(?P<layers>\*|\d+(?:-\d+)?):(?P<tau>.+)$")
 _ZERO_SCALE = np.float32(1e-30)  # a threshold of 0: only identical pages confirm
 WHERE = "--set tau_layers"
+Entry = tuple[str, int, int | None, float]  # parts ("k", "v", "kv"), first, last (None: end), tau
 
 
-def parse_spec(spec: str, tau_max: float) -> list[tuple[str, int, int | None, float]]:
+def parse_spec(spec: str, tau_max: float) -> list[Entry]:
     """``(parts, first layer, last layer or None for '*' / to the end, tau)`` per entry,
     checked for syntax and range (InputError naming the entry); ``@PATH`` is read as a file."""
     text = spec.strip()
     if text.startswith("@"):
         return _from_file(Path(text[1:]), tau_max)
-    out = []
+    out: list[Entry] = []
     for raw in text.split(","):
         entry = raw.strip()
         m = _ENTRY.match(entry)
@@ -79,7 +80,7 @@ def _tau(text: str, entry: str, tau_max: float) -> float:
     return tau
 
 
-def _from_file(path: Path, tau_max: float) -> list[tuple[str, int, int | None, float]]:
+def _from_file(path: Path, tau_max: float) -> list[Entry]:
     """The entries of a ``{"k": [...], "v": [...]}`` file (one per layer and part)."""
     where = f"tau_layers file {path}"
     try:
@@ -91,7 +92,7 @@ def _from_file(path: Path, tau_max: float) -> list[tuple[str, int, int | None, f
         raise InputError(where, problem, "pass the file `memshare tune` wrote") from None
     if not isinstance(raw, dict) or not raw.keys() <= {"k", "v"} or not raw:
         raise InputError(where, 'must hold "k" and/or "v": lists of thresholds', "see docs")
-    out = []
+    out: list[Entry] = []
     for part, values in raw.items():
         if not isinstance(values, list):
             raise InputError(where, f"field {part!r} must be a list", "one threshold a layer")

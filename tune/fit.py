@@ -67,7 +67,7 @@ def _weights(rows: Sequence[FitText]) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(width), np.zeros(width)
     dis = np.concatenate([~r.agree for r in rows]).astype(np.float64)
     kl = np.concatenate([r.kl for r in rows])
-    used = x.any(axis=0)  # columns some share touched
+    used = np.asarray(x.any(axis=0), dtype=bool)  # columns some share touched
     a, b = np.zeros(width), np.zeros(width)
     a[used] = lsq_linear(x[:, used], dis, bounds=(0.0, np.inf)).x
     b[used] = lsq_linear(x[:, used], kl, bounds=(0.0, np.inf)).x
