@@ -106,6 +106,20 @@ class ValidateArgs:
         ),
     ] = False
     plot: PlotOpt = False
+    fidelity_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Fidelity model file: each run's predicted top-1 agreement and KL beside "
+            "the measured (error, inside the interval or not).",
+        ),
+    ] = None
+    fit_fidelity_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Fit a fidelity model on the measured positions of every shared run and "
+            "write it here (docs/fidelity-model.md).",
+        ),
+    ] = None
 
 
 @spread

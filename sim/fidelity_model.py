@@ -7,19 +7,28 @@ distance-weighted count of shared pages the position reads, over the blocks it r
 ``w_e`` is the share's distance at that page (:mod:`memshare.share_log`). Model: the chance
 that position ``p``'s top-1 token differs from the unshared run's is ``min(1, x(p) . a)``, its
 KL ``x(p) . b``, with ``a, b >= 0`` one sensitivity per layer and part, fitted on measured
-runs (:mod:`memshare.tune.fit`). A run's prediction is the mean over its
+runs (:func:`fit`). A run's prediction is the mean over its
 positions; its 95% interval adds the fit's leave-one-text-out residual quantiles, scaled by
 ``1 / sqrt(texts)``.
 
-Invariants: no share gives a prediction of exactly 1.0 agreement and 0 KL; the prediction is a
-pure function of the share log and the request lengths; a file that is not a model is one
-InputError naming it.
+The fit: non-negative least squares (``scipy.optimize.lsq_linear``, bounds ``[0, inf)``) of
+the disagreement indicator and of the KL on the features of every position compared (the
+features from the engine's own share log: the shares that caused what was measured); a
+layer and part no share in the data touched gets the mean sensitivity of the part's touched
+ones (zero would call it free). The interval: each text is left out in turn, the model
+refitted on the others and the text's agreement and KL predicted; the 2.5% and 97.5%
+quantiles of measured minus predicted over (run, text) pairs are kept.
+
+Invariants: the fit is deterministic; no share gives a prediction of exactly 1.0 agreement
+and 0 KL; the prediction is a pure function of the share log and the request lengths; a file
+that is not a model is one InputError naming it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,7 @@ from memshare.errors import InputError
 from memshare.share_log import ShareLog
 
 FORMAT = "memshare-fidelity-model/1"
+KL_CAP = 50.0  # nats: an infinite KL counts as this much in a fit
 
 
 def features(
@@ -178,6 +188,76 @@ class FidelityModel:
         if not ok or not (np.all(np.isfinite(top1)) and np.all(np.isfinite(kl))):
             raise InputError(where, f"weights are not 2 x {layers} finite numbers", "fit it again")
         return model
+
+
+@dataclass
+class FitText:
+    """One run's positions of one text."""
+
+    run: str  # the run's label (its policy and parameters)
+    text: str  # request id
+    x: np.ndarray  # (n, 2L) features
+    agree: np.ndarray  # (n,) bool: top-1 agreed with the unshared run
+    kl: np.ndarray  # (n,) float64, capped at KL_CAP
+
+
+# ----------------------------------------------------------------------------- the fit
+def _weights(rows: Sequence[FitText]) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative least squares of disagreement and KL on the features."""
+    from scipy.optimize import lsq_linear
+
+    x = np.concatenate([r.x for r in rows])
+    width = x.shape[1]
+    if not x.any():
+        return np.zeros(width), np.zeros(width)
+    dis = np.concatenate([~r.agree for r in rows]).astype(np.float64)
+    kl = np.concatenate([r.kl for r in rows])
+    used = np.asarray(x.any(axis=0), dtype=bool)  # columns some share touched
+    a, b = np.zeros(width), np.zeros(width)
+    a[used] = lsq_linear(x[:, used], dis, bounds=(0.0, np.inf)).x
+    b[used] = lsq_linear(x[:, used], kl, bounds=(0.0, np.inf)).x
+    for w in (a, b):  # a page never shared in the data is not free: its part's mean
+        for part in (0, 1):
+            seen = used[part::2]
+            if seen.any():
+                w[part::2][~seen] = w[part::2][seen].mean()
+    return a, b
+
+
+def _rates(a: np.ndarray, b: np.ndarray, r: FitText) -> tuple[float, float]:
+    """(predicted agreement, predicted mean KL) of one run's text."""
+    return float(1.0 - np.minimum(1.0, r.x @ a).mean()), float((r.x @ b).mean())
+
+
+def fit(rows: Sequence[FitText], layers: int) -> FidelityModel:
+    """The model of ``rows`` (see the module docstring)."""
+    a, b = _weights(rows)
+    texts = sorted({r.text for r in rows})
+    res_t: list[float] = []
+    res_k: list[float] = []
+    for t in texts if len(texts) > 1 else ():
+        la, lb = _weights([r for r in rows if r.text != t])
+        for r in rows:
+            if r.text == t and len(r.agree):
+                top1, klm = _rates(la, lb, r)
+                res_t.append(float(r.agree.mean()) - top1)
+                res_k.append(float(r.kl.mean()) - klm)
+    q_t = np.percentile(res_t, [2.5, 97.5]).tolist() if res_t else [0.0, 0.0]
+    q_k = np.percentile(res_k, [2.5, 97.5]).tolist() if res_k else [0.0, 0.0]
+    exposure = [float(r.x.sum(axis=1).mean()) for r in rows if len(r.x)]
+    return FidelityModel(
+        layers,
+        a,
+        b,
+        [round(v, 6) for v in q_t],
+        [round(v, 6) for v in q_k],
+        max(exposure, default=0.0),
+        {
+            "texts": len(texts),
+            "runs": sorted({r.run for r in rows}),
+            "positions": int(sum(len(r.agree) for r in rows)),
+        },
+    )
 
 
 def _pairs(w: np.ndarray) -> list[list[float]]:

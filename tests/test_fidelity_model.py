@@ -18,8 +18,7 @@ from helpers_cli import assert_one_line_error, memshare
 from memshare.errors import InputError
 from memshare.policy import BlockDecision
 from memshare.share_log import ShareLog
-from memshare.sim.fidelity_model import FidelityModel, features
-from memshare.tune.fit import FitText, fit
+from memshare.sim.fidelity_model import FidelityModel, FitText, features, fit
 from memshare.tune.search import LayerTable, settings, spec_of
 from memshare.tune.target import Target, split
 

@@ -126,3 +126,33 @@ def test_bad_options_are_one_line(
     r = memshare("tune", str(trace), *extra, "-o", str(tmp_path / "o"))
     assert_one_line_error(r, needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_validate_fits_a_model_and_predicts_beside_the_measurement(
+    trace: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    ok(
+        memshare(
+            "simulate", str(trace), "--model-config", "smollm2-135m", "--policy", "none",
+            "--policy", "cf-topk", "--set", "cf-topk.granularity=layer", "--set", "cf-topk.share=k",
+            "--set", "cf-topk.tau=0.8", "--set", "cf-topk.window=1", "-o", str(runs),
+        )
+    )  # fmt: skip
+    model = tmp_path / "model.json"
+    args = ["validate", str(runs), "--fidelity-only", "--threads", "1"]
+    ok(memshare(*args, "--fit-fidelity-model", str(model)))
+    fitted = json.loads(model.read_text())
+    assert fitted["fitted_on"]["runs"] == ["cf-topk"] and fitted["fitted_on"]["texts"] == 4
+    r = memshare(*args, "--fidelity-model", str(model))
+    assert r.returncode == 0, r.stderr
+    assert "top-1 predicted" in r.stdout
+    rep = json.loads((runs / "validation.json").read_text())["policies"]
+    cf = rep["cf-topk"]["fidelity_predicted"]
+    top = cf["top1_agreement"]
+    assert top["measured"] == rep["cf-topk"]["top1_agreement"] < 1.0
+    assert abs(top["error_points"]) < 5.0  # predicted on the texts it was fitted on
+    assert isinstance(top["inside_ci95"], bool)
+    assert rep["none"]["fidelity_predicted"]["top1_agreement"]["predicted"] == 1.0
+    bad = memshare(*args, "--fidelity-model", str(tmp_path / "missing.json"))
+    assert_one_line_error(bad, "--fidelity-model")

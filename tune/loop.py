@@ -18,9 +18,8 @@ from memshare.fanout.options import FanOut
 from memshare.fanout.run import fan_out, raise_failures
 from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
-from memshare.sim.fidelity_model import FidelityModel
+from memshare.sim.fidelity_model import FidelityModel, fit
 from memshare.sim.run import LoadedTrace, resolve
-from memshare.tune.fit import fit
 from memshare.tune.points import PointInputs, PointResult, point_job
 from memshare.tune.report import write_outputs
 from memshare.tune.result import TuneOptions, TuneResult

@@ -15,11 +15,10 @@ from typing import Any
 from memshare.fanout.host import Host
 from memshare.fanout.jobs import Job, job_key
 from memshare.sim.config import SimConfig
-from memshare.sim.fidelity_model import FidelityModel
+from memshare.sim.fidelity_model import FidelityModel, FitText
 from memshare.sim.run import LoadedTrace
-from memshare.tune.fit import FitText, fit_texts
 from memshare.validate.jobs import ModelSpec, fidelity_report, pages_report
-from memshare.validate.measure import predict, run_lockstep, texts_workload
+from memshare.validate.measure import fit_texts, predict, run_lockstep, texts_workload
 
 
 @dataclass(frozen=True)

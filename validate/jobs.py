@@ -26,6 +26,7 @@ from memshare.fanout.jobs import Job, job_key
 from memshare.request import detached
 from memshare.sim.config import SimConfig
 from memshare.sim.cost_model import BatchShape
+from memshare.sim.fidelity_model import FitText
 from memshare.sim.run import LoadedTrace, RunOutput
 from memshare.validate.budget import BudgetWorkload, budget_report, pme, run_at_budget
 from memshare.validate.engine.paged_engine import PagedEngine
@@ -36,6 +37,7 @@ from memshare.validate.measure import (
     Measured,
     Workload,
     first_differing_step,
+    fit_texts,
     run_lockstep,
     sketch_vs_exact,
 )
@@ -96,6 +98,7 @@ class GroupResult:
     series: Series
     shaped: Shaped
     writes: list[EngineWrite] = field(default_factory=list)
+    fit: list[FitText] = field(default_factory=list)  # the positions each shared run compared
 
 
 def group_labels(runs: Sequence[RunDir], groups: int) -> list[tuple[str, ...]]:
@@ -171,6 +174,8 @@ def _teacher_forced(
             for q in m.engine.requests
         }
         res.writes.append(EngineWrite.of(r.path / sh.tf_sub, r.config, m.engine.result(), rows))
+        if m is not base_m:
+            res.fit += fit_texts(r.label, m, wl)
         res.policies[r.label] = entry
         live = [s.live_pages for s in m.engine.steps]
         res.series.append((r.label, pred.result.timeline.live_pages, live))
@@ -274,6 +279,30 @@ def policy_report(
         "teacher_forced_time": _time(pred, eng, wl, timed),
         "shares": len(eng.shares),
         **_sketch(eng, tau),
+        "fidelity_predicted": predicted_fidelity(pred, fid),
+    }
+
+
+def predicted_fidelity(pred: RunOutput, fid: FidelityMetrics | None) -> dict[str, Any] | None:
+    """The fidelity model's prediction beside the measurement (``--fidelity-model``; None
+    without one): top-1 agreement (error in points, whether the measurement lies inside the
+    predicted interval) and mean KL."""
+    got = pred.metrics.get("fidelity_predicted")
+    if got is None:
+        return None
+    top1 = 1.0 if fid is None else fid.top1_agreement
+    kl = 0.0 if fid is None else fid.kl_mean
+    lo, hi = got["top1_agreement_ci95"]
+    return {
+        "top1_agreement": {
+            "predicted": got["top1_agreement"],
+            "predicted_ci95": got["top1_agreement_ci95"],
+            "measured": top1,
+            "error_points": None if top1 is None else 100 * (got["top1_agreement"] - top1),
+            "inside_ci95": None if top1 is None else lo <= top1 <= hi,
+        },
+        "kl_mean": pme(got["kl_mean"], kl),
+        "outside_fit": got["outside_fit"],
     }
 
 

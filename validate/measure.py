@@ -39,7 +39,7 @@ from memshare.request import Request
 from memshare.scheduler import SchedulerConfig
 from memshare.sim.config import ArrivalSpec, KVBudget, SimConfig, load_gpu
 from memshare.sim.cost_model import BatchShape, plan_shape
-from memshare.sim.fidelity_model import FidelityModel
+from memshare.sim.fidelity_model import KL_CAP, FidelityModel, FitText, features
 from memshare.sim.run import LoadedTrace, RunOutput, resolve, run_config
 from memshare.traces.schema import RequestRecord
 from memshare.validate.engine.group import Groups, grouped_engines, step_groups
@@ -353,4 +353,23 @@ def sketch_vs_exact(engine: PagedEngine, tau: float | None) -> dict[str, Any]:
         return out | {"exceeding_tau": None, "exceeding_tau_by_10pct": None}
     out["exceeding_tau"] = float(np.mean(exact > tau))
     out["exceeding_tau_by_10pct"] = float(np.mean(exact > 1.1 * tau))
+    return out
+
+
+def fit_texts(label: str, m: Measured, wl: Workload) -> list[FitText]:
+    """The positions ``m`` compared, one :class:`FitText` per request, with the features of
+    the shares its engine applied."""
+    log = m.engine.manager.share_log
+    layers = m.engine.pool.num_layers
+    out = []
+    for rid in m.fidelity.requests():
+        pos, agree, kl = m.fidelity.positions(rid)
+        if log is None:
+            x = np.zeros((len(pos), 2 * layers))
+        else:
+            ft, w = log.of(rid).arrays(layers)
+            x = features(ft, w, len(wl.texts[rid]), wl.block_size)[pos]
+        out.append(
+            FitText(label, rid, x, agree, np.minimum(np.nan_to_num(kl, posinf=KL_CAP), KL_CAP))
+        )
     return out

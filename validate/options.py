@@ -18,6 +18,7 @@ from memshare.errors import InputError
 from memshare.limits import check_limit
 from memshare.outdir import check_writable
 from memshare.sim.config import load_gpu
+from memshare.sim.fidelity_model import FidelityModel
 from memshare.validate.budget import DEFAULT_KV_FRACTION, check_fraction
 from memshare.validate.cost_fit import COST_TOML
 from memshare.validate.runs.workload import DEFAULT_LENGTH_SCALE
@@ -45,6 +46,8 @@ class ValidateOptions:
     block_size: int | None = None  # workload-only traces: the engine's (default 16)
     engine: str = "torch"  # torch (validate) or vllm (validate/vllm/validate.py: validate_vllm)
     replay_arrivals: bool = False  # vllm: requests arrive as the run's --arrival (else at 0 s)
+    fidelity_model: Path | None = None  # predict each run's fidelity beside the measurement
+    fit_fidelity_model: Path | None = None  # fit one on the measured positions, write it here
 
 
 ENGINES = ("torch", "vllm")
@@ -64,6 +67,19 @@ def check_options(o: ValidateOptions) -> None:
             "the torch engine runs every request at 0 s",
             "add --engine vllm, or leave out --replay-arrivals",
         )
+    if o.engine == "vllm" and (o.fidelity_model or o.fit_fidelity_model):
+        raise InputError(
+            "--fidelity-model" if o.fidelity_model else "--fit-fidelity-model",
+            "applies to the torch engine's teacher-forced runs",
+            "leave it out with --engine vllm",
+        )
+    if o.fidelity_model is not None:
+        FidelityModel.load(o.fidelity_model)  # a bad file fails before any work
+    if o.fit_fidelity_model is not None:
+        where = f"--fit-fidelity-model {o.fit_fidelity_model}"
+        if o.fit_fidelity_model.is_dir():
+            raise InputError(where, "is a folder", "give the model file's path, e.g. model.json")
+        check_writable(o.fit_fidelity_model.absolute().parent, where, "--fit-fidelity-model")
     if o.engine != "vllm" and o.fit_cost_model and o.one_pass and o.fidelity_only:
         raise InputError(
             "--fit-cost-model",

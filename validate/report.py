@@ -73,6 +73,17 @@ def render_validation(report: dict[str, Any], console: Console) -> None:
             "not measured" if tps is None else f"{_pair(tps)} ({_num(tps['error_pct'], '+.0f')}%)",
         )
     console.print(t)
+    for label, p in report["policies"].items():
+        fp = p.get("fidelity_predicted")
+        if fp is not None:
+            top = fp["top1_agreement"]
+            console.print(
+                f"{label}: top-1 predicted {_pct(top['predicted'])} "
+                f"[{_pct(top['predicted_ci95'][0])}, {_pct(top['predicted_ci95'][1])}], "
+                f"measured {_pct(top['measured'])} ({_num(top['error_points'], '+.2f')} points); "
+                f"KL predicted {_num(fp['kl_mean']['predicted'], '.4f')}"
+                + (" (outside the fitted range)" if fp["outside_fit"] else "")
+            )
     _print_fit(report, console, "steps")
 
 

@@ -37,6 +37,7 @@ from memshare.fanout.options import IN_PROCESS, FanOut
 from memshare.fanout.run import Executor, fan_out, raise_failures
 from memshare.fanout.tally import Tally
 from memshare.limits import check_tokens_per_block
+from memshare.sim.fidelity_model import FidelityModel, fit
 from memshare.sim.run import LoadedTrace, RunOutput
 from memshare.validate.budget import (
     BudgetWorkload,
@@ -124,6 +125,9 @@ def validate(
     raise_failures(ran.done, "--resume")
     results = [d.value for d in ran.done]
     policies, series, shaped = _merge(o, ran.runs, ran.backend, ran.wl.block_size, results)
+    if o.fit_fidelity_model is not None:
+        layers = ran.shared.base_pred.resolved.pool_layers
+        fit([r for res in results for r in res.fit], layers).save(o.fit_fidelity_model)
     if ran.shared.bw is None:
         for entry in policies.values():
             entry |= dict.fromkeys(NOT_MEASURED)
@@ -200,10 +204,11 @@ def _shared(
     bw = None if o.fidelity_only else budget_workload(trace, runs[0], o.limit, o.kv_fraction)
     base_cfg = runs[0].config.with_(policy="none", policy_params={})
     budget_pred = {r.label: predict_at_budget(r.config, bw, o.gpu) for r in runs if bw}
+    model = FidelityModel.load(o.fidelity_model) if o.fidelity_model else None
     return EngineShared(
         spec=spec,
         runs=runs,
-        predicted={r.label: predict(r.config, wl, o.gpu) for r in runs},
+        predicted={r.label: predict(r.config, wl, o.gpu, model) for r in runs},
         base_pred=predict(base_cfg, wl, o.gpu),
         wl=wl,
         tf_sub=Path("engine", "teacher_forced") if st.generated else Path("engine"),
@@ -240,7 +245,9 @@ def _merge(
 def _key_spec(o: ValidateOptions, trace: LoadedTrace) -> dict[str, Any]:
     """Every option and input that shapes an engine job's result (its store key)."""
     opts = {
-        k: str(v) for k, v in dataclasses.asdict(o).items() if k not in ("plot", "fit_cost_model")
+        k: str(v)
+        for k, v in dataclasses.asdict(o).items()
+        if k not in ("plot", "fit_cost_model", "fit_fidelity_model")
     }
     return {"options": opts, "trace": trace.identity()}
 
