@@ -22,7 +22,7 @@ from memshare.commands.options import (
     output_option,
     spread,
 )
-from memshare.commands.progress import Bar
+from memshare.commands.progress import Bar, status_lines
 from memshare.commands.render import out, print_json
 
 
@@ -84,7 +84,23 @@ def tune_cmd(
     dest = output or Path("runs") / f"tune-{args.trace.resolve().name}"
     fan_out = fan.fan_out()
     with Bar(as_json) as bar:
-        result = tune(opts, dest, fan_out, bar.status, overwrite=overwrite)
+        piped = status_lines(as_json or bar.live)  # a line per stage when not drawn
+
+        def stage(message: str) -> None:
+            bar.status(message)
+            if piped is not None:
+                piped(message)
+
+        result = tune(
+            opts,
+            dest,
+            fan_out,
+            stage,
+            overwrite=overwrite,
+            progress=bar.progress,
+            jobs_progress=bar.jobs,
+        )
+        bar.summary(fan_out.ray and "ray")
     best = result.best
     if as_json:
         print_json({"output": str(dest), "best": None if best is None else best[1].params})

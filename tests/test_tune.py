@@ -61,6 +61,8 @@ def test_tune_writes_every_point_with_predictions_and_intervals(
     assert [p["params"]["tau"] for p in t["calibration"]] == [0.3, 0.6, 1.0]
     assert 1 <= len(t["validated"]) <= 2
     for p in t["calibration"] + t["validated"]:
+        rate = p["page_share_rate"]
+        assert rate["ci95_texts"] is None or rate["ci95_texts"][0] <= rate["measured"]
         lo, hi = p["top1"]["measured_ci95"]
         assert lo <= p["top1"]["measured"] <= hi
         assert p["kv_saved"]["predicted"] == pytest.approx(p["kv_saved"]["measured"], abs=0.01)
@@ -154,5 +156,7 @@ def test_validate_fits_a_model_and_predicts_beside_the_measurement(
     assert abs(top["error_points"]) < 5.0  # predicted on the texts it was fitted on
     assert isinstance(top["inside_ci95"], bool)
     assert rep["none"]["fidelity_predicted"]["top1_agreement"]["predicted"] == 1.0
+    lo, hi = rep["cf-topk"]["page_share_rate_ci95_texts"]  # over the 4 texts
+    assert lo <= rep["cf-topk"]["page_share_rate"]["measured"] <= hi and lo < hi
     bad = memshare(*args, "--fidelity-model", str(tmp_path / "missing.json"))
     assert_one_line_error(bad, "--fidelity-model")

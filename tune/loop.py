@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from memshare.errors import InputError
+from memshare.fanout.local import LocalExecutor
 from memshare.fanout.options import FanOut
 from memshare.fanout.run import fan_out, raise_failures
+from memshare.fanout.tally import Tally
 from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel, fit
@@ -25,7 +27,7 @@ from memshare.tune.report import write_outputs
 from memshare.tune.result import TuneOptions, TuneResult
 from memshare.tune.search import Candidate, base_pages, frontier, layer_table, simulator
 from memshare.tune.target import Target, split
-from memshare.validate.measure import texts_workload
+from memshare.validate.measure import Progress, texts_workload
 
 Stage = Callable[[str], None]
 TUNE_OUTPUT = OutputKind("tune", "tune.json")
@@ -51,9 +53,17 @@ def _check(opts: TuneOptions, trace: LoadedTrace) -> None:
 
 
 def tune(
-    opts: TuneOptions, output: Path, fan: FanOut, stage: Stage, *, overwrite: bool = False
+    opts: TuneOptions,
+    output: Path,
+    fan: FanOut,
+    stage: Stage,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    jobs_progress: Callable[[Tally], None] | None = None,
 ) -> TuneResult:
-    """The whole loop (module docstring); writes ``output`` at the end."""
+    """The whole loop (module docstring); writes ``output`` at the end. ``progress`` gets
+    the engines' positions in-process, ``jobs_progress`` the jobs' tally on every executor."""
     trace = LoadedTrace.load(Path(opts.config.trace))
     _check(opts, trace)
     resolve(opts.config, trace)
@@ -64,12 +74,14 @@ def tune(
     inputs = PointInputs(opts.spec, trace, bs, opts.gpu)
     store = fan.store(output)
     executor = fan.executor()
+    if isinstance(executor, LocalExecutor):
+        executor.host.report = progress
 
     def measure(
         cfgs: list[SimConfig], texts: list[str], model: FidelityModel | None
     ) -> list[PointResult]:
         jobs = [point_job(c, texts, model, trace.identity()) for c in cfgs]
-        outcomes = fan_out(jobs, executor, shared=inputs, store=store)
+        outcomes = fan_out(jobs, executor, shared=inputs, store=store, progress=jobs_progress)
         raise_failures(outcomes, "--resume")
         return [o.value for o in outcomes]
 

@@ -39,6 +39,7 @@ class PointResult:
     params: dict[str, Any]
     texts: list[str]
     kv_saved: dict[str, float | None]  # predicted, measured (vs the unshared run)
+    page_share_rate: dict[str, Any]  # predicted, measured, and its 95% interval over texts
     measured: dict[str, Any]  # validate's fidelity figures (top-1 with its intervals, KL)
     predicted: dict[str, Any] | None  # the fidelity model's, when one was given
     fit: list[FitText] = field(default_factory=list)  # the positions, for refitting
@@ -78,7 +79,7 @@ def measure_point(
     wl = texts_workload(inputs.trace, src, inputs.block_size)
     pred = predict(cfg, wl, inputs.gpu, model)
     base_pred = predict(cfg.with_(policy="none", policy_params={}), wl, inputs.gpu)
-    base, (m,) = run_lockstep(backend.model, [cfg], wl, None)
+    base, (m,) = run_lockstep(backend.model, [cfg], wl, host.report)
     fid = m.fidelity.metrics()
     per_text = list(m.fidelity.per_request().values())
     pages = pages_report(pred, base_pred, m.engine, base.engine)
@@ -87,6 +88,8 @@ def measure_point(
         params=dict(cfg.policy_params),
         texts=list(texts),
         kv_saved=pages["kv_saved"],
+        page_share_rate=pages["page_share_rate"]
+        | {"ci95_texts": pages["page_share_rate_ci95_texts"]},
         measured=fidelity_report(fid, per_text),
         predicted=pred.metrics.get("fidelity_predicted"),
         fit=fit_texts(cfg.policy, m, wl),

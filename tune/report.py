@@ -26,6 +26,7 @@ def _point(p: PointResult) -> dict[str, Any]:
         "params": p.params,
         "texts": p.texts,
         "kv_saved": p.kv_saved,
+        "page_share_rate": p.page_share_rate,
         "top1": {
             "predicted": None if p.predicted is None else p.predicted["top1_agreement"],
             "predicted_ci95": None if p.predicted is None else p.predicted["top1_agreement_ci95"],

@@ -332,7 +332,19 @@ def pages_report(
             _ratio(sharing_pred["pages_shared"], sharing_pred["pages_written"]),
             _ratio(stats.pages_shared, stats.pages_written),
         ),
+        "page_share_rate_ci95_texts": _share_rate_ci(eng),
     }
+
+
+def _share_rate_ci(eng: PagedEngine) -> list[float] | None:
+    """95% bootstrap interval over texts of the measured page share rate (pages shared over
+    pages written, pooled): the spread of the KV a setting saves from text to text."""
+    stats = eng.manager.stats
+    pages = 2 * eng.pool.num_layers
+    bs = eng.opts.block_size
+    written = [pages * (q.num_tokens // bs) for q in eng.requests]
+    shared = [stats.request_pages_shared.get(q.rid, 0) for q in eng.requests]
+    return ratio_bootstrap(shared, written)
 
 
 def fidelity_report(fid: FidelityMetrics | None, texts: list[FidelityMetrics]) -> dict[str, Any]:
