@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from memshare.errors import InputError
 from memshare.fanout.local import LocalExecutor
@@ -22,7 +21,7 @@ from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel, fit
 from memshare.sim.run import LoadedTrace, resolve
-from memshare.tune.points import PointInputs, PointResult, point_job
+from memshare.tune.points import PointInputs, PointResult, point_job, short
 from memshare.tune.report import write_outputs
 from memshare.tune.result import TuneOptions, TuneResult
 from memshare.tune.search import Candidate, base_pages, frontier, layer_table, simulator
@@ -80,10 +79,10 @@ def tune(
     def measure(
         cfgs: list[SimConfig], texts: list[str], model: FidelityModel | None
     ) -> list[PointResult]:
-        jobs = [point_job(c, texts, model, trace.identity()) for c in cfgs]
-        outcomes = fan_out(jobs, executor, shared=inputs, store=store, progress=jobs_progress)
+        job = point_job(cfgs, texts, model, trace.identity())
+        outcomes = fan_out([job], executor, shared=inputs, store=store, progress=jobs_progress)
         raise_failures(outcomes, "--resume")
-        return [o.value for o in outcomes]
+        return list(outcomes[0].value)
 
     try:
         stage(f"calibrating on {len(cal)} texts: tau {', '.join(map(str, CALIBRATION_TAUS))}")
@@ -107,7 +106,7 @@ def tune(
             if pick is None:
                 break
             tried.add(repr(sorted(pick.params.items())))
-            stage(f"round {round_ + 1}: validating {_short(pick.params)} on {len(held)} texts")
+            stage(f"round {round_ + 1}: validating {short(pick.params)} on {len(held)} texts")
             (point,) = measure([opts.config.with_(policy_params=pick.params)], held, model)
             validated.append((pick, point))
             model = fit(rows + [r for _, p in validated for r in p.fit], layers)
@@ -125,10 +124,6 @@ def tune(
 def _uniform(cfg: SimConfig, tau: float) -> SimConfig:
     params = {k: v for k, v in cfg.policy_params.items() if k != "tau_layers"}
     return cfg.with_(policy_params={**params, "tau": tau})
-
-
-def _short(params: dict[str, Any]) -> str:
-    return params.get("tau_layers") or f"tau={params.get('tau')}"
 
 
 def _measured(p: PointResult) -> tuple[float | None, float | None]:

@@ -46,27 +46,34 @@ class PointResult:
 
 
 def point_job(
-    cfg: SimConfig, texts: list[str], model: FidelityModel | None, trace_id: dict[str, Any]
+    cfgs: list[SimConfig], texts: list[str], model: FidelityModel | None, trace_id: dict[str, Any]
 ) -> Job:
-    """The job that measures ``cfg`` on ``texts`` (its key: setting, texts, trace, model)."""
+    """The job that measures ``cfgs`` on ``texts`` beside one unshared run (its key: the
+    settings, texts, trace and model)."""
     spec = {
-        "config": cfg.to_dict(),
+        "configs": [c.to_dict() for c in cfgs],
         "texts": texts,
         "trace": trace_id,
         "fidelity_model": None if model is None else model.to_json(),
     }
-    label = f"{cfg.policy} {' '.join(f'{k}={v}' for k, v in sorted(cfg.policy_params.items()))}"
-    return Job(job_key("tune-point", spec), label, measure_point, (cfg, texts, model))
+    label = "; ".join(short(c.policy_params) for c in cfgs)
+    return Job(job_key("tune-point", spec), label, measure_points, (cfgs, texts, model))
 
 
-def measure_point(
+def short(params: dict[str, Any]) -> str:
+    """A setting in a few words: its tau_layers, else its tau."""
+    return str(params.get("tau_layers") or f"tau={params.get('tau')}")
+
+
+def measure_points(
     host: Host,
     inputs: PointInputs,
-    cfg: SimConfig,
+    cfgs: list[SimConfig],
     texts: list[str],
     model: FidelityModel | None,
-) -> PointResult:
-    """Measure ``cfg`` on ``texts`` (a job's function)."""
+) -> list[PointResult]:
+    """Measure ``cfgs`` on ``texts``, stepped in lockstep beside one unshared run (a job's
+    function)."""
     from memshare.traces.model.loader import load_model
 
     s = inputs.spec
@@ -77,20 +84,24 @@ def measure_point(
     wanted = set(texts)
     src = [r for r in inputs.trace.records if r.id in wanted]
     wl = texts_workload(inputs.trace, src, inputs.block_size)
-    pred = predict(cfg, wl, inputs.gpu, model)
-    base_pred = predict(cfg.with_(policy="none", policy_params={}), wl, inputs.gpu)
-    base, (m,) = run_lockstep(backend.model, [cfg], wl, host.report)
-    fid = m.fidelity.metrics()
-    per_text = list(m.fidelity.per_request().values())
-    pages = pages_report(pred, base_pred, m.engine, base.engine)
-    return PointResult(
-        label=cfg.policy,
-        params=dict(cfg.policy_params),
-        texts=list(texts),
-        kv_saved=pages["kv_saved"],
-        page_share_rate=pages["page_share_rate"]
-        | {"ci95_texts": pages["page_share_rate_ci95_texts"]},
-        measured=fidelity_report(fid, per_text),
-        predicted=pred.metrics.get("fidelity_predicted"),
-        fit=fit_texts(cfg.policy, m, wl),
-    )
+    base_pred = predict(cfgs[0].with_(policy="none", policy_params={}), wl, inputs.gpu)
+    base, measured = run_lockstep(backend.model, cfgs, wl, host.report)
+    out = []
+    for cfg, m in zip(cfgs, measured, strict=True):
+        pred = predict(cfg, wl, inputs.gpu, model)
+        pages = pages_report(pred, base_pred, m.engine, base.engine)
+        rate = {**pages["page_share_rate"], "ci95_texts": pages["page_share_rate_ci95_texts"]}
+        fid = fidelity_report(m.fidelity.metrics(), list(m.fidelity.per_request().values()))
+        out.append(
+            PointResult(
+                label=cfg.policy,
+                params=dict(cfg.policy_params),
+                texts=list(texts),
+                kv_saved=pages["kv_saved"],
+                page_share_rate=rate,
+                measured=fid,
+                predicted=pred.metrics.get("fidelity_predicted"),
+                fit=fit_texts(cfg.policy, m, wl),
+            )
+        )
+    return out

@@ -5,8 +5,8 @@ overrides an earlier one): ``LAYERS`` is a layer ``3``, a range ``0-9`` or ``*``
 layer); a leading ``k`` or ``v`` sets keys' or values' threshold alone (both without it);
 ``TAU`` is a number in ``0..TAU_MAX`` or ``off`` (that layer/part never shares). Layers and
 parts no entry names keep the policy's ``tau``. ``@PATH`` reads a JSON file instead:
-``{"k": [...], "v": [...]}``, one threshold (or ``null``: off) per layer, as ``memshare tune``
-writes it. Examples: ``0-9:0.4,10-29:0.1``; a layer subset: ``*:off,4-7:0.5``.
+``{"k": [...], "v": [...]}``, one threshold (or ``null``: off) per layer (each list as
+long as the model is deep). Examples: ``0-9:0.4,10-29:0.1``; a layer subset: ``*:off,4-7:0.5``.
 
 How the policy applies a table (:func:`scales`): a page's threshold ``t`` is folded into
 the norm the distance is divided by, ``||x - c|| / (||x|| t / t_ref) <= t_ref``, where
@@ -89,7 +89,7 @@ def _from_file(path: Path, tau_max: float) -> list[Entry]:
         raise InputError(where, "does not exist", "check the path after @") from None
     except (OSError, ValueError) as e:
         problem = f"cannot be read as JSON ({e})"
-        raise InputError(where, problem, "pass the file `memshare tune` wrote") from None
+        raise InputError(where, problem, 'give {"k": [...], "v": [...]}') from None
     if not isinstance(raw, dict) or not raw.keys() <= {"k", "v"} or not raw:
         raise InputError(where, 'must hold "k" and/or "v": lists of thresholds', "see docs")
     out: list[Entry] = []
