@@ -184,6 +184,9 @@ class BlockPool:
         """``n`` new blocks with ``ref_cnt == 1``, or ``None`` (no change) if they don't fit."""
         if n == 0:
             return []
+        if n == 1 and not self._paged:
+            blk = self._allocate_one()
+            return None if blk is None else [blk]
         per = self.pages_per_block
         need = n * per
         if need > self.available_pages:
@@ -211,6 +214,33 @@ class BlockPool:
         if used > self.stats.peak_used_pages:
             self.stats.peak_used_pages = used
         return blocks
+
+    def _allocate_one(self) -> KVBlock | None:
+        """:meth:`allocate` of one block under whole-block accounting (a decode's new block,
+        the commonest call), in fewer steps: the same slot, counts and gauge."""
+        per = self._per
+        if per > self.num_pages - self._n_pinned:
+            return None
+        while self._n_free < per:
+            self._evict_one()
+        self._n_pinned += per
+        slots = self._slots
+        if slots:
+            slot = slots.pop()
+            self._n_recycled -= per
+        else:
+            slot = self._fresh // per
+            self._fresh += per
+        self._n_free -= per
+        nid = self._next_id
+        blk = KVBlock(nid, slot, self._layout, 1)
+        self._blocks[nid] = blk
+        self._next_id = nid + 1
+        self.stats.allocated_blocks += 1
+        used = self.num_pages - self._n_free
+        if used > self.stats.peak_used_pages:
+            self.stats.peak_used_pages = used
+        return blk
 
     def touch(self, blocks: list[KVBlock]) -> None:
         """Add one reference to each block (a hit or a share), reviving cached-free ones."""

@@ -128,13 +128,17 @@ class DecodeBurst:
         mgr = sched.manager
         if len(due) > 1:  # all of the step's reservations must fit, or none is made
             due.sort()
-            need = 0
-            for rank in due:
-                req = self._reqs[rank]
-                need += mgr.num_blocks_needed(req.rid, req.lag + j - self._base[rank] + 1)
-            if need and not mgr.pool.can_allocate(need):
-                self._due[j] = due
-                return False
+            # each needs at most 2 blocks: one for the token past its quiet run (which ended
+            # where its table did, or earlier), one copy-on-write; count exactly only if the
+            # pool could not supply that many
+            if not mgr.pool.can_allocate(2 * len(due)):
+                need = 0
+                for rank in due:
+                    req = self._reqs[rank]
+                    need += mgr.num_blocks_needed(req.rid, req.lag + j - self._base[rank] + 1)
+                if need and not mgr.pool.can_allocate(need):
+                    self._due[j] = due
+                    return False
         elif not mgr.allocate_slots(
             self._reqs[due[0]].rid, self._reqs[due[0]].lag + j - self._base[due[0]] + 1
         ):  # one reservation: it fails changing nothing
