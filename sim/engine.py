@@ -32,6 +32,7 @@ from memshare.scheduler import Scheduler, StepPlan
 from memshare.sim.arrivals import arrival_times, closed_loop_client, open_loop
 from memshare.sim.config import ArrivalSpec
 from memshare.sim.cost_model import BatchShape, CostModel, plan_shape
+from memshare.sim.sparse_gc import sparse_gc
 from memshare.sim.workload import SimRequest
 
 Progress = Callable[[int], None]  # called with the number of requests done so far
@@ -196,7 +197,8 @@ class Engine:
     def run(self) -> EngineResult:
         """Run to completion; return the requests, timeline and totals."""
         t0 = time.perf_counter()
-        self.env.run()
+        with sparse_gc():
+            self.env.run()
         wall = time.perf_counter() - t0
         if self.progress is not None:
             self.progress(self.n_done)

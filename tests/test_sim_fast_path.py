@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memshare.scheduler import SchedulerConfig
 from memshare.sim.config import KVBudget, SimConfig, load_model, parse_arrival
 from memshare.sim.run import (
     LoadedTrace,
@@ -97,6 +98,23 @@ def test_azure_fast_and_plain_paths_give_the_same_files(
     assert out.metrics["requests"]["finished"] == 250
     if blocks == 400:
         assert out.metrics["preemptions"] > 0
+
+
+@pytest.mark.parametrize("policy", ["none", "prefix"])
+@pytest.mark.parametrize("budget", [600, 2048])
+def test_azure_small_token_budget_gives_the_same_files(
+    azure: LoadedTrace, policy: str, budget: int
+) -> None:
+    # a token budget that arrivals fill: the step a burst hands over admits with the budget
+    # its decodes (chunks and compact decodes alike) leave, and long prompts are chunked
+    cfg = SimConfig(
+        trace=str(azure.path),
+        policy=policy,
+        arrival=parse_arrival("poisson:4"),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget),
+    )
+    out = both(cfg, azure)
+    assert out.metrics["requests"]["finished"] == 250
 
 
 @pytest.fixture(scope="module")
