@@ -46,10 +46,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
-from memshare.kv_block import KVBlock, PageLayout, PageMap, slot_stack
+from memshare.kv_block import KVBlock, PageLayout, PageMap, all_distinct, slot_stack
 from memshare.pool_check import PoolInvariantError, check_pool
 
 __all__ = ["BlockPool", "KVBlock", "PageMap", "PoolInvariantError", "PoolStats"]
@@ -171,7 +172,7 @@ class BlockPool:
         if not idle:
             return 0
         pages = np.concatenate(idle)
-        if not _distinct(pages):
+        if not all_distinct(pages):
             pages = np.unique(pages)
         return int(np.count_nonzero(self._pins[pages] == 0))
 
@@ -184,17 +185,15 @@ class BlockPool:
         """``n`` new blocks with ``ref_cnt == 1``, or ``None`` (no change) if they don't fit."""
         if n == 0:
             return []
-        if n == 1 and not self._paged:
-            blk = self._allocate_one()
-            return None if blk is None else [blk]
-        per = self.pages_per_block
+        per = self._per
         need = n * per
-        if need > self.available_pages:
+        if need > self.num_pages - self._n_pinned:  # available pages
             return None
         while self._n_free < need:
             self._evict_one()
         self._n_pinned += need  # free pages are distinct and unpinned: pinning is a count
         nid, layout, table = self._next_id, self._layout, self._blocks
+        ids = range(nid, nid + n)
         if self._paged:
             taken = self._take(need).reshape(n, per)
             self._holders[taken] += 1
@@ -205,42 +204,14 @@ class BlockPool:
                 for i in range(n)
             ]
         else:
-            blocks = [KVBlock(nid + i, s, layout, 1) for i, s in enumerate(self._take_slots(n))]
-        for blk in blocks:
-            table[blk.block_id] = blk
+            blocks = list(map(KVBlock, ids, self._take_slots(n), repeat(layout, n), repeat(1, n)))
+        table.update(zip(ids, blocks))
         self._next_id = nid + n
         self.stats.allocated_blocks += n
         used = self.num_pages - self._n_free
         if used > self.stats.peak_used_pages:
             self.stats.peak_used_pages = used
         return blocks
-
-    def _allocate_one(self) -> KVBlock | None:
-        """:meth:`allocate` of one block under whole-block accounting (a decode's new block,
-        the commonest call), in fewer steps: the same slot, counts and gauge."""
-        per = self._per
-        if per > self.num_pages - self._n_pinned:
-            return None
-        while self._n_free < per:
-            self._evict_one()
-        self._n_pinned += per
-        slots = self._slots
-        if slots:
-            slot = slots.pop()
-            self._n_recycled -= per
-        else:
-            slot = self._fresh // per
-            self._fresh += per
-        self._n_free -= per
-        nid = self._next_id
-        blk = KVBlock(nid, slot, self._layout, 1)
-        self._blocks[nid] = blk
-        self._next_id = nid + 1
-        self.stats.allocated_blocks += 1
-        used = self.num_pages - self._n_free
-        if used > self.stats.peak_used_pages:
-            self.stats.peak_used_pages = used
-        return blk
 
     def touch(self, blocks: list[KVBlock]) -> None:
         """Add one reference to each block (a hit or a share), reviving cached-free ones."""
@@ -350,6 +321,10 @@ class BlockPool:
         """Whole-block accounting: ``n`` slots, in the order ``_take`` would give their pages
         (released slots, last first, then fresh ones); takes them."""
         per, slots = self._per, self._slots
+        self._n_free -= n * per
+        if n == 1 and slots:  # a decode's new block, the commonest call
+            self._n_recycled -= per
+            return [slots.pop()]
         k = min(n, len(slots))
         got = slots[len(slots) - k :][::-1]
         del slots[len(slots) - k :]
@@ -358,7 +333,6 @@ class BlockPool:
             got.extend(range(first, first + n - k))
             self._fresh += (n - k) * per
         self._n_recycled -= k * per
-        self._n_free -= n * per
         return got
 
     def _to_pages(self) -> None:
@@ -406,7 +380,7 @@ class BlockPool:
 
     def _pin(self, pages: np.ndarray) -> None:
         """One more live holder for each entry of ``pages`` (repeats allowed)."""
-        if _distinct(pages):  # the common case: plain fancy indexing, no ufunc.at / unique
+        if all_distinct(pages):  # the common case: plain fancy indexing, no ufunc.at / unique
             self._pins[pages] += 1
             self._n_pinned += int(np.count_nonzero(self._pins[pages] == 1))
             return
@@ -419,7 +393,7 @@ class BlockPool:
 
     def _unpin(self, pages: np.ndarray) -> None:
         """One live holder fewer for each entry of ``pages`` (repeats allowed)."""
-        if _distinct(pages):
+        if all_distinct(pages):
             self._pins[pages] -= 1
             self._n_pinned -= int(np.count_nonzero(self._pins[pages] == 0))
             return
@@ -470,10 +444,3 @@ class BlockPool:
         """
         check_pool(self, live_refs)
 
-
-def _distinct(pages: np.ndarray) -> bool:
-    """Whether no page id repeats in ``pages`` (a sort, cheaper than ``np.unique``)."""
-    if len(pages) < 2:
-        return True
-    p = np.sort(pages)
-    return not bool((p[1:] == p[:-1]).any())

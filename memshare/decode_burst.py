@@ -196,6 +196,11 @@ class DecodeBurst:
         self.r -= len(finished)
         return sched._retire(finished)
 
+    def resume(self) -> None:
+        """Go on after a pause in which requests may have joined the waiting queue (nothing
+        else changed): the next step checks whether the queue's head is admitted."""
+        self._dirty = True
+
     def close(self) -> None:
         """Catch every request up to the steps run (the burst ends here)."""
         if self._handed:

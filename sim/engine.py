@@ -77,11 +77,9 @@ class Timeline:
 
     def __getstate__(self) -> dict[str, array[Any]]:
         """Pickled as typed arrays (a job's result is stored for ``--resume`` and shipped
-        between hosts): one buffer a column, not a Python object a cell; the same values."""
-        return {
-            name: array("d" if name in _FLOAT_COLUMNS else "q", getattr(self, name))
-            for name in _TIMELINE_FIELDS
-        }
+        between hosts): one buffer a column, not a Python object a cell; the same values
+        (counts in 32 bits where they fit)."""
+        return {name: _packed(name, getattr(self, name)) for name in _TIMELINE_FIELDS}
 
     def __setstate__(self, state: dict[str, array[Any]]) -> None:
         for name, column in state.items():
@@ -90,6 +88,17 @@ class Timeline:
 
 _TIMELINE_FIELDS = tuple(f.name for f in fields(Timeline))
 _FLOAT_COLUMNS = frozenset({"time_s", "dt_s"})
+
+
+def _packed(name: str, column: list[Any]) -> array[Any]:
+    """A timeline column as an array: floats as doubles, counts as 32-bit integers (64 if
+    one does not fit)."""
+    if name in _FLOAT_COLUMNS:
+        return array("d", column)
+    try:
+        return array("i", column)
+    except OverflowError:
+        return array("q", column)
 
 
 @dataclass
@@ -167,6 +176,9 @@ class Engine:
         self._resubmit_at = -math.inf  # closed loop: when a client last got its answer
         self._answered = False  # closed loop: a client got its answer since the last yield
         self._handed: StepPlan | None = None  # a step a decode burst began, to run plainly
+        # a decode burst that stopped before an arrival, its requests not caught up (only
+        # the waiting queue changes until the next step, which goes on with it)
+        self._paused: DecodeBurst | None = None
         pool = self.pool
         self._capacity = pool.num_pages // pool.pages_per_block  # blocks the pool can hold
         self._chunked = scheduler.cfg.enable_chunked_prefill
@@ -310,7 +322,10 @@ class Engine:
             for req in finished:  # open loop: nobody waits on them
                 _sim(req).finish = t
                 self._done(_sim(req))
-        burst.close()
+        if sched.running and t >= nxt and not closed and self._handed is None and rows.times:
+            self._paused = burst  # stopped for an arrival: the next step goes on with it
+        else:
+            burst.close()
         if not rows.times:
             return False
         rows.flush(tl, waiting)
@@ -386,7 +401,11 @@ class Engine:
                 self._wake = None
                 continue
             now = env.now
-            burst = DecodeBurst.start(sched)
+            burst, self._paused = self._paused, None
+            if burst is not None:
+                burst.resume()
+            else:
+                burst = DecodeBurst.start(sched)
             if burst is not None and (yield from self._burst(burst, now)):
                 if self._handed is None:
                     continue
