@@ -256,24 +256,27 @@ class BlockPool:
     def _free_whole(self, blocks: list[KVBlock]) -> None:
         """:meth:`free` under whole-block accounting, in one pass: a released block's pages
         were its own; one with a hash is queued, one without goes back as its slot."""
-        per, table, queue, slots = self._per, self._blocks, self._free_queue, self._slots
+        table, queue, push = self._blocks, self._free_queue, self._slots.append
         released = gone = 0
         for blk in blocks:
             ref = blk.ref_cnt
-            if ref <= 0:
-                raise ValueError(f"double free of {blk!r}")
-            blk.ref_cnt = ref - 1
             if ref == 1:
-                released += per
-                if blk.block_hash is not None:
-                    queue[blk.block_id] = blk
-                else:  # _destroy, for a block without a hash
+                blk.ref_cnt = 0
+                released += 1
+                if blk.block_hash is None:  # _destroy, for a block without a hash
                     del table[blk.block_id]
-                    slots.append(blk.slot)
-                    gone += per
-        self._n_pinned -= released
-        self._n_recycled += gone
-        self._n_free += gone
+                    push(blk.slot)
+                    gone += 1
+                else:
+                    queue[blk.block_id] = blk
+            elif ref > 1:
+                blk.ref_cnt = ref - 1
+            else:
+                raise ValueError(f"double free of {blk!r}")
+        per = self._per
+        self._n_pinned -= released * per
+        self._n_recycled += gone * per
+        self._n_free += gone * per
 
     def publish(self, blk: KVBlock, block_hash: int) -> bool:
         """Make a live, full block findable under ``block_hash`` (after any block already

@@ -303,7 +303,7 @@ class Engine:
             if not burst.schedule():
                 break
             r = burst.r
-            if burst.check and sched.admissible(self._budget - r):
+            if burst.check and sched.waiting and sched.admissible(self._budget - r):
                 self._handed = burst.handover()  # this step admits: a plain step from here
                 break
             dt = step_time(r, burst.kv)
