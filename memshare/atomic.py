@@ -2,9 +2,10 @@
 
 Invariant: the text goes to a temporary file in the same folder, is fsynced (unless the caller
 opts out: a cache), optionally checked, then renamed over ``path`` (atomic on POSIX); on any
-failure the temporary file is removed and ``path`` is untouched. The file gets the mode any ``open(path, "w")`` would give
-it (0666 less the umask), not ``mkstemp``'s 0600. A writer killed with SIGKILL leaves its
-hidden ``.NAME.XXXX.tmp``; :func:`memshare.outdir.remove_litter` removes it on the next run.
+failure the temporary file is removed and ``path`` is untouched. The file gets the mode any
+``open(path, "w")`` would give it (0666 less the umask), not ``mkstemp``'s 0600. A writer
+killed with SIGKILL leaves its hidden ``.NAME.XXXX.tmp``; :func:`memshare.outdir.remove_litter`
+removes it on the next run.
 """
 
 from __future__ import annotations

@@ -52,18 +52,9 @@ import numpy as np
 
 from memshare.kv_block import KVBlock, PageLayout, PageMap, all_distinct, slot_stack
 from memshare.pool_check import PoolInvariantError, check_pool
+from memshare.pool_stats import PoolStats
 
 __all__ = ["BlockPool", "KVBlock", "PageMap", "PoolInvariantError", "PoolStats"]
-
-
-@dataclass
-class PoolStats:
-    """Counters a driver reports (all monotone except the gauges)."""
-
-    allocated_blocks: int = 0  # blocks created by allocate()
-    evicted_blocks: int = 0  # cached blocks evicted to make room
-    hits: int = 0  # blocks touched (prefix-cache hits, shares, held span sources)
-    peak_used_pages: int = 0  # gauge: max pages held at once
 
 
 @dataclass
@@ -193,8 +184,10 @@ class BlockPool:
             self._evict_one()
         self._n_pinned += need  # free pages are distinct and unpinned: pinning is a count
         nid, layout, table = self._next_id, self._layout, self._blocks
-        ids = range(nid, nid + n)
-        if self._paged:
+        if n == 1 and not self._paged:  # a decode's next block: the commonest call
+            blk = table[nid] = KVBlock(nid, self._take_slots(1)[0], layout, 1)
+            blocks = [blk]
+        elif self._paged:
             taken = self._take(need).reshape(n, per)
             self._holders[taken] += 1
             self._pins[taken.ravel()] += 1
@@ -203,9 +196,11 @@ class BlockPool:
                 KVBlock(nid + i, -1, layout, 1, None, layout.place(taken[i]), distinct[i])
                 for i in range(n)
             ]
+            table.update(zip(range(nid, nid + n), blocks, strict=True))
         else:
+            ids = range(nid, nid + n)
             blocks = list(map(KVBlock, ids, self._take_slots(n), repeat(layout, n), repeat(1, n)))
-        table.update(zip(ids, blocks))
+            table.update(zip(ids, blocks, strict=True))
         self._next_id = nid + n
         self.stats.allocated_blocks += n
         used = self.num_pages - self._n_free
@@ -446,4 +441,3 @@ class BlockPool:
         ``live_refs``: block id -> number of block-table entries pointing at it, if known.
         """
         check_pool(self, live_refs)
-
