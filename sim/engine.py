@@ -16,9 +16,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from array import array
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,31 +73,6 @@ class Timeline:
 
     def __len__(self) -> int:
         return len(self.time_s)
-
-    def __getstate__(self) -> dict[str, array[Any]]:
-        """Pickled as typed arrays (a job's result is stored for ``--resume`` and shipped
-        between hosts): one buffer a column, not a Python object a cell; the same values
-        (counts in 32 bits where they fit)."""
-        return {name: _packed(name, getattr(self, name)) for name in _TIMELINE_FIELDS}
-
-    def __setstate__(self, state: dict[str, array[Any]]) -> None:
-        for name, column in state.items():
-            setattr(self, name, column.tolist())
-
-
-_TIMELINE_FIELDS = tuple(f.name for f in fields(Timeline))
-_FLOAT_COLUMNS = frozenset({"time_s", "dt_s"})
-
-
-def _packed(name: str, column: list[Any]) -> array[Any]:
-    """A timeline column as an array: floats as doubles, counts as 32-bit integers (64 if
-    one does not fit)."""
-    if name in _FLOAT_COLUMNS:
-        return array("d", column)
-    try:
-        return array("i", column)
-    except OverflowError:
-        return array("q", column)
 
 
 @dataclass
