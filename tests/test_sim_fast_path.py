@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 
 from memshare.scheduler import SchedulerConfig
-from memshare.sim.config import KVBudget, SimConfig, load_model, parse_arrival
+from memshare.sim.config import (
+    CostCoefficients,
+    KVBudget,
+    SimConfig,
+    gpu_presets,
+    load_gpu,
+    load_model,
+    model_presets,
+    parse_arrival,
+)
+from memshare.sim.cost_model import BatchShape, CostModel
 from memshare.sim.run import (
     LoadedTrace,
     RunOutput,
@@ -115,6 +125,18 @@ def test_azure_small_token_budget_gives_the_same_files(
     )
     out = both(cfg, azure)
     assert out.metrics["requests"]["finished"] == 250
+
+
+@pytest.mark.parametrize("model", model_presets())
+@pytest.mark.parametrize("gpu", gpu_presets())
+def test_decode_step_time_is_the_cost_models_to_the_bit(model: str, gpu: str) -> None:
+    # bursts time their steps with decode_time; a step's duration must be the very float
+    # step_time gives the same batch shape (timeline.csv prints it to 9 decimals)
+    cost = CostModel(load_model(model), load_gpu(gpu), CostCoefficients())
+    for r in (1, 2, 7, 64, 255, 256, 1000):
+        for kv in (r, r * 17 + 3, r * 4096 + 11, 10**7 + r):
+            shape = BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=kv)
+            assert cost.decode_time(r, kv) == cost.step_time(shape)
 
 
 @pytest.fixture(scope="module")
