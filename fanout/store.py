@@ -43,8 +43,8 @@ class JobStore:
             return None
         try:
             saved: dict[str, Any] = pickle.loads(path.read_bytes())
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-            return None  # not a result this release can read: run the job again
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError):
+            return None  # not a result this release can read (or damaged): run it again
         if saved.get("key") != job.key:
             return None
         return Outcome(job, saved["value"], None, saved["where"], saved["attempts"], True)
@@ -59,7 +59,9 @@ class JobStore:
             "where": outcome.where,
             "attempts": outcome.attempts,
         }
-        write_atomic(self._path(outcome.job), pickle.dumps(saved, pickle.HIGHEST_PROTOCOL))
+        # not fsynced: a result lost or damaged in a crash of the machine is run again
+        data = pickle.dumps(saved, pickle.HIGHEST_PROTOCOL)
+        write_atomic(self._path(outcome.job), data, durable=False)
 
     def clear(self) -> None:
         """Forget every stored result."""

@@ -1,10 +1,11 @@
 """Whole-file writes: a file is either its old self or the complete new text, never half.
 
-Invariant: the text goes to a temporary file in the same folder, is fsynced, optionally
-checked, then renamed over ``path`` (atomic on POSIX); on any failure the temporary file is
-removed and ``path`` is untouched. The file gets the mode any ``open(path, "w")`` would give
-it (0666 less the umask), not ``mkstemp``'s 0600. A writer killed with SIGKILL leaves its
-hidden ``.NAME.XXXX.tmp``; :func:`memshare.outdir.remove_litter` removes it on the next run.
+Invariant: the text goes to a temporary file in the same folder, is fsynced (unless the caller
+opts out: a cache), optionally checked, then renamed over ``path`` (atomic on POSIX); on any
+failure the temporary file is removed and ``path`` is untouched. The file gets the mode any
+``open(path, "w")`` would give it (0666 less the umask), not ``mkstemp``'s 0600. A writer
+killed with SIGKILL leaves its hidden ``.NAME.XXXX.tmp``; :func:`memshare.outdir.remove_litter`
+removes it on the next run.
 """
 
 from __future__ import annotations
@@ -17,10 +18,17 @@ from pathlib import Path
 
 
 def write_atomic(
-    path: Path, text: str | bytes, verify: Callable[[Path], None] | None = None
+    path: Path,
+    text: str | bytes,
+    verify: Callable[[Path], None] | None = None,
+    *,
+    durable: bool = True,
 ) -> None:
     """Write ``text`` (UTF-8 text, or bytes as they are) to ``path`` whole; ``verify(tmp)``
-    may raise to keep ``path`` as it was."""
+    may raise to keep ``path`` as it was. ``durable=False`` skips the fsync: the file is
+    still whole or absent if the writer is killed, but may be lost (or, if it is renamed
+    before its data reach the disk, read as damaged) after a crash of the machine; for a
+    cache whose reader treats a damaged file as missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -29,7 +37,8 @@ def write_atomic(
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         if verify is not None:
             verify(Path(tmp))
         os.replace(tmp, path)

@@ -46,23 +46,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
-from memshare.kv_block import KVBlock, PageLayout, PageMap, slot_stack
+from memshare.kv_block import KVBlock, PageLayout, PageMap, all_distinct, slot_stack
 from memshare.pool_check import PoolInvariantError, check_pool
+from memshare.pool_stats import PoolStats
 
 __all__ = ["BlockPool", "KVBlock", "PageMap", "PoolInvariantError", "PoolStats"]
-
-
-@dataclass
-class PoolStats:
-    """Counters a driver reports (all monotone except the gauges)."""
-
-    allocated_blocks: int = 0  # blocks created by allocate()
-    evicted_blocks: int = 0  # cached blocks evicted to make room
-    hits: int = 0  # blocks touched (prefix-cache hits, shares, held span sources)
-    peak_used_pages: int = 0  # gauge: max pages held at once
 
 
 @dataclass
@@ -171,7 +163,7 @@ class BlockPool:
         if not idle:
             return 0
         pages = np.concatenate(idle)
-        if not _distinct(pages):
+        if not all_distinct(pages):
             pages = np.unique(pages)
         return int(np.count_nonzero(self._pins[pages] == 0))
 
@@ -184,15 +176,18 @@ class BlockPool:
         """``n`` new blocks with ``ref_cnt == 1``, or ``None`` (no change) if they don't fit."""
         if n == 0:
             return []
-        per = self.pages_per_block
+        per = self._per
         need = n * per
-        if need > self.available_pages:
+        if need > self.num_pages - self._n_pinned:  # available pages
             return None
         while self._n_free < need:
             self._evict_one()
         self._n_pinned += need  # free pages are distinct and unpinned: pinning is a count
         nid, layout, table = self._next_id, self._layout, self._blocks
-        if self._paged:
+        if n == 1 and not self._paged:  # a decode's next block: the commonest call
+            blk = table[nid] = KVBlock(nid, self._take_slots(1)[0], layout, 1)
+            blocks = [blk]
+        elif self._paged:
             taken = self._take(need).reshape(n, per)
             self._holders[taken] += 1
             self._pins[taken.ravel()] += 1
@@ -201,10 +196,11 @@ class BlockPool:
                 KVBlock(nid + i, -1, layout, 1, None, layout.place(taken[i]), distinct[i])
                 for i in range(n)
             ]
+            table.update(zip(range(nid, nid + n), blocks, strict=True))
         else:
-            blocks = [KVBlock(nid + i, s, layout, 1) for i, s in enumerate(self._take_slots(n))]
-        for blk in blocks:
-            table[blk.block_id] = blk
+            ids = range(nid, nid + n)
+            blocks = list(map(KVBlock, ids, self._take_slots(n), repeat(layout, n), repeat(1, n)))
+            table.update(zip(ids, blocks, strict=True))
         self._next_id = nid + n
         self.stats.allocated_blocks += n
         used = self.num_pages - self._n_free
@@ -255,24 +251,27 @@ class BlockPool:
     def _free_whole(self, blocks: list[KVBlock]) -> None:
         """:meth:`free` under whole-block accounting, in one pass: a released block's pages
         were its own; one with a hash is queued, one without goes back as its slot."""
-        per, table, queue, slots = self._per, self._blocks, self._free_queue, self._slots
+        table, queue, push = self._blocks, self._free_queue, self._slots.append
         released = gone = 0
         for blk in blocks:
             ref = blk.ref_cnt
-            if ref <= 0:
-                raise ValueError(f"double free of {blk!r}")
-            blk.ref_cnt = ref - 1
             if ref == 1:
-                released += per
-                if blk.block_hash is not None:
-                    queue[blk.block_id] = blk
-                else:  # _destroy, for a block without a hash
+                blk.ref_cnt = 0
+                released += 1
+                if blk.block_hash is None:  # _destroy, for a block without a hash
                     del table[blk.block_id]
-                    slots.append(blk.slot)
-                    gone += per
-        self._n_pinned -= released
-        self._n_recycled += gone
-        self._n_free += gone
+                    push(blk.slot)
+                    gone += 1
+                else:
+                    queue[blk.block_id] = blk
+            elif ref > 1:
+                blk.ref_cnt = ref - 1
+            else:
+                raise ValueError(f"double free of {blk!r}")
+        per = self._per
+        self._n_pinned -= released * per
+        self._n_recycled += gone * per
+        self._n_free += gone * per
 
     def publish(self, blk: KVBlock, block_hash: int) -> bool:
         """Make a live, full block findable under ``block_hash`` (after any block already
@@ -320,6 +319,10 @@ class BlockPool:
         """Whole-block accounting: ``n`` slots, in the order ``_take`` would give their pages
         (released slots, last first, then fresh ones); takes them."""
         per, slots = self._per, self._slots
+        self._n_free -= n * per
+        if n == 1 and slots:  # a decode's new block, the commonest call
+            self._n_recycled -= per
+            return [slots.pop()]
         k = min(n, len(slots))
         got = slots[len(slots) - k :][::-1]
         del slots[len(slots) - k :]
@@ -328,7 +331,6 @@ class BlockPool:
             got.extend(range(first, first + n - k))
             self._fresh += (n - k) * per
         self._n_recycled -= k * per
-        self._n_free -= n * per
         return got
 
     def _to_pages(self) -> None:
@@ -376,7 +378,7 @@ class BlockPool:
 
     def _pin(self, pages: np.ndarray) -> None:
         """One more live holder for each entry of ``pages`` (repeats allowed)."""
-        if _distinct(pages):  # the common case: plain fancy indexing, no ufunc.at / unique
+        if all_distinct(pages):  # the common case: plain fancy indexing, no ufunc.at / unique
             self._pins[pages] += 1
             self._n_pinned += int(np.count_nonzero(self._pins[pages] == 1))
             return
@@ -389,7 +391,7 @@ class BlockPool:
 
     def _unpin(self, pages: np.ndarray) -> None:
         """One live holder fewer for each entry of ``pages`` (repeats allowed)."""
-        if _distinct(pages):
+        if all_distinct(pages):
             self._pins[pages] -= 1
             self._n_pinned -= int(np.count_nonzero(self._pins[pages] == 0))
             return
@@ -439,11 +441,3 @@ class BlockPool:
         ``live_refs``: block id -> number of block-table entries pointing at it, if known.
         """
         check_pool(self, live_refs)
-
-
-def _distinct(pages: np.ndarray) -> bool:
-    """Whether no page id repeats in ``pages`` (a sort, cheaper than ``np.unique``)."""
-    if len(pages) < 2:
-        return True
-    p = np.sort(pages)
-    return not bool((p[1:] == p[:-1]).any())

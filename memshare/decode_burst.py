@@ -128,13 +128,17 @@ class DecodeBurst:
         mgr = sched.manager
         if len(due) > 1:  # all of the step's reservations must fit, or none is made
             due.sort()
-            need = 0
-            for rank in due:
-                req = self._reqs[rank]
-                need += mgr.num_blocks_needed(req.rid, req.lag + j - self._base[rank] + 1)
-            if need and not mgr.pool.can_allocate(need):
-                self._due[j] = due
-                return False
+            # each needs at most 2 blocks: one for the token past its quiet run (which ended
+            # where its table did, or earlier), one copy-on-write; count exactly only if the
+            # pool could not supply that many
+            if not mgr.pool.can_allocate(2 * len(due)):
+                need = 0
+                for rank in due:
+                    req = self._reqs[rank]
+                    need += mgr.num_blocks_needed(req.rid, req.lag + j - self._base[rank] + 1)
+                if need and not mgr.pool.can_allocate(need):
+                    self._due[j] = due
+                    return False
         elif not mgr.allocate_slots(
             self._reqs[due[0]].rid, self._reqs[due[0]].lag + j - self._base[due[0]] + 1
         ):  # one reservation: it fails changing nothing
@@ -192,6 +196,11 @@ class DecodeBurst:
         self.r -= len(finished)
         return sched._retire(finished)
 
+    def resume(self) -> None:
+        """Go on after a pause in which requests may have joined the waiting queue (nothing
+        else changed): the next step checks whether the queue's head is admitted."""
+        self._dirty = True
+
     def close(self) -> None:
         """Catch every request up to the steps run (the burst ends here)."""
         if self._handed:
@@ -203,22 +212,34 @@ class DecodeBurst:
     def handover(self) -> StepPlan:
         """End the burst inside its current step, whose reservations :meth:`schedule` made:
         schedule the step's quiet tokens, admit waiting requests (step 2) and return the
-        step's plan, for the executor to run and complete as a plain step."""
+        step's plan, for the executor to run and complete as a plain step. A quiet token of a
+        request that does not finish with it is listed in ``StepPlan.quiet`` (the scheduler
+        of a burst compacts decodes), the others are chunks: only the order of the chunks
+        is observable (finishes), and it is the running order either way."""
         j = self.j
         now = set(self._now)
+        ends = set(self._ends.get(j, ()))
         plan = StepPlan()
+        chunks, quiet = plan.chunks, plan.quiet
+        compact = self.sched.compact_decodes
         for rank, req in enumerate(self._reqs):
             if req.finish_reason:
                 continue
             if rank in now:  # reserved this step: its token is counted already
-                c = req.num_computed - 1
-            else:  # a quiet token, as ``_schedule_running`` counts it in ``lag``
-                self._catch_up(rank, j)
-                c = req.num_computed
-                req.num_computed = c + 1
-                req.lag += 1
-            plan.chunks.append(Chunk(req, c, 1, 0, True))
+                chunks.append(Chunk(req, req.num_computed - 1, 1, 0, True))
+                continue
+            # a quiet token, as ``_schedule_running`` counts it in ``lag``
+            self._catch_up(rank, j)
+            c = req.num_computed
+            req.num_computed = c + 1
+            req.lag += 1
+            if rank in ends or not compact:  # its last token: a chunk, which finishes it
+                chunks.append(Chunk(req, c, 1, 0, True))
+            else:  # a compact decode (``StepPlan.quiet``), as ``schedule`` lists it
+                quiet.append(req)
+                plan.quiet_kv += c + 1
         self._handed = True
         sched = self.sched
-        sched._schedule_waiting(plan, sched.cfg.max_num_batched_tokens - len(plan.chunks))
+        budget = sched.cfg.max_num_batched_tokens - len(chunks) - len(quiet)  # a token each
+        sched._schedule_waiting(plan, budget)
         return plan

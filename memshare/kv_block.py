@@ -98,3 +98,11 @@ def slot_stack(slots: list[int], per: int) -> np.ndarray:
     slot's ``per`` pages pushed highest first, so that they pop lowest first."""
     stack = [np.arange((s + 1) * per - 1, s * per - 1, -1, dtype=np.int64) for s in slots]
     return np.concatenate(stack) if stack else np.zeros(0, dtype=np.int64)
+
+
+def all_distinct(pages: np.ndarray) -> bool:
+    """Whether no page id repeats in ``pages`` (a sort, cheaper than ``np.unique``)."""
+    if len(pages) < 2:
+        return True
+    p = np.sort(pages)
+    return not bool((p[1:] == p[:-1]).any())

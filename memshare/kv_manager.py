@@ -254,6 +254,17 @@ class KVCacheManager:
         self.pool.free(state.table[::-1])
         self.policy.on_request_end(req_id)
 
+    def asks_from(self, state: RequestState, index: int) -> bool:
+        """Whether the policy may be asked about logical block ``index`` of ``state`` or a
+        later one when it fills (else filling them only moves counters, which
+        :meth:`allocate_slots` brings up to date whenever it is next called)."""
+        mode = self._decides
+        if mode == "all":
+            return True
+        if mode == "none":
+            return False
+        return state.block_info is not None or index < len(state.info.block_hashes)
+
     def num_blocks_needed(self, req_id: str, num_new_tokens: int) -> int:
         """Blocks ``allocate_slots(req_id, num_new_tokens)`` would take from the pool."""
         state = self.requests[req_id]

@@ -138,6 +138,13 @@ def resumed_info(req: Request) -> RequestInfo:
     return replace(info, prompt_len=req.num_tokens, block_hashes=hashes, hashes_cover_tail=False)
 
 
+def detach(req: Request) -> None:
+    """Drop a finished request's live links (as :func:`detached`) in place: for a request
+    nothing else holds (a run's own), where a copy would only cost time."""
+    req.block_info = None
+    req.state = None
+
+
 def detached(req: R) -> R:
     """A copy of a finished request without its live links (its block source, which holds
     the trace's sketches or the engine's KV, and the manager's state): what a run's result

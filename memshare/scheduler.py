@@ -338,7 +338,9 @@ class Scheduler:
         """How many tokens ``allocate_slots`` could now take with no effect but a count.
 
         Only past the prompt (no copy-on-write or hashed tail pending): until the table needs
-        a new block, or the current last block becomes full (the policy must hear of it).
+        a new block, or the current last block becomes full where the policy must hear of it
+        (:meth:`~memshare.kv_manager.KVCacheManager.asks_from`; else its fill only moves
+        counters, caught up at the next call or at the request's release).
         """
         st = req.state
         assert st is not None
@@ -350,12 +352,18 @@ class Scheduler:
         full = st.num_tokens // bs
         if st.num_full > full:
             full = st.num_full
-        to_full = (full + 1) * bs - st.num_tokens - 1
-        quiet = room if room < to_full else to_full
+        quiet = room
+        if self.manager.asks_from(st, full):
+            to_full = (full + 1) * bs - st.num_tokens - 1
+            if to_full < quiet:
+                quiet = to_full
         req.quiet = quiet if quiet > 0 else 0
 
     def _release(self, req: Request) -> None:
-        """Free a request's blocks in the manager (lagging tokens need no telling)."""
+        """Free a request's blocks in the manager. Lagging tokens are told first: they need
+        no block, but may have filled blocks the manager counts (nobody is asked about them)."""
+        if req.lag:
+            self.manager.allocate_slots(req.rid, req.lag)
         self.manager.free(req.rid)
         req.state = None
         req.lag = req.quiet = 0

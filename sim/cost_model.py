@@ -107,11 +107,25 @@ class CostModel:
         self._kv_tok = float(m.kv_bytes_per_token)  # bytes of K+V per token, all layers
         self._step_s = coef.step_overhead_s
         self._seq_s = coef.seq_overhead_s
+        self._decode_fixed: dict[int, tuple[float, float]] = {}  # r -> (linear + 0.0, overhead)
 
     def step_time(self, b: BatchShape) -> float:
         """Seconds one step with batch ``b`` takes."""
         linear, pre, dec, over = self._terms(b)
         return linear + pre + dec + over
+
+    def decode_time(self, r: int, kv: int) -> float:
+        """:meth:`step_time` of a step in which ``r`` sequences decode one token each, all
+        sampled, with ``kv`` context tokens in all (``BatchShape(r, r, r, decode_seqs=r,
+        decode_kv_tokens=kv)``): the same operations in the same order, so the same float;
+        the terms that depend on ``r`` alone are kept per ``r``."""
+        fixed = self._decode_fixed.get(r)
+        if fixed is None:
+            lin, _, _, over = self._terms(BatchShape(r, r, r))
+            fixed = self._decode_fixed[r] = (lin + 0.0, over)
+        bw = self._bw
+        dec = max(self._pair_flops * kv / self._attn_flops, self._kv_tok * kv / bw)
+        return fixed[0] + dec + fixed[1]
 
     def breakdown(self, b: BatchShape) -> StepCost:
         """The same time split by term (for reports and calibration)."""

@@ -31,6 +31,7 @@ from memshare.scheduler import Scheduler, StepPlan
 from memshare.sim.arrivals import arrival_times, closed_loop_client, open_loop
 from memshare.sim.config import ArrivalSpec
 from memshare.sim.cost_model import BatchShape, CostModel, plan_shape
+from memshare.sim.sparse_gc import sparse_gc
 from memshare.sim.workload import SimRequest
 
 Progress = Callable[[int], None]  # called with the number of requests done so far
@@ -88,6 +89,36 @@ class EngineResult:
     request_pages_shared: dict[str, int]  # request -> pages its shares repointed (if any)
 
 
+@dataclass
+class BurstRows:
+    """The timeline rows of a decode burst's steps, the columns that vary (``seqs``: the
+    running requests, each decoding one token); :meth:`flush` appends them all at once."""
+
+    times: list[float] = field(default_factory=list)
+    dts: list[float] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    live: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)
+
+    def flush(self, tl: Timeline, waiting: int) -> None:
+        """Append the rows to ``tl``: every running request decodes one token, nothing is
+        admitted or preempted, ``waiting`` requests wait throughout."""
+        k = len(self.times)
+        zeros = [0] * k
+        tl.time_s += self.times
+        tl.dt_s += self.dts
+        for col in (tl.running, tl.scheduled_seqs, tl.scheduled_tokens, tl.decode_seqs):
+            col += self.seqs
+        tl.waiting += [waiting] * k
+        tl.prefill_tokens += zeros
+        tl.admitted += zeros
+        tl.preempted += zeros
+        tl.finished += self.finished
+        tl.live_pages += self.live
+        tl.cached_pages += self.cached
+
+
 class Engine:
     """Wires arrivals, scheduler and cost model into one SimPy environment."""
 
@@ -119,6 +150,9 @@ class Engine:
         self._resubmit_at = -math.inf  # closed loop: when a client last got its answer
         self._answered = False  # closed loop: a client got its answer since the last yield
         self._handed: StepPlan | None = None  # a step a decode burst began, to run plainly
+        # a decode burst that stopped before an arrival, its requests not caught up (only
+        # the waiting queue changes until the next step, which goes on with it)
+        self._paused: DecodeBurst | None = None
         pool = self.pool
         self._capacity = pool.num_pages // pool.pages_per_block  # blocks the pool can hold
         self._chunked = scheduler.cfg.enable_chunked_prefill
@@ -149,7 +183,8 @@ class Engine:
     def run(self) -> EngineResult:
         """Run to completion; return the requests, timeline and totals."""
         t0 = time.perf_counter()
-        self.env.run()
+        with sparse_gc():
+            self.env.run()
         wall = time.perf_counter() - t0
         if self.progress is not None:
             self.progress(self.n_done)
@@ -228,101 +263,83 @@ class Engine:
         after one that answers a closed-loop client; False if no step ran."""
         sched, pool, tl = self.sched, self.pool, self.timeline
         nxt = self._next_arrival(now)
-        step_time = self.cost.step_time
+        step_time = self.cost.decode_time
         closed = self._closed
+        rows = BurstRows()
+        waiting = len(sched.waiting)  # no arrival lands inside a burst (a handover admits)
         t = now
         last: list[Request] = []  # closed loop: requests the last step finished
-        start = len(tl)
-        while sched.running and (t < nxt or len(tl) == start):
+        while sched.running and (t < nxt or not rows.times):
             quiet = burst.next_event() - burst.j
             if quiet > 0:
-                t = self._quiet_steps(burst, t, nxt, quiet)
+                t = self._quiet_steps(burst, rows, t, nxt, quiet)
                 continue
             if not burst.schedule():
                 break
             r = burst.r
-            if burst.check and sched.admissible(self._budget - r):
+            if burst.check and sched.waiting and sched.admissible(self._budget - r):
                 self._handed = burst.handover()  # this step admits: a plain step from here
                 break
-            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=burst.kv))
-            self._decode_row(t, dt, r)
+            dt = step_time(r, burst.kv)
+            rows.times.append(t)
+            rows.dts.append(dt)
+            rows.seqs.append(r)
+            live = pool.pinned_pages
+            rows.live.append(live)
+            rows.cached.append(pool.used_pages - live)
             t = t + dt  # what SimPy's clock will read at the step's end
             finished = burst.complete()
-            tl.finished.append(len(finished))
+            rows.finished.append(len(finished))
             if finished and closed:
                 last = finished
                 break
             for req in finished:  # open loop: nobody waits on them
                 _sim(req).finish = t
                 self._done(_sim(req))
-        burst.close()
-        if len(tl) == start:
+        if sched.running and t >= nxt and not closed and self._handed is None and rows.times:
+            self._paused = burst  # stopped for an arrival: the next step goes on with it
+        else:
+            burst.close()
+        if not rows.times:
             return False
+        rows.flush(tl, waiting)
         if now + (t - now) == t:  # one event instead of one per step, same clock
             yield self.env.timeout(t - now)
         else:
-            for dt in tl.dt_s[start:]:
+            for dt in rows.dts:
                 yield self.env.timeout(dt)
         self._finish(last)
         if self.check_invariants:
             pool.check(sched.manager.table_refs())
         return True
 
-    def _quiet_steps(self, burst: DecodeBurst, t: float, nxt: float, m: int) -> float:
+    def _quiet_steps(
+        self, burst: DecodeBurst, rows: BurstRows, t: float, nxt: float, m: int
+    ) -> float:
         """Run up to ``m`` quiet steps of ``burst`` from ``t`` (the first always, the others
-        only while they start before ``nxt``); their rows differ only in time and duration.
-        Returns the time the last one ends."""
-        tl, pool = self.timeline, self.pool
-        step_time = self.cost.step_time
+        only while they start before ``nxt``) into ``rows``; their rows differ only in time
+        and duration. Returns the time the last one ends."""
+        pool = self.pool
+        step_time = self.cost.decode_time
         r, kv = burst.r, burst.kv
-        times: list[float] = []
-        dts: list[float] = []
+        times, dts = rows.times, rows.dts
+        k0 = len(times)
         while True:
-            dt = step_time(BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=kv))
+            dt = step_time(r, kv)
             times.append(t)
             dts.append(dt)
             t = t + dt  # what SimPy's clock will read at the step's end
             kv += r
-            if len(times) == m or t >= nxt:
+            if len(times) - k0 == m or t >= nxt:
                 break
-        k = len(times)
+        k = len(times) - k0
         burst.skip(k)
-        tl.time_s += times
-        tl.dt_s += dts
         live = pool.pinned_pages
-        for col, value in (
-            (tl.running, r),
-            (tl.waiting, len(self.sched.waiting)),
-            (tl.scheduled_seqs, r),
-            (tl.scheduled_tokens, r),
-            (tl.prefill_tokens, 0),
-            (tl.decode_seqs, r),
-            (tl.admitted, 0),
-            (tl.preempted, 0),
-            (tl.finished, 0),
-            (tl.live_pages, live),
-            (tl.cached_pages, pool.used_pages - live),
-        ):
-            col += [value] * k
+        rows.seqs += [r] * k
+        rows.live += [live] * k
+        rows.cached += [pool.used_pages - live] * k
+        rows.finished += [0] * k
         return t
-
-    def _decode_row(self, now: float, dt: float, r: int) -> None:
-        """Append the timeline row (all columns but ``finished``) of a step in which ``r``
-        running requests decode one token each and nothing is admitted."""
-        tl = self.timeline
-        tl.time_s.append(now)
-        tl.dt_s.append(dt)
-        tl.running.append(r)
-        tl.waiting.append(len(self.sched.waiting))
-        tl.scheduled_seqs.append(r)
-        tl.scheduled_tokens.append(r)
-        tl.prefill_tokens.append(0)
-        tl.decode_seqs.append(r)
-        tl.admitted.append(0)
-        tl.preempted.append(0)
-        live = self.pool.pinned_pages
-        tl.live_pages.append(live)
-        tl.cached_pages.append(self.pool.used_pages - live)
 
     # ----------------------------------------------------------------- steps
     def _row(self, now: float, dt: float, shape: BatchShape, plan: StepPlan) -> None:
@@ -358,7 +375,11 @@ class Engine:
                 self._wake = None
                 continue
             now = env.now
-            burst = DecodeBurst.start(sched)
+            burst, self._paused = self._paused, None
+            if burst is not None:
+                burst.resume()
+            else:
+                burst = DecodeBurst.start(sched)
             if burst is not None and (yield from self._burst(burst, now)):
                 if self._handed is None:
                     continue

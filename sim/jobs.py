@@ -9,7 +9,6 @@ job's result is byte-identical whichever executor ran it; the driver writes ever
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from memshare.fanout.local import LocalExecutor
 from memshare.fanout.options import FanOut
 from memshare.fanout.run import fan_out, raise_failures
 from memshare.fanout.tally import Tally
-from memshare.request import detached
+from memshare.request import detach
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel
 from memshare.sim.run import LoadedTrace, RunOutput, run_config
@@ -62,10 +61,10 @@ def run_sim_job(
     out = run_config(cfg, trace, progress=ticker, fidelity=fidelity)
     if metrics_only:
         return out.metrics
-    requests = [detached(q) for q in out.result.requests]
-    for q in requests:
+    for q in out.result.requests:  # the run built them and holds them alone: no copies
+        detach(q)
         q.done = None  # the run's SimPy event
-    return replace(out, result=replace(out.result, requests=requests))
+    return out
 
 
 def run_sim_jobs(

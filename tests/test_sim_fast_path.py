@@ -13,7 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memshare.sim.config import KVBudget, SimConfig, load_model, parse_arrival
+from memshare.scheduler import SchedulerConfig
+from memshare.sim.config import (
+    CostCoefficients,
+    KVBudget,
+    SimConfig,
+    gpu_presets,
+    load_gpu,
+    load_model,
+    model_presets,
+    parse_arrival,
+)
+from memshare.sim.cost_model import BatchShape, CostModel
 from memshare.sim.run import (
     LoadedTrace,
     RunOutput,
@@ -97,6 +108,35 @@ def test_azure_fast_and_plain_paths_give_the_same_files(
     assert out.metrics["requests"]["finished"] == 250
     if blocks == 400:
         assert out.metrics["preemptions"] > 0
+
+
+@pytest.mark.parametrize("policy", ["none", "prefix"])
+@pytest.mark.parametrize("budget", [600, 2048])
+def test_azure_small_token_budget_gives_the_same_files(
+    azure: LoadedTrace, policy: str, budget: int
+) -> None:
+    # a token budget that arrivals fill: the step a burst hands over admits with the budget
+    # its decodes (chunks and compact decodes alike) leave, and long prompts are chunked
+    cfg = SimConfig(
+        trace=str(azure.path),
+        policy=policy,
+        arrival=parse_arrival("poisson:4"),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget),
+    )
+    out = both(cfg, azure)
+    assert out.metrics["requests"]["finished"] == 250
+
+
+@pytest.mark.parametrize("model", model_presets())
+@pytest.mark.parametrize("gpu", gpu_presets())
+def test_decode_step_time_is_the_cost_models_to_the_bit(model: str, gpu: str) -> None:
+    # bursts time their steps with decode_time; a step's duration must be the very float
+    # step_time gives the same batch shape (timeline.csv prints it to 9 decimals)
+    cost = CostModel(load_model(model), load_gpu(gpu), CostCoefficients())
+    for r in (1, 2, 7, 64, 255, 256, 1000):
+        for kv in (r, r * 17 + 3, r * 4096 + 11, 10**7 + r):
+            shape = BatchShape(r, r, r, decode_seqs=r, decode_kv_tokens=kv)
+            assert cost.decode_time(r, kv) == cost.step_time(shape)
 
 
 @pytest.fixture(scope="module")
