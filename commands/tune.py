@@ -4,6 +4,7 @@ validate the frontier on the real model, and print the winning setting."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,9 @@ from memshare.commands.options import (
 )
 from memshare.commands.progress import Bar, status_lines
 from memshare.commands.render import out, print_json
+
+if typing.TYPE_CHECKING:
+    from memshare.tune.result import TuneOptions, TuneResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +72,6 @@ def tune_cmd(
     on held-out texts and refit (tune.json, frontier.png, fidelity_model.json)."""
     from memshare.sim.options import SimOptions, build_configs
     from memshare.tune.loop import tune
-    from memshare.tune.report import winning_line
     from memshare.tune.result import TuneOptions
     from memshare.tune.target import Target
     from memshare.validate.jobs import ModelSpec
@@ -101,10 +104,18 @@ def tune_cmd(
             jobs_progress=bar.jobs,
         )
         bar.summary(fan_out.ray and "ray")
-    best = result.best
     if as_json:
+        best = result.best
         print_json({"output": str(dest), "best": None if best is None else best[1].params})
-        return
+    else:
+        _render(result, opts, dest)
+
+
+def _render(result: TuneResult, opts: TuneOptions, dest: Path) -> None:
+    """Each validated point, predicted beside measured, and the winning line."""
+    from memshare.tune.report import winning_line
+
+    best, target = result.best, opts.target
     for c, p in result.validated:
         top1 = p.measured["top1_agreement"]
         lo, hi = p.measured["top1_agreement_ci95"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from memshare.errors import InputError
 from memshare.fanout.local import LocalExecutor
 from memshare.fanout.options import FanOut
-from memshare.fanout.run import fan_out, raise_failures
+from memshare.fanout.run import Executor, fan_out, raise_failures
+from memshare.fanout.store import JobStore
 from memshare.fanout.tally import Tally
 from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
@@ -26,7 +27,7 @@ from memshare.tune.report import write_outputs
 from memshare.tune.result import TuneOptions, TuneResult
 from memshare.tune.search import Candidate, base_pages, frontier, layer_table, simulator
 from memshare.tune.target import Target, split
-from memshare.validate.measure import Progress, texts_workload
+from memshare.validate.measure import Progress, Workload, texts_workload
 
 Stage = Callable[[str], None]
 TUNE_OUTPUT = OutputKind("tune", "tune.json")
@@ -76,6 +77,36 @@ def tune(
     if isinstance(executor, LocalExecutor):
         executor.host.report = progress
 
+    measure = _measurer(executor, inputs, store, trace, jobs_progress)
+    try:
+        stage(f"calibrating on {len(cal)} texts: tau {', '.join(map(str, CALIBRATION_TAUS))}")
+        calibration = measure([_uniform(opts.config, t) for t in CALIBRATION_TAUS], cal, None)
+        wl = texts_workload(trace, [r for r in trace.records if r.id in set(held)], bs)
+        found = _rounds(opts, wl, calibration, measure, stage)
+    finally:
+        executor.close()
+    validated, single, front, model = found
+    split_ = {"calibration": cal, "held_out": held}
+    best = _best(validated, opts.target)
+    result = TuneResult(calibration, validated, single, front, best, model, split_)
+    with staged_output(output) as staging:
+        write_outputs(result, opts, staging)
+    fan.forget(output)
+    return result
+
+
+Measure = Callable[[list[SimConfig], list[str], FidelityModel | None], list[PointResult]]
+
+
+def _measurer(
+    executor: Executor,
+    inputs: PointInputs,
+    store: JobStore,
+    trace: LoadedTrace,
+    jobs_progress: Callable[[Tally], None] | None,
+) -> Measure:
+    """Settings measured on texts as one fan-out job (kept in ``store`` once finished)."""
+
     def measure(
         cfgs: list[SimConfig], texts: list[str], model: FidelityModel | None
     ) -> list[PointResult]:
@@ -84,41 +115,40 @@ def tune(
         raise_failures(outcomes, "--resume")
         return list(outcomes[0].value)
 
-    try:
-        stage(f"calibrating on {len(cal)} texts: tau {', '.join(map(str, CALIBRATION_TAUS))}")
-        cal_cfgs = [_uniform(opts.config, t) for t in CALIBRATION_TAUS]
-        calibration = measure(cal_cfgs, cal, None)
-        rows = [r for p in calibration for r in p.fit]
-        layers = trace.manifest.model.num_layers if trace.manifest.model else 0
-        model = fit(rows, layers)
-        wl = texts_workload(trace, [r for r in trace.records if r.id in set(held)], bs)
-        validated: list[tuple[Candidate, PointResult]] = []
-        tried: set[str] = set()
-        single: list[Candidate] = []
-        front: list[Candidate] = []
-        for round_ in range(opts.budget):
-            sim = simulator(wl, opts.gpu, model)
-            base = base_pages(sim, opts.config)
-            stage(f"round {round_ + 1}: searching the predicted frontier on {len(held)} texts")
-            table = layer_table(sim, opts.config, model, wl, base)
-            single, front = table.uniform, frontier(sim, opts.config, table, base)
-            pick = _choose(front, validated, opts.target, tried)
-            if pick is None:
-                break
-            tried.add(repr(sorted(pick.params.items())))
-            stage(f"round {round_ + 1}: validating {short(pick.params)} on {len(held)} texts")
-            (point,) = measure([opts.config.with_(policy_params=pick.params)], held, model)
-            validated.append((pick, point))
-            model = fit(rows + [r for _, p in validated for r in p.fit], layers)
-    finally:
-        executor.close()
-    best = _best(validated, opts.target)
-    split_ = {"calibration": cal, "held_out": held}
-    result = TuneResult(calibration, validated, single, front, best, model, split_)
-    with staged_output(output) as staging:
-        write_outputs(result, opts, staging)
-    fan.forget(output)
-    return result
+    return measure
+
+
+def _rounds(
+    opts: TuneOptions,
+    wl: Workload,
+    calibration: list[PointResult],
+    measure: Measure,
+    stage: Stage,
+) -> tuple[list[tuple[Candidate, PointResult]], list[Candidate], list[Candidate], FidelityModel]:
+    """Fit, search, validate, refit, at most ``opts.budget`` times: ``(validated points, the
+    single-tau and per-layer frontiers of the last search, the last model)``."""
+    rows = [r for p in calibration for r in p.fit]
+    layers = wl.trace.manifest.model.num_layers if wl.trace.manifest.model else 0
+    model = fit(rows, layers)
+    validated: list[tuple[Candidate, PointResult]] = []
+    tried: set[str] = set()
+    single: list[Candidate] = []
+    front: list[Candidate] = []
+    for n in range(1, opts.budget + 1):
+        sim = simulator(wl, opts.gpu, model)
+        base = base_pages(sim, opts.config)
+        stage(f"round {n}: searching the predicted frontier on {len(wl.texts)} texts")
+        table = layer_table(sim, opts.config, model, wl, base)
+        single, front = table.uniform, frontier(sim, opts.config, table, base)
+        pick = _choose(front, validated, opts.target, tried)
+        if pick is None:
+            break
+        tried.add(repr(sorted(pick.params.items())))
+        stage(f"round {n}: validating {short(pick.params)} on {len(wl.texts)} texts")
+        (point,) = measure([opts.config.with_(policy_params=pick.params)], list(wl.texts), model)
+        validated.append((pick, point))
+        model = fit(rows + [r for _, p in validated for r in p.fit], layers)
+    return validated, single, front, model
 
 
 def _uniform(cfg: SimConfig, tau: float) -> SimConfig:
