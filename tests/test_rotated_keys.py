@@ -93,13 +93,7 @@ def teacher_forced(model: Any, policy: str, texts: list[list[int]], cached: bool
     got: dict[tuple[str, int], Any] = {}
     specs = [EngineSpec(f"t{i}", t, 1) for i, t in enumerate(texts)]
     opts = EngineOptions(teacher_forced=True, rotated_keys=cached)
-    engine = PagedEngine(
-        model,
-        make_policy(policy),
-        specs,
-        opts,
-        logits_sink=lambda rid, pos, lg: got.__setitem__((rid, pos), lg.clone()),
-    )
+    engine = PagedEngine(model, make_policy(policy), specs, opts, logits_sink=collect(got))
     engine.run()
     return engine, got
 
@@ -119,6 +113,15 @@ def test_token_dedup_at_an_offset_same_logits(
     assert cached.keys() == rerotated.keys()
     for key, lg in cached.items():
         assert torch.equal(lg, rerotated[key]), key
+
+
+def collect(got: dict[tuple[str, int], Any]) -> Any:
+    """A logits sink keeping a copy of every logit row by (request, position)."""
+
+    def sink(rid: str, pos: int, lg: Any) -> None:
+        got[(rid, pos)] = lg.clone()
+
+    return sink
 
 
 @dataclass
@@ -162,13 +165,8 @@ def test_keys_shared_at_an_offset_same_tokens_and_logits(
     for cached in (True, False):
         got: dict[tuple[str, int], Any] = {}
         specs = [EngineSpec("r0", gsm8k_prompts[0], 32), EngineSpec("r1", gsm8k_prompts[1], 24)]
-        eng = PagedEngine(
-            model,
-            OffsetShares(),
-            specs,
-            EngineOptions(rotated_keys=cached),
-            logits_sink=lambda rid, pos, lg, got=got: got.__setitem__((rid, pos), lg.clone()),
-        )
+        opts = EngineOptions(rotated_keys=cached)
+        eng = PagedEngine(model, OffsetShares(), specs, opts, logits_sink=collect(got))
         eng.run()
         runs.append((eng, got))
     (a, a_logits), (b, b_logits) = runs

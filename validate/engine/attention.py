@@ -171,13 +171,42 @@ class PagedStep:
                 src, dst = plan.copy_src[layer, 0], plan.copy_dst[layer, 0]
                 rotated.flat.index_copy_(0, dst, rotated.flat.index_select(0, src))
 
+    def _whole_pages(self, data: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+        """Pages ``pages`` ``(G, nb)`` of ``data`` (the store's or the cache's) as
+        ``(G, nb * block_size, kvh, hd)``: one index per page, not per row."""
+        store = self.store
+        out = data.index_select(0, pages.reshape(-1))
+        return out.view(pages.shape[0], -1, store.num_kv_heads, store.head_dim)
+
+    def _group_keys(
+        self, layer: int, g: GroupPlan, pages: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A group's keys ``(G, Lmax, kvh, hd)`` rotated, gathered page by page: from the
+        cache where the plan has ``fixes`` (rotating again only the keys it lists), else
+        rotated from the pages (the same keys)."""
+        store, rotated = self.store, self.rotated
+        if rotated is None or g.fixes is None:
+            k = self._whole_pages(store.data, pages[layer, 0])[:, : g.lmax]
+            return self.rotate(k.to(dtype), g.lmax)
+        k = self._whole_pages(rotated.data, pages[layer, 0])
+        fix = g.fixes.get(layer)
+        if fix is not None:
+            idx, src, pos = fix
+            flat = k.view(-1, store.num_kv_heads, store.head_dim)
+            flat.index_copy_(0, idx, self.rotate_at(store.flat.index_select(0, src), pos))
+        return k[:, : g.lmax].to(dtype)
+
     def _group(
         self, layer: int, g: GroupPlan, q: torch.Tensor, scaling: float, gqa: bool
     ) -> torch.Tensor:
         """One group: a padded gather, rotation and attention of its queries ``q``
         ``(G, heads, n, hd)`` -> the same shape."""
-        k = self.keys(layer, g.rows[layer, 0], g.fixes, q.dtype)
-        v = self.store.gather_flat(g.rows[layer, 1]).to(q.dtype)
+        if g.pages is None:
+            k = self.keys(layer, g.rows[layer, 0], g.fixes, q.dtype)
+            v = self.store.gather_flat(g.rows[layer, 1]).to(q.dtype)
+        else:
+            k = self._group_keys(layer, g, g.pages, q.dtype)
+            v = self._whole_pages(self.store.data, g.pages[layer, 1])[:, : g.lmax].to(q.dtype)
         return F.scaled_dot_product_attention(
             q,
             k.transpose(1, 2),

@@ -93,7 +93,13 @@ class GroupPlan:
     rows: torch.Tensor  # (L, 2, G, Lmax) flat store rows, layer map applied; padding: row 0
     mask: torch.Tensor | None  # (G, 1, n, Lmax) bool: key <= the query's position; None: all
     lmax: int  # longest context in the group
-    fixes: Fixes | None = None  # keys to rotate again (RotatedKeys); None: rotate them all
+    # (L, 2, G, nb) the page ids of ``rows`` (nb blocks cover Lmax; padding: page 0): a read
+    # gathers whole pages and keeps the first Lmax rows, the same keys as ``rows`` within a
+    # context (the rest are masked)
+    pages: torch.Tensor | None = None
+    # keys to rotate again (RotatedKeys), their index counted in the page gather's
+    # (G, nb * block_size) rows; None: rotate them all
+    fixes: Fixes | None = None
 
 
 @dataclass
@@ -220,7 +226,8 @@ def _plan_rotated(
     for g, (rows, valid) in zip(plan.groups, lay.group_rows, strict=True):
         want = np.arange(g.lmax, dtype=np.int64)
         k_rows = rows[:, 0]  # (L, G, Lmax)
-        g.fixes = fixes_of(rotated.stale(k_rows, want, valid), k_rows, want, device)
+        width = -(-g.lmax // lay.B) * lay.B  # rows per sequence in the page gather
+        g.fixes = fixes_of(rotated.stale(k_rows, want, valid), k_rows, want, device, width)
     for ch, rows in zip(plan.chunks, lay.chunk_rows, strict=True):
         want = np.arange(ch.ctx, dtype=np.int64)
         ch.fixes = fixes_of(rotated.stale(rows[:, 0], want), rows[:, 0], want, device)
@@ -340,7 +347,8 @@ class _Layout:
         pk, L, device = self.pk, self.L, self.device
         idx = np.asarray(members, dtype=np.int64)
         lmax = int(self.ctxs[idx].max())
-        rows = _padded_rows([pk.tables[m] for m in members], lmax, self.B)  # (G, L, 2, Lmax)
+        padded = _padded_pages([pk.tables[m] for m in members], lmax, self.B)  # (G, nb, L, 2)
+        rows = _page_rows(padded, lmax, self.B)  # (G, L, 2, Lmax)
         qpos = np.stack([pk.pos[m] for m in members])  # (G, n) the queries' positions
         tok = self.tok0[idx][:, None] + np.arange(n, dtype=np.int64)
         self.write[:, :, tok.reshape(-1)] = (
@@ -356,6 +364,7 @@ class _Layout:
             _dev(rows, device),
             None if reads.all() else torch.as_tensor(reads[:, None], device=device),
             lmax,
+            _dev(padded[:, :, self.layer_map].transpose(2, 3, 0, 1), device),
         )
 
     def alone(self, m: int) -> ChunkPlan:
@@ -373,16 +382,23 @@ class _Layout:
         return ChunkPlan(a, a + n, ctx, _dev(self.chunk_rows[-1], device), mask)
 
 
-def _padded_rows(tables: Sequence[IntArray], lmax: int, block_size: int) -> IntArray:
-    """Flat rows ``(G, L, 2, lmax)`` of positions ``0..lmax-1`` under each table; a table
-    shorter than ``lmax`` is padded with page 0 (the caller masks or zeroes those rows)."""
-    B = block_size
-    nbmax = -(-lmax // B)
+def _padded_pages(tables: Sequence[IntArray], lmax: int, block_size: int) -> IntArray:
+    """Page ids ``(G, nb, L, 2)`` of the ``nb`` blocks covering positions ``0..lmax-1`` under
+    each table; a table shorter than that is padded with page 0 (the caller masks those)."""
+    nbmax = -(-lmax // block_size)
     L = tables[0].shape[1]
     padded = np.zeros((len(tables), nbmax, L, 2), dtype=np.int64)
     for j, t in enumerate(tables):
         nb = min(len(t), nbmax)
         padded[j, :nb] = t[:nb]
+    return padded
+
+
+def _page_rows(padded: IntArray, lmax: int, block_size: int) -> IntArray:
+    """Flat rows ``(G, L, 2, lmax)`` of positions ``0..lmax-1`` under padded page ids
+    ``(G, nb, L, 2)``."""
+    B = block_size
+    G, nbmax, L = padded.shape[:3]
     rows = padded.transpose(0, 2, 3, 1)[..., None] * B + np.arange(B, dtype=np.int64)
-    out: IntArray = rows.reshape(len(tables), L, 2, nbmax * B)[..., :lmax]
+    out: IntArray = rows.reshape(G, L, 2, nbmax * B)[..., :lmax]
     return out

@@ -188,12 +188,8 @@ class PagedEngine:
         """The forward pass over this engine's own store (built on first use: an engine of an
         :class:`~memshare.validate.engine.group.EngineGroup` never runs its own)."""
         if self._model is None:
-            self._model = PagedModel(
-                self._hf_model,
-                self.store,
-                layer_map=self.pool.layer_map,
-                rotated_keys=self.opts.rotated_keys,
-            )
+            lm, rotated = self.pool.layer_map, self.opts.rotated_keys
+            self._model = PagedModel(self._hf_model, self.store, layer_map=lm, rotated_keys=rotated)
         return self._model
 
     # ----------------------------------------------------------------- running

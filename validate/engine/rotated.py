@@ -92,18 +92,23 @@ def rotated_cache(store: PageStore) -> RotatedKeys | None:
     return RotatedKeys(tuple(store.data.shape), store.dtype, store.device)
 
 
-def fixes_of(stale: BoolArray, rows: IntArray, want: IntArray, device: torch.device) -> Fixes:
+def fixes_of(
+    stale: BoolArray, rows: IntArray, want: IntArray, device: torch.device, width: int = 0
+) -> Fixes:
     """Per layer with stale reads: ``(index, rows, positions)``, 1-D long tensors. ``stale``,
-    ``rows`` ``(L, ...)`` as :meth:`RotatedKeys.stale` takes them, ``want`` broadcast to
-    them; ``index`` counts in the layer's read flattened (row-major)."""
+    ``rows`` ``(L, ..., n)`` as :meth:`RotatedKeys.stale` takes them, ``want`` broadcast to
+    them; ``index`` counts in the layer's read flattened (row-major), each of its reads of
+    ``n`` rows padded to ``width`` (``0``: not padded)."""
     out: Fixes = {}
     if not stale.any():
         return out
     want_full = np.broadcast_to(want, rows.shape)
     for layer in np.flatnonzero(stale.reshape(len(stale), -1).any(axis=1)).tolist():
         idx = np.flatnonzero(stale[layer].reshape(-1))
+        n = rows.shape[-1]
+        at = idx if width in (0, n) else (idx // n) * width + idx % n
         out[layer] = (
-            torch.as_tensor(idx, device=device),
+            torch.as_tensor(at, device=device),
             torch.as_tensor(rows[layer].reshape(-1)[idx], device=device),
             torch.as_tensor(np.ascontiguousarray(want_full[layer].reshape(-1)[idx]), device=device),
         )
