@@ -35,6 +35,7 @@ import numpy.typing as npt
 import torch
 
 from memshare.scheduler import Chunk
+from memshare.validate.engine.rotated import Fixes, RotatedKeys, fixes_of
 
 IntArray = npt.NDArray[np.int64]
 
@@ -81,6 +82,7 @@ class ChunkPlan:
     ctx: int  # context length read: start + n
     rows: torch.Tensor  # (L, 2, ctx) flat store rows to read, layer map applied
     mask: torch.Tensor | None  # (1, 1, n, ctx) bool, True = attend; None = causal from 0
+    fixes: Fixes | None = None  # keys to rotate again (RotatedKeys); None: rotate them all
 
 
 @dataclass
@@ -91,6 +93,13 @@ class GroupPlan:
     rows: torch.Tensor  # (L, 2, G, Lmax) flat store rows, layer map applied; padding: row 0
     mask: torch.Tensor | None  # (G, 1, n, Lmax) bool: key <= the query's position; None: all
     lmax: int  # longest context in the group
+    # (L, 2, G, nb) the page ids of ``rows`` (nb blocks cover Lmax; padding: page 0): a read
+    # gathers whole pages and keeps the first Lmax rows, the same keys as ``rows`` within a
+    # context (the rest are masked)
+    pages: torch.Tensor | None = None
+    # keys to rotate again (RotatedKeys), their index counted in the page gather's
+    # (G, nb * block_size) rows; None: rotate them all
+    fixes: Fixes | None = None
 
 
 @dataclass
@@ -168,8 +177,12 @@ def plan_step(
     num_pages: int,
     layer_map: IntArray,
     device: Any,
+    rotated: RotatedKeys | None = None,
 ) -> BatchPlan:
-    """Check the chunks and build the step's index tensors (one pass, no per-token loops)."""
+    """Check the chunks and build the step's index tensors (one pass, no per-token loops).
+
+    ``rotated``: the store's rotated-key cache; its positions are updated for the step's
+    writes and copies, and every read gets the keys it must rotate again (``fixes``)."""
     if not chunks:
         raise ValueError("a step needs at least one chunk")
     L = num_layers
@@ -193,7 +206,31 @@ def plan_step(
     if pk.copy_src:
         plan.copy_src = _dev(np.concatenate(pk.copy_src, axis=2), device)
         plan.copy_dst = _dev(np.concatenate(pk.copy_dst, axis=2), device)
+    if rotated is not None:
+        _plan_rotated(rotated, pk, lay, plan, layer_map)
     return plan
+
+
+def _plan_rotated(
+    rotated: RotatedKeys, pk: _Packed, lay: _Layout, plan: BatchPlan, layer_map: IntArray
+) -> None:
+    """Note the step's key writes and copies in ``rotated``, then give every read the keys
+    it finds rotated at another position than it reads them (its ``fixes``)."""
+    owners = np.flatnonzero(layer_map == np.arange(len(layer_map)))
+    if pk.tokens:
+        rotated.note_writes(lay.write[owners, 0], np.concatenate(pk.pos))
+    if pk.copy_src:
+        src = np.concatenate(pk.copy_src, axis=2)[owners, 0]
+        rotated.note_copies(src, np.concatenate(pk.copy_dst, axis=2)[owners, 0])
+    device = lay.device
+    for g, (rows, valid) in zip(plan.groups, lay.group_rows, strict=True):
+        want = np.arange(g.lmax, dtype=np.int64)
+        k_rows = rows[:, 0]  # (L, G, Lmax)
+        width = -(-g.lmax // lay.B) * lay.B  # rows per sequence in the page gather
+        g.fixes = fixes_of(rotated.stale(k_rows, want, valid), k_rows, want, device, width)
+    for ch, rows in zip(plan.chunks, lay.chunk_rows, strict=True):
+        want = np.arange(ch.ctx, dtype=np.int64)
+        ch.fixes = fixes_of(rotated.stale(rows[:, 0], want), rows[:, 0], want, device)
 
 
 def _dev(a: npt.ArrayLike, device: Any) -> torch.Tensor:
@@ -300,13 +337,18 @@ class _Layout:
         self.ctxs = np.array([int(p[-1]) + 1 if len(p) else 0 for p in pk.pos], dtype=np.int64)
         self.tok0 = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
         self.write = np.empty((L, 2, pk.tokens), dtype=np.int64)
+        # the reads' rows as numpy, layer map applied: per group (rows (L, 2, G, Lmax), which
+        # entries lie in a context (G, Lmax)), per chunk attended alone (L, 2, ctx)
+        self.group_rows: list[tuple[IntArray, npt.NDArray[np.bool_]]] = []
+        self.chunk_rows: list[IntArray] = []
 
     def group(self, n: int, members: list[int]) -> GroupPlan:
         """Chunks of length ``n`` read with one padded gather; their write rows filled."""
         pk, L, device = self.pk, self.L, self.device
         idx = np.asarray(members, dtype=np.int64)
         lmax = int(self.ctxs[idx].max())
-        rows = _padded_rows([pk.tables[m] for m in members], lmax, self.B)  # (G, L, 2, Lmax)
+        padded = _padded_pages([pk.tables[m] for m in members], lmax, self.B)  # (G, nb, L, 2)
+        rows = _page_rows(padded, lmax, self.B)  # (G, L, 2, Lmax)
         qpos = np.stack([pk.pos[m] for m in members])  # (G, n) the queries' positions
         tok = self.tok0[idx][:, None] + np.arange(n, dtype=np.int64)
         self.write[:, :, tok.reshape(-1)] = (
@@ -315,12 +357,14 @@ class _Layout:
         # (G, n, Lmax): a key is read by queries at or after its position
         reads = np.asarray(np.arange(lmax)[None, None, :] <= qpos[:, :, None], dtype=np.bool_)
         in_ctx = np.arange(lmax)[None, :] < self.ctxs[idx][:, None]  # (G, Lmax)
-        rows = np.where(in_ctx[:, None, None, :], rows, 0)
+        rows = np.where(in_ctx[:, None, None, :], rows, 0)[:, self.layer_map].transpose(1, 2, 0, 3)
+        self.group_rows.append((rows, in_ctx))
         return GroupPlan(
             _dev(tok, device),
-            _dev(rows[:, self.layer_map].transpose(1, 2, 0, 3), device),
+            _dev(rows, device),
             None if reads.all() else torch.as_tensor(reads[:, None], device=device),
             lmax,
+            _dev(padded[:, :, self.layer_map].transpose(2, 3, 0, 1), device),
         )
 
     def alone(self, m: int) -> ChunkPlan:
@@ -334,19 +378,27 @@ class _Layout:
         if n != ctx:  # not the whole context from 0: attend up to each token's own position
             q = torch.as_tensor(pos, device=device)[:, None]
             mask = (torch.arange(ctx, device=device)[None, :] <= q)[None, None]
-        return ChunkPlan(a, a + n, ctx, _dev(rows[self.layer_map], device), mask)
+        self.chunk_rows.append(rows[self.layer_map])
+        return ChunkPlan(a, a + n, ctx, _dev(self.chunk_rows[-1], device), mask)
 
 
-def _padded_rows(tables: Sequence[IntArray], lmax: int, block_size: int) -> IntArray:
-    """Flat rows ``(G, L, 2, lmax)`` of positions ``0..lmax-1`` under each table; a table
-    shorter than ``lmax`` is padded with page 0 (the caller masks or zeroes those rows)."""
-    B = block_size
-    nbmax = -(-lmax // B)
+def _padded_pages(tables: Sequence[IntArray], lmax: int, block_size: int) -> IntArray:
+    """Page ids ``(G, nb, L, 2)`` of the ``nb`` blocks covering positions ``0..lmax-1`` under
+    each table; a table shorter than that is padded with page 0 (the caller masks those)."""
+    nbmax = -(-lmax // block_size)
     L = tables[0].shape[1]
     padded = np.zeros((len(tables), nbmax, L, 2), dtype=np.int64)
     for j, t in enumerate(tables):
         nb = min(len(t), nbmax)
         padded[j, :nb] = t[:nb]
+    return padded
+
+
+def _page_rows(padded: IntArray, lmax: int, block_size: int) -> IntArray:
+    """Flat rows ``(G, L, 2, lmax)`` of positions ``0..lmax-1`` under padded page ids
+    ``(G, nb, L, 2)``."""
+    B = block_size
+    G, nbmax, L = padded.shape[:3]
     rows = padded.transpose(0, 2, 3, 1)[..., None] * B + np.arange(B, dtype=np.int64)
-    out: IntArray = rows.reshape(len(tables), L, 2, nbmax * B)[..., :lmax]
+    out: IntArray = rows.reshape(G, L, 2, nbmax * B)[..., :lmax]
     return out

@@ -44,6 +44,7 @@ from memshare.validate.engine.attention import (
 )
 from memshare.validate.engine.batch import BatchPlan, SeqChunk, check_layer_map, plan_step
 from memshare.validate.engine.packed_linear import use_packed_linears
+from memshare.validate.engine.rotated import RotatedKeys, rotated_cache
 from memshare.validate.engine.store import PageStore
 
 __all__ = ["PagedModel", "SeqChunk"]
@@ -54,10 +55,20 @@ class PagedModel:
 
     ``layer_map[l]`` (KVSharer cross-layer sharing): the owner layer whose pages layer ``l``
     reads; ``layer_map[l] != l`` layers write nothing. ``None`` = every layer owns its pages.
+    ``rotated_keys``: keep a rotated-key cache beside the store
+    (:class:`~memshare.validate.engine.rotated.RotatedKeys`, as large as the pages, made at
+    the first step where the device holds it), so keys read where they were written are not
+    rotated again; False: every read rotates its keys from the pages (the same keys, bit for
+    bit). Only this model's steps may write the store's pages while the cache is kept.
     """
 
     def __init__(
-        self, hf_model: Any, store: PageStore, *, layer_map: npt.ArrayLike | None = None
+        self,
+        hf_model: Any,
+        store: PageStore,
+        *,
+        layer_map: npt.ArrayLike | None = None,
+        rotated_keys: bool = True,
     ) -> None:
         base = getattr(hf_model, "model", None)
         layers = getattr(base, "layers", None)
@@ -98,6 +109,8 @@ class PagedModel:
         self._new_v: list[Any] = [None] * self._num_layers
         self._attns = attns
         self._handles: list[Any] = []  # the forward hooks, registered by the first step
+        self._want_rotated = rotated_keys
+        self.rotated: RotatedKeys | None = None  # the cache, made by the first step
         register_attention()
         hf_model.set_attn_implementation(ATTN_NAME)
         if hf_model.config._attn_implementation != ATTN_NAME:
@@ -159,37 +172,46 @@ class PagedModel:
         if not self._handles:
             self._hook()
         with torch.inference_mode():
-            plan = plan_step(
-                chunks,
-                num_layers=self._num_layers,
-                block_size=self.store.block_size,
-                num_pages=self.store.num_pages,
-                layer_map=self.layer_map,
-                device=self.store.device,
-            )
-            if plan.input_ids.shape[1] == 0:  # only copies (every chunk fully reused)
-                return self._copies_only(plan)
-            positions = torch.arange(plan.max_ctx, device=self.store.device)[None]
-            plan.cos, plan.sin = self._rotary(self._dummy, position_ids=positions)
-            half = (
-                rope_half_tables(plan.cos, plan.sin, self._num_kv_heads)
-                if self._half_form
-                else None
-            )
-            state = PagedStep(plan, self.store, self._new_k, self._new_v, self._apply_rope, half)
+            if self._want_rotated and self.rotated is None:
+                self.rotated = rotated_cache(self.store)
             try:
-                out = self.model(
-                    input_ids=plan.input_ids,
-                    position_ids=plan.position_ids,
-                    use_cache=False,
-                    logits_to_keep=plan.keep,
-                    **{STATE_KWARG: state},
-                )
-            finally:
-                self._new_k[:] = [None] * self._num_layers
-                self._new_v[:] = [None] * self._num_layers
-            logits = out.logits[0].float()
-            return [logits[a:b] if full else logits[a] for a, b, full in plan.outputs]
+                return self._step(chunks)
+            except BaseException:
+                self.rotated = None  # its positions may promise keys never written
+                raise
+
+    def _step(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
+        """:meth:`step`'s plan and forward pass (inference mode, hooks registered)."""
+        plan = plan_step(
+            chunks,
+            num_layers=self._num_layers,
+            block_size=self.store.block_size,
+            num_pages=self.store.num_pages,
+            layer_map=self.layer_map,
+            device=self.store.device,
+            rotated=self.rotated,
+        )
+        if plan.input_ids.shape[1] == 0:  # only copies (every chunk fully reused)
+            return self._copies_only(plan)
+        positions = torch.arange(plan.max_ctx, device=self.store.device)[None]
+        plan.cos, plan.sin = self._rotary(self._dummy, position_ids=positions)
+        half = rope_half_tables(plan.cos, plan.sin, self._num_kv_heads) if self._half_form else None
+        state = PagedStep(
+            plan, self.store, self._new_k, self._new_v, self._apply_rope, half, self.rotated
+        )
+        try:
+            out = self.model(
+                input_ids=plan.input_ids,
+                position_ids=plan.position_ids,
+                use_cache=False,
+                logits_to_keep=plan.keep,
+                **{STATE_KWARG: state},
+            )
+        finally:
+            self._new_k[:] = [None] * self._num_layers
+            self._new_v[:] = [None] * self._num_layers
+        logits = out.logits[0].float()
+        return [logits[a:b] if full else logits[a] for a, b, full in plan.outputs]
 
     def _copies_only(self, plan: BatchPlan) -> list[torch.Tensor]:
         """A step with no token to compute: do its copies, return empty logits."""
@@ -198,6 +220,9 @@ class PagedModel:
                 self.store.copy_flat(
                     plan.copy_src[layer].reshape(-1), plan.copy_dst[layer].reshape(-1)
                 )
+                if self.rotated is not None:
+                    src, dst = plan.copy_src[layer, 0], plan.copy_dst[layer, 0]
+                    self.rotated.flat.index_copy_(0, dst, self.rotated.flat.index_select(0, src))
         vocab = int(self.model.get_output_embeddings().out_features)
         empty = torch.empty((0, vocab), device=self.store.device)
         return [empty for _ in plan.outputs]

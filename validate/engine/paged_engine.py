@@ -83,6 +83,7 @@ class EngineOptions:
     sketch_seed: int = DEFAULT_SEED
     teacher_forced: bool = False  # chunks of one block; logits of every position to the sink
     stop_on_eos: bool = True
+    rotated_keys: bool = True  # keep keys rotated at write (PagedModel); False: at every read
 
 
 @dataclass
@@ -190,7 +191,8 @@ class PagedEngine:
         """The forward pass over this engine's own store (built on first use: an engine of an
         :class:`~memshare.validate.engine.group.EngineGroup` never runs its own)."""
         if self._model is None:
-            self._model = PagedModel(self._hf_model, self.store, layer_map=self.pool.layer_map)
+            lm, rotated = self.pool.layer_map, self.opts.rotated_keys
+            self._model = PagedModel(self._hf_model, self.store, layer_map=lm, rotated_keys=rotated)
         return self._model
 
     # ----------------------------------------------------------------- running
