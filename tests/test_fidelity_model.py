@@ -1,7 +1,8 @@
 """The fidelity model: its features, its fit, its file, and the simulator's prediction.
 
 The features are checked against a position-by-position count; the fit against data drawn
-from a known model (it must find the sensitivities again, none negative); the file round-trips
+from a known model (it must predict what the data hold and rank the layers as they do, none
+negative; layers that always share together must split the cost); the file round-trips
 and a bad one is one line; ``simulate --fidelity-model`` adds the prediction, exactly 1.0 and 0
 without a share, and the search's pieces (settings of a layer table, the spec text) are exact.
 """
@@ -57,11 +58,30 @@ def test_the_fit_finds_known_sensitivities_again() -> None:
             rows.append(FitText(f"run{run}", f"t{t}", x, ~dis, kl))
     model = fit(rows, L)
     assert np.all(model.top1 >= 0) and np.all(model.kl >= 0)
-    assert np.allclose(model.kl, b, atol=0.02)
     x = np.concatenate([r.x for r in rows])  # what it predicts is what the data hold
+    assert np.mean(x @ model.kl) == pytest.approx(np.mean(x @ b), rel=0.02)
     assert np.mean(x @ model.top1) == pytest.approx(np.mean(x @ a), abs=0.005)
+    # the layers the data say matter more come out higher (pulled towards their part's mean)
+    assert np.corrcoef(model.kl, b)[0, 1] > 0.9 and np.corrcoef(model.top1, a)[0, 1] > 0.8
     lo, hi = model.residual_top1
     assert lo <= 0 <= hi and model.fitted_on["texts"] == 6
+
+
+def test_layers_that_always_share_together_split_the_cost() -> None:
+    # every share touches layers 0 and 1 alike: the data cannot tell them apart, so neither
+    # may be called free (plain NNLS gave one all the weight)
+    rng = np.random.default_rng(3)
+    rows = []
+    for t in range(4):
+        ft, w = _log(rng, 300)
+        w[:, 1] = w[:, 0]
+        x = features(ft, w, 300, BS)
+        dis = rng.random(300) < np.minimum(1.0, x[:, 0] * 0.4 + x[:, 2] * 0.4)
+        rows.append(FitText("run", f"t{t}", x, ~dis, x[:, 0] + x[:, 2]))
+    model = fit(rows, L)
+    k0, k1 = model.top1[0], model.top1[2]
+    assert k0 > 0.1 and k1 > 0.1 and abs(k0 - k1) < 0.1 * max(k0, k1)
+    assert model.kl[0] == pytest.approx(model.kl[2], rel=0.01)
 
 
 def test_a_run_without_shares_predicts_no_loss(tmp_path: Path) -> None:
