@@ -18,7 +18,6 @@ policy; no function here writes anything but the engine folders :func:`write_eng
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +39,7 @@ from memshare.validate.engine.live_blocks import TokenStarts
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.records import PagedRunResult
 from memshare.validate.engine.store import PageStore
+from memshare.validate.engine.twin import twin
 from memshare.validate.fidelity import binomial_interval
 from memshare.validate.measure import Progress, policy_of
 
@@ -100,7 +100,7 @@ def make_engine(
     sk = trace.manifest.sketch
     if sk is not None:
         opts = replace(opts, sketch_dim=sk.dim, sketch_seed=sk.seed)
-    own = copy.deepcopy(model) if store is None else model
+    own = twin(model) if store is None else model
     return PagedEngine(
         own, policy_of(cfg), specs, opts, eos_ids=eos_ids, token_starts=token_starts, store=store
     )

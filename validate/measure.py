@@ -23,7 +23,6 @@ policy; fidelity counts only positions whose logits both runs produced.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,6 +44,7 @@ from memshare.traces.schema import RequestRecord
 from memshare.validate.engine.group import Groups, grouped_engines, step_groups
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
 from memshare.validate.engine.store import PageStore
+from memshare.validate.engine.twin import twin
 from memshare.validate.fidelity import FidelityAccumulator, add_pairs, next_token_targets
 from memshare.validate.runs.folders import RunDir
 
@@ -191,7 +191,7 @@ def engine_for(
         sketch_dim=sk.dim if sk is not None else EngineOptions.sketch_dim,
         sketch_seed=sk.seed if sk is not None else EngineOptions.sketch_seed,
     )
-    own = copy.deepcopy(model) if store is None else model
+    own = twin(model) if store is None else model
     return PagedEngine(own, policy_of(cfg), wl.specs, opts, eos_ids=frozenset(), store=store)
 
 

@@ -23,7 +23,6 @@ Figures (printed, never asserted by a timed test; docs/layout.md lists the targe
 
 from __future__ import annotations
 
-import copy
 import json
 import resource
 import statistics
@@ -36,6 +35,7 @@ from typing import Any
 from memshare.registry import make_policy
 from memshare.scheduler import SchedulerConfig
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine
+from memshare.validate.engine.twin import twin
 
 CF_TOPK: dict[str, Any] = {"granularity": "layer", "share": "k", "tau": 0.5, "window": 1}
 
@@ -249,7 +249,7 @@ def bench_engine(
     if status:
         status("loading the model")
     backend = load_model(model, threads=threads)
-    mine = copy.deepcopy(backend.model)
+    mine = twin(backend.model)
     out: dict[str, Any] = {"repeats": repeats, "max_new_tokens": max_new_tokens}
     one = _prompts(backend, 1)
     mixed = _prompts(backend, batch)

@@ -13,7 +13,10 @@ rows the weight-major product ``(W @ x.T).T`` is faster still (18-27 ms), so it 
 Invariants: only plain float32 CPU ``nn.Linear`` modules switch, and only where PyTorch has
 oneDNN; the path depends on the row count alone (never on a timing); the packed weight is made
 from the module's own weight at its first use and again whenever the weight changes (its
-version counter), never copied or pickled (a deep copy packs its own); results differ from
+version counter), never copied or pickled; one packed copy per weight tensor, kept in a table
+keyed by the tensor's identity (copies of a model that share their weights, such as
+:func:`~memshare.validate.engine.twin.twin`'s, share it too; an entry whose tensor is gone or
+changed is replaced); results differ from
 ``F.linear``'s in rounding only (another summation order; ~1e-5 relative). With the reorder
 sized for 16 rows, a row's packed result did not depend on how many rows the product had
 (checked at 1 to 512 rows on this machine).
@@ -21,6 +24,7 @@ sized for 16 rows, a row's packed result did not depend on how many rows the pro
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -28,6 +32,8 @@ from torch import nn
 
 PACK_ROWS = 16  # the row count the weight's layout is chosen for (fastest at 1-512 rows here)
 WEIGHT_MAJOR_MAX_ROWS = 4  # up to here ``(W @ x.T).T`` beat the packed product (1-2 rows: 1.5x)
+# id(weight) -> (the weight, weakly; its version when packed; the packed weight)
+_PACKED: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
 
 
 def packing_available() -> bool:
@@ -64,21 +70,16 @@ class PackedLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def packed_weight(self) -> torch.Tensor:
-        """The weight in oneDNN's layout, packed at first use and again after a change."""
+        """The weight in oneDNN's layout, packed at its first use by any module and again
+        after a change (module docstring)."""
         weight = self.weight
-        key = (weight.data_ptr(), weight._version)
-        packed = self.__dict__.get("_onednn_weight")
-        if packed is None or packed[0] != key:
-            w = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
-            packed = self.__dict__["_onednn_weight"] = (key, w)
-        out: torch.Tensor = packed[1]
-        return out
-
-    def __getstate__(self) -> dict[str, Any]:
-        """The module's state without the packed weight (a oneDNN tensor cannot be copied)."""
-        state = dict(self.__dict__)
-        state.pop("_onednn_weight", None)
-        return state
+        got = _PACKED.get(id(weight))
+        if got is None or got[0]() is not weight or got[1] != weight._version:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+            key = id(weight)
+            ref = weakref.ref(weight, lambda _r: _PACKED.pop(key, None))
+            got = _PACKED[key] = (ref, weight._version, packed)
+        return got[2]
 
 
 def use_packed_linears(model: Any) -> int:
