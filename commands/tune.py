@@ -38,7 +38,10 @@ class TuneArgs:
     target: Annotated[
         str, typer.Option(help="top1=A (measured top-1 agreement >= A) or kl=K (mean KL <= K).")
     ] = "top1=0.99"
-    policy: Annotated[str, typer.Option(help="The policy to tune (cf-topk).")] = "cf-topk"
+    policy: Annotated[
+        str,
+        typer.Option(help="The policy to tune: cf-topk (a tau per layer) or kvsharer (layers)."),
+    ] = "cf-topk"
     sets: SimSetOpt = None
     budget: Annotated[
         int, typer.Option(help="Validate runs of frontier points, at most (calibration aside).")
@@ -55,6 +58,13 @@ class TuneArgs:
     device: DeviceOpt = "cpu"
     dtype: DtypeOpt = "float32"
     threads: ThreadsOpt = None
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="An earlier tune's -o folder on the same held-out texts, drawn on "
+            "frontier.png too (repeat)."
+        ),
+    ] = None
 
 
 @spread
@@ -83,7 +93,9 @@ def tune_cmd(
     (cfg,) = build_configs(sim)
     holdout = [h.strip() for h in args.holdout.split(",") if h.strip()] if args.holdout else None
     spec = ModelSpec(args.model, args.device, args.dtype, args.threads)
-    opts = TuneOptions(cfg, target, args.budget, holdout, args.limit, spec)
+    opts = TuneOptions(
+        cfg, target, args.budget, holdout, args.limit, spec, compare=list(args.compare or ())
+    )
     dest = output or Path("runs") / f"tune-{args.trace.resolve().name}"
     fan_out = fan.fan_out()
     with Bar(as_json) as bar:
@@ -113,20 +125,21 @@ def tune_cmd(
 
 def _render(result: TuneResult, opts: TuneOptions, dest: Path) -> None:
     """Each validated point, predicted beside measured, and the winning line."""
+    from memshare.tune.points import short
     from memshare.tune.report import winning_line
 
     best, target = result.best, opts.target
     for c, p in result.validated:
         top1 = p.measured["top1_agreement"]
         lo, hi = p.measured["top1_agreement_ci95"]
+        guess = "" if c.top1 is None else f" (predicted {100 * c.top1:.2f}%)"
         out.print(
-            f"{c.params.get('tau_layers') or c.params.get('tau')}: KV saved "
+            f"{short(c.params)}: KV saved "
             f"{100 * (p.kv_saved['measured'] or 0):.2f}% (predicted {100 * c.kv_saved:.2f}%), "
-            f"top-1 {100 * top1:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}] "
-            f"(predicted {100 * c.top1:.2f}%)"
+            f"top-1 {100 * top1:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]{guess}"
         )
     if best is None:
         out.print(f"no validated setting met {target.text()} -> {dest}")
     else:
         out.print(f"best at {target.text()}: {winning_line(opts, best[1].params)}")
-        out.print(f"[dim]-> {dest}/tune.json, frontier.png, fidelity_model.json[/dim]")
+        out.print(f"[dim]-> {dest}/tune.json, frontier.png[/dim]")

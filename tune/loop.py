@@ -9,6 +9,7 @@ the same choices again); the output folder is written whole at the end, never ha
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel, fit
 from memshare.sim.run import LoadedTrace, resolve
+from memshare.tune.knob import KNOBS, bisect, knob_of, predicted
 from memshare.tune.points import PointInputs, PointResult, point_job, short
-from memshare.tune.report import write_outputs
+from memshare.tune.report import read_compared, write_outputs
 from memshare.tune.result import TuneOptions, TuneResult
 from memshare.tune.search import Candidate, base_pages, frontier, layer_table, simulator
 from memshare.tune.target import Target, split
@@ -31,22 +33,26 @@ from memshare.validate.measure import Progress, Workload, texts_workload
 
 Stage = Callable[[str], None]
 TUNE_OUTPUT = OutputKind("tune", "tune.json")
-CALIBRATION_TAUS = (0.3, 0.6, 1.0)  # one tau for every layer: the calibration runs
+CALIBRATION_TAUS = (0.4, 0.5)  # one tau for every layer: near the frontier's >= 90% end
+GROUP_TAU = 0.7  # each third of the layers alone at this tau: tells layers apart
 
 
 def _check(opts: TuneOptions, trace: LoadedTrace) -> None:
     cfg = opts.config
-    if cfg.policy != "cf-topk":
+    if cfg.policy in KNOBS:
+        knob_of(cfg)
+    elif cfg.policy != "cf-topk":
         raise InputError(
             "--policy",
-            f"tune searches cf-topk's per-layer thresholds; {cfg.policy} is not searched yet",
+            f"tune searches cf-topk's per-layer thresholds and {', '.join(KNOBS)}'s "
+            f"{', '.join(k.param for k in KNOBS.values())}; {cfg.policy} is not searched yet",
             "use --policy cf-topk (validate measures other policies' settings)",
         )
-    if cfg.policy_params.get("granularity") != "layer":
+    elif cfg.policy_params.get("granularity") != "layer":
         raise InputError(
             "--set granularity", "tune searches thresholds per layer", "add --set granularity=layer"
         )
-    if not trace.has_sketches:
+    elif not trace.has_sketches:
         raise InputError(str(trace.path), "has no KV sketches", "capture a kv trace (--texts)")
     if opts.budget < 1:
         raise InputError("--budget", f"{opts.budget} validate runs", "give 1 or more, e.g. 4")
@@ -69,6 +75,7 @@ def tune(
     resolve(opts.config, trace)
     ids = [r.id for r in trace.records[: opts.limit] if r.prompt_ids or r.output_ids]
     cal, held = split(ids, opts.holdout)
+    opts.compared = [read_compared(p, held) for p in opts.compare]
     claim_output(output, "-o", TUNE_OUTPUT, overwrite=overwrite)
     bs = resolve(opts.config, trace).block_size
     inputs = PointInputs(opts.spec, trace, bs, opts.gpu)
@@ -78,14 +85,18 @@ def tune(
         executor.host.report = progress
 
     measure = _measurer(executor, inputs, store, trace, jobs_progress)
+    wl = texts_workload(trace, [r for r in trace.records if r.id in set(held)], bs)
     try:
-        stage(f"calibrating on {len(cal)} texts: tau {', '.join(map(str, CALIBRATION_TAUS))}")
-        calibration = measure([_uniform(opts.config, t) for t in CALIBRATION_TAUS], cal, None)
-        wl = texts_workload(trace, [r for r in trace.records if r.id in set(held)], bs)
-        found = _rounds(opts, wl, calibration, measure, stage)
+        if opts.config.policy in KNOBS:
+            found = _knob(opts, wl, measure, stage)
+        else:
+            settings = calibration_settings(opts.config, _depth(trace))
+            names = "; ".join(short(c.policy_params) for c in settings)
+            stage(f"calibrating on {len(cal)} texts: {names}")
+            found = _rounds(opts, wl, measure(settings, cal, None), measure, stage)
     finally:
         executor.close()
-    validated, single, front, model = found
+    calibration, validated, single, front, model = found
     split_ = {"calibration": cal, "held_out": held}
     best = _best(validated, opts.target)
     result = TuneResult(calibration, validated, single, front, best, model, split_)
@@ -118,17 +129,37 @@ def _measurer(
     return measure
 
 
+Found = tuple[
+    list[PointResult],  # calibration runs
+    list[tuple[Candidate, PointResult]],  # validated points
+    list[Candidate],  # one-tau settings predicted (cf-topk)
+    list[Candidate],  # the predicted frontier of the last search
+    FidelityModel | None,  # the last fit (None: a knob policy's search fits none)
+]
+
+
+def _knob(opts: TuneOptions, wl: Workload, measure: Measure, stage: Stage) -> Found:
+    """A one-knob policy (tune/knob.py): every value simulated, a bisection measured."""
+    cfg, texts = opts.config, list(wl.texts)
+    knob = knob_of(cfg)
+    stage(f"simulating every {knob.param} of {cfg.policy} on {len(texts)} texts")
+    cands = predicted(simulator(wl, opts.gpu, None), cfg, knob)
+    validated = bisect(
+        cands, cfg, opts.target, opts.budget, lambda c: measure([c], texts, None)[0], stage
+    )
+    return [], validated, [], cands, None
+
+
 def _rounds(
     opts: TuneOptions,
     wl: Workload,
     calibration: list[PointResult],
     measure: Measure,
     stage: Stage,
-) -> tuple[list[tuple[Candidate, PointResult]], list[Candidate], list[Candidate], FidelityModel]:
-    """Fit, search, validate, refit, at most ``opts.budget`` times: ``(validated points, the
-    single-tau and per-layer frontiers of the last search, the last model)``."""
+) -> Found:
+    """Fit, search, validate, refit, at most ``opts.budget`` times."""
     rows = [r for p in calibration for r in p.fit]
-    layers = wl.trace.manifest.model.num_layers if wl.trace.manifest.model else 0
+    layers = _depth(wl.trace)
     model = fit(rows, layers)
     validated: list[tuple[Candidate, PointResult]] = []
     tried: set[str] = set()
@@ -148,12 +179,26 @@ def _rounds(
         (point,) = measure([opts.config.with_(policy_params=pick.params)], list(wl.texts), model)
         validated.append((pick, point))
         model = fit(rows + [r for _, p in validated for r in p.fit], layers)
-    return validated, single, front, model
+    return calibration, validated, single, front, model
 
 
-def _uniform(cfg: SimConfig, tau: float) -> SimConfig:
-    params = {k: v for k, v in cfg.policy_params.items() if k != "tau_layers"}
-    return cfg.with_(policy_params={**params, "tau": tau})
+def _depth(trace: LoadedTrace) -> int:
+    model = trace.manifest.model
+    return model.num_layers if model else 0
+
+
+def calibration_settings(cfg: SimConfig, layers: int) -> list[SimConfig]:
+    """The calibration runs: every layer at each of :data:`CALIBRATION_TAUS`, then each third
+    of the layers alone at :data:`GROUP_TAU` (the others unshared). Uniform runs alone leave
+    the layers' features collinear (they share at the same positions); a run that shares
+    one group only shows that group's cost by itself."""
+    params = {k: v for k, v in cfg.policy_params.items() if k not in ("tau", "tau_layers")}
+    out = [cfg.with_(policy_params={**params, "tau": t}) for t in CALIBRATION_TAUS]
+    bounds = sorted({round(layers * i / 3) for i in range(4)})
+    for lo, hi in itertools.pairwise(bounds):
+        table = f"*:off,{lo}-{hi - 1}:{GROUP_TAU}"
+        out.append(cfg.with_(policy_params={**params, "tau": GROUP_TAU, "tau_layers": table}))
+    return out
 
 
 def _measured(p: PointResult) -> tuple[float | None, float | None]:

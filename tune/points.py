@@ -61,8 +61,10 @@ def point_job(
 
 
 def short(params: dict[str, Any]) -> str:
-    """A setting in a few words: its tau_layers, else its tau."""
-    return str(params.get("tau_layers") or f"tau={params.get('tau')}")
+    """A setting in a few words: its tau_layers, else its tau, else kvsharer's layers."""
+    if "tau_layers" in params or "tau" in params:
+        return str(params.get("tau_layers") or f"tau={params.get('tau')}")
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k in ("layers", "recompute"))
 
 
 def measure_points(

@@ -1,7 +1,7 @@
 """``tune``'s output folder: ``tune.json`` (every point: parameters, predicted and measured KV
 saved and fidelity with 95% intervals), ``fidelity_model.json`` (the last refit),
-``frontier.png`` (predicted and measured points on one pair of axes) and the winning setting
-as a command line.
+``frontier.png`` (predicted and measured points on one pair of axes), ``fit_positions.npz``
+(every measured position the model was fitted on) and the winning setting as a command line.
 
 Invariants: files are written into the staging folder the caller replaces ``-o`` with whole;
 numbers are plain JSON (``None`` for what was not measured).
@@ -15,9 +15,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from memshare.errors import InputError
+from memshare.sim.fit_positions import save_positions
 from memshare.tune.points import PointResult
 from memshare.tune.result import TuneOptions, TuneResult
-from memshare.tune.search import Candidate
 
 
 def _point(p: PointResult) -> dict[str, Any]:
@@ -63,7 +64,7 @@ def tune_json(result: TuneResult, opts: TuneOptions) -> dict[str, Any]:
         "frontier_predicted": [asdict(c) for c in result.frontier],
         "best": None if best is None else _point(best[1]),
         "command": None if best is None else winning_line(opts, best[1].params),
-        "fidelity_model": result.model.to_json(),
+        "fidelity_model": None if result.model is None else result.model.to_json(),
     }
 
 
@@ -71,46 +72,77 @@ def write_outputs(result: TuneResult, opts: TuneOptions, folder: Path) -> None:
     """Every file of the output folder."""
     obj = tune_json(result, opts)
     (folder / "tune.json").write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    result.model.save(folder / "fidelity_model.json")
-    _plot(result, opts, folder / "frontier.png")
+    if result.model is not None:
+        result.model.save(folder / "fidelity_model.json")
+        points = result.calibration + [p for _, p in result.validated]
+        save_positions([r for p in points for r in p.fit], folder / "fit_positions.npz")
+    _plot(obj, opts, folder / "frontier.png")
 
 
-def _plot(result: TuneResult, opts: TuneOptions, path: Path) -> None:
+def read_compared(path: Path, held_out: list[str]) -> dict[str, Any]:
+    """``--compare DIR``: an earlier tune's ``tune.json``, measured on these held-out texts
+    (InputError otherwise: points on other texts are not comparable)."""
+    file = path / "tune.json" if path.is_dir() else path
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+        theirs = obj["texts"]["held_out"]
+        if not isinstance(obj["validated"], list) or not isinstance(obj["policy"], str):
+            raise TypeError("its validated points or policy are not a list and a name")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"{file} is not a tune.json ({e})"
+        raise InputError("--compare", why, "give a tune -o folder") from e
+    if theirs != held_out:
+        raise InputError(
+            "--compare",
+            f"{file} was measured on held-out texts {theirs}, this run on {held_out}",
+            "tune both on the same trace, --limit and --holdout",
+        )
+    return dict(obj)
+
+
+def _pct(points: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(KV saved %, top-1 %) of tune.json candidates with a predicted top-1."""
+    kept = [p for p in points if p.get(key) is not None]
+    return [100 * p["kv_saved"] for p in kept], [100 * p[key] for p in kept]
+
+
+def _measured(ax: Any, points: list[dict[str, Any]], fmt: str, color: str, name: str) -> None:
+    """tune.json measured points with their 95% binomial intervals."""
+    if not points:
+        return
+    xs = [100 * (p["kv_saved"]["measured"] or 0.0) for p in points]
+    ys = [100 * p["top1"]["measured"] for p in points]
+    lo = [y - 100 * p["top1"]["measured_ci95"][0] for y, p in zip(ys, points, strict=True)]
+    hi = [100 * p["top1"]["measured_ci95"][1] - y for y, p in zip(ys, points, strict=True)]
+    ax.errorbar(xs, ys, yerr=[lo, hi], fmt=fmt, color=color, capsize=2, label=name)
+
+
+def _plot(obj: dict[str, Any], opts: TuneOptions, path: Path) -> None:
+    """This run's points and every ``--compare`` run's, on one pair of axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-
-    def pct(cands: list[Candidate]) -> tuple[list[float], list[float]]:
-        return [100 * c.kv_saved for c in cands], [100 * c.top1 for c in cands]
-
-    x, y = pct(result.frontier)
-    ax.plot(x, y, "-o", ms=3, label="per-layer tau, predicted (held-out texts)")
-    x, y = pct(result.single_tau)
-    ax.plot(x, y, "--s", ms=3, label="one tau, predicted")
-    for points, marker, name in (
-        (result.calibration, "^", "one tau, measured (calibration texts)"),
-        ([p for _, p in result.validated], "D", "validated, measured (held-out texts)"),
-    ):
-        xs = [100 * (p.kv_saved["measured"] or 0.0) for p in points]
-        ys = [100 * p.measured["top1_agreement"] for p in points]
-        lo = [
-            100 * (p.measured["top1_agreement"] - p.measured["top1_agreement_ci95"][0])
-            for p in points
-        ]
-        hi = [
-            100 * (p.measured["top1_agreement_ci95"][1] - p.measured["top1_agreement"])
-            for p in points
-        ]
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=2, label=name)
+    for i, run in enumerate([obj, *opts.compared]):
+        color, name = f"C{i}", run["policy"]
+        x, y = _pct(run.get("frontier_predicted") or [], "top1")
+        if x:
+            ax.plot(x, y, "-o", ms=3, color=color, label=f"{name}: predicted frontier")
+        x, y = _pct(run.get("single_tau_predicted") or [], "top1")
+        if x:
+            ax.plot(x, y, "--", color=color, alpha=0.5, label=f"{name}: one tau, predicted")
+        _measured(ax, run.get("calibration") or [], "^", color, f"{name}: calibration runs")
+        validated = sorted(run["validated"], key=lambda p: p["kv_saved"]["measured"] or 0.0)
+        _measured(ax, validated, "D-", color, f"{name}: validated (held-out texts)")
     if opts.target.metric == "top1":
         ax.axhline(100 * opts.target.value, color="grey", lw=0.8, ls=":", label=opts.target.text())
     ax.set_xlabel("KV saved (%)")
     ax.set_ylabel("top-1 agreement with no sharing (%)")
-    ax.set_title(f"memshare tune {opts.config.policy}")
-    ax.legend(fontsize=7)
+    names = [obj["policy"], *(r["policy"] for r in opts.compared)]
+    ax.set_title("memshare tune: " + ", ".join(names))
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

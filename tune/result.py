@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel
@@ -23,6 +25,8 @@ class TuneOptions:
     limit: int | None  # texts of the trace used (its first N)
     spec: ModelSpec
     gpu: str = "cpu"
+    compare: list[Path] = field(default_factory=list)  # earlier tunes drawn on frontier.png
+    compared: list[dict[str, Any]] = field(default_factory=list)  # their tune.json (read)
 
 
 @dataclass
@@ -34,5 +38,5 @@ class TuneResult:
     single_tau: list[Candidate]
     frontier: list[Candidate]
     best: tuple[Candidate, PointResult] | None
-    model: FidelityModel
+    model: FidelityModel | None  # the last fit (None: a one-knob policy's search)
     texts: dict[str, list[str]] = field(default_factory=dict)

@@ -38,9 +38,9 @@ class Candidate:
 
     params: dict[str, Any]  # the policy's parameters (tau_layers or tau)
     kv_saved: float  # simulated, against the unshared run
-    top1: float  # predicted
-    top1_ci95: list[float]
-    kl_mean: float  # predicted
+    top1: float | None  # predicted (None: the fidelity model does not cover the policy)
+    top1_ci95: list[float] | None
+    kl_mean: float | None  # predicted
     outside_fit: bool
 
 
@@ -54,7 +54,7 @@ class LayerTable:
     uniform: list[Candidate]  # the grid runs themselves (one tau for all layers)
 
 
-def simulator(wl: Workload, gpu: str, model: FidelityModel) -> Simulate:
+def simulator(wl: Workload, gpu: str, model: FidelityModel | None) -> Simulate:
     """The simulator on ``wl`` with ``model`` (the teacher-forced workload validate runs)."""
     return lambda cfg: predict(cfg, wl, gpu, model)
 
@@ -144,9 +144,9 @@ def frontier(sim: Simulate, cfg: SimConfig, table: LayerTable, base: float) -> l
             continue
         params = {**cfg.policy_params, "tau_layers": spec_of(choice)}
         found.append(_candidate(sim(cfg.with_(policy_params=params)), base, params))
-    found.sort(key=lambda c: (-c.kv_saved, -c.top1))
+    found.sort(key=lambda c: (-c.kv_saved, -(c.top1 or 0.0)))
     kept: list[Candidate] = []
     for c in found:  # by KV saved, descending: keep those beating every larger saving's top-1
-        if not kept or c.top1 > kept[-1].top1:
+        if not kept or (c.top1 or 0.0) > (kept[-1].top1 or 0.0):
             kept.append(c)
     return sorted(kept, key=lambda c: c.kv_saved)

@@ -1,0 +1,91 @@
+"""``tune`` for a policy with one knob (``kvsharer``'s shared layers): the simulator predicts
+each value's KV saved exactly, the fidelity model does not cover the policy (its features
+are cf-topk's page shares), so the measured search is a bisection on the held-out texts.
+
+Assumes fidelity falls as the knob shares more (more shared layers: more of the model reads
+another layer's KV); under it, ``b`` validate runs find the largest value that meets the
+target among ``2**b`` values. Value 0 shares nothing and meets any target unmeasured.
+
+Invariants: deterministic (same trace, options and measurements: same runs, same answer);
+every validated point is a measured run of the value it names, on the held-out texts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from memshare.errors import InputError
+from memshare.policies.kvsharer import KVSharer
+from memshare.registry import make_policy
+from memshare.sim.config import SimConfig
+from memshare.tune.points import PointResult, short
+from memshare.tune.search import Candidate, Simulate, base_pages
+from memshare.tune.target import Target
+
+Measure = Callable[[SimConfig], PointResult]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A policy's one searched parameter."""
+
+    param: str
+    values: Callable[[SimConfig], list[int]]  # ordered from least to most sharing, [0] none
+
+
+def _kvsharer_layers(cfg: SimConfig) -> list[int]:
+    policy = make_policy(cfg.policy, **{**cfg.policy_params, "layers": -1})
+    assert isinstance(policy, KVSharer)
+    return list(range(policy.shared_layers + 1))
+
+
+KNOBS: dict[str, Knob] = {"kvsharer": Knob("layers", _kvsharer_layers)}
+
+
+def knob_of(cfg: SimConfig) -> Knob:
+    """``cfg``'s policy's knob (InputError naming ``--set`` if it is given: tune sets it)."""
+    knob = KNOBS[cfg.policy]
+    if knob.param in cfg.policy_params:
+        raise InputError(
+            f"--set {knob.param}",
+            f"tune searches {cfg.policy}'s {knob.param}",
+            f"leave {knob.param} out",
+        )
+    return knob
+
+
+def predicted(sim: Simulate, cfg: SimConfig, knob: Knob) -> list[Candidate]:
+    """Every value of the knob simulated on the held-out texts (KV saved; no fidelity)."""
+    base = base_pages(sim, cfg)
+    out = []
+    for v in knob.values(cfg):
+        params = {**cfg.policy_params, knob.param: v}
+        run = sim(cfg.with_(policy_params=params))
+        live = run.result.timeline.live_pages
+        out.append(Candidate(params, 1.0 - sum(live) / len(live) / base, None, None, None, False))
+    return out
+
+
+def bisect(
+    cands: list[Candidate],
+    cfg: SimConfig,
+    target: Target,
+    budget: int,
+    measure: Measure,
+    stage: Callable[[str], None],
+) -> list[tuple[Candidate, PointResult]]:
+    """At most ``budget`` validate runs of the knob's values (module docstring)."""
+    lo, hi = 0, len(cands)  # cands[lo] meets the target; cands[hi] (if any) misses it
+    validated: list[tuple[Candidate, PointResult]] = []
+    for n in range(1, budget + 1):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        c = cands[mid]
+        stage(f"round {n}: validating {short(c.params)} on the held-out texts")
+        point = measure(cfg.with_(policy_params=c.params))
+        validated.append((c, point))
+        met = target.met(point.measured.get("top1_agreement"), point.measured.get("kl_mean"))
+        lo, hi = (mid, hi) if met else (lo, mid)
+    return validated
