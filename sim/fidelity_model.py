@@ -42,7 +42,7 @@ from memshare.share_log import ShareLog
 
 FORMAT = "memshare-fidelity-model/1"
 KL_CAP = 50.0  # nats: an infinite KL counts as this much in a fit
-RIDGE = 0.1  # pull of each layer's sensitivity towards its part's pooled one (_nnls_pooled)
+RIDGE = 3.0  # pull of each layer's sensitivity towards its part's pooled one (_nnls_pooled)
 
 
 def features(
@@ -224,7 +224,10 @@ def _nnls_pooled(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     30 layers carried it), which the per-layer search then exploits. The pull is a ridge
     penalty ``RIDGE x mean(column sum of squares) x ||w - pooled||^2``: the data move a
     layer away from its part's value only as far as they can tell layers apart. A layer and
-    part the data never touched takes the pooled value."""
+    part the data never touched takes the pooled value. At 0.1, 3 of 30 layers still came
+    out free on R1's calibration (tau 0.4, 0.5, each third at 0.7) and tune's search chose
+    exactly those (predicted 100%, measured 94.95%); at 3 none is free and leave-one-text-out
+    errors are no worse."""
     from scipy.optimize import lsq_linear
 
     width = x.shape[1]

@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 from helpers_cli import assert_one_line_error, memshare, ok
 
+from memshare.sim.fidelity_model import fit
+from memshare.sim.fit_positions import load_positions
+
 pytestmark = pytest.mark.slow  # the real model, several teacher-forced runs
 
 R1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning"
@@ -32,6 +35,22 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     texts.write_text("".join(json.dumps({"reasoning": r["reasoning"][:1000]}) + "\n" for r in rows))
     out = folder / "trace"
     ok(memshare("capture", "-o", str(out), "--texts", str(texts), "--field", "reasoning"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def layer_map(trace: Path) -> Path:
+    """A KVSharer layer map calibrated on the calibration texts (0 and 2)."""
+    rows = [json.loads(line) for line in R1.read_text().splitlines()[:4]]
+    texts = trace.parent / "cal_texts.jsonl"
+    texts.write_text("".join(json.dumps({"r": rows[i]["reasoning"][:1000]}) + "\n" for i in (0, 2)))
+    out = trace.parent / "map.json"
+    ok(
+        memshare(
+            "calibrate", "-o", str(out), "--texts", str(texts), "--field", "r", "--limit", "2",
+            "--max-tokens", "128", "--target", "0.5", "--threads", "1",
+        )
+    )  # fmt: skip
     return out
 
 
@@ -58,7 +77,10 @@ def test_tune_writes_every_point_with_predictions_and_intervals(
     assert (out / "fidelity_model.json").is_file()
     cal, held = ["texts-00000", "texts-00002"], ["texts-00001", "texts-00003"]
     assert t["texts"] == {"calibration": cal, "held_out": held}
-    assert [p["params"]["tau"] for p in t["calibration"]] == [0.3, 0.6, 1.0]
+    cal_params = [p["params"] for p in t["calibration"]]
+    assert [p["tau"] for p in cal_params[:2]] == [0.4, 0.5]  # every layer
+    tables = [p.get("tau_layers") for p in cal_params]
+    assert tables[2:] == ["*:off,0-9:0.7", "*:off,10-19:0.7", "*:off,20-29:0.7"]
     assert 1 <= len(t["validated"]) <= 2
     for p in t["calibration"] + t["validated"]:
         rate = p["page_share_rate"]
@@ -74,6 +96,15 @@ def test_tune_writes_every_point_with_predictions_and_intervals(
     if t["best"] is not None:
         assert t["best"]["top1"]["measured"] >= 0.95
         assert t["command"].startswith("memshare simulate ")
+
+
+def test_the_fit_positions_refit_to_the_written_model(tuned: tuple[Path, dict[str, Any]]) -> None:
+    out, t = tuned
+    rows = load_positions(out / "fit_positions.npz")
+    runs = len(t["calibration"]) + len(t["validated"])
+    assert len(rows) == 2 * runs  # a run's positions per text, two texts each
+    model = fit(rows, 30)
+    assert model.to_json() == json.loads((out / "fidelity_model.json").read_text())
 
 
 def test_the_winning_line_simulates(tuned: tuple[Path, dict[str, Any]], trace: Path) -> None:
@@ -160,3 +191,47 @@ def test_validate_fits_a_model_and_predicts_beside_the_measurement(
     assert lo <= rep["cf-topk"]["page_share_rate"]["measured"] <= hi and lo < hi
     bad = memshare(*args, "--fidelity-model", str(tmp_path / "missing.json"))
     assert_one_line_error(bad, "--fidelity-model")
+
+
+def test_kvsharer_bisects_its_layers_and_compares_on_one_plot(
+    trace: Path, layer_map: Path, tuned: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    cf_out, cf = tuned
+    out = tmp_path / "ksr"
+    r = memshare(
+        "tune", str(trace), "--policy", "kvsharer", "--set", f"layer_map_file={layer_map}",
+        "--target", "top1=0.95", "--budget", "3", "--threads", "1",
+        "--compare", str(cf_out), "-o", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    t = json.loads((out / "tune.json").read_text())
+    assert t["calibration"] == [] and t["fidelity_model"] is None
+    assert t["texts"] == cf["texts"]
+    values = [c["params"]["layers"] for c in t["frontier_predicted"]]
+    assert values == list(range(len(values))) and len(values) >= 4
+    saved = [c["kv_saved"] for c in t["frontier_predicted"]]
+    assert saved[0] == 0 and saved == sorted(saved) and saved[-1] > 0.1
+    lo, hi = 0, len(values)  # replay the bisection on the measured outcomes
+    assert 1 <= len(t["validated"]) <= 3
+    for p in t["validated"]:
+        mid = (lo + hi) // 2
+        assert p["params"]["layers"] == values[mid] and p["texts"] == cf["texts"]["held_out"]
+        assert p["kv_saved"]["measured"] == pytest.approx(saved[mid], abs=1e-9)
+        met = p["top1"]["measured"] >= 0.95
+        lo, hi = (mid, hi) if met else (lo, mid)
+    if t["best"] is not None:
+        assert t["best"]["params"]["layers"] == values[lo]
+    assert (out / "frontier.png").stat().st_size > 10_000
+    assert not (out / "fidelity_model.json").exists()
+
+
+def test_compare_refuses_a_tune_of_other_texts(
+    trace: Path, tuned: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    cf_out, _ = tuned
+    r = memshare(
+        "tune", str(trace), "--holdout", "texts-00000", "--compare", str(cf_out),
+        "-o", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert_one_line_error(r, "--compare")
+    assert not (tmp_path / "o").exists()

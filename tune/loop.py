@@ -27,7 +27,7 @@ from memshare.tune.knob import KNOBS, bisect, knob_of, predicted
 from memshare.tune.points import PointInputs, PointResult, point_job, short
 from memshare.tune.report import read_compared, write_outputs
 from memshare.tune.result import TuneOptions, TuneResult
-from memshare.tune.search import Candidate, base_pages, frontier, layer_table, simulator
+from memshare.tune.search import Candidate, base_pages, candidates, layer_table, pareto, simulator
 from memshare.tune.target import Target, split
 from memshare.validate.measure import Progress, Workload, texts_workload
 
@@ -170,8 +170,9 @@ def _rounds(
         base = base_pages(sim, opts.config)
         stage(f"round {n}: searching the predicted frontier on {len(wl.texts)} texts")
         table = layer_table(sim, opts.config, model, wl, base)
-        single, front = table.uniform, frontier(sim, opts.config, table, base)
-        pick = _choose(front, validated, opts.target, tried)
+        found = candidates(sim, opts.config, table, base)
+        single, front = table.uniform, pareto(found)
+        pick = _choose(found, validated, opts.target, tried)
         if pick is None:
             break
         tried.add(repr(sorted(pick.params.items())))
@@ -206,19 +207,20 @@ def _measured(p: PointResult) -> tuple[float | None, float | None]:
 
 
 def _choose(
-    front: list[Candidate],
+    found: list[Candidate],
     validated: list[tuple[Candidate, PointResult]],
     target: Target,
     tried: set[str],
 ) -> Candidate | None:
-    """The next point to validate: between the largest measured saving that met the target
-    and the smallest that missed it, the largest predicted to meet it (else the most
-    faithful one there)."""
+    """The next point to validate: on the Pareto frontier of the settings strictly between
+    the largest measured saving that met the target and the smallest that missed it (a
+    frontier of its own: a point beyond the bounds, predicted better, must not hide them),
+    the largest predicted to meet it, else the most faithful one there."""
     lo = max((c.kv_saved for c, p in validated if target.met(*_measured(p))), default=-1.0)
     hi = min((c.kv_saved for c, p in validated if not target.met(*_measured(p))), default=2.0)
-    open_ = [
-        c for c in front if lo < c.kv_saved < hi and repr(sorted(c.params.items())) not in tried
-    ]
+    open_ = pareto(
+        [c for c in found if lo < c.kv_saved < hi and repr(sorted(c.params.items())) not in tried]
+    )
     if not open_:
         return None
     meeting = [c for c in open_ if target.predicted_met(c)]

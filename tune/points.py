@@ -103,7 +103,7 @@ def measure_points(
                 page_share_rate=rate,
                 measured=fid,
                 predicted=pred.metrics.get("fidelity_predicted"),
-                fit=fit_texts(cfg.policy, m, wl),
+                fit=fit_texts(f"{cfg.policy} {short(cfg.policy_params)}", m, wl),
             )
         )
     return out

@@ -8,7 +8,8 @@ disagreement it adds at each threshold (:func:`layer_table`); choosing a thresho
 is then a knapsack, solved by a Lagrangian sweep: for each price of disagreement every layer
 picks its best threshold on its own (:func:`settings`). Each distinct setting is simulated in
 full (the interactions the decomposition ignores included) and the Pareto frontier of
-simulated KV saved against predicted top-1 agreement is kept (:func:`frontier`).
+simulated KV saved against predicted top-1 agreement is kept (:func:`pareto` of
+:func:`candidates`).
 
 Invariants: deterministic; every point on the frontier is a real simulator run of the setting
 it names, on the texts it will be validated on.
@@ -135,18 +136,23 @@ def spec_of(choice: Sequence[float | None]) -> str:
     return ",".join(parts)
 
 
-def frontier(sim: Simulate, cfg: SimConfig, table: LayerTable, base: float) -> list[Candidate]:
-    """Every distinct setting simulated in full, Pareto-optimal ones kept (KV saved up,
-    predicted top-1 up), sorted by KV saved."""
+def candidates(sim: Simulate, cfg: SimConfig, table: LayerTable, base: float) -> list[Candidate]:
+    """The grid's one-tau runs and every distinct setting of :func:`settings`, each simulated
+    in full."""
     found = list(table.uniform)
     for choice in settings(table):
         if all(c is None for c in choice):
             continue
         params = {**cfg.policy_params, "tau_layers": spec_of(choice)}
         found.append(_candidate(sim(cfg.with_(policy_params=params)), base, params))
-    found.sort(key=lambda c: (-c.kv_saved, -(c.top1 or 0.0)))
+    return found
+
+
+def pareto(found: Sequence[Candidate]) -> list[Candidate]:
+    """The Pareto-optimal candidates (KV saved up, predicted top-1 up), by KV saved."""
+    ranked = sorted(found, key=lambda c: (-c.kv_saved, -(c.top1 or 0.0)))
     kept: list[Candidate] = []
-    for c in found:  # by KV saved, descending: keep those beating every larger saving's top-1
+    for c in ranked:  # by KV saved, descending: keep those beating every larger saving's top-1
         if not kept or (c.top1 or 0.0) > (kept[-1].top1 or 0.0):
             kept.append(c)
     return sorted(kept, key=lambda c: c.kv_saved)
