@@ -43,6 +43,7 @@ from memshare.validate.engine.attention import (
     rope_is_half_form,
 )
 from memshare.validate.engine.batch import BatchPlan, SeqChunk, check_layer_map, plan_step
+from memshare.validate.engine.malloc import fix_mmap_threshold
 from memshare.validate.engine.packed_linear import use_packed_linears
 from memshare.validate.engine.rotated import RotatedKeys, rotated_cache
 from memshare.validate.engine.store import PageStore
@@ -97,6 +98,7 @@ class PagedModel:
         if torch.device(store.device) != param.device:
             raise ValueError(f"store on {store.device}, model on {param.device}")
         self.model = hf_model.eval()
+        fix_mmap_threshold()  # freed step buffers go back to the system (malloc.py)
         use_packed_linears(hf_model)  # oneDNN on packed weights (CPU, float32)
         self.store = store
         self.layer_map = check_layer_map(layer_map, self._num_layers)

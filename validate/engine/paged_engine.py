@@ -42,7 +42,6 @@ from memshare.sketch import DEFAULT_DIM, DEFAULT_SEED
 from memshare.traces.segment import SegmenterConfig
 from memshare.validate.engine.batch import reusing_chunk
 from memshare.validate.engine.live_blocks import StepBoundaries, TokenStarts, live_block_source
-from memshare.validate.engine.malloc import fix_mmap_threshold
 from memshare.validate.engine.model import PagedModel, SeqChunk
 from memshare.validate.engine.records import (
     PagedRunResult,
@@ -132,7 +131,6 @@ class PagedEngine:
         self._hf_model = model
         self._model: PagedModel | None = None  # built at the first own forward pass
         self.opts = opts
-        fix_mmap_threshold()  # freed step buffers go back to the system (malloc.py)
         self.logits_sink = logits_sink
         self.shares: list[ShareRecord] = []
         self.reuses: list[ReuseRecord] = []
