@@ -14,9 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from memshare.sim.fidelity_model import fit
+from memshare.sim.fidelity_model import fit, rates
 from memshare.sim.fit_positions import load_positions
 
 
@@ -50,7 +48,7 @@ def score(path: Path) -> list[Scored]:
         for r in rows:
             if r.text != text or not len(r.agree):
                 continue
-            pred = float(1.0 - np.minimum(1.0, r.x @ model.top1).mean())
+            pred, _ = rates(model.top1, model.kl, r)
             lo, hi = (min(1.0, max(0.0, pred + q)) for q in model.residual_top1)
             out.append(Scored(r.run, text, len(r.agree), float(r.agree.mean()), pred, (lo, hi)))
     return out

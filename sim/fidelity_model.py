@@ -246,8 +246,9 @@ def _nnls_pooled(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return w
 
 
-def _rates(a: np.ndarray, b: np.ndarray, r: FitText) -> tuple[float, float]:
-    """(predicted agreement, predicted mean KL) of one run's text."""
+def rates(a: np.ndarray, b: np.ndarray, r: FitText) -> tuple[float, float]:
+    """(predicted agreement, predicted mean KL) of one run's text under sensitivities ``a``
+    (disagreement) and ``b`` (KL), e.g. a model's ``top1`` and ``kl``."""
     return float(1.0 - np.minimum(1.0, r.x @ a).mean()), float((r.x @ b).mean())
 
 
@@ -261,7 +262,7 @@ def fit(rows: Sequence[FitText], layers: int) -> FidelityModel:
         la, lb = _weights([r for r in rows if r.text != t])
         for r in rows:
             if r.text == t and len(r.agree):
-                top1, klm = _rates(la, lb, r)
+                top1, klm = rates(la, lb, r)
                 res_t.append(float(r.agree.mean()) - top1)
                 res_k.append(float(r.kl.mean()) - klm)
     q_t = np.percentile(res_t, [2.5, 97.5]).tolist() if res_t else [0.0, 0.0]

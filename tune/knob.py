@@ -20,7 +20,7 @@ from memshare.policies.kvsharer import KVSharer
 from memshare.registry import make_policy
 from memshare.sim.config import SimConfig
 from memshare.tune.points import PointResult, short
-from memshare.tune.search import Candidate, Simulate, base_pages
+from memshare.tune.search import Candidate, Simulate, base_pages, kv_saved
 from memshare.tune.target import Target
 
 Measure = Callable[[SimConfig], PointResult]
@@ -61,9 +61,8 @@ def predicted(sim: Simulate, cfg: SimConfig, knob: Knob) -> list[Candidate]:
     out = []
     for v in knob.values(cfg):
         params = {**cfg.policy_params, knob.param: v}
-        run = sim(cfg.with_(policy_params=params))
-        live = run.result.timeline.live_pages
-        out.append(Candidate(params, 1.0 - sum(live) / len(live) / base, None, None, None, False))
+        saved = kv_saved(sim(cfg.with_(policy_params=params)), base)
+        out.append(Candidate(params, saved, None, None, None, False))
     return out
 
 

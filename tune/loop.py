@@ -75,7 +75,7 @@ def tune(
     resolve(opts.config, trace)
     ids = [r.id for r in trace.records[: opts.limit] if r.prompt_ids or r.output_ids]
     cal, held = split(ids, opts.holdout)
-    opts.compared = [read_compared(p, held) for p in opts.compare]
+    compared = [read_compared(p, held) for p in opts.compare]
     claim_output(output, "-o", TUNE_OUTPUT, overwrite=overwrite)
     bs = resolve(opts.config, trace).block_size
     inputs = PointInputs(opts.spec, trace, bs, opts.gpu)
@@ -99,7 +99,7 @@ def tune(
     calibration, validated, single, front, model = found
     split_ = {"calibration": cal, "held_out": held}
     best = _best(validated, opts.target)
-    result = TuneResult(calibration, validated, single, front, best, model, split_)
+    result = TuneResult(calibration, validated, single, front, best, model, split_, compared)
     with staged_output(output) as staging:
         write_outputs(result, opts, staging)
     fan.forget(output)

@@ -76,7 +76,7 @@ def write_outputs(result: TuneResult, opts: TuneOptions, folder: Path) -> None:
         result.model.save(folder / "fidelity_model.json")
         points = result.calibration + [p for _, p in result.validated]
         save_positions([r for p in points for r in p.fit], folder / "fit_positions.npz")
-    _plot(obj, opts, folder / "frontier.png")
+    _plot([obj, *result.compared], opts, folder / "frontier.png")
 
 
 def read_compared(path: Path, held_out: list[str]) -> dict[str, Any]:
@@ -117,15 +117,16 @@ def _measured(ax: Any, points: list[dict[str, Any]], fmt: str, color: str, name:
     ax.errorbar(xs, ys, yerr=[lo, hi], fmt=fmt, color=color, capsize=2, label=name)
 
 
-def _plot(obj: dict[str, Any], opts: TuneOptions, path: Path) -> None:
-    """This run's points and every ``--compare`` run's, on one pair of axes."""
+def _plot(runs: list[dict[str, Any]], opts: TuneOptions, path: Path) -> None:
+    """Tune runs' points (``tune.json`` objects: this run's, then ``--compare``'s) on one
+    pair of axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, run in enumerate([obj, *opts.compared]):
+    for i, run in enumerate(runs):
         color, name = f"C{i}", run["policy"]
         x, y = _pct(run.get("frontier_predicted") or [], "top1")
         if x:
@@ -140,8 +141,7 @@ def _plot(obj: dict[str, Any], opts: TuneOptions, path: Path) -> None:
         ax.axhline(100 * opts.target.value, color="grey", lw=0.8, ls=":", label=opts.target.text())
     ax.set_xlabel("KV saved (%)")
     ax.set_ylabel("top-1 agreement with no sharing (%)")
-    names = [obj["policy"], *(r["policy"] for r in opts.compared)]
-    ax.set_title("memshare tune: " + ", ".join(names))
+    ax.set_title("memshare tune: " + ", ".join(r["policy"] for r in runs))
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -26,7 +26,6 @@ class TuneOptions:
     spec: ModelSpec
     gpu: str = "cpu"
     compare: list[Path] = field(default_factory=list)  # earlier tunes drawn on frontier.png
-    compared: list[dict[str, Any]] = field(default_factory=list)  # their tune.json (read)
 
 
 @dataclass
@@ -40,3 +39,4 @@ class TuneResult:
     best: tuple[Candidate, PointResult] | None
     model: FidelityModel | None  # the last fit (None: a one-knob policy's search)
     texts: dict[str, list[str]] = field(default_factory=dict)
+    compared: list[dict[str, Any]] = field(default_factory=list)  # --compare's tune.json

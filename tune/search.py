@@ -61,12 +61,16 @@ def simulator(wl: Workload, gpu: str, model: FidelityModel | None) -> Simulate:
     return lambda cfg: predict(cfg, wl, gpu, model)
 
 
+def kv_saved(out: RunOutput, base_pages: float) -> float:
+    """A run's KV saved: 1 - its mean pages in use over the unshared run's (:func:`base_pages`)."""
+    return 1.0 - float(np.mean(out.result.timeline.live_pages)) / base_pages
+
+
 def _candidate(out: RunOutput, base_pages: float, params: dict[str, Any]) -> Candidate:
-    live = np.asarray(out.result.timeline.live_pages, np.float64)
     f = out.metrics["fidelity_predicted"]
     return Candidate(
         params,
-        1.0 - float(live.mean()) / base_pages,
+        kv_saved(out, base_pages),
         f["top1_agreement"],
         f["top1_agreement_ci95"],
         f["kl_mean"],
