@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
 pytestmark = pytest.mark.slow  # the engine on the real model, against HF generate
 
-from memshare.block_pool import BlockPool, KVBlock  # noqa: E402
-from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo  # noqa: E402
+from helpers_policies import FixedShares  # noqa: E402
+
 from memshare.registry import make_policy  # noqa: E402
 from memshare.scheduler import SchedulerConfig  # noqa: E402
-from memshare.sketch import DEFAULT_DIM  # noqa: E402
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
 
 if TYPE_CHECKING:
@@ -111,35 +110,6 @@ def test_same_seed_same_outputs_and_pages(model: Any, prompts: list[list[int]]) 
     assert outputs(a) == outputs(b)
     assert [s.used_pages for s in a.steps] == [s.used_pages for s in b.steps]
     assert outputs(a) != outputs(c)  # the seed matters
-
-
-@dataclass
-class FixedShares:
-    """A policy that shares fixed blocks of request ``r1`` with ``r0``'s: block 2 whole, and
-    block 3's keys in layers 0-4 only (what per-layer, keys-only sharing does)."""
-
-    name: str = "fixed-shares"
-    tables: dict[str, Sequence[KVBlock]] = field(default_factory=dict)
-
-    def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
-        return PrefixHit()
-
-    def on_block_full(
-        self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
-    ) -> Sequence[BlockDecision]:
-        assert blk.sketch is not None and blk.sketch.shape[1:] == (2, DEFAULT_DIM)  # live KV
-        self.tables[blk.req_id] = table
-        src = self.tables.get("r0")
-        if blk.req_id != "r1" or src is None or blk.index not in (2, 3):
-            return ()
-        if blk.index == 2:
-            return (BlockDecision(2, share_block=src[2].block_id, distance=0.0),)
-        mask = np.zeros(table[3].pages.shape, dtype=bool)
-        mask[:5, 0] = True
-        return (BlockDecision(3, share_mask=mask, share_source=src[3].pages.copy()),)
-
-    def on_request_end(self, req_id: str) -> None:
-        self.tables.pop(req_id, None)
 
 
 def test_zero_copy_shares_point_at_the_same_pages(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,9 +20,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from helpers_models import tiny_model  # noqa: E402
+from helpers_policies import FixedShares  # noqa: E402
 
-from memshare.block_pool import BlockPool, KVBlock  # noqa: E402
-from memshare.policy import BlockDecision, FullBlock, PrefixHit, RequestInfo  # noqa: E402
 from memshare.registry import make_policy  # noqa: E402
 from memshare.validate.engine.model import PagedModel, SeqChunk  # noqa: E402
 from memshare.validate.engine.paged_engine import EngineOptions, EngineSpec, PagedEngine  # noqa: E402
@@ -124,36 +122,6 @@ def collect(got: dict[tuple[str, int], Any]) -> Any:
     return sink
 
 
-@dataclass
-class OffsetShares:
-    """A policy that shares blocks of ``r1`` with ``r0``'s at other positions: block 2 whole
-    with ``r0``'s block 4, and block 3's keys in layers 0-4 with ``r0``'s block 1 (what
-    cf-topk per layer, keys only, does when a block's nearest neighbour sits elsewhere; on the
-    bundled prompts cf-topk itself confirms no share, so the test fixes its choices)."""
-
-    name: str = "offset-shares"
-    tables: dict[str, Sequence[KVBlock]] = field(default_factory=dict)
-
-    def lookup_prefix(self, req: RequestInfo, pool: BlockPool) -> PrefixHit:
-        return PrefixHit()
-
-    def on_block_full(
-        self, blk: FullBlock, table: Sequence[KVBlock], pool: BlockPool
-    ) -> Sequence[BlockDecision]:
-        self.tables[blk.req_id] = table
-        src = self.tables.get("r0")
-        if blk.req_id != "r1" or src is None or blk.index not in (2, 3):
-            return ()
-        if blk.index == 2:
-            return (BlockDecision(2, share_block=src[4].block_id, distance=0.0),)
-        mask = np.zeros(table[3].pages.shape, dtype=bool)
-        mask[:5, 0] = True
-        return (BlockDecision(3, share_mask=mask, share_source=src[1].pages.copy()),)
-
-    def on_request_end(self, req_id: str) -> None:
-        self.tables.pop(req_id, None)
-
-
 @pytest.mark.slow
 def test_keys_shared_at_an_offset_same_tokens_and_logits(
     hf_backend: HFBackend, gsm8k_prompts: list[list[int]]
@@ -166,7 +134,9 @@ def test_keys_shared_at_an_offset_same_tokens_and_logits(
         got: dict[tuple[str, int], Any] = {}
         specs = [EngineSpec("r0", gsm8k_prompts[0], 32), EngineSpec("r1", gsm8k_prompts[1], 24)]
         opts = EngineOptions(rotated_keys=cached)
-        eng = PagedEngine(model, OffsetShares(), specs, opts, logits_sink=collect(got))
+        eng = PagedEngine(
+            model, FixedShares(whole_from=4, keys_from=1), specs, opts, logits_sink=collect(got)
+        )
         eng.run()
         runs.append((eng, got))
     (a, a_logits), (b, b_logits) = runs
