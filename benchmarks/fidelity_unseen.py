@@ -1,7 +1,7 @@
 """The fidelity model on texts it never saw: for every (run, text) that ``tune`` measured
 (``OUT/fit_positions.npz``), a model fitted on the other texts' positions alone predicts that
 text's top-1 agreement; prints predicted, measured, the error in points and whether the
-measurement lies inside the model's 95% interval (one text: the residual quantiles unscaled),
+measurement lies inside the model's 95% interval for one text (``FidelityModel.interval``),
 then the summary issue 25 asks for: the largest error where measured >= 97%, and coverage.
 
     .venv/bin/python benchmarks/fidelity_unseen.py OUT/fit_positions.npz [...] [--json]
@@ -49,7 +49,7 @@ def score(path: Path) -> list[Scored]:
             if r.text != text or not len(r.agree):
                 continue
             pred, _ = rates(model.top1, model.kl, r)
-            lo, hi = (min(1.0, max(0.0, pred + q)) for q in model.residual_top1)
+            lo, hi = model.interval(pred, 1)
             out.append(Scored(r.run, text, len(r.agree), float(r.agree.mean()), pred, (lo, hi)))
     return out
 

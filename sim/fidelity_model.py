@@ -8,8 +8,8 @@ distance-weighted count of shared pages the position reads, over the blocks it r
 that position ``p``'s top-1 token differs from the unshared run's is ``min(1, x(p) . a)``, its
 KL ``x(p) . b``, with ``a, b >= 0`` one sensitivity per layer and part, fitted on measured
 runs (:func:`fit`). A run's prediction is the mean over its
-positions; its 95% interval adds the fit's leave-one-text-out residual quantiles, scaled by
-``1 / sqrt(texts)``.
+positions; its 95% interval comes from the fit's leave-one-text-out residuals, taken relative
+to the predicted loss and scaled by ``1 / sqrt(texts)`` (:meth:`FidelityModel.interval`).
 
 The fit: non-negative least squares (``scipy.optimize.lsq_linear``, bounds ``[0, inf)``) of
 the disagreement indicator and of the KL on the features of every position compared (the
@@ -17,8 +17,10 @@ features from the engine's own share log: the shares that caused what was measur
 layer's sensitivity pulled towards its part's pooled one (:func:`_nnls_pooled`); a layer and
 part no share in the data touched takes the pooled value (zero would call it free). The
 interval: each text is left out in turn, the model refitted on the others and the text's
-agreement and KL predicted; the 2.5% and 97.5% quantiles of measured minus predicted over
-(run, text) pairs are kept.
+disagreement and KL predicted; the residual of each (run, text) pair is measured minus
+predicted over ``max(predicted, floor)``, and the split-conformal order statistics of those
+residuals (ranks ``floor(0.025 (n + 1))`` and ``ceil(0.975 (n + 1))``, clipped to the smallest
+and largest) are kept (:func:`conformal_bounds`).
 
 Invariants: the fit is deterministic; no share gives a prediction of exactly 1.0 agreement
 and 0 KL; the prediction is a pure function of the share log and the request lengths; a file
@@ -40,9 +42,11 @@ from memshare.atomic import write_atomic
 from memshare.errors import InputError
 from memshare.share_log import ShareLog
 
-FORMAT = "memshare-fidelity-model/1"
+FORMAT = "memshare-fidelity-model/2"
 KL_CAP = 50.0  # nats: an infinite KL counts as this much in a fit
 RIDGE = 3.0  # pull of each layer's sensitivity towards its part's pooled one (_nnls_pooled)
+FLOOR_TOP1 = 0.005  # residuals are relative to max(predicted disagreement, this)
+FLOOR_KL = 0.005  # nats: residuals are relative to max(predicted mean KL, this)
 
 
 def features(
@@ -93,8 +97,8 @@ class FidelityModel:
     layers: int
     top1: np.ndarray  # (2L,) disagreement per unit of feature, layer-major (K, V)
     kl: np.ndarray  # (2L,) KL (nats) per unit of feature
-    residual_top1: list[float]  # 2.5% and 97.5% quantiles of measured - predicted, per text
-    residual_kl: list[float]
+    residual_top1: list[float]  # (lo, hi) of (measured - predicted disagreement) / max(pred, floor)
+    residual_kl: list[float]  # (lo, hi) of (measured - predicted KL) / max(pred, floor)
     max_exposure: float  # the largest run exposure the fit saw
     fitted_on: dict[str, Any] = field(default_factory=dict)  # texts, runs, positions, policies
 
@@ -124,19 +128,30 @@ class FidelityModel:
         n = max(1, sum(lengths.values()))
         texts = max(1, len(lengths))
         top1, klm, exposure = 1.0 - dis / n, kl / n, exp / n
-        s = 1.0 / math.sqrt(texts)
-        lo, hi = self.residual_top1
-        klo, khi = self.residual_kl
         return Prediction(
             positions=sum(lengths.values()),
             texts=len(lengths),
             top1_agreement=top1,
-            top1_agreement_ci95=[max(0.0, min(1.0, top1 + v * s)) for v in (lo, hi)],
+            top1_agreement_ci95=self.interval(top1, texts),
             kl_mean=klm,
-            kl_mean_ci95=[max(0.0, klm + v * s) for v in (klo, khi)],
+            kl_mean_ci95=self.interval_kl(klm, texts),
             exposure=exposure,
             outside_fit=exposure > self.max_exposure * (1 + 1e-9),
         )
+
+    def interval(self, top1: float, texts: int) -> list[float]:
+        """95% interval of the measured top-1 agreement pooled over ``texts`` texts, around a
+        prediction ``top1``: the residual bounds times ``max(1 - top1, FLOOR_TOP1)``, over
+        ``sqrt(texts)`` (text errors taken as independent); within [0, 1], ordered."""
+        dis = 1.0 - top1
+        s = max(dis, FLOOR_TOP1) / math.sqrt(max(1, texts))
+        lo, hi = (max(0.0, min(1.0, 1.0 - (dis + q * s))) for q in self.residual_top1[::-1])
+        return [lo, hi]
+
+    def interval_kl(self, klm: float, texts: int) -> list[float]:
+        """95% interval of the measured mean KL, as :meth:`interval` (at least 0)."""
+        s = max(klm, FLOOR_KL) / math.sqrt(max(1, texts))
+        return [max(0.0, klm + q * s) for q in self.residual_kl]
 
     # ----------------------------------------------------------------- files
     def to_json(self) -> dict[str, Any]:
@@ -147,8 +162,8 @@ class FidelityModel:
             "feature": "distance-weighted shared pages read, over the blocks read, per layer/part",
             "top1_disagreement_per_unit": _pairs(self.top1),
             "kl_per_unit": _pairs(self.kl),
-            "residual_top1_q": self.residual_top1,
-            "residual_kl_q": self.residual_kl,
+            "residual_top1_relative": self.residual_top1,
+            "residual_kl_relative": self.residual_kl,
             "max_exposure": self.max_exposure,
             "fitted_on": self.fitted_on,
         }
@@ -179,8 +194,8 @@ class FidelityModel:
                 layers,
                 top1,
                 kl,
-                [float(v) for v in raw["residual_top1_q"]],
-                [float(v) for v in raw["residual_kl_q"]],
+                [float(v) for v in raw["residual_top1_relative"]],
+                [float(v) for v in raw["residual_kl_relative"]],
                 float(raw["max_exposure"]),
                 dict(raw.get("fitted_on", {})),
             )
@@ -263,17 +278,16 @@ def fit(rows: Sequence[FitText], layers: int) -> FidelityModel:
         for r in rows:
             if r.text == t and len(r.agree):
                 top1, klm = rates(la, lb, r)
-                res_t.append(float(r.agree.mean()) - top1)
-                res_k.append(float(r.kl.mean()) - klm)
-    q_t = np.percentile(res_t, [2.5, 97.5]).tolist() if res_t else [0.0, 0.0]
-    q_k = np.percentile(res_k, [2.5, 97.5]).tolist() if res_k else [0.0, 0.0]
+                dis = 1.0 - top1
+                res_t.append((float(1.0 - r.agree.mean()) - dis) / max(dis, FLOOR_TOP1))
+                res_k.append((float(r.kl.mean()) - klm) / max(klm, FLOOR_KL))
     exposure = [float(r.x.sum(axis=1).mean()) for r in rows if len(r.x)]
     return FidelityModel(
         layers,
         a,
         b,
-        [round(v, 6) for v in q_t],
-        [round(v, 6) for v in q_k],
+        conformal_bounds(res_t),
+        conformal_bounds(res_k),
         max(exposure, default=0.0),
         {
             "texts": len(texts),
@@ -281,6 +295,20 @@ def fit(rows: Sequence[FitText], layers: int) -> FidelityModel:
             "positions": int(sum(len(r.agree) for r in rows)),
         },
     )
+
+
+def conformal_bounds(residuals: Sequence[float]) -> list[float]:
+    """Split-conformal 95% bounds of ``residuals`` (n of them): the order statistics of rank
+    ``floor(0.025 (n + 1))`` and ``ceil(0.975 (n + 1))``, clipped to the smallest and largest
+    (under 39 residuals the exact rule would be unbounded: the extremes are kept instead);
+    ``[0, 0]`` with none. Rounded to 6 places."""
+    if not len(residuals):
+        return [0.0, 0.0]
+    s = np.sort(np.asarray(residuals, np.float64))
+    n = len(s)
+    lo = s[max(1, math.floor(0.025 * (n + 1))) - 1]
+    hi = s[min(n, math.ceil(0.975 * (n + 1))) - 1]
+    return [round(float(lo), 6), round(float(hi), 6)]
 
 
 def _pairs(w: np.ndarray) -> list[list[float]]:

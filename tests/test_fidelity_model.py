@@ -19,7 +19,7 @@ from helpers_cli import assert_one_line_error, memshare
 from memshare.errors import InputError
 from memshare.policy import BlockDecision
 from memshare.share_log import ShareLog
-from memshare.sim.fidelity_model import FidelityModel, FitText, features, fit
+from memshare.sim.fidelity_model import FidelityModel, FitText, conformal_bounds, features, fit
 from memshare.tune.search import LayerTable, settings, spec_of
 from memshare.tune.target import Target, split
 
@@ -100,9 +100,24 @@ def test_a_run_without_shares_predicts_no_loss(tmp_path: Path) -> None:
     assert np.array_equal(again.top1, model.top1) and again.residual_kl == [-1, 1]
 
 
+def test_the_interval_is_relative_to_the_predicted_loss_andconformal_bounds() -> None:
+    # residuals -0.5 .. +1.0 of the predicted disagreement: at 2% predicted, one text,
+    # the measured disagreement is expected within [1%, 4%]; over 4 texts, half as wide
+    model = FidelityModel(L, np.ones(2 * L), np.ones(2 * L), [-0.5, 1.0], [-1, 1], 1.0)
+    assert model.interval(0.98, 1) == pytest.approx([0.96, 0.99])
+    assert model.interval(0.98, 4) == pytest.approx([0.97, 0.985])
+    # near 100% the floor (half a point of disagreement) keeps it from collapsing
+    assert model.interval(1.0, 1) == pytest.approx([0.995, 1.0])
+    assert model.interval_kl(0.1, 1) == pytest.approx([0.0, 0.2])
+    # conformal ranks: under 39 residuals the extremes, from 79 the 2nd from each end
+    assert conformal_bounds(list(range(20))) == [0.0, 19.0]
+    assert conformal_bounds(list(range(79))) == [1.0, 77.0]
+    assert conformal_bounds([]) == [0.0, 0.0]
+
+
 @pytest.mark.parametrize(
     ("text", "why"),
-    [("{", "is not JSON"), ('{"format": "x"}', "is not a memshare-fidelity-model/1 file")],
+    [("{", "is not JSON"), ('{"format": "x"}', "is not a memshare-fidelity-model/2 file")],
 )
 def test_a_bad_model_file_is_one_line(text: str, why: str, tmp_path: Path, smol: Path) -> None:
     f = tmp_path / "m.json"
