@@ -36,11 +36,18 @@ class TuneArgs:
 
     trace: TraceArg
     target: Annotated[
-        str, typer.Option(help="top1=A (measured top-1 agreement >= A) or kl=K (mean KL <= K).")
+        str,
+        typer.Option(
+            help="top1=A (measured top-1 agreement >= A), kl=K (mean KL <= K) or answers=A "
+            "(generated answers agreeing with the unshared run's >= A; a capture --dataset trace)."
+        ),
     ] = "top1=0.99"
     policy: Annotated[
         str,
-        typer.Option(help="The policy to tune: cf-topk (a tau per layer) or kvsharer (layers)."),
+        typer.Option(
+            help="The policy to tune: cf-topk (a tau per layer; one tau for answers=), "
+            "kvsharer (layers) or kvshare (recompute; answers= only)."
+        ),
     ] = "cf-topk"
     sets: SimSetOpt = None
     budget: Annotated[
@@ -54,6 +61,13 @@ class TuneArgs:
         ),
     ] = None
     limit: Annotated[int | None, typer.Option(help="Use the trace's first N texts.", min=2)] = None
+    max_num_seqs: Annotated[
+        int,
+        typer.Option(
+            help="Running requests at most, in the simulator and the engine (below the texts' "
+            "count, later requests find earlier ones' KV cached: what kvshare reuses)."
+        ),
+    ] = 256
     model: ModelOpt = None
     device: DeviceOpt = "cpu"
     dtype: DtypeOpt = "float32"
@@ -89,7 +103,13 @@ def tune_cmd(
     target = Target.parse(args.target)
     defaults = ("granularity=layer", "share=k") if args.policy == "cf-topk" else ()
     sets = (*defaults, *(args.sets or ()))
-    sim = SimOptions(args.trace, policies=(args.policy,), sets=sets, gpu="cpu")
+    sim = SimOptions(
+        args.trace,
+        policies=(args.policy,),
+        sets=sets,
+        gpu="cpu",
+        max_num_seqs=args.max_num_seqs,
+    )
     (cfg,) = build_configs(sim)
     holdout = [h.strip() for h in args.holdout.split(",") if h.strip()] if args.holdout else None
     spec = ModelSpec(args.model, args.device, args.dtype, args.threads)
@@ -123,6 +143,20 @@ def tune_cmd(
         _render(result, opts, dest)
 
 
+def _top1(predicted: float | None, m: dict[str, typing.Any]) -> str:
+    lo, hi = m["top1_agreement_ci95"]
+    guess = "" if predicted is None else f" (predicted {100 * predicted:.2f}%)"
+    return f"top-1 {100 * m['top1_agreement']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]{guess}"
+
+
+def _answers(m: dict[str, typing.Any]) -> str:
+    lo, hi = m["answer_agreement_ci95"]
+    return (
+        f"answers agreeing {100 * m['answer_agreement']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], "
+        f"prompt tokens reused {100 * m['reused_share']:.1f}%"
+    )
+
+
 def _render(result: TuneResult, opts: TuneOptions, dest: Path) -> None:
     """Each validated point, predicted beside measured, and the winning line."""
     from memshare.tune.points import short
@@ -130,13 +164,10 @@ def _render(result: TuneResult, opts: TuneOptions, dest: Path) -> None:
 
     best, target = result.best, opts.target
     for c, p in result.validated:
-        top1 = p.measured["top1_agreement"]
-        lo, hi = p.measured["top1_agreement_ci95"]
-        guess = "" if c.top1 is None else f" (predicted {100 * c.top1:.2f}%)"
         out.print(
             f"{short(c.params)}: KV saved "
             f"{100 * (p.kv_saved['measured'] or 0):.2f}% (predicted {100 * c.kv_saved:.2f}%), "
-            f"top-1 {100 * top1:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]{guess}"
+            + (_answers(p.measured) if target.generated else _top1(c.top1, p.measured))
         )
     if best is None:
         out.print(f"no validated setting met {target.text()} -> {dest}")

@@ -157,13 +157,13 @@ def test_settings_walk_from_everything_to_nothing() -> None:
 
 
 def test_targets_and_splits() -> None:
-    assert Target.parse("top1=0.99").met(0.991, None)
-    assert not Target.parse("kl=0.05").met(None, 0.06)
-    for bad in ("top1=1.5", "kl=-1", "x=1", "top1"):
+    assert Target.parse("top1=0.99").met({"top1_agreement": 0.991})
+    assert not Target.parse("kl=0.05").met({"kl_mean": 0.06})
+    assert Target.parse("answers=0.9").met({"answer_agreement": 0.9, "top1_agreement": None})
+    assert not Target.parse("answers=0.9").met({"top1_agreement": 1.0})
+    for bad in ("top1=1.5", "kl=-1", "x=1", "top1", "answers=0", "answers=1.2"):
         with pytest.raises(InputError, match="--target"):
             Target.parse(bad)
-    with pytest.raises(InputError, match="answers"):
-        Target.parse("answers=0.9")
     assert split(["a", "b", "c", "d", "e"], None) == (["a", "c", "e"], ["b", "d"])
     assert split(["a", "b", "c"], ["a"]) == (["b", "c"], ["a"])
     with pytest.raises(InputError, match="--holdout"):

@@ -1,10 +1,13 @@
-"""``tune`` for a policy with one knob (``kvsharer``'s shared layers): the simulator predicts
-each value's KV saved exactly, the fidelity model does not cover the policy (its features
-are cf-topk's page shares), so the measured search is a bisection on the held-out texts.
+"""``tune`` for a policy with one knob: ``kvsharer``'s shared layers, ``kvshare``'s recompute
+share, and ``cf-topk``'s one tau where the target is generated answers (the fidelity model
+predicts top-1 and KL, not answers). The simulator predicts each value's KV saved exactly;
+the measured search is a bisection on the held-out texts.
 
 Assumes fidelity falls as the knob shares more (more shared layers: more of the model reads
-another layer's KV); under it, ``b`` validate runs find the largest value that meets the
-target among ``2**b`` values. Value 0 shares nothing and meets any target unmeasured.
+another layer's KV; less recomputed: more prompt KV computed in another context; a larger
+tau: farther blocks shared); under it, ``b`` validate runs find the value furthest along
+that meets the target among ``2**b`` values. The first value shares nothing (no shared layer,
+everything recomputed, tau 0) and meets any target unmeasured.
 
 Invariants: deterministic (same trace, options and measurements: same runs, same answer);
 every validated point is a measured run of the value it names, on the held-out texts.
@@ -12,7 +15,7 @@ every validated point is a measured run of the value it names, on the held-out t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from memshare.errors import InputError
@@ -20,7 +23,7 @@ from memshare.policies.kvsharer import KVSharer
 from memshare.registry import make_policy
 from memshare.sim.config import SimConfig
 from memshare.tune.points import PointResult, short
-from memshare.tune.search import Candidate, Simulate, base_pages, kv_saved
+from memshare.tune.search import GRID, Candidate, Simulate, base_pages, kv_saved
 from memshare.tune.target import Target
 
 Measure = Callable[[SimConfig], PointResult]
@@ -31,7 +34,7 @@ class Knob:
     """A policy's one searched parameter."""
 
     param: str
-    values: Callable[[SimConfig], list[int]]  # ordered from least to most sharing, [0] none
+    values: Callable[[SimConfig], Sequence[float]]  # from least to most sharing, [0] none
 
 
 def _kvsharer_layers(cfg: SimConfig) -> list[int]:
@@ -40,12 +43,20 @@ def _kvsharer_layers(cfg: SimConfig) -> list[int]:
     return list(range(policy.shared_layers + 1))
 
 
-KNOBS: dict[str, Knob] = {"kvsharer": Knob("layers", _kvsharer_layers)}
+# kvshare's recompute shares, from everything recomputed (prefix hits only) to nothing
+RECOMPUTE = (1.0, 0.75, 0.5, 0.3, 0.2, 0.15, 0.1, 0.05, 0.0)
+
+KNOBS: dict[str, Knob] = {
+    "kvsharer": Knob("layers", _kvsharer_layers),
+    "kvshare": Knob("recompute", lambda cfg: RECOMPUTE),
+}
+TAU = Knob("tau", lambda cfg: (0.0, *GRID))  # cf-topk on generated answers
 
 
-def knob_of(cfg: SimConfig) -> Knob:
-    """``cfg``'s policy's knob (InputError naming ``--set`` if it is given: tune sets it)."""
-    knob = KNOBS[cfg.policy]
+def knob_of(cfg: SimConfig, target: Target) -> Knob:
+    """``cfg``'s policy's knob under ``target`` (InputError naming ``--set`` if it is given:
+    tune sets it)."""
+    knob = TAU if cfg.policy == "cf-topk" and target.generated else KNOBS[cfg.policy]
     if knob.param in cfg.policy_params:
         raise InputError(
             f"--set {knob.param}",
@@ -85,6 +96,6 @@ def bisect(
         stage(f"round {n}: validating {short(c.params)} on the held-out texts")
         point = measure(cfg.with_(policy_params=c.params))
         validated.append((c, point))
-        met = target.met(point.measured.get("top1_agreement"), point.measured.get("kl_mean"))
+        met = target.met(point.measured)
         lo, hi = (mid, hi) if met else (lo, mid)
     return validated

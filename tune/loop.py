@@ -23,11 +23,20 @@ from memshare.outdir import OutputKind, claim_output, staged_output
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel, fit
 from memshare.sim.run import LoadedTrace, resolve
+from memshare.tune.answers import answers_simulator, check_generated, measure_answer_points
 from memshare.tune.knob import KNOBS, bisect, knob_of, predicted
-from memshare.tune.points import PointInputs, PointResult, point_job, short
+from memshare.tune.points import MeasureFn, PointInputs, PointResult, point_job, short
 from memshare.tune.report import read_compared, write_outputs
 from memshare.tune.result import TuneOptions, TuneResult
-from memshare.tune.search import Candidate, base_pages, candidates, layer_table, pareto, simulator
+from memshare.tune.search import (
+    Candidate,
+    Simulate,
+    base_pages,
+    candidates,
+    layer_table,
+    pareto,
+    simulator,
+)
 from memshare.tune.target import Target, split
 from memshare.validate.measure import Progress, Workload, texts_workload
 
@@ -38,9 +47,18 @@ GROUP_TAU = 0.7  # each third of the layers alone at this tau: tells layers apar
 
 
 def _check(opts: TuneOptions, trace: LoadedTrace) -> None:
-    cfg = opts.config
-    if cfg.policy in KNOBS:
-        knob_of(cfg)
+    cfg, target = opts.config, opts.target
+    if target.generated:
+        check_generated(trace)
+    if cfg.policy == "kvshare" and not target.generated:
+        raise InputError(
+            "--policy kvshare",
+            "it copies matched prompt KV instead of computing it, so a teacher-forced text "
+            "has no logits at the reused positions to compare",
+            "tune it on generated answers: --target answers=0.95 on a capture --dataset trace",
+        )
+    if cfg.policy in KNOBS or (cfg.policy == "cf-topk" and target.generated):
+        knob_of(cfg, target)
     elif cfg.policy != "cf-topk":
         raise InputError(
             "--policy",
@@ -52,7 +70,7 @@ def _check(opts: TuneOptions, trace: LoadedTrace) -> None:
         raise InputError(
             "--set granularity", "tune searches thresholds per layer", "add --set granularity=layer"
         )
-    elif not trace.has_sketches:
+    if cfg.policy == "cf-topk" and not trace.has_sketches:
         raise InputError(str(trace.path), "has no KV sketches", "capture a kv trace (--texts)")
     if opts.budget < 1:
         raise InputError("--budget", f"{opts.budget} validate runs", "give 1 or more, e.g. 4")
@@ -75,7 +93,7 @@ def tune(
     resolve(opts.config, trace)
     ids = [r.id for r in trace.records[: opts.limit] if r.prompt_ids or r.output_ids]
     cal, held = split(ids, opts.holdout)
-    compared = [read_compared(p, held) for p in opts.compare]
+    compared = [read_compared(p, held, opts.target) for p in opts.compare]
     claim_output(output, "-o", TUNE_OUTPUT, overwrite=overwrite)
     bs = resolve(opts.config, trace).block_size
     inputs = PointInputs(opts.spec, trace, bs, opts.gpu)
@@ -84,11 +102,15 @@ def tune(
     if isinstance(executor, LocalExecutor):
         executor.host.report = progress
 
-    measure = _measurer(executor, inputs, store, trace, jobs_progress)
+    generated = measure_answer_points if opts.target.generated else None
+    measure = _measurer(executor, inputs, store, trace, jobs_progress, generated)
     wl = texts_workload(trace, [r for r in trace.records if r.id in set(held)], bs)
     try:
-        if opts.config.policy in KNOBS:
-            found = _knob(opts, wl, measure, stage)
+        if generated is not None:
+            sim = answers_simulator(trace, held, bs, opts.gpu)
+            found = _knob(opts, held, sim, measure, stage)
+        elif opts.config.policy in KNOBS:
+            found = _knob(opts, held, simulator(wl, opts.gpu, None), measure, stage)
         else:
             settings = calibration_settings(opts.config, _depth(trace))
             names = "; ".join(short(c.policy_params) for c in settings)
@@ -115,13 +137,15 @@ def _measurer(
     store: JobStore,
     trace: LoadedTrace,
     jobs_progress: Callable[[Tally], None] | None,
+    generated: MeasureFn | None,
 ) -> Measure:
-    """Settings measured on texts as one fan-out job (kept in ``store`` once finished)."""
+    """Settings measured on texts as one fan-out job (kept in ``store`` once finished):
+    teacher-forced, or by ``generated`` (answers)."""
 
     def measure(
         cfgs: list[SimConfig], texts: list[str], model: FidelityModel | None
     ) -> list[PointResult]:
-        job = point_job(cfgs, texts, model, trace.identity())
+        job = point_job(cfgs, texts, model, trace.identity(), generated)
         outcomes = fan_out([job], executor, shared=inputs, store=store, progress=jobs_progress)
         raise_failures(outcomes, "--resume")
         return list(outcomes[0].value)
@@ -138,12 +162,14 @@ Found = tuple[
 ]
 
 
-def _knob(opts: TuneOptions, wl: Workload, measure: Measure, stage: Stage) -> Found:
-    """A one-knob policy (tune/knob.py): every value simulated, a bisection measured."""
-    cfg, texts = opts.config, list(wl.texts)
-    knob = knob_of(cfg)
+def _knob(
+    opts: TuneOptions, texts: list[str], sim: Simulate, measure: Measure, stage: Stage
+) -> Found:
+    """A one-knob search (tune/knob.py): every value simulated, a bisection measured."""
+    cfg = opts.config
+    knob = knob_of(cfg, opts.target)
     stage(f"simulating every {knob.param} of {cfg.policy} on {len(texts)} texts")
-    cands = predicted(simulator(wl, opts.gpu, None), cfg, knob)
+    cands = predicted(sim, cfg, knob)
     validated = bisect(
         cands, cfg, opts.target, opts.budget, lambda c: measure([c], texts, None)[0], stage
     )
@@ -202,10 +228,6 @@ def calibration_settings(cfg: SimConfig, layers: int) -> list[SimConfig]:
     return out
 
 
-def _measured(p: PointResult) -> tuple[float | None, float | None]:
-    return p.measured.get("top1_agreement"), p.measured.get("kl_mean")
-
-
 def _choose(
     found: list[Candidate],
     validated: list[tuple[Candidate, PointResult]],
@@ -216,8 +238,8 @@ def _choose(
     the largest measured saving that met the target and the smallest that missed it (a
     frontier of its own: a point beyond the bounds, predicted better, must not hide them),
     the largest predicted to meet it, else the most faithful one there."""
-    lo = max((c.kv_saved for c, p in validated if target.met(*_measured(p))), default=-1.0)
-    hi = min((c.kv_saved for c, p in validated if not target.met(*_measured(p))), default=2.0)
+    lo = max((c.kv_saved for c, p in validated if target.met(p.measured)), default=-1.0)
+    hi = min((c.kv_saved for c, p in validated if not target.met(p.measured)), default=2.0)
     open_ = pareto(
         [c for c in found if lo < c.kv_saved < hi and repr(sorted(c.params.items())) not in tried]
     )
@@ -232,6 +254,11 @@ def _choose(
 def _best(
     validated: list[tuple[Candidate, PointResult]], target: Target
 ) -> tuple[Candidate, PointResult] | None:
-    """The validated point with the largest measured saving that met the target."""
-    ok = [(c, p) for c, p in validated if target.met(*_measured(p))]
-    return max(ok, key=lambda cp: cp[1].kv_saved["measured"] or 0.0, default=None)
+    """The validated point with the largest measured saving that met the target (ties: the
+    most prompt KV reused, e.g. kvshare's settings, which all save the same memory)."""
+    ok = [(c, p) for c, p in validated if target.met(p.measured)]
+    return max(ok, key=lambda cp: _saving(cp[1]), default=None)
+
+
+def _saving(p: PointResult) -> tuple[float, float]:
+    return p.kv_saved["measured"] or 0.0, p.measured.get("reused_share") or 0.0

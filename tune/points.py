@@ -9,6 +9,7 @@ same workload beside the measurement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,19 +46,32 @@ class PointResult:
     fit: list[FitText] = field(default_factory=list)  # the positions, for refitting
 
 
+MeasureFn = Callable[
+    [Host, PointInputs, list[SimConfig], list[str], FidelityModel | None], list[PointResult]
+]
+
+
 def point_job(
-    cfgs: list[SimConfig], texts: list[str], model: FidelityModel | None, trace_id: dict[str, Any]
+    cfgs: list[SimConfig],
+    texts: list[str],
+    model: FidelityModel | None,
+    trace_id: dict[str, Any],
+    generated: MeasureFn | None = None,
 ) -> Job:
     """The job that measures ``cfgs`` on ``texts`` beside one unshared run (its key: the
-    settings, texts, trace and model)."""
-    spec = {
+    settings, texts, trace and model): teacher-forced (:func:`measure_points`), or by
+    ``generated`` (answers: tune/answers.py)."""
+    spec: dict[str, Any] = {
         "configs": [c.to_dict() for c in cfgs],
         "texts": texts,
         "trace": trace_id,
         "fidelity_model": None if model is None else model.to_json(),
     }
+    if generated is not None:
+        spec["generated"] = generated.__name__
     label = "; ".join(short(c.policy_params) for c in cfgs)
-    return Job(job_key("tune-point", spec), label, measure_points, (cfgs, texts, model))
+    fn = generated or measure_points
+    return Job(job_key("tune-point", spec), label, fn, (cfgs, texts, model))
 
 
 def short(params: dict[str, Any]) -> str:
