@@ -7,8 +7,8 @@ tau bisected on generated answers, both on one plot; what is refused is one line
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,11 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     48 new tokens each."""
     folder = tmp_path_factory.mktemp("tune-answers")
     problems = folder / "problems.jsonl"
-    sys.path.insert(0, str(BENCH))
-    try:
-        from passage_workload import GSM8K, build
-    finally:
-        sys.path.remove(str(BENCH))
+    spec = importlib.util.spec_from_file_location("passage_workload", BENCH / "passage_workload.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    GSM8K, build = bench.GSM8K, bench.build
     if not GSM8K.is_file():
         pytest.skip(f"public data not found: {GSM8K}")
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:20]]
