@@ -105,11 +105,12 @@ def tune(
     generated = measure_answer_points if opts.target.generated else None
     measure = _measurer(executor, inputs, store, trace, jobs_progress, generated)
     wl = texts_workload(trace, [r for r in trace.records if r.id in set(held)], bs)
+    one_knob = generated is not None or opts.config.policy in KNOBS
     try:
         if generated is not None:
             sim = answers_simulator(trace, held, bs, opts.gpu)
             found = _knob(opts, held, sim, measure, stage)
-        elif opts.config.policy in KNOBS:
+        elif one_knob:
             found = _knob(opts, held, simulator(wl, opts.gpu, None), measure, stage)
         else:
             settings = calibration_settings(opts.config, _depth(trace))
@@ -120,7 +121,7 @@ def tune(
         executor.close()
     calibration, validated, single, front, model = found
     split_ = {"calibration": cal, "held_out": held}
-    best = _best(validated, opts.target)
+    best = _best(validated, opts.target, front if one_knob else None)
     result = TuneResult(calibration, validated, single, front, best, model, split_, compared)
     with staged_output(output) as staging:
         write_outputs(result, opts, staging)
@@ -252,13 +253,15 @@ def _choose(
 
 
 def _best(
-    validated: list[tuple[Candidate, PointResult]], target: Target
+    validated: list[tuple[Candidate, PointResult]],
+    target: Target,
+    knob: list[Candidate] | None,
 ) -> tuple[Candidate, PointResult] | None:
-    """The validated point with the largest measured saving that met the target (ties: the
-    most prompt KV reused, e.g. kvshare's settings, which all save the same memory)."""
+    """The validated point that met the target with the largest measured saving, or, for a
+    one-knob search (``knob``: its values in order), the one furthest along the knob (e.g.
+    kvshare's least recompute: its settings all save about the same memory)."""
     ok = [(c, p) for c, p in validated if target.met(p.measured)]
-    return max(ok, key=lambda cp: _saving(cp[1]), default=None)
-
-
-def _saving(p: PointResult) -> tuple[float, float]:
-    return p.kv_saved["measured"] or 0.0, p.measured.get("reused_share") or 0.0
+    if knob is None:
+        return max(ok, key=lambda cp: cp[1].kv_saved["measured"] or 0.0, default=None)
+    order = {repr(sorted(c.params.items())): i for i, c in enumerate(knob)}
+    return max(ok, key=lambda cp: order[repr(sorted(cp[0].params.items()))], default=None)
