@@ -25,8 +25,8 @@ from memshare.fanout.host import Host
 from memshare.kv_manager import ManagerStats, blocks_for_all
 from memshare.sim.config import SimConfig
 from memshare.sim.fidelity_model import FidelityModel
-from memshare.sim.run import LoadedTrace, RunOutput
-from memshare.tune.points import PointInputs, PointResult
+from memshare.sim.run import LoadedTrace
+from memshare.tune.points import PointInputs, PointResult, loaded_model, point_of
 from memshare.tune.search import Simulate
 from memshare.validate.generated import (
     AnswerComparer,
@@ -91,13 +91,7 @@ def measure_answer_points(
 ) -> list[PointResult]:
     """Generate ``texts``' answers under each of ``cfgs`` beside one unshared run (a job's
     function; ``model`` is unused: answers are not predicted)."""
-    from memshare.traces.model.loader import load_model
-
-    s = inputs.spec
-    backend = host.cached(
-        ("model", s),
-        lambda: load_model(s.model, device=s.device, dtype=s.dtype, threads=s.threads),
-    )
+    backend = loaded_model(host, inputs.spec)
     tr = generation_trace(inputs.trace, texts)
     bs = inputs.block_size
     base, gens = generate_answers(
@@ -116,19 +110,7 @@ def measure_answer_points(
     base_pred = sim(cfgs[0].with_(policy="none", policy_params={}))
     out = []
     for cfg, g in zip(cfgs, gens, strict=True):
-        pred: RunOutput = sim(cfg)
-        pages = pages_report(pred, base_pred, g.engine, base.engine)
+        pages = pages_report(sim(cfg), base_pred, g.engine, base.engine)
         report, _ = answered.of(g)
-        rate = {**pages["page_share_rate"], "ci95_texts": pages["page_share_rate_ci95_texts"]}
-        out.append(
-            PointResult(
-                label=cfg.policy,
-                params=dict(cfg.policy_params),
-                texts=list(texts),
-                kv_saved=pages["kv_saved"],
-                page_share_rate=rate,
-                measured=report | cache_figures(g.engine.manager.stats),
-                predicted=None,
-            )
-        )
+        out.append(point_of(cfg, texts, pages, report | cache_figures(g.engine.manager.stats)))
     return out

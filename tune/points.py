@@ -81,6 +81,38 @@ def short(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items() if k in ("layers", "recompute"))
 
 
+def loaded_model(host: Host, spec: ModelSpec) -> Any:
+    """The job's model backend, loaded once per worker (kept in the host's cache)."""
+    from memshare.traces.model.loader import load_model
+
+    return host.cached(
+        ("model", spec),
+        lambda: load_model(spec.model, device=spec.device, dtype=spec.dtype, threads=spec.threads),
+    )
+
+
+def point_of(
+    cfg: SimConfig,
+    texts: list[str],
+    pages: dict[str, Any],
+    measured: dict[str, Any],
+    predicted: dict[str, Any] | None = None,
+    fit: list[FitText] | None = None,
+) -> PointResult:
+    """A measured setting from validate's pages report (``pages_report``) and its figures."""
+    rate = {**pages["page_share_rate"], "ci95_texts": pages["page_share_rate_ci95_texts"]}
+    return PointResult(
+        label=cfg.policy,
+        params=dict(cfg.policy_params),
+        texts=list(texts),
+        kv_saved=pages["kv_saved"],
+        page_share_rate=rate,
+        measured=measured,
+        predicted=predicted,
+        fit=fit or [],
+    )
+
+
 def measure_points(
     host: Host,
     inputs: PointInputs,
@@ -90,13 +122,7 @@ def measure_points(
 ) -> list[PointResult]:
     """Measure ``cfgs`` on ``texts``, stepped in lockstep beside one unshared run (a job's
     function)."""
-    from memshare.traces.model.loader import load_model
-
-    s = inputs.spec
-    backend = host.cached(
-        ("model", s),
-        lambda: load_model(s.model, device=s.device, dtype=s.dtype, threads=s.threads),
-    )
+    backend = loaded_model(host, inputs.spec)
     wanted = set(texts)
     src = [r for r in inputs.trace.records if r.id in wanted]
     wl = texts_workload(inputs.trace, src, inputs.block_size)
@@ -106,18 +132,7 @@ def measure_points(
     for cfg, m in zip(cfgs, measured, strict=True):
         pred = predict(cfg, wl, inputs.gpu, model)
         pages = pages_report(pred, base_pred, m.engine, base.engine)
-        rate = {**pages["page_share_rate"], "ci95_texts": pages["page_share_rate_ci95_texts"]}
         fid = fidelity_report(m.fidelity.metrics(), list(m.fidelity.per_request().values()))
-        out.append(
-            PointResult(
-                label=cfg.policy,
-                params=dict(cfg.policy_params),
-                texts=list(texts),
-                kv_saved=pages["kv_saved"],
-                page_share_rate=rate,
-                measured=fid,
-                predicted=pred.metrics.get("fidelity_predicted"),
-                fit=fit_texts(f"{cfg.policy} {short(cfg.policy_params)}", m, wl),
-            )
-        )
+        fit = fit_texts(f"{cfg.policy} {short(cfg.policy_params)}", m, wl)
+        out.append(point_of(cfg, texts, pages, fid, pred.metrics.get("fidelity_predicted"), fit))
     return out
