@@ -121,6 +121,7 @@ def test_cf_topk_bisects_one_tau_on_answers_and_compares(
     [
         (["--policy", "kvshare", "--target", "top1=0.99"], "--policy kvshare"),
         (["--policy", "kvshare", "--target", "answers=0.9", "--set", "recompute=0.2"], "--set"),
+        (["--target", "answers=0.9", "--set", "tau_layers=0-29:0.3"], "--set tau_layers"),
     ],
 )
 def test_what_answers_cannot_tune_is_one_line(

@@ -35,6 +35,7 @@ class Knob:
 
     param: str
     values: Callable[[SimConfig], Sequence[float]]  # from least to most sharing, [0] none
+    overrides: tuple[str, ...] = ()  # other parameters that would take the knob's place
 
 
 def _kvsharer_layers(cfg: SimConfig) -> list[int]:
@@ -50,19 +51,20 @@ KNOBS: dict[str, Knob] = {
     "kvsharer": Knob("layers", _kvsharer_layers),
     "kvshare": Knob("recompute", lambda cfg: RECOMPUTE),
 }
-TAU = Knob("tau", lambda cfg: (0.0, *GRID))  # cf-topk on generated answers
+TAU = Knob("tau", lambda cfg: (0.0, *GRID), ("tau_layers",))  # cf-topk on generated answers
 
 
 def knob_of(cfg: SimConfig, target: Target) -> Knob:
     """``cfg``'s policy's knob under ``target`` (InputError naming ``--set`` if it is given:
     tune sets it)."""
     knob = TAU if cfg.policy == "cf-topk" and target.generated else KNOBS[cfg.policy]
-    if knob.param in cfg.policy_params:
-        raise InputError(
-            f"--set {knob.param}",
-            f"tune searches {cfg.policy}'s {knob.param}",
-            f"leave {knob.param} out",
-        )
+    for name in (knob.param, *knob.overrides):
+        if name in cfg.policy_params:
+            raise InputError(
+                f"--set {name}",
+                f"tune searches {cfg.policy}'s {knob.param}",
+                f"leave {name} out",
+            )
     return knob
 
 
